@@ -1,0 +1,130 @@
+"""Closed-loop load against PostgreSQL through an asyncpg pool, no HTTP in between.
+
+This is the "direct" baseline of the benchmark: what an application that connects to the
+database itself pays for the same two queries that gatehouse and Platformatic serve over HTTP.
+N asyncio tasks each run one query after another for a fixed time; the result is printed as one
+JSON line (the same shape that bench/wrk.lua prints for the HTTP runs).
+
+    python bench/direct.py --dsn postgresql://postgres@127.0.0.1:5432/gatehouse_bench --query point
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+QUERIES: dict[str, str] = {
+    # GET /products?id=eq.<n>
+    "point": "SELECT id, name, price FROM products WHERE id = $1",
+    # GET /products?price=gte.<n>&order=id&limit=50
+    "list": "SELECT id, name, price FROM products WHERE price >= $1 ORDER BY id LIMIT 50",
+}
+# Random parameter ranges, the same as in bench/run for the HTTP runs.
+PARAM_RANGES: dict[str, tuple[int, int]] = {"point": (1, 5000), "list": (10, 150)}
+
+
+@dataclass
+class Tally:
+    """What the tasks of one phase recorded."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+
+
+async def worker(pool: asyncpg.Pool, query: str, rng: random.Random, deadline: float, tally: Tally) -> None:
+    sql = QUERIES[query]
+    low, high = PARAM_RANGES[query]
+    while time.perf_counter() < deadline:
+        param = rng.randint(low, high)
+        start = time.perf_counter_ns()
+        try:
+            if query == "point":
+                row = await pool.fetchrow(sql, param)
+                if row is None:
+                    raise LookupError(f"no product {param}")
+            else:
+                await pool.fetch(sql, param)
+        except (asyncpg.PostgresError, LookupError, OSError):
+            tally.errors += 1
+            continue
+        tally.latencies_ns.append(time.perf_counter_ns() - start)
+
+
+async def run_phase(
+    pool: asyncpg.Pool, query: str, concurrency: int, seconds: float, seed: int
+) -> tuple[Tally, float]:
+    tally = Tally()
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(
+        *(worker(pool, query, random.Random(seed + i), deadline, tally) for i in range(concurrency))
+    )
+    return tally, time.perf_counter() - started
+
+
+def percentile_ms(sorted_ns: list[int], pct: float) -> float:
+    if not sorted_ns:
+        return 0.0
+    index = min(len(sorted_ns) - 1, max(0, round(pct / 100 * len(sorted_ns)) - 1))
+    return sorted_ns[index] / 1e6
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size)
+    try:
+        if args.warmup > 0:
+            await run_phase(pool, args.query, args.concurrency, args.warmup, args.seed)
+        tally, elapsed = await run_phase(pool, args.query, args.concurrency, args.duration, args.seed + 1000)
+    finally:
+        await pool.close()
+    latencies = sorted(tally.latencies_ns)
+    return {
+        "tool": "direct",
+        "requests": len(latencies),
+        "errors": tally.errors,
+        "duration_s": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile_ms(latencies, 50), 3),
+        "p99_ms": round(percentile_ms(latencies, 99), 3),
+        "concurrency": args.concurrency,
+        "pool_size": args.pool_size,
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", required=True, help="PostgreSQL URL")
+    parser.add_argument("--query", choices=sorted(QUERIES), required=True)
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent tasks (default 16)")
+    parser.add_argument("--pool-size", type=int, default=4, help="asyncpg pool size (default 4)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
+    parser.add_argument("--seed", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # uvloop when it is installed (gatehouse's uvicorn[standard] brings it): what a tuned
+    # asyncio application runs on, and what gatehouse itself gets.
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(main_async(args))
+        result["event_loop"] = "asyncio"
+    else:
+        result = uvloop.run(main_async(args))
+        result["event_loop"] = "uvloop"
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

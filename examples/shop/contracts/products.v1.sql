@@ -1,0 +1,3 @@
+-- Products as the storefront first saw them: name and price.
+SELECT id, name, price
+FROM products

@@ -1,0 +1,3 @@
+"""gatehouse: the API layer between many applications and their databases."""
+
+__version__ = "0.1.0"

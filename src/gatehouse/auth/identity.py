@@ -1,0 +1,123 @@
+"""Who is calling: headers → :class:`Identity`, with no database work on the request path.
+
+The server holds every live key's hash in memory (:class:`KeyRing`), loaded at start, reloaded when a key
+is created or revoked (``LISTEN gatehouse_keys``) and every ``REFRESH_S`` seconds as a safety net. So an
+unknown, revoked or expired key is refused without touching a database connection.
+
+Credentials come from the ``apikey`` header (as Supabase clients send it) or ``Authorization: Bearer``.
+When both are sent, ``apikey`` names the application; a Bearer value that is not a gatehouse key is left
+for user identity (JWT), which a later layer verifies. Keys in the query string are never accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
+from gatehouse.errors import MissingCredentials, Unauthenticated
+
+log = logging.getLogger(__name__)
+REFRESH_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    app: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyEntry:
+    app: str
+    hash: bytes
+    expires_at: datetime | None
+
+
+class KeyRing:
+    """The live keys of a project, by public id."""
+
+    def __init__(self, apps: set[str]) -> None:
+        self._apps = apps
+        self._keys: dict[str, _KeyEntry] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def load(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            "SELECT id, app, hash, expires_at FROM gatehouse.keys WHERE revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > now())"
+        )
+        self._keys = {
+            r["id"]: _KeyEntry(r["app"], bytes(r["hash"]), r["expires_at"]) for r in rows if r["app"] in self._apps
+        }
+
+    async def start(self, pool: asyncpg.Pool, listener: asyncpg.Connection) -> None:
+        """Load now, then follow changes: NOTIFY for speed, a periodic reload for safety."""
+        async with pool.acquire() as conn:
+            await self.load(conn)
+        self._listener = listener
+
+        def on_notify(*_: object) -> None:
+            asyncio.get_running_loop().create_task(self._reload(pool))
+
+        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+        self._refresher = asyncio.create_task(self._refresh_forever(pool))
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+
+    async def _reload(self, pool: asyncpg.Pool) -> None:
+        try:
+            async with pool.acquire() as conn:
+                await self.load(conn)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("could not reload API keys, keeping the last good set: %s", type(exc).__name__)
+
+    async def _refresh_forever(self, pool: asyncpg.Pool) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            await self._reload(pool)
+
+    def verify(self, presented: str, now: datetime | None = None) -> Identity:
+        parts = split_key(presented)
+        if parts is None:
+            raise Unauthenticated("Invalid API key", hint="Check the key: it reads gh_<id>_<secret>.")
+        key_id, secret = parts
+        entry = self._keys.get(key_id)
+        # Hash even when the id is unknown, so timing does not reveal which ids exist.
+        presented_hash = hash_secret(secret)
+        if entry is None or not hmac.compare_digest(presented_hash, entry.hash):
+            raise Unauthenticated("Invalid API key", hint="The key is unknown or was revoked.")
+        if entry.expires_at is not None and entry.expires_at <= (now or datetime.now(UTC)):
+            raise Unauthenticated("API key expired", hint="Ask for a new key: gatehouse keys create <app>.")
+        return Identity(app=entry.app, key_id=key_id)
+
+
+def credential_from_headers(headers: Mapping[str, str]) -> str:
+    """The key the request presents; raises 401 when there is none."""
+    apikey = headers.get("apikey", "").strip()
+    if apikey:
+        return apikey
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token and looks_like_key(token):
+        return token
+    if scheme.lower() == "bearer" and token:
+        raise Unauthenticated("Invalid API key", hint="Send a gatehouse API key in the 'apikey' header.")
+    raise MissingCredentials()
+
+
+def authenticate(headers: Mapping[str, str], keys: KeyRing) -> Identity:
+    return keys.verify(credential_from_headers(headers))

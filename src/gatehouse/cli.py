@@ -1,0 +1,211 @@
+"""The ``gatehouse`` command: one small function per command; the work is in :mod:`gatehouse.operations`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gatehouse import __version__, operations
+from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
+from gatehouse.project import Project, load_project
+
+T = TypeVar("T")
+out = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    help="gatehouse: the API layer in front of your database. Versioned contracts, one identity and one "
+         "database role per application, a PostgREST-compatible REST API.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+keys_app = typer.Typer(help="Create, list and revoke applications' API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+class State:
+    project_path: Path = Path(".")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"gatehouse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    project: Annotated[Path, typer.Option("--project", "-p", envvar="GATEHOUSE_PROJECT",
+                                          help="The project folder (holds gatehouse.toml).")] = Path("."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    State.project_path = project
+
+
+def _project() -> Project:
+    return _run_sync(lambda: load_project(State.project_path))
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _run_sync(fn: Any) -> Any:
+    try:
+        return fn()
+    except GatehouseError as exc:
+        raise _fail(str(exc)) from None
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one command's coroutine; known errors become a clear message and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except (ProjectError, DatabaseUnavailable) as exc:
+        raise _fail(str(exc)) from None
+    except asyncpg.PostgresError as exc:
+        raise _fail(f"the database refused: {exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise _fail(f"cannot reach the database: {exc}") from None
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending migrations (migrations/V<NNN>__<description>.sql), each once, in order."""
+    project = _project()
+    with out.status("applying migrations..."):
+        results = run(operations.migrate_all(project))
+    for database, done in results.items():
+        if not done:
+            out.print(f"[green]{database}[/]: up to date")
+        for migration, seconds in done:
+            out.print(f"[green]{database}[/]: applied {migration.label} ({seconds * 1000:.0f} ms)")
+
+
+@app.command()
+def apply() -> None:
+    """Make the database match the project: api_vN views, app roles, grants. Safe to run again."""
+    project = _project()
+    with out.status("applying project..."):
+        reports = run(operations.apply_all(project))
+    for report in reports:
+        if not report.changes:
+            out.print(f"[green]{report.database}[/]: nothing to change")
+        for change in report.changes:
+            out.print(f"[green]{report.database}[/]: {change}")
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    now = now or datetime.now(UTC)
+    match = re.fullmatch(r"(\d{1,5})([mhdw])", text.strip())
+    if match:
+        amount, unit = int(match[1]), match[2]
+        minutes = {"m": 1, "h": 60, "d": 1440, "w": 10080}[unit] * amount
+        return now + timedelta(minutes=minutes)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ProjectError(f"cannot read --expires {text!r}",
+                           hint="write a duration (90m, 12h, 30d, 2w) or a date (2027-01-31)") from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment <= now:
+        raise ProjectError(f"--expires {text!r} is in the past")
+    return moment
+
+
+@keys_app.command("create")
+def keys_create(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="The application the key identifies.")],
+    expires: Annotated[str | None, typer.Option(help="Expiry: a duration (30d, 12h) or a date.")] = None,
+    description: Annotated[str, typer.Option(help="A note shown in `keys list`.")] = "",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the key.")] = False,
+) -> None:
+    """Create an API key. It is shown once: only its hash is stored."""
+    project = _project()
+    expires_at = _run_sync(lambda: parse_expiry(expires)) if expires else None
+    key = run(operations.create_key(project, app_name, expires_at=expires_at, description=description))
+    if quiet:
+        print(key.secret_key)
+        return
+    out.print(f"API key for [bold]{app_name}[/] (id {key.id}"
+              f"{', expires ' + key.expires_at.isoformat(timespec='minutes') if key.expires_at else ''}):")
+    print(key.secret_key)
+    out.print("[dim]Store it now: it cannot be shown again. Send it as the 'apikey' header.[/]")
+
+
+@keys_app.command("list")
+def keys_list(
+    app_name: Annotated[str | None, typer.Argument(metavar="[APP]", help="Only this application's keys.")] = None,
+) -> None:
+    """List keys (ids and status, never the keys themselves)."""
+    project = _project()
+    keys = run(operations.list_keys(project, app_name))
+    now = datetime.now(UTC)
+    table = Table("app", "key id", "status", "created", "expires", "description")
+    for key in keys:
+        table.add_row(key.app, key.id, key.status(now), key.created_at.isoformat(timespec="minutes"),
+                      key.expires_at.isoformat(timespec="minutes") if key.expires_at else "never",
+                      key.description)
+    out.print(table if keys else "no keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    key_id: Annotated[str | None, typer.Argument(metavar="[KEY_ID]", help="The key's id (see keys list).")] = None,
+    all_keys: Annotated[bool, typer.Option("--all", help="Revoke every key of the application.")] = False,
+) -> None:
+    """Revoke a key (or all keys of an app). Running servers refuse it at once."""
+    if key_id is None and not all_keys:
+        raise _fail("name the key to revoke (see `gatehouse keys list`), or pass --all")
+    project = _project()
+    revoked = run(operations.revoke_keys(project, app_name, key_id))
+    if not revoked:
+        raise _fail(f"no active key {key_id or ''} of {app_name} to revoke".replace("  ", " "))
+    out.print(f"revoked {len(revoked)} key(s) of {app_name}: {', '.join(revoked)}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Data port address (default from gatehouse.toml).")] = None,
+    port: Annotated[int | None, typer.Option(help="Data port (default 3000).")] = None,
+    admin_port: Annotated[int | None, typer.Option(help="Admin port: /live /ready /metrics (default 3001).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve the contracts over HTTP (data port) and health and metrics (admin port)."""
+    from gatehouse.app import serve as serve_forever
+    from gatehouse.observe.logs import configure_logging
+    from gatehouse.runtime import Runtime
+
+    project = _project()
+    server = project.config.server
+    configure_logging(log_level)
+    run(serve_forever(Runtime(project), host=host or server.host, port=server.port if port is None else port,
+                      admin_host=server.admin_host,
+                      admin_port=server.admin_port if admin_port is None else admin_port,
+                      log_level=log_level))
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to put the demo project.")] = Path("gatehouse-demo"),
+    port: Annotated[int, typer.Option(help="Data port; a free one is picked if it is taken.")] = 3000,
+    admin_port: Annotated[int, typer.Option(help="Admin port; a free one is picked if it is taken.")] = 3001,
+    serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve after set-up.")] = True,
+) -> None:
+    """Run the bundled shop example: embedded PostgreSQL, migrations, contracts, three apps, keys, serve."""
+    from gatehouse.demo import run_demo
+
+    _run_sync(lambda: run_demo(directory, port=port, admin_port=admin_port, serve=serve_, console=out))

@@ -1,0 +1,154 @@
+"""The models of ``gatehouse.toml``, validated at load.
+
+Secrets are never literals in the file: a value that must be secret (a database URL, a password) is written
+``"env:VAR"`` and read from the environment when it is used. Any setting can be overridden from the
+environment with ``GATEHOUSE_<SECTION>__<KEY>[__<KEY>...]``, e.g. ``GATEHOUSE_DATABASES__SHOP__URL`` or
+``GATEHOUSE_SERVER__PORT``; the override is applied before validation, so it is checked like the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gatehouse.errors import ProjectError
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+ENV_PREFIX = "GATEHOUSE_"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Action = Literal["read", "insert", "update", "delete"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectSection(Strict):
+    name: Name
+    default_version: int | None = Field(
+        default=None, ge=1, description="API version for profile 'public'; default: the newest."
+    )
+
+
+class DatabaseConfig(Strict):
+    url: str | None = Field(default=None, description="'env:VAR' naming a PostgreSQL URL; none = embedded")
+    authenticator_password: str | None = Field(
+        default=None, description="'env:VAR' with the password of the authenticator role, if the server needs one"
+    )
+
+    @field_validator("url", "authenticator_password")
+    @classmethod
+    def _secret_from_env(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("env:"):
+            raise ValueError(
+                "secrets are never written in the file: write \"env:VARIABLE\" and set VARIABLE in the environment"
+            )
+        return value
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=3001, ge=0, le=65535)
+    max_rows: int = Field(default=1000, ge=1, le=1_000_000)
+    max_query_length: int = Field(default=8192, ge=256, le=1_000_000)
+    pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
+
+
+class Quota(Strict):
+    pool_size: int = Field(default=5, ge=1, le=200, description="concurrent database connections of this app")
+    max_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on rows per response")
+    statement_timeout_ms: int = Field(default=5000, ge=1, le=3_600_000)
+
+
+class Grant(Strict):
+    contract: Name
+    actions: tuple[Action, ...] = ("read",)
+
+    @field_validator("actions")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("a grant needs at least one action: read, insert, update or delete")
+        return tuple(dict.fromkeys(value))
+
+
+class AppConfig(Strict):
+    description: str = ""
+    version: int | None = Field(default=None, ge=1, description="the API version this app gets for 'public'")
+    quota: Quota = Quota()
+    grants: tuple[Grant, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_grant_per_contract(self) -> AppConfig:
+        seen: set[str] = set()
+        for grant in self.grants:
+            if grant.contract in seen:
+                raise ValueError(f"contract {grant.contract!r} is granted twice; merge the two grants")
+            seen.add(grant.contract)
+        return self
+
+
+class ProjectConfig(Strict):
+    project: ProjectSection
+    databases: dict[Name, DatabaseConfig] = Field(min_length=1)
+    server: ServerConfig = ServerConfig()
+    apps: dict[Name, AppConfig] = {}
+
+
+def resolve_secret(reference: str | None, *, what: str) -> str | None:
+    """Turn ``"env:VAR"`` into the variable's value, or say clearly which variable is missing."""
+    if reference is None:
+        return None
+    variable = reference.removeprefix("env:")
+    value = os.environ.get(variable)
+    if not value:
+        raise ProjectError(f"{what} names the environment variable {variable}, which is not set",
+                           hint=f"export {variable}=... before running gatehouse")
+    return value
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        path = [part.lower() for part in key.removeprefix(ENV_PREFIX).split("__")]
+        if not all(re.fullmatch(r"[a-z0-9_]+", part) for part in path):
+            continue
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            # A URL given straight in the environment is already outside the file: accept it as is.
+            node[path[-1]] = f"env:{key}" if path[-1] in {"url", "authenticator_password"} else value
+
+
+def _location(error: dict[str, Any]) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+def load_config(path: Path, environ: dict[str, str] | None = None) -> ProjectConfig:
+    """Read and validate ``gatehouse.toml``; every problem is reported with its key and what to do."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProjectError("no gatehouse.toml here", where=str(path.parent),
+                           hint="run inside a project folder, pass --project PATH, or create one with "
+                                "`gatehouse init`") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProjectError(f"not valid TOML: {exc}", where=str(path)) from None
+    _apply_env_overrides(data, dict(os.environ if environ is None else environ))
+    try:
+        return ProjectConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"[{_location(err)}] {err['msg']}" for err in exc.errors(include_url=False)]
+        raise ProjectError("invalid settings:\n  " + "\n  ".join(lines), where=str(path)) from None

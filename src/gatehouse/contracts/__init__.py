@@ -1,0 +1,1 @@
+"""Contracts: the public, versioned shapes of the data."""

@@ -1,0 +1,1 @@
+"""Databases: embedded server, connections, pools, catalog, and making the database match the project."""

@@ -1,0 +1,123 @@
+"""``gatehouse demo``: the bundled shop, from nothing to a served API with three applications.
+
+The example is copied into a folder of the user's (its embedded database lives there too, so a second run
+reuses it and starts in about a second). Each run revokes the previous demo keys and makes new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+
+from gatehouse import operations
+from gatehouse.errors import ProjectError
+from gatehouse.project import CONFIG_FILE, Project, load_project
+
+DEMO_KEY_NOTE = "created by gatehouse demo"
+
+
+def bundled_example() -> Path:
+    """The shop example: inside the installed package, or at the repository root in a source checkout."""
+    packaged = Path(str(resources.files("gatehouse"))) / "examples" / "shop"
+    if (packaged / CONFIG_FILE).exists():
+        return packaged
+    source = Path(__file__).resolve().parents[2] / "examples" / "shop"
+    if (source / CONFIG_FILE).exists():
+        return source
+    raise ProjectError("the bundled example is missing from this installation",
+                       hint="reinstall gatehouse, or run from a source checkout")
+
+
+def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    for candidate in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise ProjectError("no free TCP port on this machine")
+
+
+async def _set_up(project: Project, console: Console) -> dict[str, str]:
+    with console.status("starting PostgreSQL and applying migrations..."):
+        done = await operations.migrate_all(project)
+    for database, migrations in done.items():
+        for migration, seconds in migrations:
+            console.print(f"[green]{database}[/]: applied {migration.label} ({seconds * 1000:.0f} ms)")
+    with console.status("creating views, roles and grants..."):
+        reports = await operations.apply_all(project)
+    changes = sum(len(r.changes) for r in reports)
+    console.print(f"[green]apply[/]: {changes} change(s)" if changes else "[green]apply[/]: nothing to change")
+    keys: dict[str, str] = {}
+    for app in project.apps:
+        for old in await operations.list_keys(project, app):
+            if old.description == DEMO_KEY_NOTE and old.revoked_at is None:
+                await operations.revoke_keys(project, app, old.id)
+        new = await operations.create_key(project, app, description=DEMO_KEY_NOTE)
+        keys[app] = new.secret_key
+    return keys
+
+
+def _tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
+    web, mobile, analytics = keys["web"], keys["mobile"], keys["analytics"]
+    return [
+        ("web is pinned to API v1: products have id, name, price",
+         f"curl -s '{base}/products?id=lte.3' -H 'apikey: {web}'"),
+        ("analytics gets API v2 from the same URL: category and stock too",
+         f"curl -s '{base}/products?id=lte.3' -H 'apikey: {analytics}'"),
+        ("mobile may not read orders: 404, exactly as if they did not exist",
+         f"curl -s '{base}/orders?limit=3' -H 'apikey: {mobile}'"),
+        ("analytics may: its five best customers",
+         f"curl -s '{base}/customer_summary?select=name,order_count,total_spent&order=total_spent.desc&limit=5'"
+         f" -H 'apikey: {analytics}'"),
+        ("any app can ask for a version by path; filters and order work as in PostgREST",
+         f"curl -s '{base}/v2/products?category=eq.books&price=lt.20&order=price.desc&limit=3' "
+         f"-H 'apikey: {mobile}'"),
+        ("no key, or a wrong one: 401 before any database work",
+         f"curl -s '{base}/products' -H 'apikey: gh_0000000000_{'x' * 43}'"),
+        ("metrics per app, contract and version",
+         f"curl -s {admin}/metrics | grep '^gatehouse_requests_total'"),
+    ]
+
+
+def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, console: Console) -> None:
+    directory = directory.resolve()
+    if not (directory / CONFIG_FILE).exists():
+        if directory.exists() and any(directory.iterdir()):
+            raise ProjectError(f"{directory} exists and is not a gatehouse project",
+                               hint="choose another place with --dir")
+        shutil.copytree(bundled_example(), directory, dirs_exist_ok=True)
+        console.print(f"copied the shop example to [bold]{directory}[/]")
+    else:
+        console.print(f"using the demo project in [bold]{directory}[/]")
+    project = load_project(directory)
+    keys = asyncio.run(_set_up(project, console))
+
+    host = project.config.server.host
+    port, admin_port = free_port(port, host), free_port(admin_port, host)
+    base, admin = f"http://{host}:{port}", f"http://{host}:{admin_port}"
+    console.rule("[bold]gatehouse demo")
+    for app, key in keys.items():
+        console.print(f"[bold]{app}[/] key: ", end="")
+        print(key)
+    console.print()
+    for caption, command in _tour(keys, base, admin):
+        console.print(f"[dim]# {caption}[/]")
+        print(command)
+    console.print()
+    if not serve:
+        return
+    console.print(f"serving on {base} (admin {admin}); press Ctrl-C to stop.\n")
+
+    from gatehouse.app import serve as serve_forever
+    from gatehouse.observe.logs import configure_logging
+    from gatehouse.runtime import Runtime
+
+    configure_logging("info")
+    asyncio.run(serve_forever(Runtime(project), host=host, port=port, admin_host=host, admin_port=admin_port))

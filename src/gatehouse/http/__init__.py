@@ -1,0 +1,1 @@
+"""HTTP surface: routing, request parsing, responses."""

@@ -1,0 +1,80 @@
+"""Cross-cutting ASGI middleware with no domain logic: request id, timing, metrics, the request log line,
+and turning any error into PostgREST's JSON shape.
+
+It is a plain ASGI callable (not Starlette's BaseHTTPMiddleware) because it wraps every request and must
+cost next to nothing. An unexpected exception is logged as one line (type and where), never with a stack
+trace or the request's values, and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gatehouse.errors import ApiError, InternalError
+from gatehouse.http.responses import error_response
+from gatehouse.observe.metrics import Metrics
+
+log = logging.getLogger("gatehouse.request")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})
+        status = 500
+        response_started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except ApiError as exc:
+            status = exc.status
+            await error_response(exc, head=scope["method"] == "HEAD")(scope, receive, send_wrapper)
+        except Exception as exc:
+            log.error("request %s failed: %s at %s", request_id, type(exc).__name__, _where(exc))
+            if not response_started:
+                error = InternalError("Internal error", hint=f"Quote request id {request_id} to the operators.")
+                await error_response(error)(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            labels = scope["state"].get("gatehouse")
+            app = labels.app if labels else ""
+            contract = labels.contract if labels else ""
+            version = labels.version if labels else ""
+            self.metrics.observe(app=app, contract=contract, version=version, method=scope["method"],
+                                 status=status, seconds=elapsed)
+            log.info(
+                "%s %s %s %d %.1fms",
+                scope["method"], scope["path"], app or "-", status, elapsed * 1000,
+                extra={"request_id": request_id, "app": app, "key_id": labels.key_id if labels else "",
+                       "contract": contract, "version": version, "status": status,
+                       "duration_ms": round(elapsed * 1000, 2)},
+            )

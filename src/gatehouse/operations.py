@@ -1,0 +1,77 @@
+"""What the CLI commands do, as plain async functions (the CLI only parses arguments and prints).
+
+Kept apart from :mod:`gatehouse.cli` so tests and the demo call the same code the commands run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import asyncpg
+
+from gatehouse.auth import keys
+from gatehouse.db.sync import ApplyReport, apply_database, bootstrap
+from gatehouse.db.targets import DatabaseTarget, resolve_targets
+from gatehouse.errors import ProjectError
+from gatehouse.migrate.runner import Migration, migrate
+from gatehouse.project import Project
+
+
+@asynccontextmanager
+async def owner_connection(project: Project, database: str | None = None) -> AsyncIterator[asyncpg.Connection]:
+    targets = await resolve_targets(project)
+    target = targets[database or project.home_database]
+    conn = await target.connect_owner()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def migrate_all(project: Project) -> dict[str, list[tuple[Migration, float]]]:
+    """Apply pending migrations of every database, in declaration order."""
+    targets = await resolve_targets(project)
+    results: dict[str, list[tuple[Migration, float]]] = {}
+    for name, target in targets.items():
+        conn = await target.connect_owner()
+        try:
+            results[name] = await migrate(conn, project.migrations_dir(name))
+        finally:
+            await conn.close()
+    return results
+
+
+async def apply_all(project: Project) -> list[ApplyReport]:
+    targets: dict[str, DatabaseTarget] = await resolve_targets(project)
+    return [await apply_database(project, target) for target in targets.values()]
+
+
+def _known_app(project: Project, app: str) -> None:
+    if app not in project.apps:
+        raise ProjectError(f"no application named {app!r}",
+                           hint=f"applications in gatehouse.toml: {', '.join(project.apps) or 'none'}")
+
+
+async def create_key(project: Project, app: str, *, expires_at: datetime | None = None,
+                     description: str = "") -> keys.NewKey:
+    _known_app(project, app)
+    async with owner_connection(project) as conn:
+        await bootstrap(conn)
+        return await keys.create_key(conn, app, expires_at=expires_at, description=description)
+
+
+async def list_keys(project: Project, app: str | None) -> list[keys.KeyInfo]:
+    if app is not None:
+        _known_app(project, app)
+    async with owner_connection(project) as conn:
+        await bootstrap(conn)
+        return await keys.list_keys(conn, app)
+
+
+async def revoke_keys(project: Project, app: str, key_id: str | None) -> list[str]:
+    _known_app(project, app)
+    async with owner_connection(project) as conn:
+        await bootstrap(conn)
+        return await keys.revoke_key(conn, app, key_id)

@@ -1,0 +1,154 @@
+"""Load a project folder into one immutable :class:`Project`.
+
+A project is ``gatehouse.toml``, ``contracts/`` and ``migrations/``. Everything is validated here, at load,
+and every mistake names its file and key and says what to do: the server never starts on a project that
+does not hold together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gatehouse.config import AppConfig, ProjectConfig, load_config
+from gatehouse.contracts.model import ContractVersion, load_contract_file
+from gatehouse.contracts.versions import ApiVersions, carry_forward
+from gatehouse.errors import ProjectError
+
+CONFIG_FILE = "gatehouse.toml"
+STATE_DIR = ".gatehouse"
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    name: str
+    config: AppConfig
+    role: str
+    """The NOLOGIN PostgreSQL role this app's queries run under."""
+
+    def grant_for(self, contract: str) -> frozenset[str]:
+        for grant in self.config.grants:
+            if grant.contract == contract:
+                return frozenset(grant.actions)
+        return frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    root: Path
+    config: ProjectConfig
+    contracts: tuple[ContractVersion, ...]
+    versions: ApiVersions
+    apps: dict[str, App] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.project.name
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def role_prefix(self) -> str:
+        """Roles are cluster-wide in PostgreSQL, so they carry the project's name."""
+        return f"gh_{self.name}_"
+
+    @property
+    def authenticator_role(self) -> str:
+        return f"{self.role_prefix}authenticator"
+
+    @property
+    def home_database(self) -> str:
+        """The database that holds gatehouse's own tables (keys): the first one declared."""
+        return next(iter(self.config.databases))
+
+    @property
+    def default_version(self) -> int:
+        return self.config.project.default_version or self.versions.newest
+
+    def database_of(self, contract: str) -> str | None:
+        for version in self.contracts:
+            if version.name == contract:
+                return version.database
+        return None
+
+    def migrations_dir(self, database: str) -> Path:
+        base = self.root / "migrations"
+        return base / database if len(self.config.databases) > 1 else base
+
+
+def _contract_files(root: Path, databases: list[str]) -> list[tuple[Path, str]]:
+    base = root / "contracts"
+    if not base.is_dir():
+        return []
+    if len(databases) == 1:
+        stray = [p for p in base.iterdir() if p.is_dir()]
+        if stray:
+            raise ProjectError(f"found a folder {stray[0].name}/ but the project has one database",
+                               where=str(base), hint="with one database, contract files sit in contracts/")
+        return [(path, databases[0]) for path in sorted(base.glob("*.sql"))]
+    loose = sorted(base.glob("*.sql"))
+    if loose:
+        raise ProjectError(
+            "with several databases, each contract lives in contracts/<database>/",
+            where=str(loose[0]), hint=f"move it into one of: {', '.join(databases)}",
+        )
+    files: list[tuple[Path, str]] = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+        if folder.name not in databases:
+            raise ProjectError(f"no database named {folder.name!r} in gatehouse.toml", where=str(folder),
+                               hint=f"declared databases: {', '.join(databases)}")
+        files.extend((path, folder.name) for path in sorted(folder.glob("*.sql")))
+    return files
+
+
+def _check_unique(contracts: list[ContractVersion]) -> None:
+    seen: dict[tuple[str, int], ContractVersion] = {}
+    homes: dict[str, str] = {}
+    for contract in contracts:
+        key = (contract.name, contract.version)
+        if key in seen:
+            raise ProjectError(f"{contract.label} is defined twice (also in {seen[key].path})",
+                               where=str(contract.path))
+        seen[key] = contract
+        home = homes.setdefault(contract.name, contract.database)
+        if home != contract.database:
+            raise ProjectError(
+                f"contract {contract.name!r} exists in two databases ({home}, {contract.database})",
+                where=str(contract.path), hint="contract names are the URL path, so they are unique per project",
+            )
+
+
+def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> None:
+    known = {name for served in versions.served.values() for name in served}
+    newest = versions.newest
+    if config.project.default_version and config.project.default_version > newest:
+        raise ProjectError(f"[project] default_version = {config.project.default_version}, but the newest "
+                           f"API version is v{newest}", where=where)
+    for name, app in config.apps.items():
+        if app.version is not None and app.version > newest:
+            raise ProjectError(f"[apps.{name}] version = {app.version}, but the newest API version is v{newest}",
+                               where=where)
+        for grant in app.grants:
+            if grant.contract not in known:
+                raise ProjectError(
+                    f"[apps.{name}] grants {grant.contract!r}, which is not a contract",
+                    where=where,
+                    hint=f"known contracts: {', '.join(sorted(known)) or 'none'}; "
+                         f"add contracts/{grant.contract}.v1.sql or fix the name",
+                )
+
+
+def load_project(root: Path) -> Project:
+    root = root.resolve()
+    config_path = root / CONFIG_FILE
+    config = load_config(config_path)
+    databases = list(config.databases)
+    contracts = [load_contract_file(path, db) for path, db in _contract_files(root, databases)]
+    _check_unique(contracts)
+    versions = carry_forward(contracts)
+    _check_apps(config, versions, str(config_path))
+    prefix = f"gh_{config.project.name}_"
+    apps = {name: App(name=name, config=app, role=f"{prefix}app_{name}") for name, app in config.apps.items()}
+    return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps)

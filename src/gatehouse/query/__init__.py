@@ -1,0 +1,1 @@
+"""PostgREST query grammar to a query tree to SQL."""

@@ -1,0 +1,107 @@
+"""The live state of one server: databases, pools, keys, schema cache, metrics.
+
+Opened once by the app's lifespan and read by every request; the request path never creates any of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from gatehouse.auth.identity import KeyRing
+from gatehouse.contracts.versions import schema_name
+from gatehouse.db.catalog import ViewShape, load_catalog
+from gatehouse.db.pools import AppPools
+from gatehouse.db.sync import project_fingerprint
+from gatehouse.db.targets import DatabaseTarget, resolve_targets
+from gatehouse.errors import DatabaseUnavailable
+from gatehouse.observe.metrics import Metrics
+from gatehouse.project import Project
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Runtime:
+    project: Project
+    metrics: Metrics = field(default_factory=Metrics)
+    targets: dict[str, DatabaseTarget] = field(default_factory=dict)
+    pools: AppPools | None = None
+    keys: KeyRing | None = None
+    catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
+    _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
+    _listener: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        project = self.project
+        self.targets = await resolve_targets(project)
+        try:
+            for name, target in self.targets.items():
+                pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=2)
+                assert pool is not None
+                self._internal[name] = pool
+                async with pool.acquire() as conn:
+                    self.catalog.update(await load_catalog(conn))
+            self._check_applied()
+            home = self.targets[project.home_database]
+            self._listener = await asyncpg.connect(**home.authenticator_kwargs())
+            self.keys = KeyRing(set(project.apps))
+            await self.keys.start(self._internal[project.home_database], self._listener)
+            self.pools = AppPools(project.config.server.pool_timeout_ms / 1000)
+            await self.pools.open(self.targets, project.apps, self._databases_of_apps())
+        except asyncpg.InvalidAuthorizationSpecificationError:
+            await self.stop()
+            raise DatabaseUnavailable(
+                f"the role {project.authenticator_role} cannot log in: run `gatehouse apply` first"
+            ) from None
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _databases_of_apps(self) -> dict[str, set[str]]:
+        result: dict[str, set[str]] = {}
+        for app in self.project.apps.values():
+            dbs = {self.project.database_of(g.contract) for g in app.config.grants}
+            result[app.name] = {db for db in dbs if db is not None}
+        return result
+
+    def _check_applied(self) -> None:
+        missing = [
+            f"{schema_name(n)}.{c.name}" for n, c in self.project.versions.views()
+            if (schema_name(n), c.name) not in self.catalog
+        ]
+        if missing:
+            raise DatabaseUnavailable(
+                f"the database does not serve {', '.join(missing[:5])}"
+                f"{' and more' if len(missing) > 5 else ''}: run `gatehouse apply` first"
+            )
+
+    async def stop(self) -> None:
+        if self.keys is not None:
+            await self.keys.stop()
+        if self.pools is not None:
+            await self.pools.close()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+        await asyncio.gather(*(p.close() for p in self._internal.values()), return_exceptions=True)
+        self._internal.clear()
+
+    async def readiness(self) -> dict[str, str]:
+        """Per database: 'ok', or what is wrong. Ready when every value is 'ok'."""
+        report: dict[str, str] = {}
+        for name, pool in self._internal.items():
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S), pool.acquire() as conn:
+                    applied = await conn.fetchval("SELECT value FROM gatehouse.state WHERE key = 'fingerprint'")
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                report[name] = f"unreachable ({type(exc).__name__})"
+                continue
+            expected = project_fingerprint(self.project, name)
+            report[name] = "ok" if applied == expected else "project not applied: run `gatehouse apply`"
+        return report
