@@ -99,7 +99,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dsn", required=True, help="PostgreSQL URL")
     parser.add_argument("--query", choices=sorted(QUERIES), required=True)
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent tasks (default 16)")

@@ -89,10 +89,9 @@ def markdown(
         "| --- | ---: | ---: |",
     ]
     for query, label in QUERIES.items():
-        r = query_ratios[query]
-        lines.append(
-            f"| {label} | {cell(r['gatehouse_over_direct'], 2)} | {cell(r['gatehouse_over_platformatic'], 2)} |"
-        )
+        over_direct = cell(query_ratios[query]["gatehouse_over_direct"], 2)
+        over_platformatic = cell(query_ratios[query]["gatehouse_over_platformatic"], 2)
+        lines.append(f"| {label} | {over_direct} | {over_platformatic} |")
     if skipped:
         lines.append("")
         lines += [f"**{system}: NOT MEASURED** — {reason}" for system, reason in skipped.items()]
@@ -110,7 +109,9 @@ def parse_meta(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")

@@ -93,7 +93,7 @@ async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admi
         ))
         servers = (data, admin)
         for server in servers:  # one set of signal handlers for both servers, installed below
-            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
         def stop_all() -> None:
             for server in servers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,8 +19,8 @@ from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
 from gatehouse.project import Project, load_project
 
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     help="gatehouse: the API layer in front of your database. Versioned contracts, one identity and one "
@@ -58,11 +58,11 @@ def _project() -> Project:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     return typer.Exit(1)
 
 
-def _run_sync(fn: Any) -> Any:
+def _run_sync(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except GatehouseError as exc:
@@ -79,6 +79,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(f"the database refused: {exc}") from None
     except (OSError, TimeoutError) as exc:
         raise _fail(f"cannot reach the database: {exc}") from None
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Where to create the project.")] = Path("."),
+) -> None:
+    """Create a new project: gatehouse.toml, a migration, a contract and an app to start from."""
+    from gatehouse.scaffold import init_project
+
+    for path in _run_sync(lambda: init_project(folder)):
+        out.print(f"created {path}")
+    out.print(f"next: cd {folder} && gatehouse migrate && gatehouse apply && "
+              "gatehouse keys create example && gatehouse serve")
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from gatehouse.errors import ProjectError
 
@@ -132,7 +133,7 @@ def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
             node[path[-1]] = f"env:{key}" if path[-1] in {"url", "authenticator_password"} else value
 
 
-def _location(error: dict[str, Any]) -> str:
+def _location(error: ErrorDetails) -> str:
     return ".".join(str(part) for part in error["loc"]) or "(top level)"
 
 

@@ -89,9 +89,11 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
 
     async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
         try:
-            body, count = await conn.fetchrow(compiled.sql, *compiled.params)
+            row = await conn.fetchrow(compiled.sql, *compiled.params)
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc) from None
+    assert row is not None  # an aggregate always returns one row
+    body, count = row[0], row[1]
 
     first = query.offset
     content_range = f"{first}-{first + count - 1}/*" if count else "*/*"

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
+from gatehouse.db import Connection
 from gatehouse.errors import MissingCredentials, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class KeyRing:
         self._listener: asyncpg.Connection | None = None
         self._refresher: asyncio.Task[None] | None = None
 
-    async def load(self, conn: asyncpg.Connection) -> None:
+    async def load(self, conn: Connection) -> None:
         rows = await conn.fetch(
             "SELECT id, app, hash, expires_at FROM gatehouse.keys WHERE revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > now())"

@@ -1,1 +1,9 @@
 """Databases: embedded server, connections, pools, catalog, and making the database match the project."""
+
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+"""A connection of our own or one borrowed from a pool: the code that uses it cannot tell them apart."""

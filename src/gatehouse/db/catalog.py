@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
+from gatehouse.db import Connection
 
 CATALOG_QUERY = r"""
 SELECT n.nspname AS schema, c.relname AS view, a.attname AS column,
@@ -30,7 +30,7 @@ class ViewShape:
     """column → type, in the view's order."""
 
 
-async def load_catalog(conn: asyncpg.Connection) -> dict[tuple[str, str], ViewShape]:
+async def load_catalog(conn: Connection) -> dict[tuple[str, str], ViewShape]:
     shapes: dict[tuple[str, str], ViewShape] = {}
     for row in await conn.fetch(CATALOG_QUERY):
         key = (row["schema"], row["view"])

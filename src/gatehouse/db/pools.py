@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from gatehouse.db import Connection
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.errors import PoolTimeout
 from gatehouse.project import App
@@ -71,7 +72,7 @@ class AppPools:
         return self._pools[(app, database)]
 
     @asynccontextmanager
-    async def connection(self, app: str, database: str) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, app: str, database: str) -> AsyncIterator[Connection]:
         pool = self._pools[(app, database)]
         try:
             conn = await pool.acquire(timeout=self._acquire_timeout_s)

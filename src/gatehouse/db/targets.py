@@ -63,7 +63,7 @@ def _start_embedded(state_dir: Path) -> str:
         import pgserver  # here: only projects that use it pay for the import
 
         try:
-            server = pgserver.get_server(state_dir / "pgdata", cleanup_mode="stop")
+            server = pgserver.get_server(state_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
         except Exception as exc:  # pgserver raises plain exceptions from subprocesses
             raise DatabaseUnavailable(
                 f"could not start the embedded PostgreSQL in {state_dir / 'pgdata'}: {exc}; "

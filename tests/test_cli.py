@@ -1,0 +1,132 @@
+"""The `gatehouse` command end to end, as a user runs it: real processes, real ports, embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+GATEHOUSE = [sys.executable, "-m", "gatehouse"]
+
+
+def gatehouse(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*GATEHOUSE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gatehouse {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_and_version() -> None:
+    assert "gatehouse" in gatehouse("--version").stdout
+    top = gatehouse("--help").stdout
+    for command in ("migrate", "apply", "keys", "serve", "demo"):
+        assert command in top
+    for command in (["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["serve"], ["apply"], ["demo"]):
+        assert "--help" in gatehouse(*command, "--help").stdout
+
+
+def test_project_errors_are_clear(tmp_path: Path) -> None:
+    result = gatehouse("--project", str(tmp_path), "apply", check=False)
+    assert result.returncode == 1
+    assert "no gatehouse.toml here" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The demo on the embedded PostgreSQL (no URL anywhere), set up once for this module."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    folder = tmp_path_factory.mktemp("demo") / "shop"
+    result = gatehouse("demo", "--dir", str(folder), "--no-serve", env=env)
+    assert "applied V002 generate demo data" in result.stdout
+    assert "curl -s" in result.stdout
+    yield folder
+
+
+def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    assert (demo_dir / ".gatehouse" / "pgdata" / "PG_VERSION").exists()
+    again = gatehouse("apply", cwd=demo_dir, env=env)
+    assert "nothing to change" in again.stdout
+    keys = {app: gatehouse("keys", "create", app, "--quiet", cwd=demo_dir, env=env).stdout.strip()
+            for app in ("web", "mobile", "analytics")}
+    port, admin_port = free_port(), free_port()
+    server = subprocess.Popen([*GATEHOUSE, "serve", "--port", str(port), "--admin-port", str(admin_port)],
+                              cwd=demo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{admin}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        assert httpx.get(f"{admin}/live").json() == {"status": "live"}
+        web = httpx.get(f"{base}/products?id=eq.1", headers={"apikey": keys["web"]}).json()
+        analytics = httpx.get(f"{base}/products?id=eq.1", headers={"apikey": keys["analytics"]}).json()
+        assert set(web[0]) == {"id", "name", "price"}
+        assert set(analytics[0]) == {"id", "name", "price", "category", "stock"}
+        refused = httpx.get(f"{base}/orders", headers={"apikey": keys["mobile"]})
+        assert refused.status_code == 404
+        metrics = httpx.get(f"{admin}/metrics").text
+        assert ('gatehouse_requests_total{app="web",contract="products",method="GET",status="200",'
+                'version="v1"} 1.0') in metrics
+        assert "gatehouse_request_duration_seconds_bucket" in metrics
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    for key in keys.values():
+        assert key not in stderr
+    assert '"app": "web"' in stderr.replace('":"', '": "')  # one structured line per request
+    # the embedded server stops with the last process that used it
+    deadline = time.monotonic() + 20
+    while (demo_dir / ".gatehouse" / "pgdata" / "postmaster.pid").exists():
+        assert time.monotonic() < deadline, "embedded PostgreSQL still running"
+        time.sleep(0.2)
+
+
+def test_keys_list_and_revoke(demo_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    created = gatehouse("keys", "create", "web", "--expires", "30d", "--description", "ci", cwd=demo_dir, env=env)
+    key = next(line for line in created.stdout.splitlines() if line.startswith("gh_"))
+    key_id = key.split("_")[1]
+    listed = gatehouse("keys", "list", "web", cwd=demo_dir, env=env).stdout
+    assert key_id in listed and key not in listed
+    revoked = gatehouse("keys", "revoke", "web", key_id, cwd=demo_dir, env=env)
+    assert key_id in revoked.stdout
+    assert "revoked" in gatehouse("keys", "list", "web", cwd=demo_dir, env=env).stdout
+    unknown = gatehouse("keys", "create", "nobody", cwd=demo_dir, env=env, check=False)
+    assert unknown.returncode == 1 and "no application named 'nobody'" in unknown.stderr
+    past = gatehouse("keys", "create", "web", "--expires", "2001-01-01", cwd=demo_dir, env=env, check=False)
+    assert past.returncode == 1 and "in the past" in past.stderr
+
+
+def test_init_creates_a_project_that_loads(tmp_path: Path) -> None:
+    from gatehouse.project import load_project
+
+    folder = tmp_path / "my-api"
+    result = gatehouse("init", str(folder))
+    assert "gatehouse.toml" in result.stdout
+    project = load_project(folder)
+    assert project.name == "my_api" and project.versions.resolve(1, "notes") is not None
+    again = gatehouse("init", str(folder), check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
