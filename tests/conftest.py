@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -83,10 +84,11 @@ def with_database(uri: str, database: str) -> str:
     return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
 
 
-async def _drop_project(server: str, database: str, role_prefix: str) -> None:
+async def _drop_project(server: str, databases: list[str], role_prefix: str) -> None:
     conn = await asyncpg.connect(server)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for database in databases:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         roles = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
                                  role_prefix.replace("_", r"\_") + "%")
         for row in roles:
@@ -116,7 +118,7 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         root.mkdir(exist_ok=True)
         name = f"t{uuid.uuid4().hex[:10]}"
         config = toml if toml is not None else (root / "gatehouse.toml").read_text()
-        config = config.replace('name = "shop"', f'name = "{name}"')
+        config = re.sub(r'(?m)^name = "[a-z0-9_]+"', f'name = "{name}"', config, count=1)
         (root / "gatehouse.toml").write_text(config)
         for relative, text in {**{f"contracts/{k}": v for k, v in (contracts or {}).items()},
                                **{f"migrations/{k}": v for k, v in (migrations or {}).items()}}.items():
@@ -132,8 +134,8 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return load_project(root)
 
     yield factory
-    for database, prefix in created:
-        run_sync(_drop_project(server_uri, database, prefix))
+    for prefix in {prefix for _, prefix in created}:
+        run_sync(_drop_project(server_uri, [db for db, p in created if p == prefix], prefix))
 
 
 async def _create_database(server: str, database: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 import uvicorn
@@ -24,6 +25,7 @@ from gatehouse.errors import InvalidPath, MethodNotAllowed
 from gatehouse.http.middleware import RequestMiddleware
 from gatehouse.runtime import Runtime
 
+T = TypeVar("T")
 READ_METHODS = ("GET", "HEAD")
 JSON = "application/json; charset=utf-8"
 
@@ -76,6 +78,16 @@ def create_admin_app(runtime: Runtime) -> ASGIApp:
         return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     return Starlette(routes=[Route("/live", live), Route("/ready", ready), Route("/metrics", metrics)])
+
+
+def run_in_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed (it comes with uvicorn[standard]), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gatehouse import __version__, operations
+from gatehouse.app import run_in_loop
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
 from gatehouse.project import Project, load_project
 
@@ -72,7 +72,7 @@ def _run_sync(fn: Callable[[], T]) -> T:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one command's coroutine; known errors become a clear message and exit code 1."""
     try:
-        return asyncio.run(coro)
+        return run_in_loop(coro)
     except (ProjectError, DatabaseUnavailable) as exc:
         raise _fail(str(exc)) from None
     except asyncpg.PostgresError as exc:

@@ -8,11 +8,12 @@ trace or the request's values, and answered with a generic 500.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
 import traceback
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +23,13 @@ from gatehouse.observe.metrics import Metrics
 
 log = logging.getLogger("gatehouse.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PROCESS_ID = secrets.token_hex(6)
+_sequence = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process start and request, without a random-number syscall on every request."""
+    return f"{_PROCESS_ID}{next(_sequence):012x}"
 
 
 def _where(exc: BaseException) -> str:
@@ -40,7 +48,7 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if REQUEST_ID.match(incoming) else new_request_id()
         scope.setdefault("state", {})
         status = 500
         response_started = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -21,12 +23,17 @@ class Metrics:
             "gatehouse_request_duration_seconds", "Time to answer a request on the data port.", LABELS,
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self._children: dict[tuple[str, str, str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, *, app: str, contract: str, version: str, method: str, status: int,
                 seconds: float) -> None:
-        labels = (app, contract, version, method, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        key = (app, contract, version, method, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups take a lock; do them once per label set
+            labels = (app, contract, version, method, str(status))
+            children = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
