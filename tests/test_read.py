@@ -95,7 +95,9 @@ async def test_content_range_and_headers(client: tuple[httpx.AsyncClient, dict[s
     assert response.headers["content-range"] == "10-14/*"
     assert response.headers["content-type"] == "application/json; charset=utf-8"
     assert response.headers["content-profile"] == "v1"
-    assert len(response.headers["x-request-id"]) == 32
+    second = await http.get("/products?select=id&limit=1", headers={**headers, "X-Request-Id": "trace-42"})
+    assert response.headers["x-request-id"] and response.headers["x-request-id"] != "trace-42"
+    assert second.headers["x-request-id"] == "trace-42"  # a caller's id is kept, for tracing across services
     empty = await http.get("/products?id=eq.0", headers=headers)
     assert empty.headers["content-range"] == "*/*"
     assert empty.content == b"[]"
