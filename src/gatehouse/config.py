@@ -97,11 +97,20 @@ class AppConfig(Strict):
         return self
 
 
+class RelationConfig(Strict):
+    """A link the database cannot know (e.g. between views): ``from`` embeds ``to`` as one object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    source: str = Field(alias="from", pattern=r"^[a-z][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+    target: str = Field(alias="to", pattern=r"^[a-z][a-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class ProjectConfig(Strict):
     project: ProjectSection
     databases: dict[Name, DatabaseConfig] = Field(min_length=1)
     server: ServerConfig = ServerConfig()
     apps: dict[Name, AppConfig] = {}
+    relations: tuple[RelationConfig, ...] = ()
 
 
 def resolve_secret(reference: str | None, *, what: str) -> str | None:

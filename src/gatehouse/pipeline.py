@@ -14,18 +14,20 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gatehouse.auth.identity import authenticate
+from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.contracts.model import ContractVersion
-from gatehouse.contracts.versions import schema_name
+from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import UnknownContract, UnknownProfile
+from gatehouse.errors import ApiError, UnknownContract, UnknownProfile
+from gatehouse.http import render
+from gatehouse.http.negotiate import parse_prefer, range_header, response_format
 from gatehouse.project import App, Project
-from gatehouse.query.grammar import parse_read
-from gatehouse.query.sql import compile_read
+from gatehouse.query.grammar import parse_query
+from gatehouse.query.sql import CompiledQuery, ReadCompiler
+from gatehouse.query.tree import Level
 from gatehouse.runtime import Runtime
 
 PROFILE = re.compile(r"^v([1-9][0-9]{0,3})$")
-JSON = "application/json; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -46,6 +48,16 @@ def labels_of(request: Request) -> RequestLabels:
     return labels
 
 
+def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
+    """Authenticate (401 before any database work) and record who is calling."""
+    assert runtime.keys is not None
+    identity = authenticate(request.headers, runtime.keys)
+    app = runtime.project.apps[identity.app]
+    labels = labels_of(request)
+    labels.app, labels.key_id = app.name, identity.key_id
+    return identity, app
+
+
 def choose_version(project: Project, app: App, profile: str | None, path_version: int | None) -> int:
     """API version from the path prefix, else the profile header; ``public`` means the app's default."""
     if path_version is None and (profile is None or profile.strip() in ("", "public")):
@@ -61,43 +73,85 @@ def choose_version(project: Project, app: App, profile: str | None, path_version
     return requested
 
 
-def readable_contract(project: Project, app: App, version: int, name: str) -> ContractVersion:
+def readable_contracts(project: Project, app: App, version: int) -> frozenset[str]:
+    return frozenset(name for name in project.versions.served.get(version, {}) if "read" in app.grant_for(name))
+
+
+def granted_contract(project: Project, app: App, version: int, name: str, action: str) -> ContractVersion:
+    """The contract, if the app may ``action`` it in this version; otherwise it does not exist for this app."""
     contract = project.versions.resolve(version, name)
-    if contract is None or "read" not in app.grant_for(name):
+    grant = app.grant_for(name)
+    if contract is None or not grant:
         raise UnknownContract(f"Could not find the contract '{name}' in API v{version}",
                               hint="Check the name and the API version (Accept-Profile or /vN/ prefix).")
+    if action not in grant:
+        raise ApiError(f"The application may not {action} '{name}'", code="42501", status=403,
+                       hint=f"Its grant on '{name}' allows: {', '.join(sorted(grant))}.")
     return contract
 
 
+def _intersect_range(level: Level, requested: tuple[int, int | None] | None) -> None:
+    """The Range header and limit/offset both apply: keep the rows inside both."""
+    if requested is None:
+        return
+    first, length = requested
+    start = max(level.offset, first)
+    ends = [end for end in (
+        None if level.limit is None else level.offset + level.limit,
+        None if length is None else first + length,
+    ) if end is not None]
+    level.offset = start
+    if ends:
+        level.limit = max(0, min(ends) - start)
+
+
+async def _planned_count(conn: Connection, compiled: CompiledQuery) -> int:
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {compiled.sql}", *compiled.params)
+    import orjson
+
+    return int(orjson.loads(plan)[0]["Plan"]["Plan Rows"])
+
+
 async def read(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
-    assert runtime.keys is not None and runtime.pools is not None
+    assert runtime.pools is not None
     project = runtime.project
     labels = labels_of(request)
 
-    identity = authenticate(request.headers, runtime.keys)  # 401, no database work
-    app = project.apps[identity.app]
-    labels.app, labels.key_id = app.name, identity.key_id
-
+    _, app = identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), path_version)  # 406
-    contract = readable_contract(project, app, version, contract_name)  # 404
+    contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
     labels.contract, labels.version = contract.name, f"v{version}"
+    fmt = response_format(request.headers.get("accept"))  # 406
+    prefs = parse_prefer(request.headers)
 
-    query = parse_read(request.scope["query_string"].decode("latin-1"))  # 400
-    shape = runtime.catalog[(schema_name(version), contract.name)]
+    query = parse_query(request.scope["query_string"].decode("latin-1"))  # 400
+    if request.method == "GET":
+        _intersect_range(query.top, range_header(request.headers.get("range")))  # 416
     max_rows = app.config.quota.max_rows or project.config.server.max_rows
-    compiled = compile_read(query, shape, contract.name, max_rows)  # 400 on unknown columns
+    readable = readable_contracts(project, app, version)
+    compiler = ReadCompiler(runtime.schemas[version], readable, max_rows)
+    count_mode = prefs.get("count")
+    compiled = compiler.read(contract.name, query, exact_count=count_mode == "exact")  # 400
 
     async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
         try:
             row = await conn.fetchrow(compiled.sql, *compiled.params)
+            assert row is not None  # an aggregate always returns one row
+            total: int | None = row[2] if count_mode == "exact" else None
+            if count_mode in ("planned", "estimated"):
+                counter = ReadCompiler(runtime.schemas[version], readable, max_rows)
+                total = await _planned_count(conn, counter.filtered(contract.name, query))
+                if count_mode == "estimated" and total <= max_rows:
+                    exact = ReadCompiler(runtime.schemas[version], readable, max_rows).read(
+                        contract.name, query, exact_count=True)
+                    total = (await conn.fetchrow(exact.sql, *exact.params) or (None, None, None))[2]
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc) from None
-    assert row is not None  # an aggregate always returns one row
-    body, count = row[0], row[1]
 
-    first = query.offset
-    content_range = f"{first}-{first + count - 1}/*" if count else "*/*"
-    headers = {"Content-Range": content_range, "Content-Profile": f"v{version}"}
-    if request.method == "HEAD":
-        return Response(status_code=200, headers=headers, media_type=JSON)
-    return Response(body.encode(), status_code=200, headers=headers, media_type=JSON)
+    page = render.Page(body=row[0], count=row[1], offset=query.top.offset, total=total,
+                       columns=compiler.output_names)
+    headers = {"Content-Profile": f"v{version}"}
+    applied = prefs.applied({"count"})
+    if applied:
+        headers["Preference-Applied"] = applied
+    return render.read_response(page, fmt, headers, head=request.method == "HEAD")

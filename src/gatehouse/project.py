@@ -140,6 +140,20 @@ def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> Non
                 )
 
 
+def _check_relations(config: ProjectConfig, contracts: list[ContractVersion], where: str) -> None:
+    columns: dict[str, set[str]] = {}
+    for contract in contracts:
+        columns.setdefault(contract.name, set()).update(contract.columns)
+    for index, relation in enumerate(config.relations):
+        for end in (relation.source, relation.target):
+            name, column = end.split(".", 1)
+            if name not in columns:
+                raise ProjectError(f"[[relations]] #{index + 1} names {name!r}, which is not a contract", where=where)
+            if column not in columns[name]:
+                raise ProjectError(f"[[relations]] #{index + 1}: contract {name!r} has no column {column!r}",
+                                   where=where, hint=f"its columns: {', '.join(sorted(columns[name]))}")
+
+
 def load_project(root: Path) -> Project:
     root = root.resolve()
     config_path = root / CONFIG_FILE
@@ -149,6 +163,7 @@ def load_project(root: Path) -> Project:
     _check_unique(contracts)
     versions = carry_forward(contracts)
     _check_apps(config, versions, str(config_path))
+    _check_relations(config, contracts, str(config_path))
     prefix = f"gh_{config.project.name}_"
     apps = {name: App(name=name, config=app, role=f"{prefix}app_{name}") for name, app in config.apps.items()}
     return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps)

@@ -14,13 +14,14 @@ import asyncpg
 
 from gatehouse.auth.identity import KeyRing
 from gatehouse.contracts.versions import schema_name
-from gatehouse.db.catalog import ViewShape, load_catalog
+from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
 from gatehouse.db.pools import AppPools
 from gatehouse.db.sync import project_fingerprint
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project
+from gatehouse.schema_cache import ApiSchema, build_schemas
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
@@ -34,12 +35,14 @@ class Runtime:
     pools: AppPools | None = None
     keys: KeyRing | None = None
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
+    schemas: dict[int, ApiSchema] = field(default_factory=dict)
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
     _listener: asyncpg.Connection | None = None
 
     async def start(self) -> None:
         project = self.project
         self.targets = await resolve_targets(project)
+        constraints: dict[str, list[Constraint]] = {}
         try:
             for name, target in self.targets.items():
                 pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=2)
@@ -47,7 +50,9 @@ class Runtime:
                 self._internal[name] = pool
                 async with pool.acquire() as conn:
                     self.catalog.update(await load_catalog(conn))
+                    constraints[name] = await load_constraints(conn)
             self._check_applied()
+            self.schemas = build_schemas(project, self.catalog, constraints)
             home = self.targets[project.home_database]
             self._listener = await asyncpg.connect(**home.authenticator_kwargs())
             self.keys = KeyRing(set(project.apps))

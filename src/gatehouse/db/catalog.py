@@ -39,3 +39,43 @@ async def load_catalog(conn: Connection) -> dict[tuple[str, str], ViewShape]:
             shape = shapes[key] = ViewShape(row["schema"], row["view"], {})
         shape.columns[row["column"]] = row["type"]
     return shapes
+
+
+CONSTRAINTS_QUERY = r"""
+SELECT c.conname AS name, c.contype AS kind, ns.nspname AS schema, cl.relname AS table,
+       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(num, i)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num ORDER BY k.i) AS columns,
+       fns.nspname AS ref_schema, fcl.relname AS ref_table,
+       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(num, i)
+             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.num ORDER BY k.i) AS ref_columns
+FROM pg_constraint c
+JOIN pg_class cl ON cl.oid = c.conrelid
+JOIN pg_namespace ns ON ns.oid = cl.relnamespace
+LEFT JOIN pg_class fcl ON fcl.oid = c.confrelid
+LEFT JOIN pg_namespace fns ON fns.oid = fcl.relnamespace
+WHERE c.contype IN ('f', 'p', 'u')
+  AND ns.nspname NOT IN ('pg_catalog', 'information_schema', 'gatehouse') AND ns.nspname !~ '^api_v[0-9]+$'
+ORDER BY c.conname
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """A primary key, unique or foreign key constraint of a base table."""
+
+    name: str
+    kind: str  # 'p', 'u' or 'f'
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+    ref_schema: str | None = None
+    ref_table: str | None = None
+    ref_columns: tuple[str, ...] = ()
+
+
+async def load_constraints(conn: Connection) -> list[Constraint]:
+    return [
+        Constraint(r["name"], r["kind"], r["schema"], r["table"], tuple(r["columns"]), r["ref_schema"],
+                   r["ref_table"], tuple(r["ref_columns"]))
+        for r in await conn.fetch(CONSTRAINTS_QUERY)
+    ]

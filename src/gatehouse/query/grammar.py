@@ -1,193 +1,478 @@
 """PostgREST's query-string grammar → :class:`ReadQuery`.
 
 Decoding follows PostgREST: percent-decoding with ``+`` as a space. Reserved keys are ``select``,
-``order``, ``limit``, ``offset`` (and, for writes, ``columns`` and ``on_conflict``); every other key is a
-filter whose value reads ``[not.]<operator>.<value>``. Repeated filters are ANDed.
+``columns``, ``on_conflict``, and any key whose last dotted part is ``order``, ``limit``, ``offset``,
+``and`` or ``or`` (the dotted prefix names an embedded resource). Every other key is a filter whose value
+reads ``[not.]<operator>[(any|all|<language>)].<value>``. Repeated filters are ANDed.
 
-Errors are 400 ``PGRST100`` with PostgREST's wording where a client might match on it.
+Errors are 400 ``PGRST100`` with PostgREST's wording where a client might match on it. Every list and
+depth is bounded, so no request can make the parser work without limit.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal, cast, get_args
+from typing import Literal, cast
 from urllib.parse import parse_qsl
 
 from gatehouse.errors import ApiError, QueryParseError, RangeNotSatisfiable
-from gatehouse.query.tree import Filter, IsValue, Operator, OrderTerm, ReadQuery, SelectItem
+from gatehouse.query.tree import (
+    IS_VALUES,
+    OPERATORS,
+    QUANTIFIABLE,
+    Arrow,
+    ColumnItem,
+    Condition,
+    EmbedItem,
+    Field,
+    Filter,
+    Level,
+    Logic,
+    OrderTerm,
+    ReadQuery,
+    SelectItem,
+    StarItem,
+)
 
-OPERATORS: frozenset[str] = frozenset(get_args(Operator))
-IS_VALUES: frozenset[str] = frozenset(get_args(IsValue))
-RESERVED = frozenset({"select", "order", "limit", "offset", "columns", "on_conflict"})
-NOT_YET = frozenset({"and", "or", "not.and", "not.or"})
-UNQUOTED_NAME = re.compile(r"^[^,.:*()\"]+$")
+RESERVED = frozenset({"select", "columns", "on_conflict"})
+LEVEL_KEYS = frozenset({"order", "limit", "offset"})
 MAX_LIST_ITEMS = 1000
-MAX_FILTERS = 100
+MAX_CONDITIONS = 200
+MAX_DEPTH = 8
+MAX_SELECT_ITEMS = 300
+TYPE_NAME = re.compile(r"^[a-z_][a-z0-9_]*( [a-z_][a-z0-9_]*)*(\([0-9]{1,4}(,[0-9]{1,4})?\))?(\[\])*$")
+_NAME_STOP = set(',.:*()"!{}')
 
 
-def _unquote_name(raw: str, what: str) -> str:
-    text = raw.strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        return re.sub(r"\\(.)", r"\1", text[1:-1])
-    if not text or not UNQUOTED_NAME.match(text):
-        raise QueryParseError(f'"failed to parse {what}" ({raw})',
-                              details=f"unexpected {raw!r}: expected a column name",
-                              hint='Quote names that contain , . : * ( ) with double quotes')
-    return text
+class _Cursor:
+    """A position in one parameter's text, with the helpers the small grammars below share."""
+
+    def __init__(self, text: str, what: str) -> None:
+        self.text, self.pos, self.what = text, 0, what
+
+    def error(self, expected: str) -> QueryParseError:
+        found = repr(self.text[self.pos]) if self.pos < len(self.text) else "end of input"
+        return QueryParseError(
+            f'"failed to parse {self.what} ({self.text})" (line 1, column {self.pos + 1})',
+            details=f"unexpected {found} expecting {expected}",
+        )
+
+    def peek(self, token: str) -> bool:
+        return self.text.startswith(token, self.pos)
+
+    def take(self, token: str) -> bool:
+        if self.peek(token):
+            self.pos += len(token)
+            return True
+        return False
+
+    def expect(self, token: str) -> None:
+        if not self.take(token):
+            raise self.error(repr(token))
+
+    def skip_spaces(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] == " ":
+            self.pos += 1
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def name(self) -> str:
+        """An identifier: double-quoted (backslash escapes), or a run without reserved characters."""
+        if self.take('"'):
+            out: list[str] = []
+            while not self.done and self.text[self.pos] != '"':
+                if self.text[self.pos] == "\\" and self.pos + 1 < len(self.text):
+                    self.pos += 1
+                out.append(self.text[self.pos])
+                self.pos += 1
+            self.expect('"')
+            return "".join(out)
+        start = self.pos
+        while not self.done:
+            char = self.text[self.pos]
+            if char in _NAME_STOP or (char == "-" and self.text.startswith("->", self.pos)):
+                break
+            self.pos += 1
+        name = self.text[start:self.pos].strip()
+        if not name:
+            self.pos = start
+            raise self.error("a column or relation name")
+        return name
+
+    def field(self) -> Field:
+        column = self.name()
+        path: list[tuple[Arrow, str]] = []
+        while self.peek("->"):
+            arrow: Arrow = "->>" if self.take("->>") else "->"
+            if arrow == "->":
+                self.expect("->")
+            if self.take("-"):
+                path.append((arrow, "-" + self._digits()))
+            else:
+                path.append((arrow, self.name()))
+            if len(path) > MAX_DEPTH:
+                raise QueryParseError("JSON path too deep", details=f"at most {MAX_DEPTH} steps")
+        return Field(column, tuple(path))
+
+    def _digits(self) -> str:
+        match = re.match(r"[0-9]+", self.text[self.pos:])
+        if match is None:
+            raise self.error("digits")
+        self.pos += match.end()
+        return match.group(0)
 
 
-def split_list(text: str) -> list[str]:
-    """Split on top-level commas, keeping double-quoted parts (with backslash escapes) whole."""
-    items: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    for char in text:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\" and quoted:
-            current.append(char)
-            escaped = True
-        elif char == '"':
-            current.append(char)
-            quoted = not quoted
-        elif char == "," and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if quoted:
-        raise QueryParseError('"failed to parse list" (unterminated quote)', details="a \" is not closed")
-    items.append("".join(current))
-    return items
+# --- select ------------------------------------------------------------------------------------
 
 
-def _in_values(raw: str) -> tuple[str, ...]:
+def _select_items(cursor: _Cursor, depth: int) -> tuple[SelectItem, ...]:
+    if depth > MAX_DEPTH:
+        raise QueryParseError("select nests too deep", details=f"at most {MAX_DEPTH} levels of embedding")
+    items: list[SelectItem] = []
+    while True:
+        cursor.skip_spaces()
+        if cursor.peek(")") or cursor.done:
+            break
+        items.append(_select_item(cursor, depth))
+        if len(items) > MAX_SELECT_ITEMS:
+            raise QueryParseError("too many select items", details=f"at most {MAX_SELECT_ITEMS}")
+        cursor.skip_spaces()
+        if not cursor.take(","):
+            break
+    return tuple(items)
+
+
+def _select_item(cursor: _Cursor, depth: int) -> SelectItem:
+    if cursor.take("*"):
+        return StarItem()
+    if cursor.peek("..."):
+        raise ApiError("Feature not implemented", code="PGRST127", details="spread embeds (...) are not supported")
+    alias: str | None = None
+    start = cursor.pos
+    first = cursor.name()
+    if cursor.peek(":") and not cursor.peek("::"):
+        cursor.expect(":")
+        alias = first
+        start = cursor.pos
+    else:
+        cursor.pos = start
+    name_start = cursor.pos
+    relation = cursor.name()
+    hints: list[str] = []
+    while cursor.take("!"):
+        hints.append(cursor.name())
+    if cursor.take("("):
+        inner = "inner" in hints
+        named = [h for h in hints if h not in ("inner", "left")]
+        if len(named) > 1:
+            raise cursor.error("one !hint")
+        items = _select_items(cursor, depth + 1)
+        cursor.expect(")")
+        return EmbedItem(relation, alias, named[0] if named else None, inner, items)
+    if hints:
+        raise cursor.error("'(' after an embed hint")
+    cursor.pos = name_start
+    del start
+    field = cursor.field()
+    type_name: str | None = None
+    if cursor.take("::"):
+        type_start = cursor.pos
+        while not cursor.done and cursor.text[cursor.pos] not in ",)":
+            cursor.pos += 1
+        type_name = cursor.text[type_start:cursor.pos].strip().lower()
+        if not TYPE_NAME.match(type_name):
+            raise QueryParseError(f'"failed to parse select ({cursor.text})"',
+                                  details=f"{type_name!r} is not a type name")
+    return ColumnItem(field, alias, type_name)
+
+
+def parse_select(raw: str) -> tuple[SelectItem, ...]:
+    cursor = _Cursor(raw, "select")
+    items = _select_items(cursor, 0)
+    cursor.skip_spaces()
+    if not cursor.done:
+        raise cursor.error('"," or end of input')
+    return items or (StarItem(),)
+
+
+# --- filters and logic trees ---------------------------------------------------------------------
+
+
+def _list_values(raw: str, what: str) -> tuple[str, ...]:
+    """``(a,"b,c",d)`` → values; quotes group and are removed, backslash escapes inside quotes."""
     if not (raw.startswith("(") and raw.endswith(")")):
-        raise QueryParseError(f'"failed to parse filter (in.{raw})"',
-                              details="the in operator takes a list: in.(1,2,3)")
+        raise QueryParseError(f'"failed to parse {what} ({raw})"', details="expecting a list: (a,b,c)")
     body = raw[1:-1]
     if body == "":
         return ()
     values: list[str] = []
-    for item in split_list(body):
-        if len(item) >= 2 and item[0] == '"' and item[-1] == '"':
-            values.append(re.sub(r"\\(.)", r"\1", item[1:-1]))
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(body):
+        char = body[i]
+        if quoted and char == "\\" and i + 1 < len(body):
+            current.append(body[i + 1])
+            i += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            values.append("".join(current))
+            current = []
         else:
-            values.append(item)
+            current.append(char)
+        i += 1
+    if quoted:
+        raise QueryParseError(f'"failed to parse {what} ({raw})"', details='a " is not closed')
+    values.append("".join(current))
     if len(values) > MAX_LIST_ITEMS:
-        raise QueryParseError("too many values in an in list", details=f"at most {MAX_LIST_ITEMS} values")
+        raise QueryParseError("too many values in a list", details=f"at most {MAX_LIST_ITEMS}")
     return tuple(values)
 
 
-def parse_filter(column: str, raw: str) -> Filter:
+def _operation(field: Field, raw: str, what: str) -> Filter:
+    """``[not.]op[(modifier)].value`` applied to ``field``."""
     negated = raw.startswith("not.")
     text = raw[4:] if negated else raw
-    operator, dot, value = text.partition(".")
-    if not dot or operator not in OPERATORS:
+    match = re.match(r"^([a-z]+)(?:\(([A-Za-z_][A-Za-z0-9_]*)\))?\.", text)
+    if match is None or match.group(1) not in OPERATORS:
         raise QueryParseError(
-            f'"failed to parse filter ({raw})" (line 1, column 1)',
-            details=f'unexpected "{raw[:1]}" expecting "not" or operator ({", ".join(sorted(OPERATORS))})',
+            f'"failed to parse {what} ({raw})" (line 1, column 1)',
+            details=f'unexpected "{raw[:1]}" expecting "not" or operator (eq, gt, ...)',
         )
-    name = _unquote_name(column, "filter")
+    operator, modifier = match.group(1), match.group(2)
+    value = text[match.end():]
+    quantifier: Literal["any", "all"] | None = None
+    language: str | None = None
+    if modifier is not None:
+        if operator.endswith("fts"):
+            language = modifier
+        elif modifier in ("any", "all") and operator in QUANTIFIABLE:
+            quantifier = cast(Literal["any", "all"], modifier)
+        else:
+            raise QueryParseError(f'"failed to parse {what} ({raw})"',
+                                  details=f"({modifier}) cannot modify {operator}")
     if operator == "in":
-        return Filter(name, "in", _in_values(value), negated)
+        return Filter(field, "in", _list_values(value, what), negated)
     if operator == "is":
-        lowered = value.lower()
-        if lowered not in IS_VALUES:
-            raise QueryParseError(f'"failed to parse filter ({raw})"',
+        if value.lower() not in IS_VALUES:
+            raise QueryParseError(f'"failed to parse {what} ({raw})"',
                                   details="is takes one of: null, not_null, true, false, unknown")
-        return Filter(name, "is", lowered, negated)
+        return Filter(field, "is", value.lower(), negated)
     if operator in ("like", "ilike"):
         value = value.replace("*", "%")
-    return Filter(name, cast(Operator, operator), value, negated)
+    return Filter(field, operator, value, negated, quantifier, language)
 
 
-def parse_select(raw: str) -> tuple[SelectItem, ...] | None:
-    if raw.strip() in ("", "*"):
-        return None
-    items: list[SelectItem] = []
-    for part in split_list(raw):
-        if part.strip() == "*":
-            raise QueryParseError('"failed to parse select"', details="* cannot be mixed with other columns yet")
-        alias: str | None = None
-        if ":" in part and not part.strip().startswith('"'):
-            alias_raw, _, part = part.partition(":")
-            alias = _unquote_name(alias_raw, "select")
-        items.append(SelectItem(_unquote_name(part, "select"), alias))
-    return tuple(items)
+def parse_filter(key_field: str, raw: str) -> Filter:
+    cursor = _Cursor(key_field, "filter")
+    field = cursor.field()
+    if not cursor.done:
+        raise cursor.error("end of the column name")
+    return _operation(field, raw, "filter")
 
 
-def _name_and_modifiers(part: str) -> tuple[str, list[str]]:
-    """``name.mod.mod`` → (name, mods); a double-quoted name may itself contain dots."""
-    if part.startswith('"'):
-        match = re.match(r'^"(?:[^"\\]|\\.)*"', part)
-        if match is None:
-            raise QueryParseError('"failed to parse order"', details='a " is not closed')
-        return match.group(0), [m for m in part[match.end():].split(".") if m]
-    name, *modifiers = part.split(".")
-    return name, modifiers
+def _logic_value_end(text: str, start: int) -> int:
+    """End of a value inside and(...)/or(...): the next top-level ',' or ')', quotes and braces taken whole."""
+    depth_paren = depth_brace = 0
+    quoted = False
+    i = start
+    while i < len(text):
+        char = text[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "{":
+            depth_brace += 1
+        elif char == "}":
+            depth_brace -= 1
+        elif char == "(":
+            depth_paren += 1
+        elif char == ")":
+            if depth_paren == 0 and depth_brace == 0:
+                return i
+            depth_paren -= 1
+        elif char == "," and depth_paren == 0 and depth_brace == 0:
+            return i
+        i += 1
+    return i
 
 
-def parse_order(raw: str) -> tuple[OrderTerm, ...]:
-    terms: list[OrderTerm] = []
-    for part in split_list(raw):
-        column, modifiers = _name_and_modifiers(part)
-        descending = False
-        nulls: Literal["first", "last"] | None = None
-        for modifier in modifiers:
-            if modifier in ("asc", "desc"):
-                descending = modifier == "desc"
-            elif modifier in ("nullsfirst", "nullslast"):
-                nulls = "first" if modifier == "nullsfirst" else "last"
-            else:
-                raise QueryParseError(
-                    f'"failed to parse order ({raw})"',
-                    details=f"unexpected {modifier!r}: expecting asc, desc, nullsfirst or nullslast",
-                )
-        terms.append(OrderTerm(_unquote_name(column, "order"), descending, nulls))
-    return tuple(terms)
-
-
-def _integer(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise QueryParseError(f'"failed to parse {name}" ({raw})', details=f"{name} must be an integer") from None
+def _unquote_value(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
     return value
 
 
-def parse_read(query_string: str) -> ReadQuery:
-    select: tuple[SelectItem, ...] | None = None
-    filters: list[Filter] = []
-    order: tuple[OrderTerm, ...] = ()
-    limit: int | None = None
-    offset = 0
-    names: list[str] = []
+def _logic_children(cursor: _Cursor, depth: int, budget: list[int]) -> tuple[Condition, ...]:
+    if depth > MAX_DEPTH:
+        raise QueryParseError("logic tree too deep", details=f"at most {MAX_DEPTH} levels")
+    cursor.expect("(")
+    children: list[Condition] = []
+    while True:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise QueryParseError("too many conditions", details=f"at most {MAX_CONDITIONS} per request")
+        cursor.skip_spaces()
+        negated = cursor.peek("not.and(") or cursor.peek("not.or(")
+        if negated:
+            cursor.expect("not.")
+        group = next((g for g in ("and", "or") if cursor.peek(g + "(")), None)
+        if group is not None:
+            cursor.expect(group)
+            children.append(Logic(cast(Literal["and", "or"], group), _logic_children(cursor, depth + 1, budget),
+                                  negated))
+        else:
+            field = cursor.field()
+            cursor.expect(".")
+            end = _logic_value_end(cursor.text, cursor.pos)
+            operation = cursor.text[cursor.pos:end]
+            cursor.pos = end
+            parsed = _operation(field, operation, "logic tree")
+            if isinstance(parsed.value, str) and parsed.operator != "is":
+                parsed = Filter(parsed.field, parsed.operator, _unquote_value(parsed.value), parsed.negated,
+                                parsed.quantifier, parsed.language)
+            children.append(parsed)
+        if cursor.take(")"):
+            return tuple(children)
+        cursor.expect(",")
+
+
+def parse_logic(operator: Literal["and", "or"], raw: str, negated: bool, budget: list[int]) -> Logic:
+    cursor = _Cursor(raw, "logic tree")
+    children = _logic_children(cursor, 0, budget)
+    if not cursor.done:
+        raise cursor.error("end of input")
+    return Logic(operator, children, negated)
+
+
+# --- order, limit, offset --------------------------------------------------------------------------
+
+
+def parse_order(raw: str) -> tuple[OrderTerm, ...]:
+    cursor = _Cursor(raw, "order")
+    terms: list[OrderTerm] = []
+    while True:
+        cursor.skip_spaces()
+        relation: str | None = None
+        start = cursor.pos
+        name = cursor.name()
+        if cursor.take("("):
+            relation = name
+            field = cursor.field()
+            cursor.expect(")")
+        else:
+            cursor.pos = start
+            field = cursor.field()
+        descending = False
+        nulls: Literal["first", "last"] | None = None
+        while cursor.take("."):
+            if cursor.take("asc"):
+                descending = False
+            elif cursor.take("desc"):
+                descending = True
+            elif cursor.take("nullsfirst"):
+                nulls = "first"
+            elif cursor.take("nullslast"):
+                nulls = "last"
+            else:
+                raise cursor.error('"asc", "desc", "nullsfirst" or "nullslast"')
+        terms.append(OrderTerm(field, descending, nulls, relation))
+        if cursor.done:
+            return tuple(terms)
+        if not cursor.take(","):
+            raise cursor.error('"," or end of input')
+
+
+def _integer(name: str, raw: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,18}", raw.strip()):
+        raise QueryParseError(f'"failed to parse {name}" ({raw})', details=f"{name} must be an integer")
+    return int(raw)
+
+
+def _key(key: str) -> tuple[tuple[str, ...], Field]:
+    """``a.b.col->x`` → (("a", "b"), Field("col", ...)): the embed path, then the field it names."""
+    cursor = _Cursor(key, "parameter")
+    path: list[str] = []
+    while True:
+        field = cursor.field()
+        if field.json_path or not cursor.take("."):
+            break
+        path.append(field.column)
+        if len(path) > MAX_DEPTH:
+            raise QueryParseError("embed path too deep", details=f"at most {MAX_DEPTH} levels")
+    if not cursor.done:
+        raise cursor.error("end of the parameter name")
+    return tuple(path), field
+
+
+def _level_parameter(level: Level, name: str, value: str) -> None:
+    if name == "order":
+        level.order = parse_order(value)
+    elif name == "limit":
+        limit = _integer("limit", value)
+        if limit < 0:
+            raise RangeNotSatisfiable("Requested range not satisfiable",
+                                      details="Limit should be greater than or equal to zero.")
+        level.limit = limit
+    else:
+        level.offset = max(0, _integer("offset", value))
+
+
+def _names(value: str, what: str) -> tuple[str, ...]:
+    if not value.strip():
+        raise QueryParseError(f'"failed to parse {what}"', details=f"{what}= needs at least one column")
+    return tuple(_Cursor(part.strip(), what).name() for part in _split_top(value))
+
+
+def parse_query(query_string: str) -> ReadQuery:
+    query = ReadQuery()
+    budget = [MAX_CONDITIONS]
     for key, value in parse_qsl(query_string, keep_blank_values=True):
-        names.append(key)
-        if key == "select":
-            select = parse_select(value)
-        elif key == "order":
-            order = parse_order(value)
-        elif key == "limit":
-            limit = _integer("limit", value)
-            if limit < 0:
-                raise RangeNotSatisfiable("Requested range not satisfiable",
-                                          details="Limit should be greater than or equal to zero.")
-        elif key == "offset":
-            offset = max(0, _integer("offset", value))
-        elif key in ("apikey", "api_key"):
+        if key in ("apikey", "api_key"):
             raise ApiError("API keys are not accepted in the URL", code="GH400",
                            hint="URLs end up in logs and browser history: send the key in the 'apikey' header")
-        elif key in RESERVED:
-            continue
-        elif key in NOT_YET or "." in key:
-            raise ApiError("Feature not implemented", code="PGRST127",
-                           details=f"'{key}' (logical trees and embedded resources) is not supported yet")
-        elif value != "":
-            filters.append(parse_filter(key, value))
-    if len(filters) > MAX_FILTERS:
-        raise QueryParseError("too many filters", details=f"at most {MAX_FILTERS} filters per request")
-    return ReadQuery(select=select, filters=tuple(filters), order=order, limit=limit, offset=offset,
-                     params=tuple(names))
+        if key == "select":
+            query.select = parse_select(value)
+        elif key == "columns":
+            query.columns = _names(value, "columns")
+        elif key == "on_conflict":
+            query.on_conflict = _names(value, "on_conflict")
+        else:
+            path, field = _key(key)
+            last = field.column if not field.json_path else ""
+            negated = bool(path) and path[-1] == "not" and last in ("and", "or")
+            level = query.level(path[:-1] if negated else path)
+            if last in LEVEL_KEYS:
+                _level_parameter(level, last, value)
+            elif last in ("and", "or"):
+                level.where.append(parse_logic(cast(Literal["and", "or"], last), value, negated, budget))
+            elif value != "":
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise QueryParseError("too many filters", details=f"at most {MAX_CONDITIONS} per request")
+                level.where.append(_operation(field, value, "filter"))
+    return query
+
+
+def _split_top(text: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts

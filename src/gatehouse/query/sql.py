@@ -1,23 +1,49 @@
 """Query tree → one SQL statement that returns the response body, built by PostgreSQL.
 
-Identifiers come only from the contract's catalog entry (a name the caller sends is looked up there and
-the catalog's spelling is quoted); every value, limit and offset is a bound parameter. So the SQL text
-depends only on the *shape* of the query, and asyncpg reuses one prepared statement per shape.
+Identifiers come only from the schema cache (a name the caller sends is looked up there and the cache's
+spelling is quoted); every value, JSON key, limit and offset is a bound parameter; a cast's type name has
+passed a strict pattern. So the SQL text depends only on the *shape* of the query, and asyncpg reuses
+one prepared statement per shape.
 
-The statement returns two columns: the JSON array as text (``json_agg``, so no per-row Python objects
-exist) and the number of rows in it.
+Every value is bound as text and cast to the column's type inside SQL (``$1::text::integer``), so
+PostgreSQL parses it exactly as PostgREST has it do, and a malformed value is a clear 400 from
+PostgreSQL's own input functions.
+
+Embeds are correlated scalar subqueries in the select list: ``row_to_json`` for to-one (``null`` when
+missing), ``json_agg`` for to-many (``[]`` when empty). ``!inner`` and ``rel=not.is.null`` become
+``EXISTS`` on the parent; ``rel=is.null`` becomes ``NOT EXISTS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gatehouse.contracts.relations import Relation
 from gatehouse.db.catalog import ViewShape
-from gatehouse.errors import ApiError
-from gatehouse.query.tree import Filter, ReadQuery
+from gatehouse.errors import ApiError, QueryParseError
+from gatehouse.query.tree import (
+    ColumnItem,
+    Condition,
+    EmbedItem,
+    Field,
+    Filter,
+    Level,
+    Logic,
+    OrderTerm,
+    ReadQuery,
+    SelectItem,
+    StarItem,
+)
+from gatehouse.schema_cache import ApiSchema
 
-COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=",
-               "like": "LIKE", "ilike": "ILIKE"}
+SQL_OPERATORS = {
+    "eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "like": "LIKE", "ilike": "ILIKE",
+    "match": "~", "imatch": "~*", "isdistinct": "IS DISTINCT FROM", "cs": "@>", "cd": "<@", "ov": "&&",
+    "sl": "<<", "sr": ">>", "nxr": "&<", "nxl": "&>", "adj": "-|-",
+}
+TEXT_OPERATORS = frozenset({"like", "ilike", "match", "imatch"})
+TSQUERY = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phraseto_tsquery",
+           "wfts": "websearch_to_tsquery"}
 IS_SQL = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
 
 
@@ -31,60 +57,258 @@ class CompiledQuery:
     params: list[object] = field(default_factory=list)
 
 
-class _Binder:
-    def __init__(self) -> None:
+@dataclass(slots=True)
+class _Scope:
+    """One FROM item: a contract's view under a unique alias, at one embed path."""
+
+    contract: str
+    shape: ViewShape
+    alias: str
+    path: tuple[str, ...]
+
+
+class ReadCompiler:
+    """Compiles reads of one app in one API version; embeds only reach contracts in ``readable``."""
+
+    def __init__(self, schema: ApiSchema, readable: frozenset[str], max_rows: int) -> None:
+        self.schema = schema
+        self.readable = readable
+        self.max_rows = max_rows
         self.params: list[object] = []
+        self._aliases = 0
+        self._used_levels: set[tuple[str, ...]] = set()
+        self.output_names: list[str] = []
+
+    # -- entry points ------------------------------------------------------------------------------
+
+    def read(self, contract: str, query: ReadQuery, *, exact_count: bool = False) -> CompiledQuery:
+        """The page of rows as a JSON array, its length and, when asked, the filtered total."""
+        scope = self._scope(contract, ())
+        level = query.top
+        projection = self._projection(scope, query.select, query)
+        self.output_names = self._output_names(scope, query.select)
+        where = self._where(scope, level, query)
+        from_clause = f"{self._view(scope)} AS {scope.alias}"
+        inner = f"SELECT {projection} FROM {from_clause}{where}{self._order(scope, level)}{self._limit(level)}"
+        self._check_levels(query)
+        total = f", (SELECT count(*) FROM {from_clause}{where})" if exact_count else ""
+        sql = f"SELECT coalesce(json_agg(_gh_row), '[]')::text, count(*){total} FROM ({inner}) AS _gh_row"
+        return CompiledQuery(sql, self.params)
+
+    def filtered(self, contract: str, query: ReadQuery) -> CompiledQuery:
+        """The rows the filters select, without paging: what ``count=planned`` asks the planner about."""
+        scope = self._scope(contract, ())
+        where = self._where(scope, query.top, query)
+        return CompiledQuery(f"SELECT 1 FROM {self._view(scope)} AS {scope.alias}{where}", self.params)
+
+    # -- building blocks ------------------------------------------------------------------------------
 
     def bind(self, value: object) -> str:
         self.params.append(value)
         return f"${len(self.params)}"
 
+    def _scope(self, contract: str, path: tuple[str, ...]) -> _Scope:
+        shape = self.schema.shapes[contract]
+        alias = f"_gh_{self._aliases}"
+        self._aliases += 1
+        return _Scope(contract, shape, alias, path)
 
-def _column(shape: ViewShape, name: str, contract: str) -> str:
-    if name not in shape.columns:
-        raise ApiError(f"column {contract}.{name} does not exist", code="42703", status=400,
-                       hint=f"Columns of {contract}: {', '.join(shape.columns)}")
-    return quote_ident(name)
+    @staticmethod
+    def _view(scope: _Scope) -> str:
+        return f"{quote_ident(scope.shape.schema)}.{quote_ident(scope.shape.name)}"
 
+    def _column(self, scope: _Scope, name: str) -> str:
+        if name not in scope.shape.columns:
+            raise ApiError(f"column {scope.contract}.{name} does not exist", code="42703", status=400,
+                           hint=f"Columns of {scope.contract}: {', '.join(scope.shape.columns)}")
+        return f"{scope.alias}.{quote_ident(name)}"
 
-def _condition(flt: Filter, shape: ViewShape, contract: str, binder: _Binder) -> str:
-    column = _column(shape, flt.column, contract)
-    column_type = shape.columns[flt.column]
-    if flt.operator == "is":
-        assert isinstance(flt.value, str)
-        sql = f"{column} IS {IS_SQL[flt.value]}"
-    elif flt.operator == "in":
-        sql = f"{column} = ANY({binder.bind(list(flt.value))}::text[]::{column_type}[])"
-    elif flt.operator in ("like", "ilike"):
-        sql = f"{column} {COMPARISONS[flt.operator]} {binder.bind(flt.value)}::text"
-    else:
-        sql = f"{column} {COMPARISONS[flt.operator]} {binder.bind(flt.value)}::text::{column_type}"
-    return f"NOT ({sql})" if flt.negated else sql
+    def _field(self, scope: _Scope, fld: Field) -> tuple[str, str]:
+        """SQL of a field and its type (for casting values compared with it)."""
+        sql = self._column(scope, fld.column)
+        column_type = scope.shape.columns[fld.column]
+        for arrow, key in fld.json_path:
+            index = key.lstrip("-").isdigit()
+            sql = f"({sql} {arrow} {self.bind(int(key) if index else key)}::{'int' if index else 'text'})"
+            column_type = "text" if arrow == "->>" else ("jsonb" if column_type.startswith("jsonb") else "json")
+        return sql, column_type
 
+    # -- select ----------------------------------------------------------------------------------------
 
-def compile_read(query: ReadQuery, shape: ViewShape, contract: str, max_rows: int) -> CompiledQuery:
-    binder = _Binder()
-    if query.select is None:
-        projection = ", ".join(quote_ident(c) for c in shape.columns)
-    else:
-        projection = ", ".join(
-            _column(shape, item.column, contract)
-            + (f" AS {quote_ident(item.alias)}" if item.alias else "")
-            for item in query.select
+    def _projection(self, scope: _Scope, items: tuple[SelectItem, ...], query: ReadQuery) -> str:
+        parts: list[str] = []
+        for item in items:
+            if isinstance(item, StarItem):
+                parts.extend(f"{self._column(scope, c)} AS {quote_ident(c)}" for c in scope.shape.columns)
+            elif isinstance(item, ColumnItem):
+                sql, _ = self._field(scope, item.field)
+                if item.cast:
+                    sql = f"CAST({sql} AS {item.cast})"
+                parts.append(f"{sql} AS {quote_ident(item.output_name)}")
+            elif item.items:
+                parts.append(f"{self._embed(scope, item, query)} AS {quote_ident(item.output_name)}")
+        if not parts:
+            raise QueryParseError('"failed to parse select"', details="select names no column to return")
+        return ", ".join(parts)
+
+    @staticmethod
+    def _output_names(scope: _Scope, items: tuple[SelectItem, ...]) -> list[str]:
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, StarItem):
+                names.extend(scope.shape.columns)
+            elif isinstance(item, ColumnItem) or item.items:
+                names.append(item.output_name)
+        return names
+
+    def _relation(self, scope: _Scope, item: EmbedItem) -> Relation:
+        candidates = [r for r in self.schema.relations_from(scope.contract)
+                      if r.target == item.relation and r.target in self.readable]
+        if item.hint:
+            candidates = [r for r in candidates if item.hint in (r.name, *r.source_columns, *r.target_columns)]
+        if not candidates:
+            raise ApiError(
+                f"Could not find a relationship between '{scope.contract}' and '{item.relation}' in the schema cache",
+                code="PGRST200", status=400,
+                details=f"Searched for a relationship between '{scope.contract}' and '{item.relation}'"
+                        f"{f' using the hint {item.hint!r}' if item.hint else ''}, but no matches were found.",
+                hint="Relations come from foreign keys between the contracts' tables, or [[relations]] in "
+                     "gatehouse.toml.",
+            )
+        if len(candidates) > 1:
+            options = ", ".join(f"'{item.relation}!{r.name}'" for r in candidates)
+            raise ApiError(f"Could not embed because more than one relationship was found for "
+                           f"'{scope.contract}' and '{item.relation}'", code="PGRST201", status=300,
+                           hint=f"Try changing '{item.relation}' to one of the following: {options}.")
+        return candidates[0]
+
+    def _join(self, parent: _Scope, child: _Scope, relation: Relation) -> str:
+        return " AND ".join(
+            f"{self._column(child, tc)} = {self._column(parent, sc)}"
+            for sc, tc in zip(relation.source_columns, relation.target_columns, strict=True)
         )
-    parts = [f"SELECT {projection} FROM {quote_ident(shape.schema)}.{quote_ident(shape.name)}"]
-    if query.filters:
-        parts.append("WHERE " + " AND ".join(_condition(f, shape, contract, binder) for f in query.filters))
-    if query.order:
-        terms = []
-        for term in query.order:
-            text = _column(shape, term.column, contract) + (" DESC" if term.descending else " ASC")
-            if term.nulls:
-                text += f" NULLS {term.nulls.upper()}"
-            terms.append(text)
-        parts.append("ORDER BY " + ", ".join(terms))
-    limit = max_rows if query.limit is None else min(query.limit, max_rows)
-    parts.append(f"LIMIT {binder.bind(limit)} OFFSET {binder.bind(query.offset)}")
-    inner = " ".join(parts)
-    sql = f"SELECT coalesce(json_agg(_gh_row), '[]')::text, count(*) FROM ({inner}) AS _gh_row"
-    return CompiledQuery(sql=sql, params=binder.params)
+
+    def _embed_level(self, query: ReadQuery, path: tuple[str, ...], relation_name: str) -> Level:
+        for candidate in (path, (*path[:-1], relation_name)):
+            if candidate in query.levels:
+                self._used_levels.add(candidate)
+                return query.levels[candidate]
+        return Level()
+
+    def _embed(self, parent: _Scope, item: EmbedItem, query: ReadQuery) -> str:
+        relation = self._relation(parent, item)
+        child = self._scope(relation.target, (*parent.path, item.output_name))
+        level = self._embed_level(query, child.path, item.relation)
+        projection = self._projection(child, item.items, query)
+        join = self._join(parent, child, relation)
+        where = self._where(child, level, query, extra=[join])
+        body = f"SELECT {projection} FROM {self._view(child)} AS {child.alias}{where}"
+        if relation.to_one:
+            return f"(SELECT row_to_json(_gh_r) FROM ({body} LIMIT 1) AS _gh_r)"
+        body += f"{self._order(child, level)}{self._limit(level)}"
+        return f"(SELECT coalesce(json_agg(_gh_r), '[]') FROM ({body}) AS _gh_r)"
+
+    def _exists(self, parent: _Scope, item: EmbedItem, query: ReadQuery) -> str:
+        """EXISTS over an embed's filtered rows: for !inner and rel=not.is.null."""
+        relation = self._relation(parent, item)
+        child = self._scope(relation.target, (*parent.path, item.output_name))
+        level = self._embed_level(query, child.path, item.relation)
+        where = self._where(child, level, query, extra=[self._join(parent, child, relation)], nested=False)
+        return f"EXISTS (SELECT 1 FROM {self._view(child)} AS {child.alias}{where})"
+
+    # -- where -------------------------------------------------------------------------------------------
+
+    def _embeds_at(self, scope: _Scope, query: ReadQuery) -> dict[str, EmbedItem]:
+        items = query.select
+        for name in scope.path:
+            nested = {i.output_name: i for i in items if isinstance(i, EmbedItem)}
+            nested.update({i.relation: i for i in items if isinstance(i, EmbedItem) and i.relation not in nested})
+            items = nested[name].items if name in nested else ()
+        found = {i.output_name: i for i in items if isinstance(i, EmbedItem)}
+        for item in items:
+            if isinstance(item, EmbedItem):
+                found.setdefault(item.relation, item)
+        return found
+
+    def _where(self, scope: _Scope, level: Level, query: ReadQuery, *, extra: list[str] | None = None,
+               nested: bool = True) -> str:
+        embeds = self._embeds_at(scope, query)
+        conditions = list(extra or [])
+        conditions.extend(self._condition(scope, c, embeds, query) for c in level.where)
+        if nested:
+            conditions.extend(self._exists(scope, e, query) for e in dict.fromkeys(embeds.values()) if e.inner)
+        return f" WHERE {' AND '.join(conditions)}" if conditions else ""
+
+    def _condition(self, scope: _Scope, condition: Condition, embeds: dict[str, EmbedItem],
+                   query: ReadQuery) -> str:
+        if isinstance(condition, Logic):
+            joiner = " AND " if condition.operator == "and" else " OR "
+            inner = joiner.join(self._condition(scope, c, embeds, query) for c in condition.children)
+            return f"NOT ({inner})" if condition.negated else f"({inner})"
+        return self._filter(scope, condition, embeds, query)
+
+    def _filter(self, scope: _Scope, flt: Filter, embeds: dict[str, EmbedItem], query: ReadQuery) -> str:
+        name = flt.field.column
+        if name in embeds and not flt.field.json_path and name not in scope.shape.columns:
+            if flt.operator != "is" or flt.value != "null":
+                raise ApiError(f"Bad operator on the '{name}' embedded resource", code="PGRST120", status=400,
+                               details="Only is null or not is null filters are allowed on embedded resources")
+            exists = self._exists(scope, embeds[name], query)
+            return exists if flt.negated else f"NOT {exists}"
+        column, column_type = self._field(scope, flt.field)
+        sql = self._operation(column, column_type, flt)
+        return f"NOT ({sql})" if flt.negated else sql
+
+    def _operation(self, column: str, column_type: str, flt: Filter) -> str:
+        op = flt.operator
+        if op == "is":
+            return f"{column} IS {IS_SQL[str(flt.value)]}"
+        if op == "in":
+            return f"{column} = ANY({self.bind(list(flt.value))}::text[]::{column_type}[])"
+        value = str(flt.value)
+        if op in TSQUERY:
+            vector = column if column_type == "tsvector" else (
+                f"to_tsvector({self.bind(flt.language)}::regconfig, {column})" if flt.language
+                else f"to_tsvector({column})")
+            language = f"{self.bind(flt.language)}::regconfig, " if flt.language else ""
+            return f"{vector} @@ {TSQUERY[op]}({language}{self.bind(value)})"
+        target = "text" if op in TEXT_OPERATORS else column_type
+        if flt.quantifier:
+            return f"{column} {SQL_OPERATORS[op]} {flt.quantifier.upper()}({self.bind(value)}::text::{target}[])"
+        return f"{column} {SQL_OPERATORS[op]} {self.bind(value)}::text::{target}"
+
+    # -- order, limit -----------------------------------------------------------------------------------
+
+    def _order(self, scope: _Scope, level: Level) -> str:
+        terms: list[str] = []
+        for term in level.order:
+            terms.append(self._order_term(scope, term))
+        return f" ORDER BY {', '.join(terms)}" if terms else ""
+
+    def _order_term(self, scope: _Scope, term: OrderTerm) -> str:
+        if term.relation is None:
+            sql, _ = self._field(scope, term.field)
+        else:
+            item = EmbedItem(term.relation)
+            relation = self._relation(scope, item)
+            if not relation.to_one:
+                raise ApiError(f"A related order on '{term.relation}' is not possible", code="PGRST118",
+                               status=400, details="Only to-one embedded resources can order their parent")
+            child = self._scope(relation.target, (*scope.path, term.relation))
+            value, _ = self._field(child, term.field)
+            sql = (f"(SELECT {value} FROM {self._view(child)} AS {child.alias} "
+                   f"WHERE {self._join(scope, child, relation)} LIMIT 1)")
+        text = sql + (" DESC" if term.descending else " ASC")
+        return text + (f" NULLS {term.nulls.upper()}" if term.nulls else "")
+
+    def _limit(self, level: Level) -> str:
+        limit = self.max_rows if level.limit is None else min(level.limit, self.max_rows)
+        return f" LIMIT {self.bind(limit)} OFFSET {self.bind(level.offset)}"
+
+    def _check_levels(self, query: ReadQuery) -> None:
+        for path, level in query.levels.items():
+            if path and path not in self._used_levels and (level.where or level.order or level.limit is not None
+                                                             or level.offset):
+                raise ApiError(f"'{path[-1]}' is not an embedded resource in this request", code="PGRST108",
+                               status=400, hint=f"Verify that '{path[-1]}' is included in the 'select' query "
+                                                "parameter.")

@@ -1,50 +1,130 @@
 """The query tree: what a request asks for, after parsing and before SQL.
 
 Names in the tree are still the caller's words; :mod:`gatehouse.query.sql` checks each one against the
-contract's columns before any of them reaches SQL, and every value stays a bound parameter.
+contract's columns (and the app's readable relations) before any of them reaches SQL, and every value
+stays a bound parameter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
-Operator = Literal["eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is"]
-IsValue = Literal["null", "not_null", "true", "false", "unknown"]
+Arrow = Literal["->", "->>"]
+Quantifier = Literal["any", "all"]
+
+COMPARISON_OPERATORS = ("eq", "neq", "gt", "gte", "lt", "lte")
+PATTERN_OPERATORS = ("like", "ilike", "match", "imatch")
+FTS_OPERATORS = ("fts", "plfts", "phfts", "wfts")
+RANGE_OPERATORS = ("cs", "cd", "ov", "sl", "sr", "nxr", "nxl", "adj")
+OPERATORS = frozenset(
+    (*COMPARISON_OPERATORS, *PATTERN_OPERATORS, *FTS_OPERATORS, *RANGE_OPERATORS, "in", "is", "isdistinct")
+)
+QUANTIFIABLE = frozenset((*COMPARISON_OPERATORS, *PATTERN_OPERATORS)) - {"neq"}
+IS_VALUES = frozenset({"null", "not_null", "true", "false", "unknown"})
 
 
 @dataclass(frozen=True, slots=True)
-class SelectItem:
+class Field:
+    """A column, maybe followed by a JSON path: ``data->a->>b`` is ``Field("data", (("->","a"),("->>","b")))``."""
+
     column: str
+    json_path: tuple[tuple[Arrow, str], ...] = ()
+
+    @property
+    def default_name(self) -> str:
+        """PostgREST names a JSON-path output after its last key."""
+        return self.json_path[-1][1] if self.json_path else self.column
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnItem:
+    field: Field
     alias: str | None = None
+    cast: str | None = None
 
     @property
     def output_name(self) -> str:
-        return self.alias or self.column
+        return self.alias or self.field.default_name
+
+
+@dataclass(frozen=True, slots=True)
+class StarItem:
+    """``*``: every column of the contract."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedItem:
+    relation: str
+    alias: str | None = None
+    hint: str | None = None
+    inner: bool = False
+    items: tuple[SelectItem, ...] = ()
+    """Empty means ``rel()``: used for filtering only, not shown."""
+
+    @property
+    def output_name(self) -> str:
+        return self.alias or self.relation
+
+
+SelectItem: TypeAlias = ColumnItem | StarItem | EmbedItem
 
 
 @dataclass(frozen=True, slots=True)
 class Filter:
-    column: str
-    operator: Operator
+    field: Field
+    operator: str
     value: str | tuple[str, ...]
     negated: bool = False
+    quantifier: Quantifier | None = None
+    language: str | None = None
+    """The text-search configuration of fts/plfts/phfts/wfts, e.g. ``fts(english)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Logic:
+    operator: Literal["and", "or"]
+    children: tuple[Condition, ...]
+    negated: bool = False
+
+
+Condition: TypeAlias = Filter | Logic
 
 
 @dataclass(frozen=True, slots=True)
 class OrderTerm:
-    column: str
+    field: Field
     descending: bool = False
     nulls: Literal["first", "last"] | None = None
+    relation: str | None = None
+    """Order by a column of a to-one embed: ``order=rel(col).desc``."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReadQuery:
-    select: tuple[SelectItem, ...] | None = None
-    """None means every column of the contract (``select`` absent or ``*``)."""
-    filters: tuple[Filter, ...] = ()
+@dataclass(slots=True)
+class Level:
+    """The modifiers of one level of the response: the top, or one embed path (``rel``, ``rel.sub``)."""
+
+    where: list[Condition] = field(default_factory=list)
     order: tuple[OrderTerm, ...] = ()
     limit: int | None = None
     offset: int = 0
-    params: tuple[str, ...] = field(default=(), compare=False)
-    """The raw parameter names seen, for logs and audit (never the values)."""
+
+
+@dataclass(slots=True)
+class ReadQuery:
+    select: tuple[SelectItem, ...] = (StarItem(),)
+    levels: dict[tuple[str, ...], Level] = field(default_factory=lambda: {(): Level()})
+    """Keyed by embed path; ``()`` is the top level."""
+    columns: tuple[str, ...] | None = None
+    """``columns=`` of a write."""
+    on_conflict: tuple[str, ...] | None = None
+
+    @property
+    def top(self) -> Level:
+        return self.levels[()]
+
+    def level(self, path: tuple[str, ...]) -> Level:
+        found = self.levels.get(path)
+        if found is None:
+            found = self.levels[path] = Level()
+        return found

@@ -1,0 +1,127 @@
+"""The request headers PostgREST clients use to shape a response: ``Accept``, ``Prefer`` and ``Range``.
+
+``Prefer`` follows PostgREST: several headers and comma-separated values are accepted, the first
+occurrence of each preference wins, and unknown ones are ignored unless ``handling=strict`` (then 400
+``PGRST122``). ``Preference-Applied`` lists, in PostgREST's fixed order, the ones that took effect.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from starlette.datastructures import Headers
+
+from gatehouse.errors import ApiError, NotAcceptable, RangeNotSatisfiable
+
+Format = Literal["json", "object", "csv", "openapi"]
+MEDIA_TYPES: dict[str, Format] = {
+    "application/json": "json",
+    "application/*": "json",
+    "*/*": "json",
+    "application/vnd.pgrst.object+json": "object",
+    "application/vnd.pgrst.object": "object",
+    "application/vnd.pgrst.array+json": "json",
+    "text/csv": "csv",
+    "text/*": "csv",
+    "application/openapi+json": "openapi",
+}
+CONTENT_TYPES: dict[Format, str] = {
+    "json": "application/json; charset=utf-8",
+    "object": "application/vnd.pgrst.object+json; charset=utf-8",
+    "csv": "text/csv; charset=utf-8",
+    "openapi": "application/openapi+json; charset=utf-8",
+}
+PREFERENCE_VALUES = {
+    "return": {"minimal", "headers-only", "representation"},
+    "count": {"exact", "planned", "estimated"},
+    "resolution": {"merge-duplicates", "ignore-duplicates"},
+    "missing": {"default", "null"},
+    "handling": {"lenient", "strict"},
+    "tx": {"commit", "rollback"},
+}
+APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected")
+
+
+def response_format(accept: str | None, allowed: tuple[Format, ...] = ("json", "object", "csv")) -> Format:
+    """The first acceptable media type by q-value then order; absent means JSON."""
+    if not accept or not accept.strip():
+        return "json"
+    ranked: list[tuple[float, int, str]] = []
+    for index, part in enumerate(accept.split(",")):
+        media, *params = [p.strip() for p in part.split(";")]
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            ranked.append((-quality, index, media.lower()))
+    for _, _, media in sorted(ranked):
+        fmt = MEDIA_TYPES.get(media)
+        if fmt in allowed:
+            return fmt
+    raise NotAcceptable(f"None of these media types are available: {accept}")
+
+
+@dataclass(slots=True)
+class Preferences:
+    values: dict[str, str] = field(default_factory=dict)
+    invalid: list[str] = field(default_factory=list)
+
+    def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    @property
+    def strict(self) -> bool:
+        return self.values.get("handling") == "strict"
+
+    def applied(self, names: set[str]) -> str | None:
+        """``Preference-Applied``: the given preferences that were sent, in PostgREST's order."""
+        shown = [f"{n}={self.values[n]}" for n in APPLIED_ORDER if n in names and n in self.values]
+        return ", ".join(shown) or None
+
+
+def parse_prefer(headers: Headers) -> Preferences:
+    prefs = Preferences()
+    for header in headers.getlist("prefer"):
+        for token in header.split(","):
+            token = token.strip()
+            if not token:
+                continue
+            name, _, value = token.partition("=")
+            name, value = name.strip().lower(), value.strip()
+            valid = value in PREFERENCE_VALUES.get(name, ()) or (name == "max-affected" and value.isdigit())
+            if not valid:
+                prefs.invalid.append(token)
+            elif name not in prefs.values:
+                prefs.values[name] = value
+    if prefs.strict and prefs.invalid:
+        raise ApiError("Invalid preferences given with handling=strict", code="PGRST122",
+                       details=f"Invalid preferences: {', '.join(prefs.invalid)}")
+    return prefs
+
+
+RANGE = re.compile(r"^\s*(?:items=)?([0-9]{1,18})-([0-9]{0,18})\s*$")
+
+
+def range_header(value: str | None) -> tuple[int, int | None] | None:
+    """``Range: 0-9`` → (offset, limit); ``Range: 5-`` → (5, None). Malformed ranges are ignored, as PostgREST does."""
+    if not value:
+        return None
+    match = RANGE.match(value)
+    if match is None:
+        return None
+    first = int(match.group(1))
+    if not match.group(2):
+        return first, None
+    last = int(match.group(2))
+    if last < first:
+        raise RangeNotSatisfiable("Requested range not satisfiable",
+                                  details="The lower boundary must be lower than or equal to the upper boundary "
+                                          "in the Range header.")
+    return first, last - first + 1

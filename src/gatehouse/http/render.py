@@ -1,0 +1,84 @@
+"""Turning what PostgreSQL returned into the response PostgREST would send: status, ``Content-Range``, format.
+
+The JSON body arrives already built by PostgreSQL and goes out as bytes; only the singular and CSV
+formats look inside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+
+import orjson
+from starlette.responses import Response
+
+from gatehouse.errors import ApiError, RangeNotSatisfiable
+from gatehouse.http.negotiate import CONTENT_TYPES, Format
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    body: str
+    """A JSON array, as PostgreSQL's json_agg wrote it."""
+    count: int
+    offset: int
+    total: int | None = None
+    columns: list[str] = field(default_factory=list)
+
+
+def content_range(first: int, count: int, total: int | None) -> str:
+    span = f"{first}-{first + count - 1}" if count else "*"
+    return f"{span}/{'*' if total is None else total}"
+
+
+def page_status(page: Page) -> int:
+    if page.total is None:
+        return 200
+    if page.offset > page.total:
+        raise RangeNotSatisfiable(
+            "Requested range not satisfiable",
+            details=f"An offset of {page.offset} was requested, but there are only {page.total} rows.",
+            headers={"Content-Range": f"*/{page.total}"},
+        )
+    return 206 if page.count < page.total and (page.count or page.total) else 200
+
+
+def singular(page: Page) -> bytes:
+    if page.count != 1:
+        raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
+                       details=f"The result contains {page.count} rows")
+    return page.body.strip()[1:-1].strip().encode()
+
+
+def _csv_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def to_csv(page: Page) -> bytes:
+    rows = orjson.loads(page.body)
+    columns = list(rows[0]) if rows else page.columns
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_value(row.get(column)) for column in columns])
+    return out.getvalue().removesuffix("\n").encode()
+
+
+def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> Response:
+    status = page_status(page)
+    if fmt == "object":
+        body = singular(page)
+    elif fmt == "csv":
+        body = to_csv(page)
+    else:
+        body = page.body.encode()
+    headers = {**headers, "Content-Range": content_range(page.offset, page.count, page.total)}
+    return Response(b"" if head else body, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
