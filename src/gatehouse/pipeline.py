@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -105,10 +106,16 @@ def _intersect_range(level: Level, requested: tuple[int, int | None] | None) -> 
         level.limit = max(0, min(ends) - start)
 
 
-async def _planned_count(conn: Connection, compiled: CompiledQuery) -> int:
-    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {compiled.sql}", *compiled.params)
-    import orjson
-
+async def _estimated_count(conn: Connection, rows: CompiledQuery, *, exact_up_to: int) -> int:
+    """``count=estimated``: exact while there are at most ``exact_up_to`` rows, else the planner's estimate
+    (``count=planned`` is ``exact_up_to=0``)."""
+    if exact_up_to > 0:
+        limit = f"${len(rows.params) + 1}"
+        counted = await conn.fetchval(f"SELECT count(*) FROM ({rows.sql} LIMIT {limit}) AS _gh_n",
+                                      *rows.params, exact_up_to + 1)
+        if counted <= exact_up_to:
+            return int(counted)
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {rows.sql}", *rows.params)
     return int(orjson.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
@@ -139,12 +146,8 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
             assert row is not None  # an aggregate always returns one row
             total: int | None = row[2] if count_mode == "exact" else None
             if count_mode in ("planned", "estimated"):
-                counter = ReadCompiler(runtime.schemas[version], readable, max_rows)
-                total = await _planned_count(conn, counter.filtered(contract.name, query))
-                if count_mode == "estimated" and total <= max_rows:
-                    exact = ReadCompiler(runtime.schemas[version], readable, max_rows).read(
-                        contract.name, query, exact_count=True)
-                    total = (await conn.fetchrow(exact.sql, *exact.params) or (None, None, None))[2]
+                rows = ReadCompiler(runtime.schemas[version], readable, max_rows).filtered(contract.name, query)
+                total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc) from None
 

@@ -42,7 +42,7 @@ async def load_catalog(conn: Connection) -> dict[tuple[str, str], ViewShape]:
 
 
 CONSTRAINTS_QUERY = r"""
-SELECT c.conname AS name, c.contype AS kind, ns.nspname AS schema, cl.relname AS table,
+SELECT c.conname::text AS name, c.contype::text AS kind, ns.nspname AS schema, cl.relname AS table,
        ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(num, i)
              JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num ORDER BY k.i) AS columns,
        fns.nspname AS ref_schema, fcl.relname AS ref_table,

@@ -1,0 +1,3 @@
+-- The lines of each order: which product, how many, and at what unit price.
+SELECT order_id, product_id, quantity, unit_price
+FROM order_items
