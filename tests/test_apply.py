@@ -39,7 +39,7 @@ async def test_carry_forward_gives_each_version_its_view(shop: Project) -> None:
     assert views[("api_v1", "products")] == ["id", "name", "price"]
     assert views[("api_v2", "products")] == ["id", "name", "price", "category", "stock"]
     assert views[("api_v1", "orders")] == views[("api_v2", "orders")]  # carried forward unchanged
-    assert set(views) == {(f"api_v{n}", c) for n in (1, 2) for c in ("products", "orders", "customer_summary")}
+    assert set(views) == {(f"api_v{n}", c) for n in (1, 2) for c in ("products", "orders", "order_items", "customer_summary")}
 
 
 async def test_removed_grant_is_revoked_in_the_database(shop: Project) -> None:

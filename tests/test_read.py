@@ -47,7 +47,8 @@ CASES: list[tuple[str, str, str, dict[str, str], int, object]] = [
     ("unknown path version", "web", "/v9/products", {}, 406, "PGRST106"),
     ("negative limit", "web", "/products?limit=-1", {}, 416, "PGRST103"),
     ("deep path", "web", "/a/b/c", {}, 404, "PGRST125"),
-    ("write method", "web", "/products", {"X-Method": "DELETE"}, 405, "PGRST117"),
+    ("unsupported method", "web", "/products", {"X-Method": "TRACE"}, 405, "PGRST117"),
+    ("write without the grant", "web", "/products?id=eq.1", {"X-Method": "DELETE"}, 403, "42501"),
 ]
 
 

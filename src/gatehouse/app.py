@@ -32,17 +32,21 @@ JSON = "application/json; charset=utf-8"
 
 def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> ASGIApp:
     async def contract(request: Request) -> Response:
-        if request.method not in READ_METHODS:
-            raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}",
-                                   hint="This version of gatehouse serves reads (GET, HEAD).")
         name = request.path_params["contract"]
         version = request.path_params.get("version")
-        return await pipeline.read(request, runtime, name, int(version) if version is not None else None)
+        path_version = int(version) if version is not None else None
+        if request.method in READ_METHODS:
+            return await pipeline.read(request, runtime, name, path_version)
+        if request.method in pipeline.WRITE_ACTIONS:
+            return await pipeline.write(request, runtime, name, path_version)
+        if request.method == "OPTIONS":
+            return pipeline.options(request, runtime, name, path_version)
+        raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
 
     async def not_found(request: Request) -> Response:
         raise InvalidPath("Invalid path specified in request URL")
 
-    methods = ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"]
+    methods = ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS", "TRACE"]
     routes = [
         Route("/v{version:int}/{contract:str}", contract, methods=methods),
         Route("/{contract:str}", contract, methods=methods),

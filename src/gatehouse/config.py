@@ -60,6 +60,9 @@ class ServerConfig(Strict):
     admin_port: int = Field(default=3001, ge=0, le=65535)
     max_rows: int = Field(default=1000, ge=1, le=1_000_000)
     max_query_length: int = Field(default=8192, ge=256, le=1_000_000)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
+    max_body_rows: int = Field(default=1000, ge=1, le=1_000_000)
+    max_json_depth: int = Field(default=32, ge=2, le=512)
     pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
 
 
@@ -97,6 +100,13 @@ class AppConfig(Strict):
         return self
 
 
+class ContractSettings(Strict):
+    max_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on rows per response")
+    allow_unfiltered_writes: bool = Field(
+        default=False, description="allow PATCH and DELETE with no filter (they change every row)"
+    )
+
+
 class RelationConfig(Strict):
     """A link the database cannot know (e.g. between views): ``from`` embeds ``to`` as one object."""
 
@@ -111,6 +121,7 @@ class ProjectConfig(Strict):
     server: ServerConfig = ServerConfig()
     apps: dict[Name, AppConfig] = {}
     relations: tuple[RelationConfig, ...] = ()
+    contracts: dict[Name, ContractSettings] = {}
 
 
 def resolve_secret(reference: str | None, *, what: str) -> str | None:

@@ -21,11 +21,13 @@ from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, UnknownContract, UnknownProfile
 from gatehouse.http import render
-from gatehouse.http.negotiate import parse_prefer, range_header, response_format
+from gatehouse.http.body import Payload, parse_payload, read_body
+from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Level
+from gatehouse.query.tree import Filter, Level, ReadQuery
+from gatehouse.query.writes import InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
 
 PROFILE = re.compile(r"^v([1-9][0-9]{0,3})$")
@@ -134,7 +136,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
     query = parse_query(request.scope["query_string"].decode("latin-1"))  # 400
     if request.method == "GET":
         _intersect_range(query.top, range_header(request.headers.get("range")))  # 416
-    max_rows = app.config.quota.max_rows or project.config.server.max_rows
+    max_rows = project.max_rows(app, contract.name)
     readable = readable_contracts(project, app, version)
     compiler = ReadCompiler(runtime.schemas[version], readable, max_rows)
     count_mode = prefs.get("count")
@@ -158,3 +160,164 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
     if applied:
         headers["Preference-Applied"] = applied
     return render.read_response(page, fmt, headers, head=request.method == "HEAD")
+
+
+WRITE_ACTIONS = {"POST": ("insert",), "PATCH": ("update",), "DELETE": ("delete",), "PUT": ("insert", "update")}
+
+
+def _put_row(query: ReadQuery, payload: Payload, key: tuple[str, ...]) -> dict[str, object]:
+    """PUT replaces one row named by its full key: check the URL and the body agree on it."""
+    if query.top.limit is not None or query.top.offset:
+        raise ApiError("limit/offset querystring parameters are not allowed for PUT", code="PGRST114", status=400)
+    filters = query.top.where
+    names = {f.field.column for f in filters if isinstance(f, Filter)}
+    if (not key or len(filters) != len(key) or names != set(key)
+            or any(not isinstance(f, Filter) or f.operator != "eq" or f.negated or f.field.json_path
+                   for f in filters)):
+        raise ApiError("Filters must include all and only primary key columns with 'eq' operators",
+                       code="PGRST105", status=405,
+                       hint=f"Name the row by its key: {', '.join(f'{k}=eq.<value>' for k in key) or 'no key'}")
+    row = payload.rows[0] if payload.rows else {}
+    url_values = {f.field.column: f.value for f in filters if isinstance(f, Filter)}
+    if any(str(row.get(k)) != url_values[k] for k in key):
+        raise ApiError("Payload values do not match URL in primary key column(s)", code="PGRST115", status=400)
+    return row
+
+
+def _location(contract: str, key: tuple[str, ...], values: str | None) -> dict[str, str]:
+    if not key or not values:
+        return {}
+    parts = orjson.loads(values)
+    query = "&".join(f"{k}={'is.null' if v is None else 'eq.' + str(v)}" for k, v in zip(key, parts, strict=True))
+    return {"Location": f"/{contract}?{query}"}
+
+
+async def write(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+    assert runtime.pools is not None
+    project, method = runtime.project, request.method
+    labels = labels_of(request)
+
+    _, app = identify(request, runtime)  # 401
+    version = choose_version(project, app, request.headers.get("content-profile"), path_version)  # 406
+    contract = granted_contract(project, app, version, contract_name, WRITE_ACTIONS[method][0])  # 404 / 403
+    for action in WRITE_ACTIONS[method][1:]:
+        granted_contract(project, app, version, contract_name, action)
+    labels.contract, labels.version = contract.name, f"v{version}"
+    fmt = response_format(request.headers.get("accept"))  # 406
+    prefs = parse_prefer(request.headers)  # 400 with handling=strict
+    query = parse_query(request.scope["query_string"].decode("latin-1"))  # 400
+    settings = project.config.contracts.get(contract.name)
+    if method in ("PATCH", "DELETE") and not query.top.where and not (settings and settings.allow_unfiltered_writes):
+        raise ApiError(f"{method} without a filter would change every row of '{contract.name}'", code="GH400",
+                       status=400, hint="Add a filter (e.g. ?id=eq.5), or set allow_unfiltered_writes for the "
+                                        "contract in gatehouse.toml.")
+    payload = Payload([], single=True)
+    if method != "DELETE":
+        raw = await read_body(request, project.config.server.max_body_bytes)  # 413
+        payload = parse_payload(raw, request.headers.get("content-type"), project.config.server)  # 400
+
+    schema = runtime.schemas[version]
+    key = schema.keys.get(contract.name, ())
+    reader = ReadCompiler(schema, readable_contracts(project, app, version), project.max_rows(app, contract.name))
+    writer = WriteCompiler(reader, contract.name)
+    representation = prefs.get("return") == "representation"
+    applied = {"return", "count", "tx"}
+    if method == "POST":
+        if not payload.rows:
+            return _written(Response(status_code=201, headers={"Content-Range": "*/*"}), prefs, applied)
+        conflict = query.on_conflict or key
+        resolution = prefs.get("resolution") if conflict else None
+        if resolution:
+            applied.add("resolution")
+        if prefs.get("missing"):
+            applied.add("missing")
+        options = InsertOptions(representation, resolution, prefs.get("missing") == "default", conflict)
+        compiled = writer.insert(query, payload, options, key)  # 400
+    elif method == "PUT":
+        row = _put_row(query, payload, key)  # 405 / 400
+        options = InsertOptions(representation, "merge-duplicates", False, key)
+        compiled = writer.insert(query, Payload([row], single=True), options, key)
+    elif method == "PATCH":
+        if payload.rows and (not payload.single or len(payload.rows) != 1):
+            raise ApiError("PATCH takes one JSON object", code="PGRST102", status=400)
+        row = payload.rows[0] if payload.rows else {}
+        if not row:
+            return _written(Response(status_code=204, headers={"Content-Range": "*/*"}), prefs, applied)
+        compiled = writer.update(query, row, representation, key)
+    else:
+        compiled = writer.delete(query, representation, key)
+    max_affected = prefs.get("max-affected") if prefs.strict and method in ("PATCH", "DELETE") else None
+    if max_affected is not None:
+        applied |= {"handling", "max-affected"}
+    rollback = prefs.get("tx") == "rollback"
+
+    async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            row_out = await conn.fetchrow(compiled.sql, *compiled.params)
+            assert row_out is not None
+            body, written, first_key, existing = row_out[0], row_out[1], row_out[2], row_out[3]
+            if max_affected is not None and written > int(max_affected):
+                raise ApiError("Query result exceeds max-affected preference constraint", code="PGRST124",
+                               status=400, details=f"The query affects {written} rows")
+            if fmt == "object" and written != 1:
+                raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
+                               details=f"The result contains {written} rows")
+        except asyncpg.PostgresError as exc:
+            await transaction.rollback()
+            raise api_error_from_postgres(exc) from None
+        except BaseException:
+            await transaction.rollback()
+            raise
+        if rollback:
+            await transaction.rollback()
+        else:
+            await transaction.commit()
+
+    counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"
+    headers = {"Content-Profile": f"v{version}", "Content-Range": counted}
+    if method == "PATCH":
+        headers["Content-Range"] = f"0-{written - 1}/*" if written else "*/*"
+    if method == "POST" and prefs.get("return") == "headers-only":
+        headers.update(_location(contract.name, key, first_key))
+    inserted_none = existing is not None and written and existing >= written
+    if method in ("POST", "PUT"):
+        status = 200 if inserted_none and (method == "PUT" or prefs.get("resolution") == "merge-duplicates") else 201
+        if method == "PUT" and not representation:
+            status = 204
+    else:
+        status = 200 if representation else 204
+    if not representation:
+        return _written(Response(status_code=status, headers=headers), prefs, applied)
+    page = render.Page(body=body, count=written, offset=0, columns=reader.output_names)
+    content = render.singular(page) if fmt == "object" else render.to_csv(page) if fmt == "csv" else body.encode()
+    response = Response(content, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
+    return _written(response, prefs, applied)
+
+
+def _written(response: Response, prefs: Preferences, names: set[str]) -> Response:
+    applied = prefs.applied(names)
+    if applied:
+        response.headers["Preference-Applied"] = applied
+    return response
+
+
+def options(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+    """``OPTIONS``: which methods this app may use on the contract (``Allow``), from its grant."""
+    project = runtime.project
+    _, app = identify(request, runtime)
+    version = choose_version(project, app, request.headers.get("accept-profile"), path_version)
+    contract = project.versions.resolve(version, contract_name)
+    grant = app.grant_for(contract_name)
+    if contract is None or not grant:
+        raise UnknownContract(f"Could not find the contract '{contract_name}' in API v{version}")
+    shape = runtime.schemas[version].shapes[contract.name]
+    has_key = contract.name in runtime.schemas[version].keys
+    allowed = ["OPTIONS"]
+    allowed += ["GET", "HEAD"] if "read" in grant else []
+    allowed += ["POST"] if "insert" in grant and shape.insertable else []
+    allowed += ["PUT"] if {"insert", "update"} <= grant and shape.insertable and shape.updatable and has_key else []
+    allowed += ["PATCH"] if "update" in grant and shape.updatable else []
+    allowed += ["DELETE"] if "delete" in grant and shape.deletable else []
+    return Response(status_code=200, headers={"Allow": ",".join(allowed)})

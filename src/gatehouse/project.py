@@ -67,6 +67,13 @@ class Project:
     def default_version(self) -> int:
         return self.config.project.default_version or self.versions.newest
 
+    def max_rows(self, app: App, contract: str) -> int:
+        """Rows per response: the contract's setting (else the server's default), capped by the app's quota."""
+        settings = self.config.contracts.get(contract)
+        base = settings.max_rows if settings and settings.max_rows else self.config.server.max_rows
+        quota = app.config.quota.max_rows
+        return base if quota is None else min(base, quota)
+
     def database_of(self, contract: str) -> str | None:
         for version in self.contracts:
             if version.name == contract:
@@ -141,6 +148,9 @@ def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> Non
 
 
 def _check_relations(config: ProjectConfig, contracts: list[ContractVersion], where: str) -> None:
+    for name in config.contracts:
+        if not any(c.name == name for c in contracts):
+            raise ProjectError(f"[contracts.{name}] configures {name!r}, which is not a contract", where=where)
     columns: dict[str, set[str]] = {}
     for contract in contracts:
         columns.setdefault(contract.name, set()).update(contract.columns)

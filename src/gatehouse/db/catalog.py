@@ -8,18 +8,23 @@ becomes a clear 400 from the database's own input functions instead of a Python-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gatehouse.db import Connection
 
 CATALOG_QUERY = r"""
 SELECT n.nspname AS schema, c.relname AS view, a.attname AS column,
-       format_type(a.atttypid, a.atttypmod) AS type
+       format_type(a.atttypid, a.atttypmod) AS type,
+       pg_relation_is_updatable(c.oid::regclass, true) AS view_events,
+       pg_column_is_updatable(c.oid::regclass, a.attnum, true) AS column_writable
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname ~ '^api_v[0-9]+$' AND c.relkind IN ('v', 'm')
 ORDER BY n.nspname, c.relname, a.attnum
 """
+# pg_relation_is_updatable's bits: which statements PostgreSQL can run through the view.
+_UPDATE, _INSERT, _DELETE = 4, 8, 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +33,25 @@ class ViewShape:
     name: str
     columns: dict[str, str]
     """column → type, in the view's order."""
+    writable_columns: frozenset[str] = frozenset()
+    """Columns PostgreSQL can write through the view (plain references to a base column)."""
+    insertable: bool = False
+    updatable: bool = False
+    deletable: bool = False
 
 
 async def load_catalog(conn: Connection) -> dict[tuple[str, str], ViewShape]:
-    shapes: dict[tuple[str, str], ViewShape] = {}
+    rows: dict[tuple[str, str], list[Any]] = {}
     for row in await conn.fetch(CATALOG_QUERY):
-        key = (row["schema"], row["view"])
-        shape = shapes.get(key)
-        if shape is None:
-            shape = shapes[key] = ViewShape(row["schema"], row["view"], {})
-        shape.columns[row["column"]] = row["type"]
+        rows.setdefault((row["schema"], row["view"]), []).append(row)
+    shapes: dict[tuple[str, str], ViewShape] = {}
+    for (schema, view), columns in rows.items():
+        events = columns[0]["view_events"]
+        shapes[(schema, view)] = ViewShape(
+            schema, view, {r["column"]: r["type"] for r in columns},
+            frozenset(r["column"] for r in columns if r["column_writable"]),
+            insertable=bool(events & _INSERT), updatable=bool(events & _UPDATE), deletable=bool(events & _DELETE),
+        )
     return shapes
 
 

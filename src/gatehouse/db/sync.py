@@ -81,6 +81,11 @@ def project_fingerprint(project: Project, database: str) -> str:
     return hashlib.sha256(json.dumps([views, grants]).encode()).hexdigest()
 
 
+def app_role_pattern(project: Project) -> str:
+    """A LIKE pattern matching exactly this project's app roles."""
+    return f"{project.role_prefix}app_%".replace("_", r"\_")
+
+
 def desired_privileges(project: Project, database: str) -> set[tuple[str, str, str, str]]:
     """(role, schema, view, privilege) for every view the project grants in this database."""
     wanted: set[tuple[str, str, str, str]] = set()
@@ -182,7 +187,7 @@ async def _sync_views(conn: asyncpg.Connection, project: Project, database: str,
 
 async def _sync_privileges(conn: asyncpg.Connection, project: Project, database: str,
                            report: ApplyReport) -> None:
-    pattern = f"{project.role_prefix}app_%".replace("_", r"\_")
+    pattern = app_role_pattern(project)
     actual = {(r["grantee"], r["schema"], r["view"], r["privilege"]) for r in await conn.fetch(
         r"""
         SELECT g.rolname AS grantee, n.nspname AS schema, c.relname AS view, a.privilege_type AS privilege
@@ -217,6 +222,46 @@ async def _sync_privileges(conn: asyncpg.Connection, project: Project, database:
         report.add(f"granted USAGE on schema {schema} to {role}")
 
 
+SEQUENCES_BEHIND_VIEW = r"""
+SELECT DISTINCT sn.nspname AS schema, s.relname AS sequence
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+     AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
+JOIN pg_depend sd ON sd.refclassid = 'pg_class'::regclass AND sd.refobjid = d.refobjid
+     AND sd.classid = 'pg_class'::regclass AND sd.deptype = 'a'
+JOIN pg_class s ON s.oid = sd.objid AND s.relkind = 'S'
+JOIN pg_namespace sn ON sn.oid = s.relnamespace
+WHERE r.ev_class = to_regclass($1)
+"""
+
+
+async def _sync_sequences(conn: asyncpg.Connection, project: Project, database: str, report: ApplyReport) -> None:
+    """An insert through a view evaluates the table's ``serial`` defaults as the app's role, which therefore
+    needs USAGE on those sequences: exactly for the apps that may insert, and no others."""
+    wanted: set[tuple[str, str, str]] = set()
+    for role, schema, view, privilege in desired_privileges(project, database):
+        if privilege == "INSERT":
+            for row in await conn.fetch(SEQUENCES_BEHIND_VIEW, qualified(schema, view)):
+                wanted.add((role, row["schema"], row["sequence"]))
+    pattern = app_role_pattern(project)
+    actual = {(r["grantee"], r["schema"], r["sequence"]) for r in await conn.fetch(
+        r"""
+        SELECT g.rolname AS grantee, n.nspname AS schema, c.relname AS sequence
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL aclexplode(c.relacl) a
+        JOIN pg_roles g ON g.oid = a.grantee
+        WHERE c.relkind = 'S' AND a.privilege_type = 'USAGE' AND g.rolname LIKE $1
+        """, pattern,
+    )}
+    for role, schema, sequence in sorted(actual - wanted):
+        await conn.execute(f"REVOKE USAGE ON SEQUENCE {qualified(schema, sequence)} FROM {quote_ident(role)}")
+        report.add(f"revoked USAGE on sequence {schema}.{sequence} from {role}")
+    for role, schema, sequence in sorted(wanted - actual):
+        await conn.execute(f"GRANT USAGE ON SEQUENCE {qualified(schema, sequence)} TO {quote_ident(role)}")
+        report.add(f"granted USAGE on sequence {schema}.{sequence} to {role}")
+
+
 async def bootstrap(conn: asyncpg.Connection) -> None:
     """Create gatehouse's own schema and tables if missing (also used by ``keys`` before any apply)."""
     await conn.execute(BOOTSTRAP)
@@ -235,6 +280,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             await _sync_roles(conn, project, target, report)
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
+            await _sync_sequences(conn, project, target.name, report)
             await conn.execute(
                 "INSERT INTO gatehouse.state (key, value) VALUES ('fingerprint', $1) "
                 "ON CONFLICT (key) DO UPDATE SET value = $1, at = now()",

@@ -101,6 +101,25 @@ class ReadCompiler:
         where = self._where(scope, query.top, query)
         return CompiledQuery(f"SELECT 1 FROM {self._view(scope)} AS {scope.alias}{where}", self.params)
 
+    def root(self, contract: str) -> _Scope:
+        return self._scope(contract, ())
+
+    def view_sql(self, scope: _Scope) -> str:
+        return self._view(scope)
+
+    def where_sql(self, scope: _Scope, query: ReadQuery) -> str:
+        """`` WHERE ...`` (or nothing) for the top-level filters, as reads apply them."""
+        return self._where(scope, query.top, query)
+
+    def representation(self, contract: str, query: ReadQuery, source: str) -> str:
+        """The written rows (in ``source``) shaped by ``select=``, embeds included, as a JSON array."""
+        scope = self._scope(contract, ())
+        scope.alias = source
+        projection = self._projection(scope, query.select, query)
+        self.output_names = self._output_names(scope, query.select)
+        inner = f"SELECT {projection} FROM {source}{self._order(scope, query.top)}"
+        return f"(SELECT coalesce(json_agg(_gh_row), '[]')::text FROM ({inner}) AS _gh_row)"
+
     # -- building blocks ------------------------------------------------------------------------------
 
     def bind(self, value: object) -> str:

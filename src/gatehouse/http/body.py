@@ -1,0 +1,118 @@
+"""Request bodies of writes: JSON (an object or an array of objects), CSV, or a form; every size bounded.
+
+The body is read in chunks and refused as soon as it passes ``max_body_bytes`` (413), so an oversized
+upload never sits in memory whole. A bulk body is bounded in rows, and JSON in nesting depth.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.requests import Request
+
+from gatehouse.config import ServerConfig
+from gatehouse.errors import ApiError
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    rows: list[Row]
+    single: bool
+    """The body was one object, not an array."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key that appears in some row, in first-seen order."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            seen.update(dict.fromkeys(row))
+        return tuple(seen)
+
+
+def invalid(message: str, details: str | None = None) -> ApiError:
+    return ApiError(message, code="PGRST102", status=400, details=details)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError("Payload too large", code="GH413", status=413,
+                    details=f"The body may be at most {limit} bytes", hint="Split the rows into several requests.")
+
+
+def _depth(value: Any, limit: int) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise invalid("JSON nested too deeply", f"at most {limit} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _json_rows(raw: bytes, settings: ServerConfig) -> Payload:
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid("Empty or invalid json") from None
+    _depth(document, settings.max_json_depth)
+    if isinstance(document, dict):
+        return Payload([document], single=True)
+    if isinstance(document, list) and all(isinstance(item, dict) for item in document):
+        return Payload(list(document), single=False)
+    raise invalid("Empty or invalid json", "The body must be a JSON object or an array of objects")
+
+
+def _csv_rows(raw: bytes) -> Payload:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("CSV bodies must be UTF-8") from None
+    reader = csv.reader(io.StringIO(text))
+    lines = list(reader)
+    if not lines:
+        raise invalid("Empty CSV", "The first line names the columns")
+    header, *records = lines
+    if any(len(record) != len(header) for record in records):
+        raise invalid("All lines must have same number of fields")
+    rows = [{k: (None if v == "NULL" else v) for k, v in zip(header, record, strict=True)} for record in records]
+    return Payload(rows, single=False)
+
+
+def parse_payload(raw: bytes, content_type: str | None, settings: ServerConfig) -> Payload:
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media in ("application/json", "application/vnd.pgrst.object+json", "*/*", ""):
+        payload = _json_rows(raw, settings)
+    elif media == "text/csv":
+        payload = _csv_rows(raw)
+    elif media == "application/x-www-form-urlencoded":
+        payload = Payload([dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))], single=True)
+    else:
+        raise invalid(f"Content-Type not acceptable: {media}",
+                      "Send application/json, text/csv or application/x-www-form-urlencoded")
+    if len(payload.rows) > settings.max_body_rows:
+        raise ApiError("Too many rows in one request", code="GH413", status=413,
+                       details=f"At most {settings.max_body_rows} rows per request",
+                       hint="Split the rows into several requests.")
+    return payload
