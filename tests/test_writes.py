@@ -228,3 +228,37 @@ async def test_options_lists_what_the_app_may_do(clerk: tuple[httpx.AsyncClient,
     assert (await client.options("/items")).headers["allow"] == "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
     assert (await client.options("/items", headers={"apikey": keys["reader"]})).headers["allow"] == "OPTIONS,GET,HEAD"
     assert (await client.options("/item_stats")).headers["allow"] == "OPTIONS,GET,HEAD"  # read-only view
+
+
+async def test_constraint_errors_name_nothing_private(clerk: tuple[httpx.AsyncClient, Project, dict[str, str]]) -> None:
+    client, _, _ = clerk
+    duplicate = (await client.post("/items", json={"sku": "a-1", "name": "dup"})).json()
+    assert duplicate["message"] == "A row with the same key already exists"
+    # PostgreSQL itself withholds the key's value from a role that cannot read the table's columns
+    assert duplicate["details"] is None
+    missing = (await client.post("/items", json={"name": "no sku"})).json()
+    assert missing["message"] == "A value is required for column 'sku'"
+    dangling = (await client.post("/tags", json={"item_id": 999, "label": "x"})).json()
+    for body in (duplicate, missing, dangling):
+        text = str(body)
+        assert "items_sku_key" not in text and "tags_item_id_fkey" not in text and "relation" not in text
+
+
+async def test_lost_database_connection_is_503_then_recovers(clerk: tuple[httpx.AsyncClient, Project, dict[str, str]]) -> None:
+    client, project, _ = clerk
+    assert (await client.get("/items?select=id")).status_code == 200
+    async with operations.owner_connection(project) as conn:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                           project.authenticator_role)
+    statuses: list[int] = []
+    while len(statuses) < 20 and statuses[-1:] != [200]:
+        statuses.append((await client.get("/items?select=id")).status_code)
+    assert set(statuses) <= {200, 503}, statuses  # never a 500
+    assert statuses[-1] == 200, statuses  # the pool replaces the dead connections
+
+
+async def test_rpc_is_answered_in_postgrest_shape(clerk: tuple[httpx.AsyncClient, Project, dict[str, str]]) -> None:
+    client, _, _ = clerk
+    response = await client.post("/rpc/nope", json={})
+    assert response.status_code == 404 and response.json()["code"] == "PGRST202"
+    assert (await client.post("/rpc/nope", json={}, headers={"apikey": "bad"})).status_code == 401

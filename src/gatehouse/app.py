@@ -17,12 +17,14 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
+from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp
 
 from gatehouse import pipeline
-from gatehouse.errors import InvalidPath, MethodNotAllowed
+from gatehouse.errors import ApiError, InvalidPath, MethodNotAllowed
+from gatehouse.http.docs import docs_endpoint, docs_static_app
 from gatehouse.http.middleware import RequestMiddleware
+from gatehouse.http.openapi import openapi_endpoint
 from gatehouse.runtime import Runtime
 
 T = TypeVar("T")
@@ -43,11 +45,24 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> ASGIApp:
             return pipeline.options(request, runtime, name, path_version)
         raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
 
+    async def rpc(request: Request) -> Response:
+        pipeline.identify(request, runtime)  # 401 first, like every route
+        name = request.path_params["name"]
+        raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
+                       hint="No logic functions are published in this project.")
+
+    async def root(request: Request) -> Response:
+        return await openapi_endpoint(request, runtime)
+
     async def not_found(request: Request) -> Response:
         raise InvalidPath("Invalid path specified in request URL")
 
     methods = ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS", "TRACE"]
     routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/docs", docs_endpoint, methods=["GET", "HEAD"]),
+        Mount("/docs/static", docs_static_app()),
+        Route("/rpc/{name:str}", rpc, methods=["GET", "HEAD", "POST"]),
         Route("/v{version:int}/{contract:str}", contract, methods=methods),
         Route("/{contract:str}", contract, methods=methods),
         Route("/{path:path}", not_found, methods=methods),

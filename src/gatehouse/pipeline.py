@@ -7,11 +7,13 @@ one that does not exist.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
 import asyncpg
 import orjson
+from asyncpg.transaction import Transaction
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -151,7 +153,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
                 rows = ReadCompiler(runtime.schemas[version], readable, max_rows).filtered(contract.name, query)
                 total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
         except asyncpg.PostgresError as exc:
-            raise api_error_from_postgres(exc) from None
+            raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
 
     page = render.Page(body=row[0], count=row[1], offset=query.top.offset, total=total,
                        columns=compiler.output_names)
@@ -265,10 +267,10 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
                 raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
                                details=f"The result contains {written} rows")
         except asyncpg.PostgresError as exc:
-            await transaction.rollback()
-            raise api_error_from_postgres(exc) from None
+            await _rollback(transaction)
+            raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
         except BaseException:
-            await transaction.rollback()
+            await _rollback(transaction)
             raise
         if rollback:
             await transaction.rollback()
@@ -294,6 +296,12 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     content = render.singular(page) if fmt == "object" else render.to_csv(page) if fmt == "csv" else body.encode()
     response = Response(content, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
     return _written(response, prefs, applied)
+
+
+async def _rollback(transaction: Transaction) -> None:
+    """Roll back, unless the connection is already gone (then the server rolled back for us)."""
+    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+        await transaction.rollback()
 
 
 def _written(response: Response, prefs: Preferences, names: set[str]) -> Response:

@@ -12,6 +12,7 @@ role is fixed at login, so the reset round trip (``RESET ALL`` and friends) woul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,8 +20,13 @@ import asyncpg
 
 from gatehouse.db import Connection
 from gatehouse.db.targets import DatabaseTarget
-from gatehouse.errors import PoolTimeout
+from gatehouse.errors import PoolTimeout, ServiceUnavailable
 from gatehouse.project import App
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("Database connection error. Retrying the connection.",
+                              hint="The database did not answer; try again shortly.")
 
 
 async def _no_reset(_: asyncpg.Connection) -> None:
@@ -84,7 +90,12 @@ class AppPools:
         except TimeoutError:
             raise PoolTimeout("Timed out acquiring connection from connection pool.",
                               hint="The application is using all the connections its quota allows.") from None
+        except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError):
+            raise _unavailable() from None
         try:
             yield conn
+        except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.AdminShutdownError):
+            raise _unavailable() from None
         finally:
-            await pool.release(conn)
+            with contextlib.suppress(OSError, asyncpg.InterfaceError):
+                await pool.release(conn)

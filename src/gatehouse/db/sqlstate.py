@@ -1,19 +1,24 @@
 """A PostgreSQL error → the HTTP error the caller sees.
 
 Statuses follow PostgREST's SQLSTATE table so its clients behave the same. What differs is what is shown:
-PostgreSQL's message is passed on only for the error classes whose text is about the caller's own input
-(bad values, unknown operators); anything else gets a fixed message, because its text may name private
-tables, constraints or SQL. The SQLSTATE itself is always passed on as the ``code``.
+PostgreSQL's own text is passed on only where it describes the caller's input and names nothing private
+(bad values, unknown operators and types). Constraint violations get messages written here that name at most
+the contract's own columns; anything else gets a fixed message, because its text may name private tables,
+constraints or SQL. The SQLSTATE is always passed on as the ``code``. With the ``debug`` setting on (never
+in production), the original message is added as ``details``.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Collection
 
 import asyncpg
 
 from gatehouse.errors import ApiError
 
 # Classes whose messages describe the caller's own input and name nothing private.
-_SAFE_MESSAGE_PREFIXES = ("22", "42883", "42804", "2201")
+_SAFE_MESSAGE_PREFIXES = ("22", "42883", "42804", "42704")
 
 _STATUS_BY_CODE = {
     "23503": 409, "23505": 409, "25006": 405, "42501": 403, "42883": 404, "42P01": 404,
@@ -32,19 +37,49 @@ _GENERIC = {
     503: "The database is not available",
     504: "The query took longer than this application's statement timeout",
 }
+_KEY_DETAIL = re.compile(r"^Key \((?P<columns>[^)]*)\)=")
 
 
 def status_for(sqlstate: str) -> int:
     return _STATUS_BY_CODE.get(sqlstate) or _STATUS_BY_CLASS.get(sqlstate[:2], 400)
 
 
-def api_error_from_postgres(exc: asyncpg.PostgresError) -> ApiError:
+def _constraint_message(exc: asyncpg.PostgresError, sqlstate: str,
+                        columns: Collection[str]) -> tuple[str, str | None] | None:
+    column = getattr(exc, "column_name", None)
+    detail = str(getattr(exc, "detail", "") or "")
+    if sqlstate == "23502":
+        named = f" '{column}'" if column in columns else ""
+        return f"A value is required for column{named}", None
+    if sqlstate == "23505":
+        match = _KEY_DETAIL.match(detail)
+        shown = match and all(c.strip() in columns for c in match.group("columns").split(","))
+        return "A row with the same key already exists", (detail if shown else None)
+    if sqlstate == "23503":
+        return "The row refers to a row that does not exist, or is still referred to by other rows", None
+    if sqlstate == "23514":
+        return "A value is outside what the contract allows", None
+    if sqlstate in ("0A000", "44000"):
+        return "The change cannot be made through this contract", None
+    return None
+
+
+def api_error_from_postgres(exc: asyncpg.PostgresError, *, columns: Collection[str] = (),
+                            debug: bool = False) -> ApiError:
     sqlstate = str(getattr(exc, "sqlstate", "") or "XX000")
     status = status_for(sqlstate)
-    if sqlstate.startswith(_SAFE_MESSAGE_PREFIXES):
+    details: str | None = None
+    hint: str | None = None
+    custom = _constraint_message(exc, sqlstate, columns)
+    if custom is not None:
+        message, details = custom
+    elif sqlstate.startswith(_SAFE_MESSAGE_PREFIXES):
         message = str(getattr(exc, "message", "") or _GENERIC.get(status, "Invalid request"))
         hint = getattr(exc, "hint", None)
     else:
         message = _GENERIC.get(status, "The request is not valid for this contract")
-        hint = "Ask for a longer statement_timeout in the app's quota, or narrow the query." if status == 504 else None
-    return ApiError(message, code=sqlstate, status=status, hint=hint)
+        if status == 504:
+            hint = "Ask for a longer statement_timeout in the app's quota, or narrow the query."
+    if debug:
+        details = f"{details + ' | ' if details else ''}PostgreSQL said: {getattr(exc, 'message', exc)}"
+    return ApiError(message, code=sqlstate, status=status, details=details, hint=hint)
