@@ -76,6 +76,10 @@ class Quota(Strict):
 class Grant(Strict):
     contract: Name
     actions: tuple[Action, ...] = ("read",)
+    filter: str | None = Field(
+        default=None, max_length=2000,
+        description="rows this app may see and change, in the request dialect: tenant_id=eq.{claims.tenant_id}",
+    )
 
     @field_validator("actions")
     @classmethod

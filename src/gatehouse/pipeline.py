@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,8 +28,9 @@ from gatehouse.http.body import Payload, parse_payload, read_body
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
+from gatehouse.query.row_filters import bind_claims
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Filter, Level, ReadQuery
+from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
 from gatehouse.query.writes import InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
 
@@ -76,6 +78,11 @@ def choose_version(project: Project, app: App, profile: str | None, path_version
         exposed = ", ".join(["public", *(f"v{n}" for n in project.versions.numbers)])
         raise UnknownProfile(f"Invalid schema: {shown}", hint=f"Only the following schemas are exposed: {exposed}")
     return requested
+
+
+def row_filters(app: App, identity: Identity, contracts: Iterable[str]) -> dict[str, tuple[Condition, ...]]:
+    """The app's row filters on these contracts, with the caller's claims bound in."""
+    return {name: bind_claims(app.row_filters[name], identity.claims) for name in contracts if name in app.row_filters}
 
 
 def readable_contracts(project: Project, app: App, version: int) -> frozenset[str]:
@@ -128,7 +135,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
     project = runtime.project
     labels = labels_of(request)
 
-    _, app = identify(request, runtime)  # 401
+    identity, app = identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
     labels.contract, labels.version = contract.name, f"v{version}"
@@ -140,7 +147,8 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
         _intersect_range(query.top, range_header(request.headers.get("range")))  # 416
     max_rows = project.max_rows(app, contract.name)
     readable = readable_contracts(project, app, version)
-    compiler = ReadCompiler(runtime.schemas[version], readable, max_rows)
+    filters = row_filters(app, identity, readable)  # 403 when the token lacks a claim they need
+    compiler = ReadCompiler(runtime.schemas[version], readable, max_rows, filters)
     count_mode = prefs.get("count")
     compiled = compiler.read(contract.name, query, exact_count=count_mode == "exact")  # 400
 
@@ -150,7 +158,8 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
             assert row is not None  # an aggregate always returns one row
             total: int | None = row[2] if count_mode == "exact" else None
             if count_mode in ("planned", "estimated"):
-                rows = ReadCompiler(runtime.schemas[version], readable, max_rows).filtered(contract.name, query)
+                counter = ReadCompiler(runtime.schemas[version], readable, max_rows, filters)
+                rows = counter.filtered(contract.name, query)
                 total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
@@ -199,7 +208,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     project, method = runtime.project, request.method
     labels = labels_of(request)
 
-    _, app = identify(request, runtime)  # 401
+    identity, app = identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("content-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, WRITE_ACTIONS[method][0])  # 404 / 403
     for action in WRITE_ACTIONS[method][1:]:
@@ -220,7 +229,9 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
 
     schema = runtime.schemas[version]
     key = schema.keys.get(contract.name, ())
-    reader = ReadCompiler(schema, readable_contracts(project, app, version), project.max_rows(app, contract.name))
+    readable = readable_contracts(project, app, version)
+    filters = row_filters(app, identity, readable | {contract.name})  # 403 when the token lacks a claim
+    reader = ReadCompiler(schema, readable, project.max_rows(app, contract.name), filters)
     writer = WriteCompiler(reader, contract.name)
     representation = prefs.get("return") == "representation"
     applied = {"return", "count", "tx"}
@@ -259,7 +270,10 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
         try:
             row_out = await conn.fetchrow(compiled.sql, *compiled.params)
             assert row_out is not None
-            body, written, first_key, existing = row_out[0], row_out[1], row_out[2], row_out[3]
+            body, written, first_key, existing, outside = row_out[0], row_out[1], row_out[2], row_out[3], row_out[4]
+            if outside:
+                raise ApiError("The change would put rows outside what this application may see", code="42501",
+                               status=403, details=f"{outside} row(s) do not match the application's row filter")
             if max_affected is not None and written > int(max_affected):
                 raise ApiError("Query result exceeds max-affected preference constraint", code="PGRST124",
                                status=400, details=f"The query affects {written} rows")

@@ -13,7 +13,9 @@ from pathlib import Path
 from gatehouse.config import AppConfig, ProjectConfig, load_config
 from gatehouse.contracts.model import ContractVersion, load_contract_file
 from gatehouse.contracts.versions import ApiVersions, carry_forward
-from gatehouse.errors import ProjectError
+from gatehouse.errors import ApiError, ProjectError
+from gatehouse.query.row_filters import columns_of, parse_row_filter
+from gatehouse.query.tree import Condition
 
 CONFIG_FILE = "gatehouse.toml"
 STATE_DIR = ".gatehouse"
@@ -25,6 +27,8 @@ class App:
     config: AppConfig
     role: str
     """The NOLOGIN PostgreSQL role this app's queries run under."""
+    row_filters: dict[str, tuple[Condition, ...]] = field(default_factory=dict)
+    """contract → its grant's row filter, parsed (claims still as ``{claims.x}`` placeholders)."""
 
     def grant_for(self, contract: str) -> frozenset[str]:
         for grant in self.config.grants:
@@ -164,6 +168,28 @@ def _check_relations(config: ProjectConfig, contracts: list[ContractVersion], wh
                                    where=where, hint=f"its columns: {', '.join(sorted(columns[name]))}")
 
 
+def _row_filters(name: str, app: AppConfig, contracts: list[ContractVersion],
+                 where: str) -> dict[str, tuple[Condition, ...]]:
+    filters: dict[str, tuple[Condition, ...]] = {}
+    for grant in app.grants:
+        if grant.filter is None:
+            continue
+        place = f"[apps.{name}] grant on {grant.contract!r}: filter"
+        try:
+            conditions = parse_row_filter(grant.filter)
+        except (ValueError, ApiError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else str(exc)
+            raise ProjectError(f"{place} cannot be read: {message}", where=where,
+                               hint='write it like a query string: "tenant_id=eq.{claims.tenant_id}"') from None
+        for contract in (c for c in contracts if c.name == grant.contract):
+            unknown = columns_of(conditions) - set(contract.columns)
+            if unknown:
+                raise ProjectError(f"{place} names {', '.join(sorted(unknown))}, not a column of {contract.label}",
+                                   where=where, hint=f"its columns: {', '.join(contract.columns)}")
+        filters[grant.contract] = conditions
+    return filters
+
+
 def load_project(root: Path) -> Project:
     root = root.resolve()
     config_path = root / CONFIG_FILE
@@ -175,5 +201,9 @@ def load_project(root: Path) -> Project:
     _check_apps(config, versions, str(config_path))
     _check_relations(config, contracts, str(config_path))
     prefix = f"gh_{config.project.name}_"
-    apps = {name: App(name=name, config=app, role=f"{prefix}app_{name}") for name, app in config.apps.items()}
+    apps = {
+        name: App(name=name, config=app, role=f"{prefix}app_{name}",
+                  row_filters=_row_filters(name, app, contracts, str(config_path)))
+        for name, app in config.apps.items()
+    }
     return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps)

@@ -16,8 +16,9 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -33,6 +34,10 @@ REFRESH_S = 30.0
 class Identity:
     app: str
     key_id: str
+    subject: str | None = None
+    """The user inside the app, from a token's ``sub``; None for a key alone."""
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    """The token's claims, for row filters and logic; empty for a key alone."""
 
 
 @dataclass(frozen=True, slots=True)

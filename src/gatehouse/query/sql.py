@@ -16,6 +16,7 @@ missing), ``json_agg`` for to-many (``[]`` when empty). ``!inner`` and ``rel=not
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gatehouse.contracts.relations import Relation
@@ -70,10 +71,13 @@ class _Scope:
 class ReadCompiler:
     """Compiles reads of one app in one API version; embeds only reach contracts in ``readable``."""
 
-    def __init__(self, schema: ApiSchema, readable: frozenset[str], max_rows: int) -> None:
+    def __init__(self, schema: ApiSchema, readable: frozenset[str], max_rows: int,
+                 row_filters: Mapping[str, tuple[Condition, ...]] | None = None) -> None:
         self.schema = schema
         self.readable = readable
         self.max_rows = max_rows
+        self.row_filters = row_filters or {}
+        """contract → the app's row filter, claims already bound: added wherever the contract is read."""
         self.params: list[object] = []
         self._aliases = 0
         self._used_levels: set[tuple[str, ...]] = set()
@@ -110,6 +114,16 @@ class ReadCompiler:
     def where_sql(self, scope: _Scope, query: ReadQuery) -> str:
         """`` WHERE ...`` (or nothing) for the top-level filters, as reads apply them."""
         return self._where(scope, query.top, query)
+
+    def row_filter_violations(self, contract: str, source: str) -> str:
+        """How many rows in ``source`` fall outside the app's row filter (``0`` when it has none)."""
+        conditions = self.row_filters.get(contract, ())
+        if not conditions:
+            return "0"
+        scope = self._scope(contract, ())
+        scope.alias = source
+        test = " AND ".join(self._condition(scope, c, {}, ReadQuery()) for c in conditions)
+        return f"(SELECT count(*) FROM {source} WHERE ({test}) IS NOT TRUE)"
 
     def representation(self, contract: str, query: ReadQuery, source: str) -> str:
         """The written rows (in ``source``) shaped by ``select=``, embeds included, as a JSON array."""
@@ -253,6 +267,7 @@ class ReadCompiler:
                nested: bool = True) -> str:
         embeds = self._embeds_at(scope, query)
         conditions = list(extra or [])
+        conditions.extend(self._condition(scope, c, embeds, query) for c in self.row_filters.get(scope.contract, ()))
         conditions.extend(self._condition(scope, c, embeds, query) for c in level.where)
         if nested:
             conditions.extend(self._exists(scope, e, query) for e in dict.fromkeys(embeds.values()) if e.inner)

@@ -68,7 +68,8 @@ class WriteCompiler:
             location = f"(SELECT json_build_array({first})::text FROM {WRITTEN} LIMIT 1)"
         else:
             location = "NULL"
-        return f" SELECT {body}, (SELECT count(*) FROM {WRITTEN}), {location}, {existing}"
+        violations = self.reader.row_filter_violations(self.contract, WRITTEN)
+        return f" SELECT {body}, (SELECT count(*) FROM {WRITTEN}), {location}, {existing}, {violations}"
 
     def insert(self, query: ReadQuery, payload: Payload, options: InsertOptions,
                key: tuple[str, ...]) -> CompiledQuery:
