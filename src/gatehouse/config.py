@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -112,6 +113,13 @@ class ContractSettings(Strict):
     )
 
 
+class VersionSettings(Strict):
+    """The life cycle of a released API version: ``deprecated`` warns callers, ``retired`` refuses them (410)."""
+
+    status: Literal["current", "deprecated", "retired"] = "current"
+    sunset: date | None = Field(default=None, description="when it will be retired (the Sunset header)")
+
+
 class RelationConfig(Strict):
     """A link the database cannot know (e.g. between views): ``from`` embeds ``to`` as one object."""
 
@@ -127,6 +135,14 @@ class ProjectConfig(Strict):
     apps: dict[Name, AppConfig] = {}
     relations: tuple[RelationConfig, ...] = ()
     contracts: dict[Name, ContractSettings] = {}
+    versions: dict[Annotated[str, Field(pattern=r"^v[1-9][0-9]{0,3}$")], VersionSettings] = {}
+
+    def version_settings(self, number: int) -> VersionSettings:
+        return self.versions.get(f"v{number}", VersionSettings())
+
+    @property
+    def retired_versions(self) -> frozenset[int]:
+        return frozenset(int(k[1:]) for k, v in self.versions.items() if v.status == "retired")
 
 
 def resolve_secret(reference: str | None, *, what: str) -> str | None:

@@ -11,6 +11,8 @@ import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import asyncpg
 import orjson
@@ -22,7 +24,7 @@ from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ApiError, UnknownContract, UnknownProfile
+from gatehouse.errors import ApiError, UnknownContract, UnknownProfile, VersionRetired
 from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload, read_body
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
@@ -73,6 +75,9 @@ def choose_version(project: Project, app: App, profile: str | None, path_version
     if requested is None:
         match = PROFILE.match((profile or "").strip())
         requested = int(match.group(1)) if match else None
+    if requested in project.versions.retired:
+        raise VersionRetired(f"API v{requested} has been retired", code="GH410",
+                             hint=f"Move to a newer version (newest: v{project.versions.newest}).")
     if requested is None or requested not in project.versions.served:
         shown = profile if path_version is None else f"v{path_version}"
         exposed = ", ".join(["public", *(f"v{n}" for n in project.versions.numbers)])
@@ -83,6 +88,18 @@ def choose_version(project: Project, app: App, profile: str | None, path_version
 def row_filters(app: App, identity: Identity, contracts: Iterable[str]) -> dict[str, tuple[Condition, ...]]:
     """The app's row filters on these contracts, with the caller's claims bound in."""
     return {name: bind_claims(app.row_filters[name], identity.claims) for name in contracts if name in app.row_filters}
+
+
+def lifecycle_headers(project: Project, version: int) -> dict[str, str]:
+    """``Deprecation`` (and ``Sunset`` when a date is set) on every answer from a deprecated version."""
+    settings = project.config.version_settings(version)
+    if settings.status != "deprecated":
+        return {}
+    headers = {"Deprecation": "true"}
+    if settings.sunset:
+        sunset = datetime(settings.sunset.year, settings.sunset.month, settings.sunset.day, tzinfo=UTC)
+        headers["Sunset"] = format_datetime(sunset, usegmt=True)
+    return headers
 
 
 def readable_contracts(project: Project, app: App, version: int) -> frozenset[str]:
@@ -166,7 +183,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
 
     page = render.Page(body=row[0], count=row[1], offset=query.top.offset, total=total,
                        columns=compiler.output_names)
-    headers = {"Content-Profile": f"v{version}"}
+    headers = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
     applied = prefs.applied({"count"})
     if applied:
         headers["Preference-Applied"] = applied
@@ -292,7 +309,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
             await transaction.commit()
 
     counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"
-    headers = {"Content-Profile": f"v{version}", "Content-Range": counted}
+    headers = {"Content-Profile": f"v{version}", "Content-Range": counted, **lifecycle_headers(project, version)}
     if method == "PATCH":
         headers["Content-Range"] = f"0-{written - 1}/*" if written else "*/*"
     if method == "POST" and prefs.get("return") == "headers-only":

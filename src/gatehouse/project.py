@@ -134,6 +134,13 @@ def _check_unique(contracts: list[ContractVersion]) -> None:
 def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> None:
     known = {name for served in versions.served.values() for name in served}
     newest = versions.newest
+    if config.project.default_version in versions.retired:
+        raise ProjectError(f"[project] default_version = {config.project.default_version} is retired", where=where,
+                           hint="point it at a live version")
+    for name, app in config.apps.items():
+        if app.version in versions.retired:
+            raise ProjectError(f"[apps.{name}] is pinned to v{app.version}, which is retired", where=where,
+                               hint=f"move the app to a live version (e.g. version = {newest}) before retiring")
     if config.project.default_version and config.project.default_version > newest:
         raise ProjectError(f"[project] default_version = {config.project.default_version}, but the newest "
                            f"API version is v{newest}", where=where)
@@ -197,7 +204,7 @@ def load_project(root: Path) -> Project:
     databases = list(config.databases)
     contracts = [load_contract_file(path, db) for path, db in _contract_files(root, databases)]
     _check_unique(contracts)
-    versions = carry_forward(contracts)
+    versions = carry_forward(contracts, config.retired_versions)
     _check_apps(config, versions, str(config_path))
     _check_relations(config, contracts, str(config_path))
     prefix = f"gh_{config.project.name}_"

@@ -22,6 +22,8 @@ class ApiVersions:
     """Which contract version each API version serves: ``served[N][name]``."""
 
     served: Mapping[int, Mapping[str, ContractVersion]]
+    """Live versions only: a retired version serves nothing, and its views are dropped."""
+    retired: frozenset[int] = frozenset()
 
     @property
     def numbers(self) -> tuple[int, ...]:
@@ -41,7 +43,7 @@ class ApiVersions:
                 yield number, contract
 
 
-def carry_forward(contracts: Iterable[ContractVersion]) -> ApiVersions:
+def carry_forward(contracts: Iterable[ContractVersion], retired: frozenset[int] = frozenset()) -> ApiVersions:
     by_name: dict[str, dict[int, ContractVersion]] = {}
     for contract in contracts:
         by_name.setdefault(contract.name, {})[contract.version] = contract
@@ -53,5 +55,6 @@ def carry_forward(contracts: Iterable[ContractVersion]) -> ApiVersions:
             eligible = [v for v in versions if v <= api_version]
             if eligible:
                 current[name] = versions[max(eligible)]
-        served[api_version] = current
-    return ApiVersions(served=served)
+        if api_version not in retired:
+            served[api_version] = current
+    return ApiVersions(served=served, retired=retired)
