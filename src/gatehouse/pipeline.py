@@ -8,11 +8,7 @@ one that does not exist.
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
 
 import asyncpg
 import orjson
@@ -20,23 +16,26 @@ from asyncpg.transaction import Transaction
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gatehouse.access import (
+    choose_version,
+    granted_contract,
+    lifecycle_headers,
+    readable_contracts,
+    row_filters,
+)
 from gatehouse.auth.identity import Identity, authenticate
-from gatehouse.contracts.model import ContractVersion
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ApiError, UnknownContract, UnknownProfile, VersionRetired
+from gatehouse.errors import ApiError, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload, read_body
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
-from gatehouse.project import App, Project
+from gatehouse.project import App
 from gatehouse.query.grammar import parse_query
-from gatehouse.query.row_filters import bind_claims
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
+from gatehouse.query.tree import Filter, Level, ReadQuery
 from gatehouse.query.writes import InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
-
-PROFILE = re.compile(r"^v([1-9][0-9]{0,3})$")
 
 
 @dataclass(slots=True)
@@ -65,58 +64,6 @@ def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
     labels = labels_of(request)
     labels.app, labels.key_id = app.name, identity.key_id
     return identity, app
-
-
-def choose_version(project: Project, app: App, profile: str | None, path_version: int | None) -> int:
-    """API version from the path prefix, else the profile header; ``public`` means the app's default."""
-    if path_version is None and (profile is None or profile.strip() in ("", "public")):
-        return app.config.version or project.default_version
-    requested = path_version
-    if requested is None:
-        match = PROFILE.match((profile or "").strip())
-        requested = int(match.group(1)) if match else None
-    if requested in project.versions.retired:
-        raise VersionRetired(f"API v{requested} has been retired", code="GH410",
-                             hint=f"Move to a newer version (newest: v{project.versions.newest}).")
-    if requested is None or requested not in project.versions.served:
-        shown = profile if path_version is None else f"v{path_version}"
-        exposed = ", ".join(["public", *(f"v{n}" for n in project.versions.numbers)])
-        raise UnknownProfile(f"Invalid schema: {shown}", hint=f"Only the following schemas are exposed: {exposed}")
-    return requested
-
-
-def row_filters(app: App, identity: Identity, contracts: Iterable[str]) -> dict[str, tuple[Condition, ...]]:
-    """The app's row filters on these contracts, with the caller's claims bound in."""
-    return {name: bind_claims(app.row_filters[name], identity.claims) for name in contracts if name in app.row_filters}
-
-
-def lifecycle_headers(project: Project, version: int) -> dict[str, str]:
-    """``Deprecation`` (and ``Sunset`` when a date is set) on every answer from a deprecated version."""
-    settings = project.config.version_settings(version)
-    if settings.status != "deprecated":
-        return {}
-    headers = {"Deprecation": "true"}
-    if settings.sunset:
-        sunset = datetime(settings.sunset.year, settings.sunset.month, settings.sunset.day, tzinfo=UTC)
-        headers["Sunset"] = format_datetime(sunset, usegmt=True)
-    return headers
-
-
-def readable_contracts(project: Project, app: App, version: int) -> frozenset[str]:
-    return frozenset(name for name in project.versions.served.get(version, {}) if "read" in app.grant_for(name))
-
-
-def granted_contract(project: Project, app: App, version: int, name: str, action: str) -> ContractVersion:
-    """The contract, if the app may ``action`` it in this version; otherwise it does not exist for this app."""
-    contract = project.versions.resolve(version, name)
-    grant = app.grant_for(name)
-    if contract is None or not grant:
-        raise UnknownContract(f"Could not find the contract '{name}' in API v{version}",
-                              hint="Check the name and the API version (Accept-Profile or /vN/ prefix).")
-    if action not in grant:
-        raise ApiError(f"The application may not {action} '{name}'", code="42501", status=403,
-                       hint=f"Its grant on '{name}' allows: {', '.join(sorted(grant))}.")
-    return contract
 
 
 def _intersect_range(level: Level, requested: tuple[int, int | None] | None) -> None:

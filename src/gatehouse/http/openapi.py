@@ -16,11 +16,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gatehouse.access import choose_version
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.catalog import ViewShape
 from gatehouse.http.negotiate import CONTENT_TYPES, response_format
-from gatehouse.pipeline import choose_version, identify, labels_of
+from gatehouse.pipeline import identify, labels_of
 from gatehouse.project import App, Project
 from gatehouse.runtime import Runtime
 
