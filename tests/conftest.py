@@ -110,7 +110,8 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     created: list[tuple[str, str]] = []
 
     def factory(*, toml: str | None = None, contracts: dict[str, str] | None = None,
-                migrations: dict[str, str] | None = None, from_shop: bool = False,
+                migrations: dict[str, str] | None = None, files: dict[str, str] | None = None,
+                from_shop: bool = False,
                 folder: str = "project") -> Project:
         root = tmp_path / folder
         if from_shop:
@@ -121,7 +122,8 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         config = re.sub(r'(?m)^name = "[a-z0-9_]+"', f'name = "{name}"', config, count=1)
         (root / "gatehouse.toml").write_text(config)
         for relative, text in {**{f"contracts/{k}": v for k, v in (contracts or {}).items()},
-                               **{f"migrations/{k}": v for k, v in (migrations or {}).items()}}.items():
+                               **{f"migrations/{k}": v for k, v in (migrations or {}).items()},
+                               **(files or {})}.items():
             path = root / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)

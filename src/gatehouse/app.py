@@ -21,10 +21,11 @@ from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp
 
 from gatehouse import pipeline
-from gatehouse.errors import ApiError, InvalidPath, MethodNotAllowed
+from gatehouse.errors import InvalidPath, MethodNotAllowed
 from gatehouse.http.docs import docs_endpoint, docs_static_app
 from gatehouse.http.middleware import RequestMiddleware
 from gatehouse.http.openapi import openapi_endpoint
+from gatehouse.logic.endpoint import call_rpc
 from gatehouse.runtime import Runtime
 
 T = TypeVar("T")
@@ -46,10 +47,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> ASGIApp:
         raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
 
     async def rpc(request: Request) -> Response:
-        pipeline.identify(request, runtime)  # 401 first, like every route
-        name = request.path_params["name"]
-        raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
-                       hint="No logic functions are published in this project.")
+        return await call_rpc(request, runtime, request.path_params["name"])
 
     async def root(request: Request) -> Response:
         return await openapi_endpoint(request, runtime)

@@ -95,6 +95,7 @@ class AppConfig(Strict):
     version: int | None = Field(default=None, ge=1, description="the API version this app gets for 'public'")
     quota: Quota = Quota()
     grants: tuple[Grant, ...] = ()
+    functions: tuple[Name, ...] = Field(default=(), description="logic functions (logic/*.py) this app may call")
 
     @model_validator(mode="after")
     def _one_grant_per_contract(self) -> AppConfig:

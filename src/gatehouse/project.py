@@ -14,6 +14,7 @@ from gatehouse.config import AppConfig, ProjectConfig, load_config
 from gatehouse.contracts.model import ContractVersion, load_contract_file
 from gatehouse.contracts.versions import ApiVersions, carry_forward
 from gatehouse.errors import ApiError, ProjectError
+from gatehouse.logic.registry import LogicFunction, load_logic
 from gatehouse.query.row_filters import columns_of, parse_row_filter
 from gatehouse.query.tree import Condition
 
@@ -44,6 +45,8 @@ class Project:
     contracts: tuple[ContractVersion, ...]
     versions: ApiVersions
     apps: dict[str, App] = field(default_factory=dict)
+    functions: dict[str, LogicFunction] = field(default_factory=dict)
+    """The published logic functions of ``logic/``, by name."""
 
     @property
     def name(self) -> str:
@@ -207,10 +210,22 @@ def load_project(root: Path) -> Project:
     versions = carry_forward(contracts, config.retired_versions)
     _check_apps(config, versions, str(config_path))
     _check_relations(config, contracts, str(config_path))
+    functions = load_logic(root, f"gatehouse_logic_{config.project.name}")
+    for name, app_config in config.apps.items():
+        for granted in app_config.functions:
+            if granted not in functions:
+                raise ProjectError(f"[apps.{name}] may call {granted!r}, which no logic/*.py publishes",
+                                   where=str(config_path),
+                                   hint=f"published: {', '.join(sorted(functions)) or 'none'}")
+    for function in functions.values():
+        if function.database and function.database not in config.databases:
+            raise ProjectError(f"function {function.name!r} names database {function.database!r}, not declared",
+                               where=str(root / "logic"))
     prefix = f"gh_{config.project.name}_"
     apps = {
         name: App(name=name, config=app, role=f"{prefix}app_{name}",
                   row_filters=_row_filters(name, app, contracts, str(config_path)))
         for name, app in config.apps.items()
     }
-    return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps)
+    return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps,
+                   functions=functions)

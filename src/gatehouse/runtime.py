@@ -72,6 +72,7 @@ class Runtime:
         result: dict[str, set[str]] = {}
         for app in self.project.apps.values():
             dbs = {self.project.database_of(g.contract) for g in app.config.grants}
+            dbs |= {self.project.functions[f].database or self.project.home_database for f in app.config.functions}
             result[app.name] = {db for db in dbs if db is not None}
         return result
 

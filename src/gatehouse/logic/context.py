@@ -1,0 +1,130 @@
+"""What a logic function gets: the caller's identity, and contracts to read and write *as the calling app*.
+
+Every read and write goes through the same compiler, grants and row filters as an HTTP request, on one
+connection of the app's pool inside one transaction, which commits only if the function returns. So a
+function can never reach a table, a contract the app was not granted, or a row its filter hides, and a
+function that raises leaves nothing behind. A call works within one database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import asyncpg
+import orjson
+
+from gatehouse.access import granted_contract, readable_contracts, row_filters
+from gatehouse.auth.identity import Identity
+from gatehouse.db import Connection
+from gatehouse.db.sqlstate import api_error_from_postgres
+from gatehouse.errors import ApiError
+from gatehouse.http.body import Payload
+from gatehouse.project import App, Project
+from gatehouse.query.grammar import parse_query
+from gatehouse.query.sql import CompiledQuery, ReadCompiler
+from gatehouse.query.tree import Field, Filter, ReadQuery
+from gatehouse.query.writes import InsertOptions, WriteCompiler
+from gatehouse.schema_cache import ApiSchema
+
+Row = dict[str, Any]
+
+
+class LogicError(ApiError):
+    """Raise it in a logic function to answer the caller with a clear 4xx (default 400); nothing is written."""
+
+    code = "GH422"
+
+    def __init__(self, message: str, *, status: int = 400, details: str | None = None) -> None:
+        super().__init__(message, status=status, details=details)
+
+
+class Context:
+    def __init__(self, *, project: Project, app: App, identity: Identity, version: int, schema: ApiSchema,
+                 connection: Connection, database: str) -> None:
+        self.project = project
+        self.app = app
+        self.identity = identity
+        self.version = version
+        self._schema = schema
+        self._conn = connection
+        self._database = database
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        return self.identity.claims
+
+    @property
+    def subject(self) -> str | None:
+        return self.identity.subject
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    def _query(self, query: str, equals: Mapping[str, Any]) -> ReadQuery:
+        parsed = parse_query(query)
+        parsed.top.where.extend(Filter(Field(k), "eq", str(v)) for k, v in equals.items())
+        return parsed
+
+    def _compiler(self, contract: str, action: str) -> ReadCompiler:
+        found = granted_contract(self.project, self.app, self.version, contract, action)
+        if found.database != self._database:
+            raise LogicError(f"'{contract}' lives in database '{found.database}'; a logic call works within "
+                             f"'{self._database}'", status=500)
+        readable = readable_contracts(self.project, self.app, self.version)
+        filters = row_filters(self.app, self.identity, readable | {contract})
+        return ReadCompiler(self._schema, readable, self.project.max_rows(self.app, contract), filters)
+
+    async def _run(self, compiled: CompiledQuery, contract: str) -> asyncpg.Record:
+        try:
+            row = await self._conn.fetchrow(compiled.sql, *compiled.params)
+        except asyncpg.PostgresError as exc:
+            columns = self._schema.shapes[contract].columns
+            raise api_error_from_postgres(exc, columns=columns, debug=self.project.config.server.debug) from None
+        assert row is not None
+        return cast(asyncpg.Record, row)
+
+    async def read(self, contract: str, query: str = "", **equals: Any) -> list[Row]:
+        """Rows of a contract, in PostgREST's dialect: ``await ctx.read("orders", "select=id,status", id=5)``."""
+        compiled = self._compiler(contract, "read").read(contract, self._query(query, equals))
+        rows: list[Row] = orjson.loads((await self._run(compiled, contract))[0])
+        return rows
+
+    async def one(self, contract: str, query: str = "", **equals: Any) -> Row | None:
+        """The single matching row, or None when there is none (more than one is an error)."""
+        rows = await self.read(contract, query + ("&" if query else "") + "limit=2", **equals)
+        if len(rows) > 1:
+            raise LogicError(f"more than one row of '{contract}' matches", status=500)
+        return rows[0] if rows else None
+
+    # -- writes ------------------------------------------------------------------------------------------
+
+    async def _write(self, contract: str, compiled: CompiledQuery) -> list[Row]:
+        row = await self._run(compiled, contract)
+        if row[4]:
+            raise ApiError("The change would put rows outside what this application may see", code="42501",
+                           status=403)
+        written: list[Row] = orjson.loads(row[0])
+        return written
+
+    async def insert(self, contract: str, rows: Row | list[Row], *, select: str = "") -> list[Row]:
+        payload = Payload([rows] if isinstance(rows, dict) else list(rows), single=isinstance(rows, dict))
+        writer = WriteCompiler(self._compiler(contract, "insert"), contract)
+        query = parse_query(f"select={select}" if select else "")
+        key = self._schema.keys.get(contract, ())
+        return await self._write(contract, writer.insert(query, payload, InsertOptions(representation=True), key))
+
+    async def update(self, contract: str, values: Row, query: str = "", **equals: Any) -> list[Row]:
+        parsed = self._query(query, equals)
+        if not parsed.top.where:
+            raise LogicError("update needs a filter", status=500)
+        writer = WriteCompiler(self._compiler(contract, "update"), contract)
+        key = self._schema.keys.get(contract, ())
+        return await self._write(contract, writer.update(parsed, values, True, key))
+
+    async def delete(self, contract: str, query: str = "", **equals: Any) -> list[Row]:
+        parsed = self._query(query, equals)
+        if not parsed.top.where:
+            raise LogicError("delete needs a filter", status=500)
+        writer = WriteCompiler(self._compiler(contract, "delete"), contract)
+        key = self._schema.keys.get(contract, ())
+        return await self._write(contract, writer.delete(parsed, True, key))

@@ -1,0 +1,110 @@
+"""``POST /rpc/<name>`` (and ``GET`` for read-only functions): validate, call in one transaction, answer.
+
+The arguments are validated by the function's pydantic model before any database work; the function runs
+with a :class:`Context` on the app's own pool inside one transaction (read-only for read-only functions),
+committed only if it returns. Its result is serialised by its return annotation; ``None`` answers 204.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gatehouse.access import choose_version
+from gatehouse.auth.identity import Identity
+from gatehouse.db.sqlstate import api_error_from_postgres
+from gatehouse.errors import ApiError, InternalError
+from gatehouse.http.body import read_body
+from gatehouse.logic.context import Context
+from gatehouse.logic.registry import LogicFunction
+from gatehouse.pipeline import identify, labels_of
+from gatehouse.project import App
+from gatehouse.runtime import Runtime
+
+log = logging.getLogger(__name__)
+JSON = "application/json; charset=utf-8"
+
+
+def _arguments_error(exc: ValidationError) -> ApiError:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    return ApiError("The function's arguments are not valid", code="PGRST102", status=400, details=problems)
+
+
+async def _arguments(request: Request, limit: int) -> dict[str, Any]:
+    if request.method in ("GET", "HEAD"):
+        return dict(request.query_params)
+    raw = await read_body(request, limit)
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError("Empty or invalid json", code="PGRST102", status=400) from None
+    if not isinstance(value, dict):
+        raise ApiError("The arguments are a JSON object of named values", code="PGRST102", status=400)
+    return value
+
+
+async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: Identity, version: int,
+                 parameters: BaseModel, *, commit: bool = True) -> Any:
+    """Call a function as ``app`` in one transaction: committed if it returns (and ``commit``), else rolled back."""
+    assert runtime.pools is not None
+    project = runtime.project
+    database = function.database or project.home_database
+    async with runtime.pools.connection(app.name, database) as conn:
+        transaction = conn.transaction(readonly=function.read_only)
+        await transaction.start()
+        context = Context(project=project, app=app, identity=identity, version=version,
+                          schema=runtime.schemas[version], connection=conn, database=database)
+        try:
+            result = await function.call(context, parameters)
+        except BaseException as exc:
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                await transaction.rollback()
+            if isinstance(exc, ApiError):
+                raise
+            if isinstance(exc, asyncpg.PostgresError):
+                raise api_error_from_postgres(exc, debug=project.config.server.debug) from None
+            if isinstance(exc, Exception):
+                log.error("logic function %s raised %s", function.name, type(exc).__name__)
+                raise InternalError(f"The function '{function.name}' failed", hint="Nothing was written.") from None
+            raise
+        if commit:
+            await transaction.commit()
+        else:
+            await transaction.rollback()
+    return result
+
+
+async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
+    assert runtime.pools is not None
+    project = runtime.project
+    identity, app = identify(request, runtime)  # 401
+    function = project.functions.get(name)
+    if function is None or name not in app.config.functions:
+        raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
+                       hint="Check the name; functions are granted to applications in gatehouse.toml.")
+    labels_of(request).contract = f"rpc:{name}"
+    if request.method in ("GET", "HEAD") and not function.read_only:
+        raise ApiError(f"Cannot use the {request.method} method on RPC", code="PGRST101", status=405,
+                       hint="This function changes data: call it with POST.")
+    profile = request.headers.get("accept-profile" if request.method in ("GET", "HEAD") else "content-profile")
+    version = choose_version(project, app, profile, None)  # 406 / 410
+    arguments = await _arguments(request, project.config.server.max_body_bytes)
+    try:
+        parameters = function.parameters.model_validate(arguments)  # 400, before any database work
+    except ValidationError as exc:
+        raise _arguments_error(exc) from None
+
+    result = await invoke(runtime, function, app, identity, version, parameters)
+    if result is None:
+        return Response(status_code=204)
+    body = b"" if request.method == "HEAD" else function.result.dump_json(result)
+    return Response(body, status_code=200, media_type=JSON)
