@@ -241,7 +241,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
             if max_affected is not None and written > int(max_affected):
                 raise ApiError("Query result exceeds max-affected preference constraint", code="PGRST124",
                                status=400, details=f"The query affects {written} rows")
-            if fmt == "object" and written != 1:
+            if fmt in ("object", "object_stripped") and written != 1:
                 raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
                                details=f"The result contains {written} rows")
         except asyncpg.PostgresError as exc:
@@ -258,7 +258,8 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"
     headers = {"Content-Profile": f"v{version}", "Content-Range": counted, **lifecycle_headers(project, version)}
     if method == "PATCH":
-        headers["Content-Range"] = f"0-{written - 1}/*" if written else "*/*"
+        total = written if prefs.get("count") == "exact" else "*"
+        headers["Content-Range"] = f"0-{written - 1}/{total}" if written else f"*/{total}"
     if method == "POST" and prefs.get("return") == "headers-only":
         headers.update(_location(contract.name, key, first_key))
     inserted_none = existing is not None and written and existing >= written
@@ -271,7 +272,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     if not representation:
         return _written(Response(status_code=status, headers=headers), prefs, applied)
     page = render.Page(body=body, count=written, offset=0, columns=reader.output_names)
-    content = render.singular(page) if fmt == "object" else render.to_csv(page) if fmt == "csv" else body.encode()
+    content = render.encode(page, fmt)
     response = Response(content, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
     return _written(response, prefs, applied)
 

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 
 from gatehouse.errors import ApiError, NotAcceptable, RangeNotSatisfiable
 
-Format = Literal["json", "object", "csv", "openapi"]
+Format = Literal["json", "object", "csv", "openapi", "json_stripped", "object_stripped"]
 MEDIA_TYPES: dict[str, Format] = {
     "application/json": "json",
     "application/*": "json",
@@ -32,7 +32,10 @@ CONTENT_TYPES: dict[Format, str] = {
     "object": "application/vnd.pgrst.object+json; charset=utf-8",
     "csv": "text/csv; charset=utf-8",
     "openapi": "application/openapi+json; charset=utf-8",
+    "json_stripped": "application/vnd.pgrst.array+json;nulls=stripped; charset=utf-8",
+    "object_stripped": "application/vnd.pgrst.object+json;nulls=stripped; charset=utf-8",
 }
+STRIPPED: dict[Format, Format] = {"json": "json_stripped", "object": "object_stripped"}
 PREFERENCE_VALUES = {
     "return": {"minimal", "headers-only", "representation"},
     "count": {"exact", "planned", "estimated"},
@@ -44,14 +47,16 @@ PREFERENCE_VALUES = {
 APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected")
 
 
-def response_format(accept: str | None, allowed: tuple[Format, ...] = ("json", "object", "csv")) -> Format:
+def response_format(accept: str | None,
+                    allowed: tuple[Format, ...] = ("json", "object", "csv", "json_stripped", "object_stripped"),
+                    ) -> Format:
     """The first acceptable media type by q-value then order; absent means JSON."""
     if not accept or not accept.strip():
         return "json"
-    ranked: list[tuple[float, int, str]] = []
+    ranked: list[tuple[float, int, str, bool]] = []
     for index, part in enumerate(accept.split(",")):
         media, *params = [p.strip() for p in part.split(";")]
-        quality = 1.0
+        quality, stripped = 1.0, False
         for param in params:
             name, _, value = param.partition("=")
             if name.strip() == "q":
@@ -59,10 +64,14 @@ def response_format(accept: str | None, allowed: tuple[Format, ...] = ("json", "
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
+            elif name.strip() == "nulls" and value.strip() == "stripped":
+                stripped = media.lower().startswith("application/vnd.pgrst.")
         if quality > 0:
-            ranked.append((-quality, index, media.lower()))
-    for _, _, media in sorted(ranked):
+            ranked.append((-quality, index, media.lower(), stripped))
+    for _, _, media, stripped in sorted(ranked):
         fmt = MEDIA_TYPES.get(media)
+        if fmt is not None and stripped:
+            fmt = STRIPPED.get(fmt, fmt)
         if fmt in allowed:
             return fmt
     raise NotAcceptable(f"None of these media types are available: {accept}")

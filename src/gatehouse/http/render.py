@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -72,13 +73,29 @@ def to_csv(page: Page) -> bytes:
     return out.getvalue().removesuffix("\n").encode()
 
 
-def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> Response:
-    status = page_status(page)
-    if fmt == "object":
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def encode(page: Page, fmt: Format) -> bytes:
+    """The body in the negotiated format; only singular, stripped and CSV formats look inside the JSON."""
+    if fmt in ("object", "object_stripped"):
         body = singular(page)
     elif fmt == "csv":
-        body = to_csv(page)
+        return to_csv(page)
     else:
         body = page.body.encode()
+    if fmt in ("json_stripped", "object_stripped"):
+        return orjson.dumps(_without_nulls(orjson.loads(body)))
+    return body
+
+
+def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> Response:
+    status = page_status(page)
+    body = encode(page, fmt)
     headers = {**headers, "Content-Range": content_range(page.offset, page.count, page.total)}
     return Response(b"" if head else body, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])

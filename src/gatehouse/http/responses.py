@@ -11,6 +11,7 @@ JSON = "application/json; charset=utf-8"
 
 
 def error_response(error: ApiError, *, head: bool = False) -> Response:
-    headers = {"Proxy-Status": f"gatehouse; error={error.code}", **error.headers}
+    # PostgREST's clients read the code of a bodiless (HEAD) error from a "PostgREST" Proxy-Status entry.
+    headers = {"Proxy-Status": f"PostgREST; error={error.code}", **error.headers}
     body = b"" if head else orjson.dumps(error.body())
     return Response(body, status_code=error.status, headers=headers, media_type=JSON)
