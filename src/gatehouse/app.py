@@ -43,7 +43,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> ASGIApp:
         if request.method in pipeline.WRITE_ACTIONS:
             return await pipeline.write(request, runtime, name, path_version)
         if request.method == "OPTIONS":
-            return pipeline.options(request, runtime, name, path_version)
+            return await pipeline.options(request, runtime, name, path_version)
         raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
 
     async def rpc(request: Request) -> Response:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from gatehouse.auth.jwt import AuthConfig
 from gatehouse.errors import ProjectError
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
@@ -66,6 +67,8 @@ class ServerConfig(Strict):
     max_json_depth: int = Field(default=32, ge=2, le=512)
     debug: bool = Field(default=False, description="add PostgreSQL's own error text to errors: never in production")
     pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
+    auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,
+                                          description="failed authentications per client address per minute")
 
 
 class Quota(Strict):
@@ -96,6 +99,7 @@ class AppConfig(Strict):
     quota: Quota = Quota()
     grants: tuple[Grant, ...] = ()
     functions: tuple[Name, ...] = Field(default=(), description="logic functions (logic/*.py) this app may call")
+    require_user: bool = Field(default=False, description="also require a user's JWT besides the app's key")
 
     @model_validator(mode="after")
     def _one_grant_per_contract(self) -> AppConfig:
@@ -136,6 +140,7 @@ class ProjectConfig(Strict):
     apps: dict[Name, AppConfig] = {}
     relations: tuple[RelationConfig, ...] = ()
     contracts: dict[Name, ContractSettings] = {}
+    auth: AuthConfig = AuthConfig()
     versions: dict[Annotated[str, Field(pattern=r"^v[1-9][0-9]{0,3}$")], VersionSettings] = {}
 
     def version_settings(self, number: int) -> VersionSettings:
@@ -172,7 +177,7 @@ def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
                 break
         else:
             # A URL given straight in the environment is already outside the file: accept it as is.
-            node[path[-1]] = f"env:{key}" if path[-1] in {"url", "authenticator_password"} else value
+            node[path[-1]] = f"env:{key}" if path[-1] in {"url", "authenticator_password", "secret"} else value
 
 
 def _location(error: ErrorDetails) -> str:

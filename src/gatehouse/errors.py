@@ -132,13 +132,10 @@ class Unauthenticated(ApiError):
 class MissingCredentials(Unauthenticated):
     code = "PGRST302"
 
-    def __init__(self) -> None:
-        ApiError.__init__(
-            self,
-            "No API key was sent",
-            hint="Send your application's key in the 'apikey' header or as 'Authorization: Bearer <key>'.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    def __init__(self, message: str = "No API key was sent", *,
+                 hint: str = "Send your application's key in the 'apikey' header or as 'Authorization: Bearer <key>'.",
+                 ) -> None:
+        ApiError.__init__(self, message, hint=hint, headers={"WWW-Authenticate": "Bearer"})
 
 
 # --- 5xx: ours -----------------------------------------------------------------------------------

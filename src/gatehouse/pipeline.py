@@ -26,7 +26,7 @@ from gatehouse.access import (
 from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ApiError, UnknownContract
+from gatehouse.errors import ApiError, Unauthenticated, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload, read_body
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
@@ -56,11 +56,19 @@ def labels_of(request: Request) -> RequestLabels:
     return labels
 
 
-def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
-    """Authenticate (401 before any database work) and record who is calling."""
+async def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
+    """Authenticate (401, or 429 after too many failures; no database work either way) and record who calls."""
     assert runtime.keys is not None
-    identity = authenticate(request.headers, runtime.keys)
-    app = runtime.project.apps[identity.app]
+    apps = runtime.project.apps
+    client = request.client.host if request.client else "unknown"
+    runtime.auth_failures.check(client)
+    try:
+        identity = await authenticate(request.headers, runtime.keys, runtime.tokens,
+                                      lambda name: apps[name].config.require_user)
+    except Unauthenticated:
+        runtime.auth_failures.failed(client)
+        raise
+    app = apps[identity.app]
     labels = labels_of(request)
     labels.app, labels.key_id = app.name, identity.key_id
     return identity, app
@@ -99,7 +107,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
     project = runtime.project
     labels = labels_of(request)
 
-    identity, app = identify(request, runtime)  # 401
+    identity, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
     labels.contract, labels.version = contract.name, f"v{version}"
@@ -172,7 +180,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     project, method = runtime.project, request.method
     labels = labels_of(request)
 
-    identity, app = identify(request, runtime)  # 401
+    identity, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("content-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, WRITE_ACTIONS[method][0])  # 404 / 403
     for action in WRITE_ACTIONS[method][1:]:
@@ -290,10 +298,10 @@ def _written(response: Response, prefs: Preferences, names: set[str]) -> Respons
     return response
 
 
-def options(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+async def options(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
     """``OPTIONS``: which methods this app may use on the contract (``Allow``), from its grant."""
     project = runtime.project
-    _, app = identify(request, runtime)
+    _, app = await identify(request, runtime)
     version = choose_version(project, app, request.headers.get("accept-profile"), path_version)
     contract = project.versions.resolve(version, contract_name)
     grant = app.grant_for(contract_name)

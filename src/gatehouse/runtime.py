@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from gatehouse.auth.failures import FailureThrottle
 from gatehouse.auth.identity import KeyRing
+from gatehouse.auth.jwt import JwtVerifier
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
 from gatehouse.db.pools import AppPools
@@ -34,6 +36,8 @@ class Runtime:
     targets: dict[str, DatabaseTarget] = field(default_factory=dict)
     pools: AppPools | None = None
     keys: KeyRing | None = None
+    tokens: JwtVerifier | None = None
+    auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
@@ -41,6 +45,7 @@ class Runtime:
 
     async def start(self) -> None:
         project = self.project
+        self.auth_failures = FailureThrottle(project.config.server.auth_failures_per_minute)
         self.targets = await resolve_targets(project)
         constraints: dict[str, list[Constraint]] = {}
         try:
@@ -57,6 +62,9 @@ class Runtime:
             self._listener = await asyncpg.connect(**home.authenticator_kwargs())
             self.keys = KeyRing(set(project.apps))
             await self.keys.start(self._internal[project.home_database], self._listener)
+            if project.config.auth.issuers:
+                self.tokens = JwtVerifier(project.config.auth, set(project.apps))
+                await self.tokens.start()
             self.pools = AppPools(project.config.server.pool_timeout_ms / 1000)
             await self.pools.open(self.targets, project.apps, self._databases_of_apps())
         except asyncpg.InvalidAuthorizationSpecificationError:
@@ -90,6 +98,8 @@ class Runtime:
     async def stop(self) -> None:
         if self.keys is not None:
             await self.keys.stop()
+        if self.tokens is not None:
+            await self.tokens.stop()
         if self.pools is not None:
             await self.pools.close()
         if self._listener is not None:

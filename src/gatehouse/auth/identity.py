@@ -4,9 +4,9 @@ The server holds every live key's hash in memory (:class:`KeyRing`), loaded at s
 is created or revoked (``LISTEN gatehouse_keys``) and every ``REFRESH_S`` seconds as a safety net. So an
 unknown, revoked or expired key is refused without touching a database connection.
 
-Credentials come from the ``apikey`` header (as Supabase clients send it) or ``Authorization: Bearer``.
-When both are sent, ``apikey`` names the application; a Bearer value that is not a gatehouse key is left
-for user identity (JWT), which a later layer verifies. Keys in the query string are never accepted.
+Credentials come from the ``apikey`` header (as Supabase clients send it) and/or ``Authorization: Bearer``
+with a key or a user's JWT (verified by :mod:`gatehouse.auth.jwt`). Keys in the query string are never
+accepted.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from gatehouse.auth.jwt import InvalidClaims, JwtVerifier, TokenIdentity, looks_like_jwt
 from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
 from gatehouse.db import Connection
 from gatehouse.errors import MissingCredentials, Unauthenticated
@@ -110,20 +111,49 @@ class KeyRing:
         return Identity(app=entry.app, key_id=key_id)
 
 
-def credential_from_headers(headers: Mapping[str, str]) -> str:
-    """The key the request presents; raises 401 when there is none."""
-    apikey = headers.get("apikey", "").strip()
-    if apikey:
-        return apikey
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() == "bearer" and token and looks_like_key(token):
-        return token
-    if scheme.lower() == "bearer" and token:
-        raise Unauthenticated("Invalid API key", hint="Send a gatehouse API key in the 'apikey' header.")
-    raise MissingCredentials()
+    return token if token and scheme.lower() == "bearer" else None  # other schemes carry nothing for us
 
 
-def authenticate(headers: Mapping[str, str], keys: KeyRing) -> Identity:
-    return keys.verify(credential_from_headers(headers))
+async def authenticate(headers: Mapping[str, str], keys: KeyRing, tokens: JwtVerifier | None,
+                       require_user: Callable[[str], bool]) -> Identity:
+    """Who is calling, from the ``apikey`` header and/or ``Authorization: Bearer`` (a key or a user's JWT).
+
+    The key names the application; a JWT names the user (and the application too, through its app claim,
+    when no key is sent). When both name an application, they must agree.
+    """
+    apikey = headers.get("apikey", "").strip()
+    bearer = _bearer(headers)
+    by_key = keys.verify(apikey) if apikey else None
+    user: TokenIdentity | None = None
+    if bearer is not None and looks_like_key(bearer):
+        second = keys.verify(bearer)
+        if by_key is not None and second.app != by_key.app:
+            raise Unauthenticated("The apikey header and the Bearer key name different applications")
+        by_key = by_key or second
+    elif bearer is not None and looks_like_jwt(bearer):
+        if tokens is None:
+            raise Unauthenticated("JWT authentication is not configured",
+                                  hint="Send the application's key, or configure [auth.issuers] in gatehouse.toml.")
+        user = await tokens.verify(bearer)
+        if by_key is not None and user.app not in (None, by_key.app):
+            raise InvalidClaims("JWT was issued for another application")
+        if by_key is None and user.app is None:
+            raise InvalidClaims("The token names no known application")
+    elif bearer is not None:
+        raise Unauthenticated("Invalid API key or token", hint="Check the key: it reads gh_<id>_<secret>.")
+    if by_key is None and user is None:
+        raise MissingCredentials()
+    app = by_key.app if by_key is not None else user.app  # type: ignore[union-attr]
+    assert app is not None
+    if user is None and require_user(app):
+        raise MissingCredentials("This application requires a user token as well",
+                                 hint="Send the user's JWT as 'Authorization: Bearer <token>' with the apikey.")
+    return Identity(
+        app=app,
+        key_id=by_key.key_id if by_key is not None else "",
+        subject=user.subject if user is not None else None,
+        claims=dict(user.claims) if user is not None else {},
+    )

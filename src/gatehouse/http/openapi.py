@@ -261,7 +261,7 @@ def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tup
 async def openapi_endpoint(request: Request, runtime: Runtime) -> Response:
     """``GET /`` and ``HEAD /``: 401 before anything, 406 for a version that is not served."""
     project = runtime.project
-    _, app = identify(request, runtime)  # 401
+    _, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), None)  # 406
     labels_of(request).version = f"v{version}"
     response_format(request.headers.get("accept"), allowed=("openapi", "json"))  # 406 for e.g. text/csv

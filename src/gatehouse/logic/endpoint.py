@@ -86,7 +86,7 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
 async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
     assert runtime.pools is not None
     project = runtime.project
-    identity, app = identify(request, runtime)  # 401
+    identity, app = await identify(request, runtime)  # 401
     function = project.functions.get(name)
     if function is None or name not in app.config.functions:
         raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
