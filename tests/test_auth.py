@@ -132,3 +132,22 @@ async def test_keys_are_stored_only_as_hashes(served: Served, shop: Project) -> 
         secret = key.split("_", 2)[2]
         assert secret not in everything
         assert key.split("_")[1] in everything  # the public id is stored
+
+
+async def test_rotation_keeps_old_keys_for_the_overlap(served: Served, shop: Project) -> None:
+    from datetime import timedelta
+
+    client, _, keys = served
+    new, ending = await operations.rotate_keys(shop, "web", overlap=timedelta(seconds=1.5))
+    assert ending == [keys["web"].split("_")[1]]
+    for _ in range(50):  # both work during the overlap
+        old_ok = (await client.get("/products?limit=1", headers={"apikey": keys["web"]})).status_code == 200
+        new_ok = (await client.get("/products?limit=1", headers={"apikey": new.secret_key})).status_code == 200
+        if old_ok and new_ok:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the new key and the old key did not both work during the overlap")
+    await asyncio.sleep(1.6)
+    _assert_401(await client.get("/products?limit=1", headers={"apikey": keys["web"]}))
+    assert (await client.get("/products?limit=1", headers={"apikey": new.secret_key})).status_code == 200

@@ -36,7 +36,8 @@ def test_help_and_version() -> None:
     top = gatehouse("--help").stdout
     for command in ("migrate", "apply", "keys", "serve", "demo"):
         assert command in top
-    for command in (["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["serve"], ["apply"], ["demo"]):
+    for command in (["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["keys", "rotate"], ["serve"],
+                    ["apply"], ["demo"], ["init"], ["migrate"]):
         assert "--help" in gatehouse(*command, "--help").stdout
 
 

@@ -158,6 +158,28 @@ def keys_create(
     out.print("[dim]Store it now: it cannot be shown again. Send it as the 'apikey' header.[/]")
 
 
+@keys_app.command("rotate")
+def keys_rotate(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    overlap: Annotated[str, typer.Option(help="How long the old keys keep working: 90m, 24h, 7d.")] = "24h",
+    expires: Annotated[str | None, typer.Option(help="Expiry of the new key: a duration or a date.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new key.")] = False,
+) -> None:
+    """Make a new key and let the app's other keys expire after an overlap, so callers switch without an outage."""
+    project = _project()
+    now = datetime.now(UTC)
+    window = _run_sync(lambda: parse_expiry(overlap, now)) - now
+    expires_at = _run_sync(lambda: parse_expiry(expires)) if expires else None
+    key, ending = run(operations.rotate_keys(project, app_name, overlap=window, expires_at=expires_at))
+    if quiet:
+        print(key.secret_key)
+        return
+    out.print(f"new API key for [bold]{app_name}[/] (id {key.id}):")
+    print(key.secret_key)
+    until = (now + window).isoformat(timespec="minutes")
+    out.print(f"{len(ending)} older key(s) keep working until {until}: {', '.join(ending) or 'none'}")
+
+
 @keys_app.command("list")
 def keys_list(
     app_name: Annotated[str | None, typer.Argument(metavar="[APP]", help="Only this application's keys.")] = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -68,6 +68,14 @@ async def list_keys(project: Project, app: str | None) -> list[keys.KeyInfo]:
     async with owner_connection(project) as conn:
         await bootstrap(conn)
         return await keys.list_keys(conn, app)
+
+
+async def rotate_keys(project: Project, app: str, *, overlap: timedelta,
+                      expires_at: datetime | None = None) -> tuple[keys.NewKey, list[str]]:
+    _known_app(project, app)
+    async with owner_connection(project) as conn:
+        await bootstrap(conn)
+        return await keys.rotate_keys(conn, app, overlap=overlap, expires_at=expires_at)
 
 
 async def revoke_keys(project: Project, app: str, key_id: str | None) -> list[str]:

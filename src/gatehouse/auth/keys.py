@@ -14,7 +14,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -94,3 +94,19 @@ async def revoke_key(conn: asyncpg.Connection, app: str, key_id: str | None) -> 
         )
         await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, app)
     return [r["id"] for r in rows]
+
+
+async def rotate_keys(conn: asyncpg.Connection, app: str, *, overlap: timedelta,
+                      expires_at: datetime | None = None) -> tuple[NewKey, list[str]]:
+    """A new key for ``app``; its other live keys now expire after ``overlap``, so callers can switch over
+    without an outage. Returns the new key and the ids of the keys that will expire."""
+    new = await create_key(conn, app, expires_at=expires_at, description="rotated in")
+    async with conn.transaction():
+        rows = await conn.fetch(
+            "UPDATE gatehouse.keys SET expires_at = least(coalesce(expires_at, 'infinity'), now() + $3::interval) "
+            "WHERE app = $1 AND id <> $2 AND revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > now()) RETURNING id",
+            app, new.id, overlap,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, app)
+    return new, [r["id"] for r in rows]
