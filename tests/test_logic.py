@@ -140,3 +140,16 @@ async def test_a_function_acts_only_as_its_app_and_user(bank: Project) -> None:
             await harness.call("sneak", app="clerk", claims={"sub": "ann"})
         assert table.value.status == 404
     assert (await _balances(bank))[3] == 50
+
+
+async def test_functions_are_in_the_callers_openapi_document(shop: Project, serve_project: object) -> None:
+    keys = await prepare(shop)
+    client, _ = await serve_project(shop)  # type: ignore[operator]
+    document = (await client.get("/", headers={"apikey": keys["analytics"]})).json()
+    item = document["paths"]["/rpc/order_total"]
+    assert item["post"]["requestBody"]["content"]["application/json"]["schema"]["required"] == ["order_id"]
+    assert "get" in item  # read-only: GET documented too
+    assert set(item["post"]["responses"]["200"]["content"]["application/json"]["schema"]["properties"]) == {
+        "order_id", "tier", "subtotal", "discount_percent", "total"}
+    web = (await client.get("/", headers={"apikey": keys["web"]})).json()
+    assert "/rpc/order_total" not in web["paths"]  # not granted: not there

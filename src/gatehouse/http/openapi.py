@@ -21,6 +21,7 @@ from gatehouse.contracts.model import ContractVersion
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.catalog import ViewShape
 from gatehouse.http.negotiate import CONTENT_TYPES, response_format
+from gatehouse.logic.registry import LogicFunction
 from gatehouse.pipeline import identify, labels_of
 from gatehouse.project import App, Project
 from gatehouse.runtime import Runtime
@@ -137,6 +138,7 @@ def _error_responses() -> dict[str, Schema]:
         "NotAcceptable": error("The API version is not served, no media type in Accept is available, or one "
                                "object was asked for (application/vnd.pgrst.object+json) and not one row matched."),
         "RangeNotSatisfiable": error("limit, offset or the Range header cannot be satisfied."),
+        "TooManyRequests": error("Too many failed authentication attempts from this address; see Retry-After."),
     }
 
 
@@ -155,7 +157,8 @@ ERROR_SCHEMA: Schema = {
 # --- Operations --------------------------------------------------------------------------------------
 
 _READ_PARAMS = ("select", "order", "limit", "offset", "range", "rangeUnit", "prefer", "acceptProfile")
-_ERRORS = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "406": "NotAcceptable"}
+_ERRORS = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "406": "NotAcceptable",
+           "429": "TooManyRequests"}
 
 
 def _ref(kind: str, name: str) -> Schema:
@@ -218,6 +221,30 @@ def _path_item(name: str, columns: list[str], actions: frozenset[str]) -> Schema
     return item
 
 
+def _function_item(function: LogicFunction) -> Schema:
+    """``/rpc/<name>``: arguments and result from the function's own types (pydantic's JSON Schema)."""
+    arguments = function.parameters.model_json_schema()
+    result = function.result.json_schema()
+    responses = {"200": {"description": "The function's result.",
+                         "content": {"application/json": {"schema": result}}},
+                 "204": {"description": "The function returned nothing."}}
+    errors = {status: _ref("responses", name) for status, name in _ERRORS.items() if status != "406"}
+    item: Schema = {"post": {
+        "tags": ["functions"], "operationId": f"rpc_{function.name}", "summary": function.description or function.name,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": arguments}}},
+        "responses": {**responses, **errors},
+    }}
+    if function.read_only:
+        item["get"] = {
+            "tags": ["functions"], "operationId": f"rpc_{function.name}_get",
+            "summary": function.description or function.name,
+            "parameters": [{"name": name, "in": "query", "required": name in arguments.get("required", []),
+                            "schema": spec} for name, spec in arguments.get("properties", {}).items()],
+            "responses": {**responses, **errors},
+        }
+    return item
+
+
 def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tuple[str, str], ViewShape],
                   server_url: str) -> dict[str, Any]:
     """The document for ``app`` in API ``version``: only its granted contracts, sorted by name."""
@@ -232,6 +259,10 @@ def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tup
         paths[f"/{contract.name}"] = _path_item(contract.name, list(schema["properties"]), actions)
         tags.append({"name": contract.name, "description": contract.description} if contract.description
                     else {"name": contract.name})
+    for name in sorted(app.config.functions):
+        paths[f"/rpc/{name}"] = _function_item(project.functions[name])
+    if app.config.functions:
+        tags.append({"name": "functions", "description": "Business logic (logic/*.py) this application may call."})
     description = (f"The contracts that the application **{app.name}** may use in API v{version}. "
                    "Authenticate with the application's key in the `apikey` header "
                    "(or as `Authorization: Bearer <key>`).")
