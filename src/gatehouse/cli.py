@@ -244,3 +244,69 @@ def demo(
     from gatehouse.demo import run_demo
 
     _run_sync(lambda: run_demo(directory, port=port, admin_port=admin_port, serve=serve_, console=out))
+
+
+@app.command()
+def audit(
+    app_name: Annotated[str | None, typer.Option("--app", help="Only this application.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this user (the token's subject).")] = None,
+    contract: Annotated[str | None, typer.Option(help="Only this contract (or rpc:<name>).")] = None,
+    status: Annotated[str | None, typer.Option(help="A status (404) or a class (4xx).")] = None,
+    since: Annotated[str | None, typer.Option(help="From: a duration back (90m, 12h, 7d) or a date.")] = None,
+    until: Annotated[str | None, typer.Option(help="Up to: a date.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many records.")] = 100,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Who did what: the audit records of every request, newest first."""
+    import json
+
+    from gatehouse.observe.audit_query import AUDIT_TABLE_HEADER, as_json, as_table_rows
+
+    if output not in ("table", "json"):
+        raise _fail("--format is table or json")
+    project = _project()
+    now = datetime.now(UTC)
+    since_at = _run_sync(lambda: _moment(since, now, back=True)) if since else None
+    until_at = _run_sync(lambda: _moment(until, now, back=False)) if until else None
+    try:
+        records = run(operations.audit_records(project, app=app_name, subject=user, target=contract, status=status,
+                                               since=since_at, until=until_at, limit=limit))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if output == "json":
+        print(json.dumps(as_json(records), indent=2))
+        return
+    table = Table(*AUDIT_TABLE_HEADER)
+    for row in as_table_rows(records):
+        table.add_row(*row)
+    out.print(table if records else "no audit records match")
+
+
+def _moment(text: str, now: datetime, *, back: bool) -> datetime:
+    match = re.fullmatch(r"(\d{1,5})([mhdw])", text.strip())
+    if match and back:
+        minutes = {"m": 1, "h": 60, "d": 1440, "w": 10080}[match[2]] * int(match[1])
+        return now - timedelta(minutes=minutes)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ProjectError(f"cannot read the time {text!r}", hint="write 2026-11-01, 2026-11-01T12:00 or 12h") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command()
+def versions(
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Look this many days back.")] = 30,
+) -> None:
+    """Each API version, its status, who still calls it and when they last did."""
+    from gatehouse.observe.audit_query import VERSIONS_TABLE_HEADER, version_table_rows
+
+    project = _project()
+    usage = run(operations.version_usage(project, days))
+    table = Table("status", *VERSIONS_TABLE_HEADER)
+    served = list(project.versions.numbers) + sorted(project.versions.retired)
+    for row in version_table_rows(usage, served=served):
+        number = int(row[0][1:])
+        settings = project.config.version_settings(number)
+        table.add_row(settings.status + (f" (sunset {settings.sunset})" if settings.sunset else ""), *row)
+    out.print(table)

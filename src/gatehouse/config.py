@@ -65,6 +65,7 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
     max_body_rows: int = Field(default=1000, ge=1, le=1_000_000)
     max_json_depth: int = Field(default=32, ge=2, le=512)
+    audit_query_values: bool = Field(default=False, description="keep filter values in the audit (else ***)")
     debug: bool = Field(default=False, description="add PostgreSQL's own error text to errors: never in production")
     pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
     auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,

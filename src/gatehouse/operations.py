@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -16,6 +17,7 @@ from gatehouse.db.sync import ApplyReport, apply_database, bootstrap
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ProjectError
 from gatehouse.migrate.runner import Migration, migrate
+from gatehouse.observe import audit_query
 from gatehouse.project import Project
 
 
@@ -83,3 +85,24 @@ async def revoke_keys(project: Project, app: str, key_id: str | None) -> list[st
     async with owner_connection(project) as conn:
         await bootstrap(conn)
         return await keys.revoke_key(conn, app, key_id)
+
+
+async def audit_records(project: Project, **filters: Any) -> list[dict[str, Any]]:
+    """Audit records from every database of the project (a write is recorded where it happened), newest first."""
+    targets = await resolve_targets(project)
+    records: list[dict[str, Any]] = []
+    for target in targets.values():
+        conn = await target.connect_owner()
+        try:
+            await bootstrap(conn)
+            records += await audit_query.search(conn, **filters)
+        finally:
+            await conn.close()
+    records.sort(key=lambda r: r["at"], reverse=True)
+    return records[: filters.get("limit", 100)]
+
+
+async def version_usage(project: Project, days: int) -> list[dict[str, Any]]:
+    async with owner_connection(project) as conn:
+        await bootstrap(conn)
+        return await audit_query.version_usage(conn, days=days)

@@ -8,7 +8,6 @@ one that does not exist.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import asyncpg
 import orjson
@@ -29,31 +28,15 @@ from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, Unauthenticated, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload, read_body
+from gatehouse.http.labels import labels_of
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
+from gatehouse.observe.audit import AuditUnavailable, audit_in_transaction
 from gatehouse.project import App
 from gatehouse.query.grammar import parse_query
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Filter, Level, ReadQuery
 from gatehouse.query.writes import InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
-
-
-@dataclass(slots=True)
-class RequestLabels:
-    """What the request turned out to be, for metrics and the request log (filled as steps succeed)."""
-
-    app: str = ""
-    key_id: str = ""
-    contract: str = ""
-    version: str = ""
-
-
-def labels_of(request: Request) -> RequestLabels:
-    labels: RequestLabels | None = getattr(request.state, "gatehouse", None)
-    if labels is None:
-        labels = RequestLabels()
-        request.state.gatehouse = labels
-    return labels
 
 
 async def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
@@ -70,7 +53,7 @@ async def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
         raise
     app = apps[identity.app]
     labels = labels_of(request)
-    labels.app, labels.key_id = app.name, identity.key_id
+    labels.app, labels.key_id, labels.subject = app.name, identity.key_id, identity.subject
     return identity, app
 
 
@@ -108,6 +91,8 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
     labels = labels_of(request)
 
     identity, app = await identify(request, runtime)  # 401
+    if runtime.audit is not None and not runtime.audit.accepting():
+        raise AuditUnavailable()  # 503: no read goes unrecorded
     version = choose_version(project, app, request.headers.get("accept-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
     labels.contract, labels.version = contract.name, f"v{version}"
@@ -136,6 +121,7 @@ async def read(request: Request, runtime: Runtime, contract_name: str, path_vers
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
 
+    labels.rows = row[1]
     page = render.Page(body=row[0], count=row[1], offset=query.top.offset, total=total,
                        columns=compiler.output_names)
     headers = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
@@ -252,6 +238,11 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
             if fmt in ("object", "object_stripped") and written != 1:
                 raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
                                details=f"The result contains {written} rows")
+            status = _write_status(method, representation, prefs, written, existing)
+            labels.rows = written
+            if not rollback:  # no write without its record: both commit, or neither
+                record = labels.audit_record(status, keep_values=project.config.server.audit_query_values)
+                await audit_in_transaction(conn, record)
         except asyncpg.PostgresError as exc:
             await _rollback(transaction)
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
@@ -262,6 +253,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
             await transaction.rollback()
         else:
             await transaction.commit()
+            labels.audited = True
 
     counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"
     headers = {"Content-Profile": f"v{version}", "Content-Range": counted, **lifecycle_headers(project, version)}
@@ -270,19 +262,23 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
         headers["Content-Range"] = f"0-{written - 1}/{total}" if written else f"*/{total}"
     if method == "POST" and prefs.get("return") == "headers-only":
         headers.update(_location(contract.name, key, first_key))
-    inserted_none = existing is not None and written and existing >= written
-    if method in ("POST", "PUT"):
-        status = 200 if inserted_none and (method == "PUT" or prefs.get("resolution") == "merge-duplicates") else 201
-        if method == "PUT" and not representation:
-            status = 204
-    else:
-        status = 200 if representation else 204
     if not representation:
         return _written(Response(status_code=status, headers=headers), prefs, applied)
     page = render.Page(body=body, count=written, offset=0, columns=reader.output_names)
     content = render.encode(page, fmt)
     response = Response(content, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
     return _written(response, prefs, applied)
+
+
+def _write_status(method: str, representation: bool, prefs: Preferences, written: int, existing: int | None) -> int:
+    """201 for inserts (200 when an upsert only updated), 204 without a body, 200 with one, as PostgREST."""
+    if method in ("POST", "PUT"):
+        if method == "PUT" and not representation:
+            return 204
+        updated_only = existing is not None and written and existing >= written
+        merging = method == "PUT" or prefs.get("resolution") == "merge-duplicates"
+        return 200 if updated_only and merging else 201
+    return 200 if representation else 204
 
 
 async def _rollback(transaction: Transaction) -> None:

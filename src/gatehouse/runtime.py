@@ -21,6 +21,7 @@ from gatehouse.db.pools import AppPools
 from gatehouse.db.sync import project_fingerprint
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable
+from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project
 from gatehouse.schema_cache import ApiSchema, build_schemas
@@ -37,6 +38,7 @@ class Runtime:
     pools: AppPools | None = None
     keys: KeyRing | None = None
     tokens: JwtVerifier | None = None
+    audit: AuditWriter | None = None
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
@@ -65,6 +67,8 @@ class Runtime:
             if project.config.auth.issuers:
                 self.tokens = JwtVerifier(project.config.auth, set(project.apps))
                 await self.tokens.start()
+            self.audit = self._audit_writer(home)
+            self.audit.start()
             self.pools = AppPools(project.config.server.pool_timeout_ms / 1000)
             await self.pools.open(self.targets, project.apps, self._databases_of_apps())
         except asyncpg.InvalidAuthorizationSpecificationError:
@@ -95,7 +99,17 @@ class Runtime:
                 f"{' and more' if len(missing) > 5 else ''}: run `gatehouse apply` first"
             )
 
+    def _audit_writer(self, home: DatabaseTarget) -> AuditWriter:
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(**home.authenticator_kwargs(),
+                                         server_settings={"application_name": "gatehouse/audit"})
+
+        self.project.state_dir.mkdir(parents=True, exist_ok=True)
+        return AuditWriter(connect, self.project.state_dir / "audit-spool.jsonl")
+
     async def stop(self) -> None:
+        if self.audit is not None:  # first: flush while the database is still there
+            await self.audit.stop()
         if self.keys is not None:
             await self.keys.stop()
         if self.tokens is not None:

@@ -23,6 +23,7 @@ import asyncpg
 
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.targets import DatabaseTarget
+from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
 
 ACTION_PRIVILEGE = {"read": "SELECT", "insert": "INSERT", "update": "UPDATE", "delete": "DELETE"}
@@ -134,6 +135,10 @@ async def _sync_roles(conn: asyncpg.Connection, project: Project, target: Databa
                        "so it is dropped when that database is applied")
     await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {auth}")
     await conn.execute(f"GRANT SELECT ON gatehouse.keys, gatehouse.state TO {auth}")
+    await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {auth}")  # the batched audit of reads
+    for role in sorted(wanted_roles):  # a write's record is inserted in the write's own transaction
+        await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {quote_ident(role)}")
+        await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {quote_ident(role)}")
 
 
 def _literal(value: str) -> str:
@@ -265,6 +270,7 @@ async def _sync_sequences(conn: asyncpg.Connection, project: Project, database: 
 async def bootstrap(conn: asyncpg.Connection) -> None:
     """Create gatehouse's own schema and tables if missing (also used by ``keys`` before any apply)."""
     await conn.execute(BOOTSTRAP)
+    await conn.execute(AUDIT_DDL)
 
 
 async def apply_database(project: Project, target: DatabaseTarget) -> ApplyReport:

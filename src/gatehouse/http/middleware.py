@@ -18,7 +18,9 @@ import traceback
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gatehouse.errors import ApiError, InternalError
+from gatehouse.http.labels import RequestLabels
 from gatehouse.http.responses import error_response
+from gatehouse.observe.audit import AuditUnavailable, AuditWriter
 from gatehouse.observe.metrics import Metrics
 
 log = logging.getLogger("gatehouse.request")
@@ -38,9 +40,12 @@ def _where(exc: BaseException) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, audit: AuditWriter | None = None,
+                 *, audit_values: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.audit = audit
+        self.audit_values = audit_values
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +54,9 @@ class RequestMiddleware:
         started = time.perf_counter()
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if REQUEST_ID.match(incoming) else new_request_id()
-        scope.setdefault("state", {})
+        labels = RequestLabels(request_id=request_id, method=scope["method"],
+                               query_string=scope.get("query_string", b"").decode("latin-1"))
+        scope.setdefault("state", {})["gatehouse"] = labels
         status = 500
         response_started = False
 
@@ -73,16 +80,17 @@ class RequestMiddleware:
                 await error_response(error)(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - started
-            labels = scope["state"].get("gatehouse")
-            app = labels.app if labels else ""
-            contract = labels.contract if labels else ""
-            version = labels.version if labels else ""
-            self.metrics.observe(app=app, contract=contract, version=version, method=scope["method"],
-                                 status=status, seconds=elapsed)
+            self.metrics.observe(app=labels.app, contract=labels.contract, version=labels.version,
+                                 method=scope["method"], status=status, seconds=elapsed)
+            if self.audit is not None and not labels.audited:
+                try:
+                    self.audit.submit(labels.audit_record(status, keep_values=self.audit_values))
+                except AuditUnavailable:
+                    log.error("request %s: the audit store and its spool are full; record not kept", request_id)
             log.info(
                 "%s %s %s %d %.1fms",
-                scope["method"], scope["path"], app or "-", status, elapsed * 1000,
-                extra={"request_id": request_id, "app": app, "key_id": labels.key_id if labels else "",
-                       "contract": contract, "version": version, "status": status,
-                       "duration_ms": round(elapsed * 1000, 2)},
+                scope["method"], scope["path"], labels.app or "-", status, elapsed * 1000,
+                extra={"request_id": request_id, "app": labels.app, "key_id": labels.key_id,
+                       "user": labels.subject, "contract": labels.contract, "version": labels.version,
+                       "status": status, "duration_ms": round(elapsed * 1000, 2)},
             )

@@ -20,9 +20,10 @@ from gatehouse.access import choose_version
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.catalog import ViewShape
+from gatehouse.http.labels import labels_of
 from gatehouse.http.negotiate import CONTENT_TYPES, response_format
 from gatehouse.logic.registry import LogicFunction
-from gatehouse.pipeline import identify, labels_of
+from gatehouse.pipeline import identify
 from gatehouse.project import App, Project
 from gatehouse.runtime import Runtime
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -19,12 +20,15 @@ from starlette.responses import Response
 
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
+from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, InternalError
 from gatehouse.http.body import read_body
+from gatehouse.http.labels import labels_of
 from gatehouse.logic.context import Context
 from gatehouse.logic.registry import LogicFunction
-from gatehouse.pipeline import identify, labels_of
+from gatehouse.observe.audit import audit_in_transaction
+from gatehouse.pipeline import identify
 from gatehouse.project import App
 from gatehouse.runtime import Runtime
 
@@ -53,7 +57,8 @@ async def _arguments(request: Request, limit: int) -> dict[str, Any]:
 
 
 async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: Identity, version: int,
-                 parameters: BaseModel, *, commit: bool = True) -> Any:
+                 parameters: BaseModel, *, commit: bool = True,
+                 before_commit: Callable[[Connection, Any], Awaitable[None]] | None = None) -> Any:
     """Call a function as ``app`` in one transaction: committed if it returns (and ``commit``), else rolled back."""
     assert runtime.pools is not None
     project = runtime.project
@@ -77,6 +82,13 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
                 raise InternalError(f"The function '{function.name}' failed", hint="Nothing was written.") from None
             raise
         if commit:
+            if before_commit is not None:
+                try:
+                    await before_commit(conn, result)
+                except BaseException:
+                    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                        await transaction.rollback()
+                    raise
             await transaction.commit()
         else:
             await transaction.rollback()
@@ -103,7 +115,15 @@ async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
     except ValidationError as exc:
         raise _arguments_error(exc) from None
 
-    result = await invoke(runtime, function, app, identity, version, parameters)
+    labels = labels_of(request)
+
+    async def record(conn: Connection, result: Any) -> None:  # a writing function's record commits with it
+        await audit_in_transaction(conn, labels.audit_record(204 if result is None else 200,
+                                                             keep_values=project.config.server.audit_query_values))
+
+    result = await invoke(runtime, function, app, identity, version, parameters,
+                          before_commit=None if function.read_only else record)
+    labels.audited = not function.read_only
     if result is None:
         return Response(status_code=204)
     body = b"" if request.method == "HEAD" else function.result.dump_json(result)

@@ -1,0 +1,569 @@
+"""The audit trail: one record per request, allowed or denied.
+
+Reads are audited off the request path: :meth:`AuditWriter.submit` puts the record on a bounded in-memory
+queue and one background task writes the queue in batches with binary ``COPY``. When the audit store is
+down, records go to a bounded local *spool* (JSON lines) and are replayed, oldest first and in a single
+transaction, once it is back; when the spool is full too, ``submit`` raises :class:`AuditUnavailable` and
+the caller refuses the request. A write is audited by :func:`audit_in_transaction` inside the write's own
+transaction, so no write commits without its record.
+
+The usage roll-up (``gatehouse.usage``: calls, errors and last call per app, target and API version) is kept
+by a statement-level trigger on ``gatehouse.audit``: every insert, a batch ``COPY`` or one write's record,
+adds to it in the same transaction. Its function is ``SECURITY DEFINER``, so a role that may only INSERT
+into ``gatehouse.audit`` keeps the roll-up exact without any privilege on ``gatehouse.usage``.
+
+A batch whose COMMIT was cut off (the connection died while committing) is *in doubt*: its transaction id
+is kept, and after reconnecting ``pg_xact_status`` says whether to send it again. Records are therefore
+written exactly once, even when the writer's backend is killed mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import re
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+from urllib.parse import quote, unquote_plus
+
+import asyncpg
+import orjson
+
+from gatehouse.db import Connection
+from gatehouse.errors import ServiceUnavailable
+from gatehouse.query.tree import IS_VALUES, OPERATORS
+
+log = logging.getLogger(__name__)
+
+_ROLLUP_BODY = """
+BEGIN
+    INSERT INTO gatehouse.usage AS u (app, target, api_version, calls, errors, last_call)
+    SELECT n.app, n.target, coalesce(n.api_version, 0), count(*), count(*) FILTER (WHERE n.status >= 400), max(n.at)
+    FROM audit_new n
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3
+    ON CONFLICT (app, target, api_version) DO UPDATE
+    SET calls = u.calls + EXCLUDED.calls, errors = u.errors + EXCLUDED.errors,
+        last_call = greatest(u.last_call, EXCLUDED.last_call);
+    RETURN NULL;
+END
+"""
+
+AUDIT_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS gatehouse;
+CREATE TABLE IF NOT EXISTS gatehouse.audit (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at           timestamptz NOT NULL,
+    request_id   text NOT NULL,
+    app          text NOT NULL DEFAULT '',
+    key_id       text NOT NULL DEFAULT '',
+    subject      text,
+    method       text NOT NULL,
+    target       text NOT NULL DEFAULT '',
+    api_version  integer,
+    query        text NOT NULL DEFAULT '',
+    status       integer NOT NULL,
+    "rows"       integer,
+    duration_ms  real NOT NULL,
+    cached       boolean NOT NULL DEFAULT false,
+    replica      boolean NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS audit_at_idx ON gatehouse.audit (at);
+CREATE INDEX IF NOT EXISTS audit_app_at_idx ON gatehouse.audit (app, at);
+CREATE INDEX IF NOT EXISTS audit_target_at_idx ON gatehouse.audit (target, at);
+CREATE TABLE IF NOT EXISTS gatehouse.usage (
+    app          text NOT NULL,
+    target       text NOT NULL,
+    api_version  integer NOT NULL,
+    calls        bigint NOT NULL DEFAULT 0,
+    errors       bigint NOT NULL DEFAULT 0,
+    last_call    timestamptz NOT NULL,
+    PRIMARY KEY (app, target, api_version)
+);
+DO $do$
+DECLARE
+    body text := $body${_ROLLUP_BODY}$body$;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_proc WHERE oid = to_regprocedure('gatehouse.audit_usage_rollup()')
+                   AND prosrc = body AND prosecdef) THEN
+        EXECUTE format('CREATE OR REPLACE FUNCTION gatehouse.audit_usage_rollup() RETURNS trigger '
+                       'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L', body);
+        REVOKE ALL ON FUNCTION gatehouse.audit_usage_rollup() FROM PUBLIC;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'gatehouse.audit'::regclass
+                   AND tgname = 'audit_usage_rollup') THEN
+        CREATE TRIGGER audit_usage_rollup AFTER INSERT ON gatehouse.audit
+            REFERENCING NEW TABLE AS audit_new
+            FOR EACH STATEMENT EXECUTE FUNCTION gatehouse.audit_usage_rollup();
+    END IF;
+END
+$do$;
+"""
+
+COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "target", "api_version", "query",
+           "status", "rows", "duration_ms", "cached", "replica")
+_QUOTED = ", ".join('"' + c + '"' for c in COLUMNS)
+_INSERT = f"INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
+MAX_QUERY_CHARS = 2000
+MASK = "***"
+_INT32 = 2**31 - 1
+_TEXT_LIMITS = {"request_id": 200, "app": 200, "key_id": 200, "subject": 500, "method": 16, "target": 300,
+                "query": MAX_QUERY_CHARS}
+CONNECT_TIMEOUT_S = 10.0
+BATCH_TIMEOUT_S = 30.0
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The audit trail can take no more records (store down and spool full): the request is refused."""
+
+    code = "GH503"
+
+    def __init__(self) -> None:
+        super().__init__("The audit trail is unavailable", hint="Requests resume when it is back; retry shortly.")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    at: datetime
+    request_id: str
+    app: str
+    key_id: str
+    subject: str | None
+    method: str
+    target: str
+    """The contract, or ``rpc:<name>``; empty when the request never named one that exists for the app."""
+    api_version: int | None
+    query: str
+    """The query string, redacted with :func:`redact_query` unless the project asks for values."""
+    status: int
+    rows: int | None
+    """Rows returned (reads) or affected (writes); None when nothing ran."""
+    duration_ms: float
+    cached: bool = False
+    replica: bool = False
+
+
+def _row(record: AuditRecord) -> tuple[Any, ...]:
+    """The record as a COPY/INSERT row, made storable whatever the caller put in it (no NUL, bounded)."""
+    def text(name: str, value: str | None) -> str | None:
+        return None if value is None else str(value).replace("\x00", "")[:_TEXT_LIMITS[name]]
+
+    def integer(value: int | None) -> int | None:
+        return None if value is None else max(-_INT32, min(_INT32, int(value)))
+
+    at = record.at if record.at.tzinfo is not None else record.at.replace(tzinfo=UTC)
+    duration = float(record.duration_ms)
+    return (at, text("request_id", record.request_id) or "", text("app", record.app) or "",
+            text("key_id", record.key_id) or "", text("subject", record.subject), text("method", record.method) or "",
+            text("target", record.target) or "", integer(record.api_version), text("query", record.query) or "",
+            integer(record.status) or 0, integer(record.rows), duration if math.isfinite(duration) else 0.0,
+            bool(record.cached), bool(record.replica))
+
+
+def _to_line(row: tuple[Any, ...]) -> bytes:
+    return orjson.dumps(dict(zip(COLUMNS, row, strict=True))) + b"\n"
+
+
+def _from_line(line: bytes) -> tuple[Any, ...]:
+    data = orjson.loads(line)
+    return (datetime.fromisoformat(data["at"]), *(data[c] for c in COLUMNS[1:]))
+
+
+async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
+    """Insert one record on ``conn``, inside the caller's (write's) transaction: both commit or neither.
+
+    The roll-up in ``gatehouse.usage`` follows by trigger. Call it after the write's statement and before
+    COMMIT; the role running it needs INSERT on ``gatehouse.audit`` and USAGE on schema ``gatehouse``.
+    """
+    await conn.execute(_INSERT, *_row(record))
+
+
+# --- redaction ---------------------------------------------------------------------------------------
+
+_KEPT = frozenset({"select", "columns", "on_conflict"})
+_KEPT_LAST = frozenset({"order", "limit", "offset"})
+_OPERATION = re.compile(r"(not\.)?([a-z]+)(\([A-Za-z_][A-Za-z0-9_]*\))?\.")
+_LEAF = re.compile(r'\s*((?:"(?:[^"\\]|\\.)*"|[^."\s])+)\.')
+_GROUP = re.compile(r"\s*((?:not\.)?(?:and|or))\(")
+_SAFE = "!$'()*+,-./:;=@_~<>[]{}|^\""
+_SECRET = re.compile(r"gh_[a-z0-9]{10}_")  # a gatehouse key pasted where it does not belong
+_MAX_INPUT = 65536
+_MAX_DEPTH = 10
+
+
+class _Unparsable(Exception):
+    pass
+
+
+def _show(text: str) -> str:
+    """Decoded text, with only what would be ambiguous in a query string (``&``, ``%``, spaces…) escaped."""
+    return quote(text, safe=_SAFE)
+
+
+def _operation(value: str) -> str:
+    """``[not.]op[(mod)].value`` → the operation with the value masked (``is`` keeps its keyword)."""
+    match = _OPERATION.match(value)
+    if match is None or match.group(2) not in OPERATORS:
+        return MASK
+    rest = value[match.end():]
+    return match.group(0) + (rest.lower() if match.group(2) == "is" and rest.lower() in IS_VALUES else MASK)
+
+
+def _leaf_end(text: str, pos: int) -> int:
+    depth = 0
+    quoted = False
+    while pos < len(text):
+        char = text[pos]
+        if quoted:
+            if char == "\\":
+                pos += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char in "({":
+            depth += 1
+        elif char in ")}":
+            if depth == 0:
+                return pos
+            depth -= 1
+        elif char == "," and depth == 0:
+            return pos
+        pos += 1
+    return pos
+
+
+def _logic(text: str, pos: int, depth: int) -> tuple[str, int]:
+    """``(child,child,…)`` starting at ``pos`` → its redacted text and the position after it."""
+    if depth > _MAX_DEPTH or not text.startswith("(", pos):
+        raise _Unparsable
+    pos += 1
+    parts: list[str] = []
+    while True:
+        group = _GROUP.match(text, pos)
+        if group is not None:
+            inner, pos = _logic(text, group.end() - 1, depth + 1)
+            parts.append(group.group(1) + inner)
+        else:
+            end = _leaf_end(text, pos)
+            leaf = _LEAF.match(text, pos, end)
+            if leaf is None:
+                raise _Unparsable
+            parts.append(_show(leaf.group(1)) + "." + _operation(text[leaf.end():end]))
+            pos = end
+        if text.startswith(",", pos):
+            pos += 1
+        elif text.startswith(")", pos):
+            return "(" + ",".join(parts) + ")", pos + 1
+        else:
+            raise _Unparsable
+
+
+def _parameter(raw: str) -> str:
+    raw_key, has_value, raw_value = raw.partition("=")
+    key = unquote_plus(raw_key, errors="replace")
+    value = unquote_plus(raw_value, errors="replace")
+    if not has_value or _SECRET.search(key) or _SECRET.search(value):
+        return MASK if not has_value or _SECRET.search(key) else f"{_show(key)}={MASK}"
+    last = key.rsplit(".", 1)[-1]
+    try:
+        if key in _KEPT or last in _KEPT_LAST:
+            shown = _show(value)
+        elif last in ("and", "or"):
+            shown, end = _logic(value, 0, 0)
+            if value[end:].strip():
+                raise _Unparsable
+        else:
+            shown = _operation(value)
+    except (_Unparsable, RecursionError):
+        shown = MASK
+    return f"{_show(key)}={shown}"
+
+
+def redact_query(query_string: str) -> str:
+    """The query string with every filter value replaced by ``***``; names, operators, ``select``, ``order``,
+    ``limit``, ``offset``, ``columns`` and ``on_conflict`` kept. At most 2000 characters; never raises."""
+    try:
+        parts: list[str] = []
+        size = 0
+        for raw in query_string[:_MAX_INPUT].split("&"):
+            if raw:
+                parts.append(_parameter(raw))
+                size += len(parts[-1]) + 1
+                if size > MAX_QUERY_CHARS:
+                    break
+        text = "&".join(parts)
+    except Exception:  # a redaction bug must not cost the request or leak a value
+        return MASK
+    return text if len(text) <= MAX_QUERY_CHARS else text[: MAX_QUERY_CHARS - 1] + "…"
+
+
+# --- the writer --------------------------------------------------------------------------------------
+
+
+def _open_private(path: Path, flag: int) -> BinaryIO:
+    """Open for writing, readable by this user only (the spool holds who called what)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | flag, 0o600), "ab" if flag == os.O_APPEND else "wb")
+
+
+class Pending(NamedTuple):
+    queued: int
+    spooled: int
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.spooled
+
+
+@dataclass(slots=True)
+class _InDoubt:
+    """A batch whose COMMIT got no answer: settled by ``pg_xact_status`` after reconnecting."""
+
+    xid: str
+    records: list[tuple[Any, ...]]
+    spool_bytes: int = 0
+    spool_lines: int = 0
+
+
+class AuditWriter:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], spool_path: Path, *,
+                 max_queue: int = 10_000, batch_size: int = 500, flush_interval_s: float = 0.2,
+                 max_spool_bytes: int = 64 * 1024 * 1024, max_backoff_s: float = 5.0) -> None:
+        self._connect = connect
+        self._spool_path = Path(spool_path)
+        self._max_queue, self._batch_size = max_queue, batch_size
+        self._flush_interval_s, self._max_backoff_s = flush_interval_s, max_backoff_s
+        self._max_spool_bytes = max_spool_bytes
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._spool: BinaryIO | None = None  # the append handle, opened on first use
+        self._spool_bytes = self._spool_lines = 0
+        self._in_doubt: _InDoubt | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failures = 0
+
+    def start(self) -> None:
+        """Count what an earlier run left in the spool (replayed first) and start the writer task."""
+        if self._task is not None:
+            return
+        self._stopping = False
+        if self._spool_path.exists():
+            data = self._spool_path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a line cut short by a crash: keep it apart from new ones
+                with self._spool_path.open("ab") as spool:
+                    spool.write(b"\n")
+                data += b"\n"
+            self._spool_lines, self._spool_bytes = data.count(b"\n"), len(data)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gatehouse-audit-writer")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Write everything out, or spool what the store would not take (even past the bound), and stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        if self._in_doubt is not None:
+            log.warning("audit: %d records may be written twice (commit unconfirmed at shutdown)",
+                        len(self._in_doubt.records) or self._in_doubt.spool_lines)
+            self._queue.extendleft(reversed(self._in_doubt.records))
+            self._in_doubt = None
+        self._spill(unbounded=True)
+        await self._drop_connection()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def pending(self) -> Pending:
+        doubt = len(self._in_doubt.records) if self._in_doubt else 0
+        return Pending(len(self._queue) + doubt, self._spool_lines)
+
+    def accepting(self) -> bool:
+        """Whether :meth:`submit` would take a record now (check before serving, to refuse early)."""
+        return (self._task is not None and len(self._queue) < self._max_queue) or (
+            self._spool_bytes + 4096 <= self._max_spool_bytes)
+
+    def submit(self, record: AuditRecord) -> None:
+        """Take a record without waiting. Raises :class:`AuditUnavailable` only when queue and spool are full."""
+        row = _row(record)
+        if self._task is not None and len(self._queue) < self._max_queue:
+            self._queue.append(row)
+            if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
+                self._wake.set()
+            return
+        if not self._append_spool([row], unbounded=False):
+            raise AuditUnavailable()
+        self._wake.set()
+
+    # -- spool --
+
+    def _append_spool(self, rows: list[tuple[Any, ...]], *, unbounded: bool) -> bool:
+        data = b"".join(_to_line(row) for row in rows)
+        if not unbounded and self._spool_bytes + len(data) > self._max_spool_bytes:
+            return False
+        try:
+            if self._spool is None:
+                self._spool_path.parent.mkdir(parents=True, exist_ok=True)
+                self._spool = _open_private(self._spool_path, os.O_APPEND)
+            self._spool.write(data)
+            self._spool.flush()
+        except OSError as exc:
+            log.error("audit: cannot write the spool %s: %s", self._spool_path, exc)
+            return False
+        self._spool_bytes += len(data)
+        self._spool_lines += len(rows)
+        return True
+
+    def _spill(self, *, unbounded: bool) -> None:
+        """Move queued records to the spool, oldest first, as far as it holds them."""
+        while self._queue:
+            row = self._queue[0]
+            if not self._append_spool([row], unbounded=unbounded):
+                return
+            self._queue.popleft()
+
+    def _forget_spooled(self, upto: int, lines: int) -> None:
+        """Drop the first ``upto`` bytes of the spool (committed); keep what was appended since."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        with self._spool_path.open("rb") as spool:
+            spool.seek(upto)
+            tail = spool.read()
+        temporary = self._spool_path.with_name(self._spool_path.name + ".tmp")
+        with _open_private(temporary, os.O_TRUNC) as out:
+            out.write(tail)
+        os.replace(temporary, self._spool_path)
+        self._spool_bytes, self._spool_lines = len(tail), max(0, self._spool_lines - lines)
+
+    async def _spooled(self, upto: int) -> AsyncGenerator[tuple[Any, ...], None]:
+        """The spool's records up to byte ``upto``, read a line at a time (memory stays flat)."""
+        offset = 0
+        with self._spool_path.open("rb") as spool:
+            for number, line in enumerate(spool, 1):
+                offset += len(line)
+                if offset > upto:
+                    return
+                try:
+                    row = _from_line(line)
+                except (ValueError, KeyError, TypeError):
+                    log.error("audit: skipped a damaged line of the spool %s", self._spool_path)
+                    continue
+                yield row
+                if number % self._batch_size == 0:
+                    await asyncio.sleep(0)  # let requests run while a long spool streams out
+
+    # -- writing --
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if backoff:
+                await self._sleep(backoff)
+            elif not self._has_work():
+                if self._stopping:
+                    return
+                await self._sleep(None)
+                continue
+            elif not (self._stopping or self._in_doubt or self._spool_lines or len(self._queue) >= self._batch_size):
+                await self._sleep(self._flush_interval_s)
+            try:
+                await self._step()
+            except Exception as exc:  # the writer outlives any failure of the store
+                await self._drop_connection()
+                self._failures += 1
+                if self._failures == 1:
+                    log.warning("audit store unavailable (%s); retrying, then spooling to %s",
+                                type(exc).__name__, self._spool_path)
+                if self._failures > 1 or self._stopping:  # down, not a blip: move the queue to disk
+                    self._spill(unbounded=self._stopping)
+                if self._stopping:
+                    return
+                backoff = min(max(backoff * 2, 0.05), self._max_backoff_s)
+            else:
+                if self._failures:
+                    log.info("audit store is back")
+                self._failures, backoff = 0, 0.0
+
+    def _has_work(self) -> bool:
+        return bool(self._queue or self._spool_lines or self._in_doubt)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        if self._stopping:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+
+    async def _step(self) -> None:
+        if self._conn is None or self._conn.is_closed():
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                self._conn = await self._connect()
+        conn = self._conn
+        if self._in_doubt is not None:
+            await self._settle(conn, self._in_doubt)
+        elif self._spool_lines:  # oldest first, in one transaction: the spool is emptied only once it committed
+            upto, lines = self._spool_bytes, self._spool_lines
+            async with contextlib.aclosing(self._spooled(upto)) as records:
+                await self._write(conn, records, _InDoubt("", [], upto, lines), timeout=None)
+            self._forget_spooled(upto, lines)
+        elif self._queue:
+            batch = list(itertools.islice(self._queue, self._batch_size))
+            await self._write(conn, batch, _InDoubt("", batch), timeout=BATCH_TIMEOUT_S)
+            for _ in batch:
+                self._queue.popleft()
+
+    async def _write(self, conn: asyncpg.Connection, records: Any, doubt: _InDoubt, timeout: float | None) -> None:
+        """One transaction: COPY the records (the trigger adds them to the roll-up), then COMMIT."""
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.copy_records_to_table("audit", schema_name="gatehouse", columns=list(COLUMNS),
+                                             records=records, timeout=timeout)
+            doubt.xid = str(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await transaction.rollback()
+            raise
+        try:
+            await transaction.commit()
+        except BaseException:
+            if doubt.records:
+                for _ in doubt.records:  # out of the queue: the settlement decides whether they go back
+                    self._queue.popleft()
+            self._in_doubt = doubt
+            raise
+
+    async def _settle(self, conn: asyncpg.Connection, doubt: _InDoubt) -> None:
+        status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", doubt.xid)
+        if status == "in progress":
+            raise RuntimeError("the unconfirmed audit batch is still in progress")
+        self._in_doubt = None
+        if status == "committed":
+            if doubt.spool_bytes:
+                self._forget_spooled(doubt.spool_bytes, doubt.spool_lines)
+            return
+        log.warning("audit: batch of transaction %s was %s; sending it again", doubt.xid, status or "forgotten")
+        self._queue.extendleft(reversed(doubt.records))

@@ -1,0 +1,449 @@
+"""The audit trail: one record per request under bursts, outages and killed connections; no write without
+its record; redaction; reading it back."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import ClassVar
+
+import asyncpg
+import pytest
+
+from conftest import ProjectFactory
+from gatehouse import operations
+from gatehouse.db.targets import DatabaseTarget, resolve_targets
+from gatehouse.errors import ServiceUnavailable
+from gatehouse.observe.audit import (
+    AUDIT_DDL,
+    MAX_QUERY_CHARS,
+    AuditRecord,
+    AuditUnavailable,
+    AuditWriter,
+    audit_in_transaction,
+    redact_query,
+)
+from gatehouse.observe.audit_query import as_json, as_table_rows, search, version_table_rows, version_usage
+from gatehouse.project import Project
+
+TOML = """
+[project]
+name = "audit"
+
+[databases.main]
+
+[apps.web]
+grants = [{ contract = "things", actions = ["read", "insert"] }]
+"""
+WRITER_NAME = "gatehouse-audit-test"
+
+
+@dataclass
+class Audited:
+    project: Project
+    target: DatabaseTarget
+    tmp: Path
+
+    def connect(self) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(self.target.owner_dsn, server_settings={"application_name": WRITER_NAME})
+        return connect
+
+    async def owner(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.target.owner_dsn)
+
+    async def scalar(self, sql: str) -> object:
+        conn = await self.owner()
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def audited(make_project: ProjectFactory, tmp_path: Path) -> Audited:
+    project = make_project(toml=TOML, migrations={"V001__t.sql": "CREATE TABLE things (id serial PRIMARY KEY, name text);"},
+                           contracts={"things.v1.sql": "SELECT id, name FROM things"})
+    await operations.migrate_all(project)
+    await operations.apply_all(project)
+    target = (await resolve_targets(project))["main"]
+    conn = await target.connect_owner()
+    try:
+        await conn.execute(AUDIT_DDL)
+        await conn.execute(AUDIT_DDL)  # idempotent
+    finally:
+        await conn.close()
+    return Audited(project, target, tmp_path)
+
+
+def record(n: int, *, app: str = "web", target: str = "things", version: int | None = 1, status: int = 200,
+           subject: str | None = None, at: datetime | None = None, method: str = "GET") -> AuditRecord:
+    return AuditRecord(at=at or datetime.now(UTC), request_id=f"req-{n}", app=app, key_id="k1", subject=subject,
+                       method=method, target=target, api_version=version, query="id=eq.***", status=status,
+                       rows=1, duration_ms=1.5)
+
+
+async def counts(audited: Audited) -> tuple[int, int, int, int]:
+    conn = await audited.owner()
+    try:
+        row = await conn.fetchrow("SELECT count(*), count(DISTINCT request_id) FROM gatehouse.audit")
+        usage = await conn.fetchrow("SELECT coalesce(sum(calls), 0), coalesce(sum(errors), 0) FROM gatehouse.usage")
+        assert row is not None and usage is not None
+        return row[0], row[1], usage[0], usage[1]
+    finally:
+        await conn.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_a_burst_of_mixed_traffic_gives_exactly_one_record_per_request(audited: Audited) -> None:
+    writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl")
+    writer.start()
+    shapes = [("web", "things", 1), ("web", "things", 2), ("web", "rpc:ping", 2), ("mobile", "things", 1)]
+    expected: Counter[tuple[str, str, int, bool]] = Counter()
+
+    async def client(task: int) -> None:
+        for i in range(100):
+            n = task * 100 + i
+            app, target, version = shapes[n % len(shapes)]
+            status = (200, 201, 404, 500, 200, 204, 401)[n % 7]
+            expected[(app, target, version, status >= 400)] += 1
+            writer.submit(record(n, app=app, target=target, version=version, status=status))
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(client(t) for t in range(30)))
+    await writer.stop()
+    assert writer.pending().total == 0
+    assert await counts(audited) == (3000, 3000, 3000, sum(v for (*_, e), v in expected.items() if e))
+    conn = await audited.owner()
+    try:
+        usage = {(r["app"], r["target"], r["api_version"]): (r["calls"], r["errors"])
+                 for r in await conn.fetch("SELECT * FROM gatehouse.usage")}
+    finally:
+        await conn.close()
+    assert usage == {(a, t, v): (expected[(a, t, v, False)] + expected[(a, t, v, True)], expected[(a, t, v, True)])
+                     for a, t, v in shapes}
+
+
+def failing_until_up(audited: Audited) -> tuple[Callable[[], Awaitable[asyncpg.Connection]], list[bool]]:
+    up = [False]
+    connect = audited.connect()
+
+    async def maybe() -> asyncpg.Connection:
+        if not up[0]:
+            raise OSError("connection refused (audit store down)")
+        return await connect()
+    return maybe, up
+
+
+async def test_store_down_spools_within_bounds_and_replays_exactly_once(audited: Audited) -> None:
+    connect, up = failing_until_up(audited)
+    spool = audited.tmp / "spool.jsonl"
+    writer = AuditWriter(connect, spool, max_queue=100, batch_size=50, flush_interval_s=0.01,
+                         max_spool_bytes=1_000_000, max_backoff_s=0.05)
+    writer.start()
+    peak = 0
+    for n in range(1000):
+        writer.submit(record(n, status=500 if n % 10 == 0 else 200))
+        peak = max(peak, writer.pending().queued)
+        if n % 25 == 0:
+            await asyncio.sleep(0.005)
+    assert peak <= 100  # memory is bounded by max_queue; the rest is on disk
+    await until(lambda: writer.pending().queued == 0)  # the writer spills the queue while the store is down
+    assert writer.pending().spooled == 1000 == len(spool.read_bytes().splitlines())
+    assert spool.stat().st_size <= 1_000_000 and spool.stat().st_mode & 0o077 == 0
+    assert await counts(audited) == (0, 0, 0, 0)
+
+    up[0] = True
+    await until(lambda: writer.pending().total == 0)
+    assert spool.stat().st_size == 0
+    writer.submit(record(1000))
+    await writer.stop()
+    assert await counts(audited) == (1001, 1001, 1001, 100)
+
+
+async def test_spool_full_refuses_and_what_was_taken_survives_a_restart(audited: Audited) -> None:
+    connect, up = failing_until_up(audited)
+    spool = audited.tmp / "spool.jsonl"
+    writer = AuditWriter(connect, spool, max_queue=10, batch_size=5, max_spool_bytes=20_000, max_backoff_s=0.05)
+    writer.start()
+    assert writer.accepting()
+    accepted = 0
+    with pytest.raises(AuditUnavailable) as refused:
+        for n in range(10_000):
+            writer.submit(record(n))
+            accepted += 1
+            await asyncio.sleep(0)
+    assert isinstance(refused.value, ServiceUnavailable) and refused.value.status == 503
+    assert not writer.accepting()
+    assert 20 < accepted < 200 and spool.stat().st_size <= 20_000
+    assert writer.pending().total == accepted
+    await writer.stop()  # still down: everything left is spooled (past the bound rather than lost)
+    assert writer.pending() == (0, accepted)
+
+    up[0] = True
+    restarted = AuditWriter(connect, spool)
+    restarted.start()
+    assert restarted.pending().spooled == accepted
+    await restarted.stop()
+    assert await counts(audited) == (accepted, accepted, accepted, 0)
+    assert spool.stat().st_size == 0
+
+
+async def test_killing_the_writers_connection_mid_stream_loses_nothing(audited: Audited) -> None:
+    writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl", batch_size=50, flush_interval_s=0.01,
+                         max_backoff_s=0.05)
+    writer.start()
+    kills = 0
+
+    async def killer() -> None:
+        nonlocal kills
+        conn = await audited.owner()
+        try:
+            for _ in range(25):
+                await asyncio.sleep(0.03)
+                kills += await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                    WRITER_NAME)
+        finally:
+            await conn.close()
+
+    async def stream() -> None:
+        for n in range(3000):
+            writer.submit(record(n))
+            if n % 20 == 0:
+                await asyncio.sleep(0.005)
+
+    await asyncio.gather(stream(), killer())
+    await writer.stop()
+    assert kills >= 3
+    assert await counts(audited) == (3000, 3000, 3000, 0)
+
+
+class CommitThenDie(asyncpg.Connection):
+    """A connection whose COMMIT succeeds on the server but whose answer is lost (the worst moment to die)."""
+
+    armed: ClassVar[list[int]] = [0]
+
+    async def execute(self, query: str, *args: object, timeout: float | None = None) -> str:
+        result = await super().execute(query, *args, timeout=timeout)
+        if query.strip().upper().startswith("COMMIT") and self.armed[0] > 0:
+            self.armed[0] -= 1
+            self.terminate()
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return result
+
+
+async def test_a_commit_whose_answer_is_lost_is_not_written_twice(audited: Audited) -> None:
+    up = [False]
+
+    async def connect() -> asyncpg.Connection:
+        if not up[0]:
+            raise OSError("down")
+        return await asyncpg.connect(audited.target.owner_dsn, connection_class=CommitThenDie)
+
+    spool = audited.tmp / "spool.jsonl"
+    writer = AuditWriter(connect, spool, batch_size=20, flush_interval_s=0.01, max_backoff_s=0.05)
+    writer.start()
+    for n in range(100):
+        writer.submit(record(n))
+    await until(lambda: writer.pending() == (0, 100))  # down: all spooled
+    CommitThenDie.armed[0] = 1
+    up[0] = True
+    await until(lambda: writer.pending().total == 0)  # the replay committed, unconfirmed; settled, not resent
+    assert CommitThenDie.armed[0] == 0 and spool.stat().st_size == 0
+    CommitThenDie.armed[0] = 2
+    for n in range(100, 200):
+        writer.submit(record(n))
+        if n % 10 == 0:
+            await asyncio.sleep(0.01)
+    await writer.stop()
+    assert CommitThenDie.armed[0] == 0
+    assert await counts(audited) == (200, 200, 200, 0)
+
+
+async def test_a_write_commits_with_its_record_or_not_at_all(audited: Audited) -> None:
+    conn = await audited.owner()
+    try:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO things (name) VALUES ('kept')")
+            await audit_in_transaction(conn, record(1, method="POST", status=201))
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await conn.execute("INSERT INTO things (name) VALUES ('undone')")
+                await audit_in_transaction(conn, record(2, method="POST", status=201))
+                raise RuntimeError("the write failed after its audit insert")
+        assert await conn.fetchval("SELECT array_agg(name) FROM things") == ["kept"]
+        assert await conn.fetchval("SELECT array_agg(request_id) FROM gatehouse.audit") == ["req-1"]
+        assert await conn.fetchval("SELECT calls FROM gatehouse.usage") == 1
+    finally:
+        await conn.close()
+
+
+async def test_killed_write_connections_never_leave_a_write_without_its_record(audited: Audited) -> None:
+    """As the app's role, through the contract view, with only the grants recommended for the audit."""
+    project, target = audited.project, audited.target
+    role = project.apps["web"].role
+    conn = await audited.owner()
+    await conn.execute(f'GRANT USAGE ON SCHEMA gatehouse TO "{role}"; GRANT INSERT ON gatehouse.audit TO "{role}"')
+    await conn.close()
+    pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=4, max_size=4,
+                                     server_settings={"role": role, "application_name": "gatehouse/web"})
+    assert pool is not None
+    committed = failed = 0
+
+    async def write(n: int) -> None:
+        nonlocal committed, failed
+        try:
+            async with pool.acquire() as c:
+                async with c.transaction():
+                    await c.fetchval("INSERT INTO api_v1.things (name) VALUES ($1) RETURNING id", f"req-{n}")
+                    await asyncio.sleep(random.random() / 100)
+                    await audit_in_transaction(c, record(n, method="POST", status=201))
+                committed += 1
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+            failed += 1
+
+    async def killer() -> None:
+        owner = await audited.owner()
+        try:
+            for _ in range(15):
+                await asyncio.sleep(0.02)
+                await owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE application_name = 'gatehouse/web' ORDER BY random() LIMIT 1")
+        finally:
+            await owner.close()
+
+    try:
+        await asyncio.gather(killer(), *(write(n) for n in range(300)))
+    finally:
+        pool.terminate()
+    owner = await audited.owner()
+    try:
+        things = {r[0] for r in await owner.fetch("SELECT name FROM things")}
+        audits = {r[0] for r in await owner.fetch("SELECT request_id FROM gatehouse.audit WHERE method = 'POST'")}
+    finally:
+        await owner.close()
+    assert committed > 0 and failed > 0
+    assert things == audits  # every write that committed has its record, and no record lacks its write
+    assert committed <= len(things) <= 300  # (a commit whose answer the kill cut off may still have committed)
+
+
+async def test_the_authenticator_needs_only_insert_on_the_audit_table(audited: Audited) -> None:
+    auth = audited.project.authenticator_role
+    conn = await audited.owner()
+    await conn.execute(f'GRANT INSERT ON gatehouse.audit TO "{auth}"')
+    await conn.close()
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(**audited.target.authenticator_kwargs())
+
+    writer = AuditWriter(connect, audited.tmp / "spool.jsonl")
+    writer.start()
+    for n in range(200):
+        writer.submit(record(n, status=404 if n % 4 == 0 else 200))
+    await writer.stop()
+    assert writer.pending().total == 0
+    assert await counts(audited) == (200, 200, 200, 50)
+    reader = await connect()
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await reader.fetch("SELECT * FROM gatehouse.audit")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await reader.fetch("SELECT * FROM gatehouse.usage")
+    finally:
+        await reader.close()
+
+
+@pytest.mark.parametrize(("query", "redacted"), [
+    ("id=eq.5&name=in.(a,b)&select=id,name&order=id.desc&limit=10",
+     "id=eq.***&name=in.***&select=id,name&order=id.desc&limit=10"),
+    ("", ""),
+    ("select=id,customer_summary(name)&offset=20&columns=a,b&on_conflict=id", "select=id,customer_summary(name)&offset=20&columns=a,b&on_conflict=id"),
+    ("name=not.ilike.*secret*&price=lt.20", "name=not.ilike.***&price=lt.***"),
+    ("deleted=is.null&flag=not.is.true&x=is.surprise", "deleted=is.null&flag=not.is.true&x=is.***"),
+    ("name=like(any).{a*,b*}&doc=fts(english).cat", "name=like(any).***&doc=fts(english).***"),
+    ("or=(id.eq.1,name.ilike.*mug*)", "or=(id.eq.***,name.ilike.***)"),
+    ("and=(a.gte.1,or(b.eq.x,not.and(c.in.(1,2),d.is.null)))", "and=(a.gte.***,or(b.eq.***,not.and(c.in.***,d.is.null)))"),
+    ("not.or=(id.eq.1,name.eq.\"a,b)\")", "not.or=(id.eq.***,name.eq.***)"),
+    ("order_items.quantity=gt.2&order_items.limit=1&order_items.order=id", "order_items.quantity=gt.***&order_items.limit=1&order_items.order=id"),
+    ("data->>email=eq.bob@example.com", "data->>email=eq.***"),
+    ("select=id%2Cname&name=eq.J%C3%BCrgen&note=eq.a%26b", "select=id,name&name=eq.***&note=eq.***"),
+    ("apikey=gh_abc.secret", "apikey=***"),
+    ("name=secret", "name=***"),
+    ("or=(id.eq.1", "or=***"),
+    ("or=(id.eq.1)trailing", "or=***"),
+    ("or=(" * 50 + ")" * 50, "or=***"),
+    ("flag&id=eq.1", "***&id=eq.***"),
+    ("gh_abcdefghij_SECRETSECRET&select=gh_abcdefghij_x&x=eq.1", "***&select=***&x=eq.***"),
+    ("a%20b=eq.1&select=a b", "a%20b=eq.***&select=a%20b"),
+])
+def test_redact_query(query: str, redacted: str) -> None:
+    assert redact_query(query) == redacted
+
+
+def test_redact_query_is_bounded_and_never_raises() -> None:
+    long = "&".join(f"c{i}=eq.{'x' * 50}" for i in range(500))
+    assert len(redact_query(long)) <= MAX_QUERY_CHARS and "x" not in redact_query(long)
+    assert len(redact_query("select=" + "a," * 5000)) == MAX_QUERY_CHARS
+    for junk in ("%", "=&=&", "%ff%fe=eq.%00", "or=((((", "&&&", "a=b=c", "\x00=\x00"):
+        assert isinstance(redact_query(junk), str)
+    assert "secret" not in redact_query("x=eq.%ZZsecret&or=(a.eq.secret")
+
+
+async def test_search_and_version_usage(audited: Audited) -> None:
+    now = datetime.now(UTC)
+    records = [
+        record(1, app="web", subject="alice", status=200, at=now - timedelta(minutes=5)),
+        record(2, app="web", subject="bob", status=404, at=now - timedelta(minutes=4)),
+        record(3, app="mobile", subject="alice", target="orders", version=2, status=503, at=now - timedelta(minutes=3)),
+        record(4, app="mobile", target="rpc:ping", version=2, status=200, at=now - timedelta(minutes=2)),
+        record(5, app="legacy", target="things", version=1, status=200, at=now - timedelta(days=90)),
+        record(6, app="", target="", version=None, status=401, at=now - timedelta(minutes=1)),
+    ]
+    conn = await audited.owner()
+    try:
+        async with conn.transaction():
+            for r in records:
+                await audit_in_transaction(conn, r)
+
+        async def ids(**filters: object) -> list[str]:
+            return [r["request_id"] for r in await search(conn, **filters)]  # type: ignore[arg-type]
+
+        assert await ids() == ["req-6", "req-4", "req-3", "req-2", "req-1", "req-5"]
+        assert await ids(app="web") == ["req-2", "req-1"]
+        assert await ids(subject="alice") == ["req-3", "req-1"]
+        assert await ids(target="rpc:ping") == ["req-4"]
+        assert await ids(status=404) == ["req-2"]
+        assert await ids(status="4xx") == ["req-6", "req-2"]
+        assert await ids(status="5xx", app="mobile") == ["req-3"]
+        assert await ids(since=now - timedelta(days=1), until=now - timedelta(minutes=3, seconds=30)) == ["req-2", "req-1"]
+        assert await ids(limit=2) == ["req-6", "req-4"]
+        assert len(await ids(limit=10**9)) == 6
+        with pytest.raises(ValueError):
+            await search(conn, status="teapot")
+        found = await search(conn, app="web", limit=1)
+        assert as_table_rows(found)[0][1:9] == ("req-2", "web", "k1", "bob", "GET", "things", "v1", "404")
+        assert as_json(found)[0]["at"].startswith(str(now.year))
+
+        usage = await version_usage(conn)
+        assert [(u["api_version"], u["app"], u["calls"], u["errors"], u["targets"]) for u in usage] == [
+            (1, "web", 2, 1, ["things"]),
+            (2, "mobile", 2, 1, ["orders", "rpc:ping"]),
+        ]
+        assert [(u["api_version"], u["app"]) for u in await version_usage(conn, days=365)] == [
+            (1, "web"), (1, "legacy"), (2, "mobile")]
+        table = version_table_rows(usage, served=[1, 2, 3])
+        assert [row[:3] for row in table] == [("v1", "web", "2"), ("v2", "mobile", "2"), ("v3", "(no calls)", "0")]
+    finally:
+        await conn.close()
