@@ -20,6 +20,7 @@ from pydantic_core import ErrorDetails
 
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.errors import ProjectError
+from gatehouse.secrets import SecretRef
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 ENV_PREFIX = "GATEHOUSE_"
@@ -40,19 +41,10 @@ class ProjectSection(Strict):
 
 
 class DatabaseConfig(Strict):
-    url: str | None = Field(default=None, description="'env:VAR' naming a PostgreSQL URL; none = embedded")
-    authenticator_password: str | None = Field(
+    url: SecretRef = Field(default=None, description="'env:VAR' naming a PostgreSQL URL; none = embedded")
+    authenticator_password: SecretRef = Field(
         default=None, description="'env:VAR' with the password of the authenticator role, if the server needs one"
     )
-
-    @field_validator("url", "authenticator_password")
-    @classmethod
-    def _secret_from_env(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("env:"):
-            raise ValueError(
-                "secrets are never written in the file: write \"env:VARIABLE\" and set VARIABLE in the environment"
-            )
-        return value
 
 
 class ServerConfig(Strict):
@@ -150,18 +142,6 @@ class ProjectConfig(Strict):
     @property
     def retired_versions(self) -> frozenset[int]:
         return frozenset(int(k[1:]) for k, v in self.versions.items() if v.status == "retired")
-
-
-def resolve_secret(reference: str | None, *, what: str) -> str | None:
-    """Turn ``"env:VAR"`` into the variable's value, or say clearly which variable is missing."""
-    if reference is None:
-        return None
-    variable = reference.removeprefix("env:")
-    value = os.environ.get(variable)
-    if not value:
-        raise ProjectError(f"{what} names the environment variable {variable}, which is not set",
-                           hint=f"export {variable}=... before running gatehouse")
-    return value
 
 
 def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:

@@ -37,6 +37,7 @@ import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gatehouse.errors import ProjectError, Unauthenticated
+from gatehouse.secrets import SecretRef, resolve_secret
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class IssuerConfig(BaseModel):
 
     issuer: str = Field(min_length=1, description="the exact 'iss' of the tokens")
     jwks_url: str | None = Field(default=None, description="where the issuer publishes its public keys")
-    secret: str | None = Field(default=None, description="'env:VAR' naming the HS* shared secret")
+    secret: SecretRef = Field(default=None, description="'env:VAR' naming the HS* shared secret")
     algorithms: tuple[str, ...] = Field(min_length=1, description="the only algorithms accepted, e.g. ['RS256']")
     audience: str | tuple[str, ...] | None = Field(default=None, description="accepted 'aud'; none = not checked")
     app_claim: str = Field(default="azp", min_length=1, description="the claim naming the application")
@@ -83,15 +84,6 @@ class IssuerConfig(BaseModel):
         if value and any(a in _HMAC for a in value) and not all(a in _HMAC for a in value):
             raise ValueError("an issuer uses either HS* (shared secret) or asymmetric algorithms, never both")
         return tuple(dict.fromkeys(value))
-
-    @field_validator("secret")
-    @classmethod
-    def _secret_from_env(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("env:"):
-            raise ValueError(
-                "secrets are never written in the file: write \"env:VARIABLE\" and set VARIABLE in the environment"
-            )
-        return value
 
     @field_validator("jwks_url")
     @classmethod
@@ -285,7 +277,6 @@ class JwtVerifier:
     """Verifies bearer JWTs against the configured issuers; ``verify`` raises :class:`Unauthenticated`."""
 
     def __init__(self, config: AuthConfig, apps: Collection[str]) -> None:
-        from gatehouse.config import resolve_secret  # late: gatehouse.config embeds AuthConfig
 
         self._apps = frozenset(apps)
         self._holder = _ClientHolder()

@@ -23,9 +23,9 @@ from typing import Any
 
 import asyncpg
 
-from gatehouse.config import resolve_secret
 from gatehouse.errors import DatabaseUnavailable
 from gatehouse.project import Project
+from gatehouse.secrets import resolve_secret
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
