@@ -29,7 +29,7 @@ def load(results_dir: Path) -> tuple[dict[str, dict[str, Measurement | None]], d
             path = results_dir / f"{system}-{query}.json"
             results[query][system] = json.loads(path.read_text()) if path.is_file() else None
     skipped = {
-        system: (results_dir / f"{system}.skipped").read_text().strip()
+        system: " ".join((results_dir / f"{system}.skipped").read_text().split())
         for system in SYSTEMS
         if (results_dir / f"{system}.skipped").is_file()
     }

@@ -17,7 +17,6 @@ from limits.strategies import MovingWindowRateLimiter
 
 from gatehouse.errors import ApiError
 
-
 MAX_TRACKED = 10_000
 
 
