@@ -64,6 +64,13 @@ def _constraint_message(exc: asyncpg.PostgresError, sqlstate: str,
     return None
 
 
+# Errors PostgreSQL raises as limits or internal errors although the caller's value caused them: 400, not 500.
+_CALLER_LIMITS = (
+    ("54000", "", "A value in the request exceeds what the database can handle"),
+    ("XX000", "tsquery", "The text search query is too complex"),
+)
+
+
 def api_error_from_postgres(exc: asyncpg.PostgresError, *, columns: Collection[str] = (),
                             debug: bool = False) -> ApiError:
     sqlstate = str(getattr(exc, "sqlstate", "") or "XX000")
@@ -71,7 +78,11 @@ def api_error_from_postgres(exc: asyncpg.PostgresError, *, columns: Collection[s
     details: str | None = None
     hint: str | None = None
     custom = _constraint_message(exc, sqlstate, columns)
-    if custom is not None:
+    text = str(getattr(exc, "message", "") or "")
+    limit = next((m for code, prefix, m in _CALLER_LIMITS if code == sqlstate and text.startswith(prefix)), None)
+    if limit is not None:
+        status, message = 400, limit
+    elif custom is not None:
         message, details = custom
     elif sqlstate.startswith(_SAFE_MESSAGE_PREFIXES):
         message = str(getattr(exc, "message", "") or _GENERIC.get(status, "Invalid request"))

@@ -104,7 +104,8 @@ def parse_prefer(headers: Headers) -> Preferences:
                 continue
             name, _, value = token.partition("=")
             name, value = name.strip().lower(), value.strip()
-            valid = value in PREFERENCE_VALUES.get(name, ()) or (name == "max-affected" and value.isdigit())
+            counted = name == "max-affected" and re.fullmatch(r"[0-9]{1,9}", value) is not None
+            valid = value in PREFERENCE_VALUES.get(name, ()) or counted
             if not valid:
                 prefs.invalid.append(token)
             elif name not in prefs.values:

@@ -1,117 +1,382 @@
-"""Versioned SQL migrations: ``migrations/V<NNN>__<description>.sql``, each applied once, in order.
+"""SQL migrations: versioned ``V<NNN>__<description>.sql`` and repeatable ``R__<description>.sql``.
 
-Each migration runs in its own transaction together with its history row, under an advisory lock so two
-deployers cannot apply the same migration twice. An applied migration whose file has changed since is
-reported and nothing further runs: history is not rewritten silently.
+* A **versioned** migration is applied once, in version order. Editing it after it was applied is detected
+  by its checksum, and nothing further runs until the file is restored (or the edit accepted with
+  :func:`repair`). A file numbered below the newest applied one is refused.
+* A **repeatable** migration (views, functions: ``CREATE OR REPLACE``) is applied after all versioned
+  ones, in name order, and again whenever its text changes.
+* Each migration runs in its own transaction together with its history row, so a failure leaves no
+  partial change; the failed attempt is then recorded (``success = false``, PostgreSQL's message) and the
+  run stops with an error naming the file, the line and PostgreSQL's message.
+* A file whose first line is ``-- gatehouse: no-transaction`` runs its statements one by one, outside any
+  transaction, for what PostgreSQL cannot run in one (``CREATE INDEX CONCURRENTLY``). A failure midway can
+  leave a partial change (and a failed ``CREATE INDEX CONCURRENTLY`` can leave an invalid index), so keep
+  such a file to one statement. After such a failure nothing runs until the change is undone or finished
+  by hand and :func:`repair` is run.
+* One deployer at a time per database: an advisory lock, waited for by polling (a session blocked in
+  ``pg_advisory_lock`` would hold a snapshot that ``CREATE INDEX CONCURRENTLY`` waits for: a deadlock).
+
+The history table is described in :mod:`gatehouse.migrate.history`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 
-from gatehouse.db.sync import bootstrap
 from gatehouse.errors import ProjectError
+from gatehouse.migrate.history import HistoryRow, delete_failed, ensure_history, read_history, realign, record
+from gatehouse.migrate.statements import Statement, split_statements
 
-FILE_PATTERN = re.compile(r"^V(?P<version>[0-9]{1,9})__(?P<description>[A-Za-z0-9_]+)\.sql$")
+VERSIONED = re.compile(r"^V(?P<version>[0-9]{1,9})__(?P<description>[A-Za-z0-9_]+)\.sql$")
+REPEATABLE = re.compile(r"^R__(?P<description>[A-Za-z0-9_]+)\.sql$")
+NO_TRANSACTION = re.compile(r"^\s*--\s*gatehouse:\s*no-transaction\s*$", re.IGNORECASE)
 MIGRATE_LOCK_KEY = 0x67686D6967  # "ghmig"
 
-HISTORY = """
-CREATE TABLE IF NOT EXISTS gatehouse.migrations (
-    version      integer PRIMARY KEY,
-    description  text NOT NULL,
-    checksum     text NOT NULL,
-    applied_by   text NOT NULL DEFAULT current_user,
-    applied_at   timestamptz NOT NULL DEFAULT now(),
-    duration_ms  integer NOT NULL
-);
-"""
+# name -> checksum of a migration's text (UTF-8, line endings read as "\n", no byte-order mark). The name is
+# stored with each checksum; a new algorithm gets a new name and old rows keep being checked with theirs.
+CHECKSUMS: dict[str, Callable[[str], str]] = {"sha256": lambda text: hashlib.sha256(text.encode()).hexdigest()}
+CHECKSUM_ALGORITHM = "sha256"
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    version: int
+    version: int | None  # None: a repeatable migration
     description: str
     path: Path
     sql: str
+    transactional: bool = True
+
+    @property
+    def kind(self) -> str:
+        return "versioned" if self.version is not None else "repeatable"
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+        return CHECKSUMS[CHECKSUM_ALGORITHM](self.sql)
+
+    def checksum_with(self, algorithm: str) -> str:
+        if algorithm not in CHECKSUMS:
+            raise ProjectError(f"the history of {self.path.name} uses checksum algorithm {algorithm!r}, "
+                               "which this gatehouse does not know", hint="upgrade gatehouse")
+        return CHECKSUMS[algorithm](self.sql)
 
     @property
     def label(self) -> str:
-        return f"V{self.version:03d} {self.description.replace('_', ' ')}"
+        text = self.description.replace("_", " ")
+        return f"V{self.version:03d} {text}" if self.version is not None else f"R {text}"
+
+    def statements(self) -> list[Statement]:
+        return split_statements(self.sql)
+
+
+class MigrationFailed(ProjectError):
+    """A migration failed in the database; ``__cause__`` is PostgreSQL's error.
+
+    ``statement`` is the statement that failed in a ``no-transaction`` migration (None for one run in a
+    transaction, where nothing of it stays).
+    """
+
+    def __init__(self, migration: Migration, error: asyncpg.PostgresError, *, line: int | None,
+                 statement: Statement | None = None) -> None:
+        self.migration, self.line, self.sqlstate = migration, line, error.sqlstate
+        self.reason = f"line {line}: {error.message}" if line else error.message  # what the history records
+        said = "".join(f"\n  {name}: {text}" for name, text in (("detail", error.detail),
+                                                                 ("PostgreSQL's hint", error.hint)) if text)
+        hints: list[str] = []
+        if statement is None:
+            if error.sqlstate == "25001":  # active_sql_transaction: e.g. CREATE INDEX CONCURRENTLY
+                hints.append("this statement cannot run inside a transaction: make `-- gatehouse: no-transaction` "
+                             "the file's first line (and keep that file to this one statement)")
+            hints.append("nothing of it was applied (it ran in one transaction): fix the file and apply again")
+        else:
+            statements = migration.statements()
+            number, total = statements.index(statement) + 1, len(statements)
+            kept = ("nothing before it ran" if number == 1 else "statement 1 was applied and stays" if number == 2
+                    else f"statements 1-{number - 1} were applied and stay")
+            hints.append(f"it ran outside a transaction and statement {number} of {total} failed ({kept})")
+            if "concurrently" in statement.sql.lower():
+                hints.append("a failed CREATE INDEX CONCURRENTLY can leave an INVALID index behind: drop it")
+            hints.append("undo or finish the change by hand, then run `gatehouse migrate repair`; "
+                         "apply refuses to run until then")
+        at = f" at line {line}" if line else ""
+        super().__init__(f"migration {migration.label} failed{at}: {error.message}{said}", where=str(migration.path),
+                         hint="; ".join(hints))
+
+
+def _read(path: Path) -> tuple[str, bool]:
+    """The file's SQL (without a byte-order mark) and whether it runs in a transaction."""
+    sql = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    lines = [(n, line) for n, line in enumerate(sql.splitlines(), 1) if line.strip()]
+    marked = [n for n, line in lines if NO_TRANSACTION.match(line)]
+    if marked and marked[0] != lines[0][0]:
+        raise ProjectError(f"`-- gatehouse: no-transaction` is on line {marked[0]}; it counts only as the first line",
+                           where=str(path), hint="move it to the top of the file")
+    return sql, not marked
 
 
 def discover(folder: Path) -> list[Migration]:
+    """Every migration in the folder: versioned ones in version order, then repeatable ones in name order."""
     if not folder.is_dir():
         return []
-    migrations: dict[int, Migration] = {}
+    versioned: dict[int, Migration] = {}
+    repeatable: list[Migration] = []
     for path in sorted(folder.glob("*.sql")):
-        match = FILE_PATTERN.match(path.name)
+        if match := REPEATABLE.match(path.name):
+            repeatable.append(Migration(None, match["description"], path, *_read(path)))
+            continue
+        match = VERSIONED.match(path.name)
         if match is None:
-            raise ProjectError("a migration file is named V<number>__<description>.sql",
-                               where=str(path), hint="for example V003__add_product_sku.sql")
+            raise ProjectError("a migration file is named V<number>__<description>.sql "
+                               "(or R__<description>.sql for a repeatable one)",
+                               where=str(path), hint="for example V003__add_product_sku.sql or R__report_views.sql")
         version = int(match["version"])
-        if version in migrations:
-            raise ProjectError(f"version {version} is used twice (also {migrations[version].path.name})",
+        if version in versioned:
+            raise ProjectError(f"version {version} is used twice (also {versioned[version].path.name})",
                                where=str(path))
-        migrations[version] = Migration(version, match["description"], path, path.read_text(encoding="utf-8"))
-    return [migrations[v] for v in sorted(migrations)]
+        versioned[version] = Migration(version, match["description"], path, *_read(path))
+    return [versioned[v] for v in sorted(versioned)] + sorted(repeatable, key=lambda m: m.description)
 
 
-async def applied_checksums(conn: asyncpg.Connection) -> dict[int, str]:
-    await bootstrap(conn)
-    await conn.execute(HISTORY)
-    return {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM gatehouse.migrations")}
+def _latest_repeatable(history: list[HistoryRow]) -> dict[str, HistoryRow]:
+    return {row.description: row for row in history if row.kind == "repeatable"}  # in id order: newest wins
 
 
-def _check_history(migrations: list[Migration], applied: dict[int, str]) -> list[Migration]:
-    by_version = {m.version: m for m in migrations}
-    for version, checksum in sorted(applied.items()):
+def _applied_versions(history: list[HistoryRow]) -> dict[int, HistoryRow]:
+    return {row.version: row for row in history if row.version is not None and row.success}
+
+
+def _to_apply(migrations: list[Migration], history: list[HistoryRow]) -> list[Migration]:
+    """What a run applies, in order; raises when the history forbids running anything."""
+    files = {(m.version, m.description if m.version is None else ""): m.path for m in migrations}
+    for row in history:
+        if not row.success and not row.in_transaction:
+            path = files.get((row.version, row.description if row.version is None else ""))
+            raise ProjectError(f"{row.label} failed outside a transaction on {row.applied_at:%Y-%m-%d %H:%M %Z} "
+                               f"and may have left a partial change: {row.error}", where=str(path) if path else None,
+                               hint="undo or finish it by hand, then run `gatehouse migrate repair`")
+    applied = _applied_versions(history)
+    by_version = {m.version: m for m in migrations if m.version is not None}
+    for version, row in sorted(applied.items()):
         migration = by_version.get(version)
         if migration is None:
-            raise ProjectError(f"migration V{version:03d} was applied but its file is gone",
+            raise ProjectError(f"migration {row.label} was applied but its file is gone",
                                hint="restore the file; applied migrations are history")
-        if migration.checksum != checksum:
+        if migration.checksum_with(row.checksum_algorithm) != row.checksum:
             raise ProjectError(f"{migration.path.name} changed after it was applied (checksum differs)",
                                where=str(migration.path),
-                               hint="never edit an applied migration: restore it and add a new one")
-    pending = [m for m in migrations if m.version not in applied]
-    newest_applied = max(applied, default=0)
-    late = [m for m in pending if m.version < newest_applied]
+                               hint="never edit an applied migration: restore it and add a new one "
+                                    "(or accept the edit with `gatehouse migrate repair`)")
+    pending = [m for m in migrations if m.version is not None and m.version not in applied]
+    newest = max(applied, default=0)
+    late = [m for m in pending if m.version is not None and m.version < newest]
     if late:
-        raise ProjectError(f"{late[0].path.name} is older than V{newest_applied:03d}, which is already applied",
+        raise ProjectError(f"{late[0].path.name} is older than V{newest:03d}, which is already applied",
                            where=str(late[0].path), hint="give it a version number above the newest applied")
+    latest = _latest_repeatable(history)
+    for m in migrations:
+        last = latest.get(m.description)
+        if m.version is None and (last is None or not last.success
+                                  or m.checksum_with(last.checksum_algorithm) != last.checksum):
+            pending.append(m)
     return pending
 
 
 async def pending_migrations(conn: asyncpg.Connection, folder: Path) -> list[Migration]:
-    return _check_history(discover(folder), await applied_checksums(conn))
+    """What :func:`migrate` would apply, in order (reads the history, changes nothing)."""
+    return _to_apply(discover(folder), await read_history(conn))
 
 
-async def migrate(conn: asyncpg.Connection, folder: Path) -> list[tuple[Migration, float]]:
-    """Apply every pending migration; returns what ran and how long each took (seconds)."""
-    done: list[tuple[Migration, float]] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_KEY)
+@asynccontextmanager
+async def migration_lock(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Hold the per-database migration lock (to the end of the transaction, when called inside one)."""
+    in_transaction = conn.is_in_transaction()
+    take = "pg_try_advisory_xact_lock" if in_transaction else "pg_try_advisory_lock"
+    pause = 0.05
+    while not await conn.fetchval(f"SELECT {take}($1)", MIGRATE_LOCK_KEY):
+        await asyncio.sleep(pause)
+        pause = min(pause * 1.5, 1.0)
+    if in_transaction:
+        yield
+        return
     try:
-        for migration in await pending_migrations(conn, folder):
-            started = time.perf_counter()
+        yield
+    except BaseException:
+        with suppress(Exception):  # the connection may be gone; its lock went with it
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
+        raise
+    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
+
+
+async def migrate(conn: asyncpg.Connection, folder: Path, *,
+                  skip_no_transaction: bool = False) -> list[tuple[Migration, float]]:
+    """Apply what is pending; returns what ran and how long each took (seconds).
+
+    Called inside a transaction (a dry run), a ``no-transaction`` migration cannot run: it raises, or is
+    left out when ``skip_no_transaction`` is set.
+    """
+    migrations = discover(folder)
+    done: list[tuple[Migration, float]] = []
+    async with migration_lock(conn):
+        await ensure_history(conn)
+        todo = _to_apply(migrations, await read_history(conn))
+        if conn.is_in_transaction():
+            outside = [m for m in todo if not m.transactional]
+            if outside and not skip_no_transaction:
+                raise ProjectError(f"{outside[0].label} runs outside a transaction, so it cannot run inside one",
+                                   where=str(outside[0].path))
+            todo = [m for m in todo if m.transactional]
+        for migration in todo:
+            done.append((migration, await _apply(conn, migration)))
+    return done
+
+
+async def _apply(conn: asyncpg.Connection, migration: Migration) -> float:
+    started = time.perf_counter()
+
+    def elapsed_ms() -> int:
+        return int((time.perf_counter() - started) * 1000)
+
+    statements = [] if migration.transactional else migration.statements()
+    current: Statement | None = None
+    try:
+        if migration.transactional:
             async with conn.transaction():
                 await conn.execute(migration.sql)
-                elapsed = time.perf_counter() - started
-                await conn.execute(
-                    "INSERT INTO gatehouse.migrations (version, description, checksum, duration_ms) "
-                    "VALUES ($1, $2, $3, $4)",
-                    migration.version, migration.description, migration.checksum, int(elapsed * 1000),
-                )
-            done.append((migration, elapsed))
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
-    return done
+                await record(conn, version=migration.version, description=migration.description,
+                             checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
+                             duration_ms=elapsed_ms())
+        else:
+            for current in statements:
+                await conn.execute(current.sql)
+            current = None
+            await record(conn, version=migration.version, description=migration.description,
+                         checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
+                         duration_ms=elapsed_ms(), in_transaction=False)
+    except asyncpg.PostgresError as error:
+        position = int(error.position) if error.position and error.position.isdigit() else None
+        if current is None:
+            line = migration.sql.count("\n", 0, position - 1) + 1 if position else None
+            failure = MigrationFailed(migration, error, line=line)
+        else:
+            line = current.line_of(position) if position else current.line
+            failure = MigrationFailed(migration, error, line=line, statement=current)
+        try:
+            await record(conn, version=migration.version, description=migration.description,
+                         checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
+                         duration_ms=elapsed_ms(), success=False, in_transaction=migration.transactional,
+                         error=failure.reason)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as unrecorded:
+            failure.add_note(f"the failed attempt could not be recorded: {unrecorded}")
+        raise failure from error
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    kind: str  # versioned | repeatable
+    version: int | None
+    description: str
+    script: str | None  # the file's name; None when the file is gone
+    state: str  # applied | pending | changed | failed | missing
+    applied_at: datetime | None
+    applied_by: str | None
+    duration_ms: int | None
+    note: str
+
+    @property
+    def label(self) -> str:
+        text = self.description.replace("_", " ")
+        return f"V{self.version:03d} {text}" if self.version is not None else f"R {text}"
+
+
+def _row(m: Migration | None, kind: str, version: int | None, description: str, state: str,
+         row: HistoryRow | None, note: str) -> StatusRow:
+    return StatusRow(kind, version, description, m.path.name if m else None, state,
+                     row.applied_at if row else None, row.applied_by if row else None,
+                     row.duration_ms if row else None, note)
+
+
+def _failed_note(row: HistoryRow) -> str:
+    then = "retried by the next apply" if row.in_transaction else \
+        "ran outside a transaction: undo or finish it by hand, then `gatehouse migrate repair`"
+    return f"{row.error} ({then})"
+
+
+def _status(migrations: list[Migration], history: list[HistoryRow]) -> list[StatusRow]:
+    applied = _applied_versions(history)
+    failed = {row.version: row for row in history if row.version is not None and not row.success}
+    files = {m.version: m for m in migrations if m.version is not None}
+    newest = max(applied, default=0)
+    rows: list[StatusRow] = []
+    for version in sorted(set(files) | set(applied) | set(failed)):
+        m, ok = files.get(version), applied.get(version)
+        description = m.description if m else (ok or failed[version]).description
+        if ok is not None and m is None:
+            rows.append(_row(m, "versioned", version, description, "missing", ok, "applied, but its file is gone"))
+        elif ok is not None and m is not None and m.checksum_with(ok.checksum_algorithm) != ok.checksum:
+            rows.append(_row(m, "versioned", version, description, "changed", ok,
+                             "edited after it was applied: restore it, or accept it with `gatehouse migrate repair`"))
+        elif ok is not None:
+            rows.append(_row(m, "versioned", version, description, "applied", ok, ""))
+        elif version in failed:
+            rows.append(_row(m, "versioned", version, description, "failed", failed[version],
+                             _failed_note(failed[version])))
+        else:
+            late = f"older than V{newest:03d}, which is applied: renumber it" if version < newest else ""
+            rows.append(_row(m, "versioned", version, description, "pending", None, late))
+    latest = _latest_repeatable(history)
+    repeatables = {m.description: m for m in migrations if m.version is None}
+    for description in sorted(set(repeatables) | set(latest)):
+        m, last = repeatables.get(description), latest.get(description)
+        if last is None:
+            rows.append(_row(m, "repeatable", None, description, "pending", None, ""))
+        elif not last.success:
+            rows.append(_row(m, "repeatable", None, description, "failed", last, _failed_note(last)))
+        elif m is None:
+            rows.append(_row(m, "repeatable", None, description, "missing", last, "its file is gone; nothing runs"))
+        elif m.checksum_with(last.checksum_algorithm) != last.checksum:
+            rows.append(_row(m, "repeatable", None, description, "changed", last, "changed: apply runs it again"))
+        else:
+            rows.append(_row(m, "repeatable", None, description, "applied", last, ""))
+    return rows
+
+
+async def status(conn: asyncpg.Connection, folder: Path) -> list[StatusRow]:
+    """One row per migration, file or history: versioned in version order, then repeatable (changes nothing)."""
+    return _status(discover(folder), await read_history(conn))
+
+
+async def repair(conn: asyncpg.Connection, folder: Path) -> list[str]:
+    """Remove failed attempts and accept edited applied migrations as applied (Flyway's ``repair``).
+
+    Returns one line per thing done (or deliberately not done); empty when there was nothing to repair.
+    """
+    migrations = discover(folder)
+    files = {m.version: m for m in migrations if m.version is not None}
+    report: list[str] = []
+    async with migration_lock(conn):
+        await ensure_history(conn)
+        async with conn.transaction():
+            for row in await delete_failed(conn):
+                report.append(f"removed the failed attempt of {row.label} "
+                              f"({row.applied_at:%Y-%m-%d %H:%M %Z}): {row.error}")
+            for version, row in sorted(_applied_versions(await read_history(conn)).items()):
+                m = files.get(version)
+                if m is None:
+                    report.append(f"left {row.label} alone: it was applied but its file is gone; restore the file")
+                elif m.checksum_with(row.checksum_algorithm) != row.checksum or m.description != row.description:
+                    await realign(conn, row.id, description=m.description, checksum=m.checksum,
+                                  algorithm=CHECKSUM_ALGORITHM)
+                    report.append(f"re-recorded {m.label} from its current file: the edited file is now taken as "
+                                  "applied (the edit itself is not run)")
+    return report

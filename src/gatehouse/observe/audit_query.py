@@ -20,7 +20,7 @@ VERSIONS_TABLE_HEADER = ("version", "app", "calls", "errors", "last call", "targ
 
 
 def _status_condition(status: int | str, params: list[Any]) -> str:
-    if isinstance(status, int) or str(status).isdigit():
+    if isinstance(status, int) or re.fullmatch(r"[0-9]{3}", str(status)):
         params.append(int(status))
         return f"status = ${len(params)}"
     match = STATUS_CLASS.match(str(status).strip().lower())

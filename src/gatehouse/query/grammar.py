@@ -40,7 +40,19 @@ MAX_LIST_ITEMS = 1000
 MAX_CONDITIONS = 200
 MAX_DEPTH = 8
 MAX_SELECT_ITEMS = 300
-TYPE_NAME = re.compile(r"^[a-z_][a-z0-9_]*( [a-z_][a-z0-9_]*)*(\([0-9]{1,4}(,[0-9]{1,4})?\))?(\[\])*$")
+MAX_NAME_BYTES = 63  # what PostgreSQL keeps of an identifier
+TYPE_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9 ]*?)(\([0-9]{1,4}(,[0-9]{1,4})?\))?(\[\])*$")
+# Casts are limited to plain data types: reg* types (regclass, regrole, ...) would turn numbers and strings into
+# catalog lookups and tell the caller about tables, schemas and roles it must not see.
+CAST_TYPES = frozenset({
+    "text", "varchar", "character varying", "char", "character", "name", "citext",
+    "smallint", "integer", "int", "bigint", "int2", "int4", "int8", "numeric", "decimal", "real", "float4",
+    "double precision", "float8", "float", "money", "boolean", "bool",
+    "date", "time", "timetz", "time with time zone", "time without time zone", "timestamp", "timestamptz",
+    "timestamp with time zone", "timestamp without time zone", "interval",
+    "uuid", "json", "jsonb", "bytea", "inet", "cidr", "macaddr", "tsvector", "int4range", "int8range", "numrange",
+    "daterange", "tsrange", "tstzrange",
+})
 _NAME_STOP = set(',.:*()"!{}')
 
 
@@ -88,7 +100,7 @@ class _Cursor:
                 out.append(self.text[self.pos])
                 self.pos += 1
             self.expect('"')
-            return "".join(out)
+            return self._checked("".join(out))
         start = self.pos
         while not self.done:
             char = self.text[self.pos]
@@ -99,6 +111,14 @@ class _Cursor:
         if not name:
             self.pos = start
             raise self.error("a column or relation name")
+        return self._checked(name)
+
+    def _checked(self, name: str) -> str:
+        """Names become quoted SQL identifiers (aliases) or bound JSON keys: no control characters, and no
+        longer than PostgreSQL keeps an identifier."""
+        if any(ord(char) < 32 for char in name) or len(name.encode()) > MAX_NAME_BYTES:
+            raise QueryParseError(f'"failed to parse {self.what}"',
+                                  details=f"a name may not hold control characters or exceed {MAX_NAME_BYTES} bytes")
         return name
 
     def field(self) -> Field:
@@ -182,9 +202,11 @@ def _select_item(cursor: _Cursor, depth: int) -> SelectItem:
         while not cursor.done and cursor.text[cursor.pos] not in ",)":
             cursor.pos += 1
         type_name = cursor.text[type_start:cursor.pos].strip().lower()
-        if not TYPE_NAME.match(type_name):
+        match = TYPE_NAME.match(type_name)
+        if not match or match.group("base").strip() not in CAST_TYPES:
             raise QueryParseError(f'"failed to parse select ({cursor.text})"',
-                                  details=f"{type_name!r} is not a type name")
+                                  details=f"{type_name!r} is not a type a column can be cast to",
+                                  hint="Cast to a plain data type: text, integer, numeric, date, jsonb, ...")
     return ColumnItem(field, alias, type_name)
 
 

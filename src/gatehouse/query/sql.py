@@ -16,6 +16,7 @@ missing), ``json_agg`` for to-many (``[]`` when empty). ``!inner`` and ``rel=not
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ SQL_OPERATORS = {
 TEXT_OPERATORS = frozenset({"like", "ilike", "match", "imatch"})
 TSQUERY = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phraseto_tsquery",
            "wfts": "websearch_to_tsquery"}
+JSON_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²" and "١٢"
 IS_SQL = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
 
 
@@ -161,7 +163,7 @@ class ReadCompiler:
         sql = self._column(scope, fld.column)
         column_type = scope.shape.columns[fld.column]
         for arrow, key in fld.json_path:
-            index = key.lstrip("-").isdigit()
+            index = JSON_INDEX.fullmatch(key) is not None
             sql = f"({sql} {arrow} {self.bind(int(key) if index else key)}::{'int' if index else 'text'})"
             column_type = "text" if arrow == "->>" else ("jsonb" if column_type.startswith("jsonb") else "json")
         return sql, column_type

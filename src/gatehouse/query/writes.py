@@ -91,7 +91,9 @@ class WriteCompiler:
             names = ", ".join(quote_ident(c) for c in group_columns)
             row_params.append(self.reader.bind(orjson.dumps(rows).decode()))
             source = f"json_populate_recordset(NULL::{self.view}, {row_params[-1]}::json)"
-            sql = f"INSERT INTO {self.view} AS _gh_t ({names}) SELECT {names} FROM {source}"
+            # A row that sets no column is all defaults: a zero-column SELECT inserts exactly that.
+            target_list = f" ({names})" if group_columns else ""
+            sql = f"INSERT INTO {self.view} AS _gh_t{target_list} SELECT {names} FROM {source}"
             if options.resolution and conflict:
                 target = ", ".join(quote_ident(c) for c in conflict)
                 updates = [c for c in group_columns if c not in conflict] or list(conflict)
@@ -123,9 +125,6 @@ class WriteCompiler:
         for row in payload.rows:
             present = tuple(c for c in columns if c in row)
             groups.setdefault(present, []).append({c: row[c] for c in present})
-        if () in groups:
-            raise ApiError("A row sets none of the columns", code="PGRST102", status=400,
-                           details="With missing=default, every row must set at least one column")
         return list(groups.items())
 
     def update(self, query: ReadQuery, row: dict[str, object], representation: bool,

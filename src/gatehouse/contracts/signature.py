@@ -1,0 +1,136 @@
+"""The *live* signature of each contract version: what its view would look like in this database, now.
+
+PostgreSQL itself compiles each contract's SQL as a temporary view, inside a transaction that is always
+rolled back, and its catalog gives the output columns and their types with ``format_type(atttypid,
+atttypmod)`` — the same spelling as :mod:`gatehouse.db.catalog` (``numeric(10,2)``, not ``numeric``), which a
+prepared statement's description cannot give (it has no type modifiers). Nothing in ``api_vN`` is touched,
+so this runs against a production database as safely as against a scratch one in CI.
+
+Nullability is *declared* (``-- not null: ...``, see :mod:`gatehouse.contracts.lockfile`) because PostgreSQL
+reports every view column as nullable. Relations come from the base tables' constraints, traced through
+each contract's lineage exactly as the server does (:mod:`gatehouse.contracts.relations`); a contract
+version served in several API versions offers the union of its relations in each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from gatehouse.contracts.lineage import SourceColumn, column_sources
+from gatehouse.contracts.lockfile import Column, RelationRef, Signature, declared_not_null
+from gatehouse.contracts.model import ContractVersion
+from gatehouse.contracts.relations import build_relations
+from gatehouse.db import Connection
+from gatehouse.db.catalog import Constraint, load_constraints
+from gatehouse.db.targets import resolve_targets
+from gatehouse.project import Project
+from gatehouse.schema_cache import declared_relations
+
+LOCK_TIMEOUT = "5s"
+"""Creating a view takes a light lock on the tables it reads; never queue behind a long migration."""
+
+VIEW_COLUMNS = r"""
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type
+FROM pg_attribute a
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CompileError:
+    """A contract version PostgreSQL cannot compile in this database, with PostgreSQL's own words."""
+
+    contract: str
+    version: int
+    database: str
+    message: str
+    detail: str | None = None
+    hint: str | None = None
+    sqlstate: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.contract}.v{self.version}"
+
+
+def live_labels(project: Project) -> frozenset[str]:
+    """Contract versions served by at least one live API version (a retired one has no view any more)."""
+    return frozenset(c.label for served in project.versions.served.values() for c in served.values())
+
+
+def relations_by_label(project: Project, database: str,
+                       constraints: Iterable[Constraint]) -> dict[str, tuple[RelationRef, ...]]:
+    """Each contract version's relations: the union over the API versions that serve it."""
+    constraints = list(constraints)
+    lineages: dict[str, dict[str, SourceColumn]] = {
+        c.label: column_sources(c.sql) for c in project.contracts if c.database == database
+    }
+    declared = declared_relations(project)
+    found: dict[str, set[RelationRef]] = {}
+    for served in project.versions.served.values():
+        local = [c for c in served.values() if c.database == database]
+        relations = build_relations(local, lineages, constraints, declared)
+        for contract in local:
+            refs = found.setdefault(contract.label, set())
+            for relation in relations.get(contract.name, []):
+                refs.add(RelationRef(relation.target, relation.source_columns, relation.target_columns,
+                                     relation.to_one))
+    return {label: tuple(sorted(refs)) for label, refs in found.items()}
+
+
+async def _view_columns(conn: Connection, sql: str, index: int) -> list[tuple[str, str]]:
+    name = f"pg_temp.gh_signature_{index}"
+    await conn.execute(f"CREATE TEMP VIEW gh_signature_{index} AS\n{sql}\n")
+    return [(row["name"], row["type"]) for row in await conn.fetch(VIEW_COLUMNS, name)]
+
+
+def _compile_error(contract: ContractVersion, exc: asyncpg.PostgresError) -> CompileError:
+    message = str(getattr(exc, "message", None) or exc)
+    return CompileError(contract.name, contract.version, contract.database, message,
+                        getattr(exc, "detail", None), getattr(exc, "hint", None), getattr(exc, "sqlstate", None))
+
+
+def signature_of(contract: ContractVersion, columns: Sequence[tuple[str, str]],
+                 relations: tuple[RelationRef, ...] = ()) -> Signature:
+    not_null = declared_not_null(contract.sql)
+    return Signature(contract.name, contract.version, contract.database,
+                     tuple(Column(name, type_, name not in not_null) for name, type_ in columns), relations)
+
+
+async def live_signatures(conn: Connection, project: Project, database: str) -> dict[str, Signature | CompileError]:
+    """label → signature (or why it does not compile) of every live contract version of ``database``."""
+    live = live_labels(project)
+    contracts = [c for c in project.contracts if c.database == database and c.label in live]
+    relations = relations_by_label(project, database, await load_constraints(conn))
+    results: dict[str, Signature | CompileError] = {}
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        for index, contract in enumerate(contracts):
+            try:
+                async with conn.transaction():  # a savepoint: one contract's error leaves the others alone
+                    columns = await _view_columns(conn, contract.sql, index)
+            except asyncpg.PostgresError as exc:
+                results[contract.label] = _compile_error(contract, exc)
+                continue
+            results[contract.label] = signature_of(contract, columns, relations.get(contract.label, ()))
+    finally:
+        await transaction.rollback()
+    return results
+
+
+async def project_signatures(project: Project) -> dict[str, Signature | CompileError]:
+    """:func:`live_signatures` of every database of the project (what ``gatehouse lock`` records)."""
+    results: dict[str, Signature | CompileError] = {}
+    for name, target in (await resolve_targets(project)).items():
+        conn = await target.connect_owner()
+        try:
+            results.update(await live_signatures(conn, project, name))
+        finally:
+            await conn.close()
+    return results
