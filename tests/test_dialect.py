@@ -112,7 +112,8 @@ ERRORS = [
     ("/products", {"Accept": "text/unknowntype"}, 406, "PGRST107"),
     ("/products", {"Range": "5-2"}, 416, "PGRST103"),
     ("/products?offset=9000", {"Prefer": "count=exact"}, 416, "PGRST103"),
-    ("/products?select=id::nosuchtype&limit=1", {}, 400, "42704"),
+    ("/products?select=id::nosuchtype&limit=1", {}, 400, "PGRST100"),  # casts: plain data types only
+    ("/products?select=x:id::regclass&limit=1", {}, 400, "PGRST100"),  # no catalog lookups
     ("/products?id=cs.{1}", {}, 404, "42883"),  # no @> for bigint, as in PostgREST
     ("/products", {"Prefer": "handling=strict, count=sometimes"}, 400, "PGRST122"),
 ]
