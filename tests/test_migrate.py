@@ -10,6 +10,7 @@ import pytest
 from conftest import ProjectFactory
 from gatehouse import operations
 from gatehouse.errors import ProjectError
+from gatehouse.migrate.runner import MigrationFailed
 
 TOML = """
 [project]
@@ -44,12 +45,13 @@ async def test_failing_migration_leaves_nothing(make_project: ProjectFactory) ->
         "V001__ok.sql": "CREATE TABLE ok (id int);",
         "V002__broken.sql": "CREATE TABLE half (id int); SELECT no_such_function();",
     })
-    with pytest.raises(asyncpg.UndefinedFunctionError):
+    with pytest.raises(MigrationFailed, match=r"V002__broken\.sql") as failed:
         await operations.migrate_all(project)
+    assert isinstance(failed.value.__cause__, asyncpg.UndefinedFunctionError)
     tables = await _tables(project)
     assert "ok" in tables and "half" not in tables
     async with operations.owner_connection(project) as conn:
-        assert await conn.fetchval("SELECT max(version) FROM gatehouse.migrations") == 1
+        assert await conn.fetchval("SELECT max(version) FROM gatehouse.migrations WHERE success") == 1
 
 
 async def test_edited_applied_migration_is_detected(make_project: ProjectFactory) -> None:

@@ -354,7 +354,9 @@ def _lock_findings(project: Project, lock: Lock, databases: dict[str, _Database]
             findings.append(_error("GHC014", f"{LOCK_FILE} checks {label} with {entry.checksum.algorithm!r}, "
                                    "which this gatehouse does not know", contract=label, file=LOCK_FILE,
                                    hint="upgrade gatehouse"))
-        elif file_checksum(contract.path, entry.checksum.algorithm) != entry.checksum:
+        file_changed = (entry.checksum.algorithm in CHECKSUM_ALGORITHMS
+                        and file_checksum(contract.path, entry.checksum.algorithm) != entry.checksum)
+        if file_changed:
             findings.append(_error("GHC010", f"{label} was released, but its file changed since", contract=label,
                                    file=file, hint=f"a released version never changes: restore it (git checkout "
                                                    f"-- {file}) and make the change a new version, "
@@ -371,7 +373,8 @@ def _lock_findings(project: Project, lock: Lock, databases: dict[str, _Database]
             else:
                 findings.append(Finding("warning", "GHC012", f"{label}: compatible change: {change.detail}",
                                         contract=label, file=file,
-                                        hint="record it with `gatehouse lock --force` once reviewed"))
+                                        hint="part of the file's change (GHC010)" if file_changed
+                                        else "record it with `gatehouse lock`"))
     released = lock.released_api_version
     for label, contract in sorted(contracts.items()):
         if label in live and lock.get(label) is None and contract.version <= released:

@@ -16,6 +16,7 @@ from rich.table import Table
 from gatehouse import __version__, operations
 from gatehouse.app import run_in_loop
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
+from gatehouse.migrate.plan import Plan
 from gatehouse.project import Project, load_project
 
 T = TypeVar("T")
@@ -94,10 +95,77 @@ def init(
               "gatehouse keys create example && gatehouse serve")
 
 
-@app.command()
-def migrate() -> None:
-    """Apply pending migrations (migrations/V<NNN>__<description>.sql), each once, in order."""
+migrate_app = typer.Typer(help="Versioned SQL migrations: migrations/V<NNN>__<desc>.sql and R__<desc>.sql.")
+app.add_typer(migrate_app, name="migrate")
+
+
+@migrate_app.callback(invoke_without_command=True)
+def migrate(ctx: typer.Context) -> None:
+    """Apply pending migrations (the default), or: status, plan, repair."""
+    if ctx.invoked_subcommand is None:
+        migrate_apply()
+
+
+def _print_plans(plans: list[Plan]) -> None:
+    for plan in plans:
+        if not plan.pending:
+            out.print(f"[green]{plan.database}[/]: no pending migrations")
+            continue
+        out.print(f"[bold]{plan.database}[/]: pending {', '.join(plan.pending)}")
+        if plan.skipped:
+            out.print(f"  [yellow]not tried in the plan (no-transaction):[/] {', '.join(plan.skipped)}")
+        if plan.failure:
+            out.print(f"  [red]would fail:[/] {plan.failure}")
+        for impact in plan.impacts:
+            versions = ", ".join(f"v{n}" for n in impact.api_versions) or "no live API version"
+            kind = "[red]BREAKS[/]" if impact.breaking else "[green]compatible[/]"
+            out.print(f"  {kind} {impact.label} (served in {versions})")
+            if impact.error:
+                out.print(f"    no longer compiles: {impact.error}")
+            for change in impact.changes:
+                out.print(f"    {'breaking' if change.breaking else 'compatible'}: {change.detail}")
+            for app_name, last in impact.callers:
+                out.print(f"    called by [bold]{app_name}[/] (last {last})")
+            if impact.breaking and not impact.callers:
+                out.print("    no app called it in the last 30 days")
+        if not plan.impacts and not plan.failure:
+            out.print("  no released contract version changes")
+
+
+@migrate_app.command("plan")
+def migrate_plan() -> None:
+    """Run the pending migrations in a transaction, compare every released contract with contracts.lock, roll
+    back, and say which contract versions would break and which apps called them recently. Exits 1 if any would."""
     project = _project()
+    with out.status("planning (migrations run in a transaction that is rolled back)..."):
+        plans = run(operations.plan_all(project))
+    _print_plans(plans)
+    if any(p.breaking or p.failure for p in plans):
+        raise typer.Exit(1)
+
+
+@migrate_app.command("apply")
+def migrate_apply(
+    force: Annotated[bool, typer.Option("--force", help="Apply even if released contract versions would break.")]
+    = False,
+) -> None:
+    """Plan, lint with squawk, apply the pending migrations (each once, in order, under a lock), then re-sync the
+    contract views. A migration that would break a released contract version is refused unless --force."""
+    project = _project()
+    with out.status("planning..."):
+        plans = run(operations.plan_all(project))
+    if any(p.breaking for p in plans):
+        _print_plans(plans)
+        if not force:
+            raise _fail("these migrations would break released contract versions; follow expand → migrate → "
+                        "contract (docs/safe-schema-changes.md), or pass --force")
+    with out.status("linting pending migrations..."):
+        reports = run(operations.lint_pending(project))
+    for database, report in reports.items():
+        for finding in report.findings:
+            out.print(f"[yellow]{finding.level}[/] {database}: {finding}", highlight=False)
+        if report.notice:
+            out.print(f"[dim]{database}: {report.notice}[/]")
     with out.status("applying migrations..."):
         results = run(operations.migrate_all(project))
     for database, done in results.items():
@@ -105,6 +173,72 @@ def migrate() -> None:
             out.print(f"[green]{database}[/]: up to date")
         for migration, seconds in done:
             out.print(f"[green]{database}[/]: applied {migration.label} ({seconds * 1000:.0f} ms)")
+    if any(results.values()):  # the schema moved: make the contract views, roles and grants match again
+        try:
+            synced_reports = run_in_loop(operations.apply_all(project))
+        except asyncpg.PostgresError as exc:
+            raise _fail(f"the migrations were applied, but the contract views cannot be re-created: {exc}. "
+                        "Update the contracts, then run `gatehouse apply`.") from None
+        for synced in synced_reports:
+            for change in synced.changes:
+                out.print(f"[green]{synced.database}[/]: {change}")
+
+
+@app.command()
+def lock(force: Annotated[bool, typer.Option("--force", help="Re-lock released versions that changed.")] = False,
+         ) -> None:
+    """Write contracts.lock: the signature (columns, types, nullability, relations) and file checksum of every
+    contract version, as compiled by the database. Released versions are never rewritten without --force."""
+    from gatehouse.contracts.lockfile import read_lock, update_lock, write_lock
+    from gatehouse.contracts.signature import project_signatures
+
+    project = _project()
+    existing = _run_sync(lambda: read_lock(project.root))
+    new, report = update_lock(project, run(project_signatures(project)), existing, force=force)
+    if report.ok:
+        write_lock(project.root, new)
+    for line in report.lines():
+        out.print(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(output: Annotated[str, typer.Option("--format", help="table or json.")] = "table") -> None:
+    """The CI gate: contracts.lock vs the contract files vs the migrated database. Exits 1 on any error finding."""
+    from gatehouse.check import exit_code, render_findings, run_check
+
+    findings = run(run_check(State.project_path))
+    print(render_findings(findings, "json" if output == "json" else "table", color=out.is_terminal), end="")
+    raise typer.Exit(exit_code(findings))
+
+
+@migrate_app.command("status")
+def migrate_status() -> None:
+    """Every migration and its state: applied, pending, changed, failed or missing. Exits 1 on a problem."""
+    project = _project()
+    results = run(operations.migration_status(project))
+    table = Table("database", "migration", "kind", "state", "applied", "by", "ms", "note")
+    troubled = False
+    for database, rows in results.items():
+        for row in rows:
+            troubled |= row.state in ("failed", "changed", "missing")
+            color = {"applied": "green", "pending": "cyan"}.get(row.state, "red")
+            table.add_row(database, row.label, row.kind, f"[{color}]{row.state}[/]",
+                          row.applied_at.isoformat(timespec="seconds") if row.applied_at else "",
+                          row.applied_by or "", "" if row.duration_ms is None else str(row.duration_ms), row.note)
+    out.print(table)
+    if troubled:
+        raise typer.Exit(1)
+
+
+@migrate_app.command("repair")
+def migrate_repair() -> None:
+    """Forget failed attempts and re-record the checksums of applied files that were edited on purpose."""
+    project = _project()
+    for database, lines in run(operations.repair_all(project)).items():
+        for line in lines or ["nothing to repair"]:
+            out.print(f"[green]{database}[/]: {line}")
 
 
 @app.command()

@@ -5,6 +5,7 @@ Kept apart from :mod:`gatehouse.cli` so tests and the demo call the same code th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -13,10 +14,13 @@ from typing import Any
 import asyncpg
 
 from gatehouse.auth import keys
+from gatehouse.contracts.lockfile import read_lock
 from gatehouse.db.sync import ApplyReport, apply_database, bootstrap
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ProjectError
-from gatehouse.migrate.runner import Migration, migrate
+from gatehouse.migrate.lint import LintReport, lint_migrations
+from gatehouse.migrate.plan import Plan, plan_database
+from gatehouse.migrate.runner import Migration, StatusRow, migrate, pending_migrations, repair, status
 from gatehouse.observe import audit_query
 from gatehouse.project import Project
 
@@ -106,3 +110,46 @@ async def version_usage(project: Project, days: int) -> list[dict[str, Any]]:
     async with owner_connection(project) as conn:
         await bootstrap(conn)
         return await audit_query.version_usage(conn, days=days)
+
+
+async def lint_pending(project: Project) -> dict[str, LintReport]:
+    """squawk's findings on every pending migration, per database (shown, not blocking)."""
+    reports: dict[str, LintReport] = {}
+    for name, target in (await resolve_targets(project)).items():
+        conn = await target.connect_owner()
+        try:
+            pending = await pending_migrations(conn, project.migrations_dir(name))
+            version = conn.get_server_version()
+            reports[name] = await asyncio.to_thread(
+                lint_migrations, pending, pg_version=f"{version.major}.{version.minor}", cwd=project.root)
+        finally:
+            await conn.close()
+    return reports
+
+
+async def migration_status(project: Project) -> dict[str, list[StatusRow]]:
+    results: dict[str, list[StatusRow]] = {}
+    for name, target in (await resolve_targets(project)).items():
+        conn = await target.connect_owner()
+        try:
+            results[name] = await status(conn, project.migrations_dir(name))
+        finally:
+            await conn.close()
+    return results
+
+
+async def repair_all(project: Project) -> dict[str, list[str]]:
+    results: dict[str, list[str]] = {}
+    for name, target in (await resolve_targets(project)).items():
+        conn = await target.connect_owner()
+        try:
+            results[name] = await repair(conn, project.migrations_dir(name))
+        finally:
+            await conn.close()
+    return results
+
+
+async def plan_all(project: Project) -> list[Plan]:
+    """What the pending migrations would do to every released contract version, per database; nothing changes."""
+    lock = read_lock(project.root)
+    return [await plan_database(project, target, lock) for target in (await resolve_targets(project)).values()]

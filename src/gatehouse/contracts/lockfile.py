@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gatehouse.contracts.compat import compare, describe_changes
+from gatehouse.contracts.compat import compare, describe_changes, is_breaking
 from gatehouse.errors import ProjectError
 
 if TYPE_CHECKING:
@@ -333,6 +333,8 @@ class LockReport:
     added: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)
+    updated: list[tuple[str, str]] = field(default_factory=list)
+    """(label, changes) of released versions whose file is unchanged and whose signature changed compatibly."""
     dropped: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     """(label, why) of released versions that changed, or new versions numbered too low; --force allows it."""
@@ -346,6 +348,7 @@ class LockReport:
     def lines(self) -> list[str]:
         out = [f"released {label}" for label in self.added]
         out += [f"re-locked {label} (--force)" for label in self.rewritten]
+        out += [f"updated {label}: {changes} (compatible)" for label, changes in self.updated]
         out += [f"dropped {label} from the lock (its file is gone; --force)" for label in self.dropped]
         out += [f"refused {label}: {why}" for label, why in self.refused]
         out += [f"cannot lock {label}: it does not compile: {message}" for label, message in self.failed]
@@ -365,11 +368,13 @@ def update_lock(project: Project, signatures: Mapping[str, Signature | CompileEr
                 *, force: bool = False) -> tuple[Lock, LockReport]:
     """Release every contract version of ``signatures`` not yet in the lock; keep the released ones.
 
-    Refused without ``force``: a released version whose file checksum or signature differs from the lock,
-    and a new version numbered at or below the newest released API version (it would change a released
-    API version). A version that does not compile is never locked. All or nothing: if anything is refused
-    or fails, the returned lock is ``existing`` unchanged. With ``force``, entries whose file is gone are
-    dropped (do this only for versions whose API versions are all retired).
+    Refused without ``force``: a released version whose file checksum differs from the lock or whose
+    signature changed incompatibly (:mod:`gatehouse.contracts.compat`), and a new version numbered at or
+    below the newest released API version (it would change a released API version). A compatible change
+    with the file unchanged (e.g. a relation gained from a new contract) is recorded. A version that does
+    not compile is never locked. All or nothing: if anything is refused or fails, the returned lock is
+    ``existing`` unchanged. With ``force``, entries whose file is gone are dropped (do this only for
+    versions whose API versions are all retired).
     """
     report = LockReport()
     old = existing or Lock()
@@ -397,14 +402,15 @@ def update_lock(project: Project, signatures: Mapping[str, Signature | CompileEr
             kept[label] = entry
             report.added.append(label)
             continue
-        why = []
-        if previous.checksum != entry.checksum:
-            why.append("its file changed since it was released")
         changes = compare(previous.signature, live)
-        if changes:
-            why.append("its signature changed: " + describe_changes(changes))
-        if not why:
+        why = ["its file changed since it was released"] if previous.checksum != entry.checksum else []
+        if is_breaking(changes):
+            why.append("its signature changed: " + describe_changes(c for c in changes if c.breaking))
+        if not changes and not why:
             report.unchanged.append(label)
+        elif not why:  # same file, compatible change (a relation gained from a new contract, say): record it
+            kept[label] = entry
+            report.updated.append((label, describe_changes(changes)))
         elif force:
             kept[label] = entry
             report.rewritten.append(label)
