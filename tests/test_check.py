@@ -17,14 +17,13 @@ from gatehouse.contracts import compat
 from gatehouse.contracts.lockfile import (
     Lock,
     Signature,
-    check_not_null,
-    declared_not_null,
     dumps_lock,
     parse_lock,
     read_lock,
     update_lock,
     write_lock,
 )
+from gatehouse.contracts.model import check_not_null, declared_not_null
 from gatehouse.contracts.reads import ColumnRef, TableRef, columns_read, projection_stars, tables_read
 from gatehouse.contracts.signature import CompileError, project_signatures
 from gatehouse.errors import ProjectError

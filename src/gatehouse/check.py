@@ -54,11 +54,10 @@ from gatehouse.contracts.lockfile import (
     LOCK_FILE,
     Lock,
     Signature,
-    check_not_null,
     file_checksum,
     read_lock,
 )
-from gatehouse.contracts.model import ContractVersion, load_contract_file
+from gatehouse.contracts.model import ContractVersion, check_not_null, load_contract_file
 from gatehouse.contracts.reads import columns_read, projection_stars, tables_read
 from gatehouse.contracts.signature import CompileError, live_labels, live_signatures
 from gatehouse.contracts.versions import carry_forward

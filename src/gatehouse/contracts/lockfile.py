@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from gatehouse.errors import ProjectError
 
 if TYPE_CHECKING:
     from gatehouse.contracts.signature import CompileError
-    from gatehouse.project import Project
+from gatehouse.project import Project
 
 LOCK_FILE = "contracts.lock"
 LOCK_FORMAT = 1
@@ -57,7 +56,6 @@ CHECKSUM_ALGORITHMS: dict[str, Callable[[bytes], str]] = {
 }
 """Algorithm name → function of the file's bytes. Add, never change or remove: old locks name theirs."""
 
-NOT_NULL_LINE = re.compile(r"^--\s*not\s+null\s*:(?P<names>.*)$", re.IGNORECASE)
 HEADER = """\
 # contracts.lock: the released contract versions, written by `gatehouse lock`.
 # A released version never changes: `gatehouse check` compares each contract file and its live signature
@@ -66,32 +64,6 @@ HEADER = """\
 
 
 # --- declared nullability ------------------------------------------------------------------------------
-
-
-def declared_not_null(sql: str) -> frozenset[str]:
-    """Column names declared never null by ``-- not null: a, b`` lines in the file's leading comments."""
-    names: set[str] = set()
-    for line in sql.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if not stripped.startswith("--"):
-            break
-        match = NOT_NULL_LINE.match(stripped)
-        if match:
-            names.update(n.strip() for n in re.split(r"[,\s]+", match["names"]) if n.strip())
-    return frozenset(names)
-
-
-def check_not_null(sql: str, columns: Iterable[str], *, where: str) -> frozenset[str]:
-    """:func:`declared_not_null`, refusing names that are not output columns of the contract."""
-    declared = declared_not_null(sql)
-    known = list(columns)
-    unknown = sorted(declared - set(known))
-    if unknown:
-        raise ProjectError(f"`-- not null:` names {', '.join(unknown)}, not a column of this contract",
-                           where=where, hint=f"its columns: {', '.join(known)}")
-    return declared
 
 
 # --- the model ------------------------------------------------------------------------------------------

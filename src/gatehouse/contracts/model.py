@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +43,48 @@ class ContractVersion:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
 
+NOT_NULL_LINE = re.compile(r"^--\s*not\s+null\s*:(?P<names>.*)$", re.IGNORECASE)
+"""``-- not null: id, name`` among the leading comments: PostgreSQL reports every view column as nullable, so
+the contract declares which of its columns never are (recorded in contracts.lock)."""
+
+
 def _description(sql: str) -> str:
     lines: list[str] = []
     for line in sql.splitlines():
         stripped = line.strip()
         if not stripped.startswith("--"):
             break
-        lines.append(stripped.removeprefix("--").strip())
+        if not NOT_NULL_LINE.match(stripped):
+            lines.append(stripped.removeprefix("--").strip())
     return " ".join(part for part in lines if part)
+
+
+def declared_not_null(sql: str) -> frozenset[str]:
+    """Column names declared never null by ``-- not null: a, b`` lines in the file's leading comments."""
+    names: set[str] = set()
+    for line in sql.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not stripped.startswith("--"):
+            break
+        match = NOT_NULL_LINE.match(stripped)
+        if match:
+            names.update(n.strip() for n in re.split(r"[,\s]+", match["names"]) if n.strip())
+    return frozenset(names)
+
+
+def check_not_null(sql: str, columns: Iterable[str], *, where: str) -> frozenset[str]:
+    """:func:`declared_not_null`, refusing names that are not output columns of the contract."""
+    declared = declared_not_null(sql)
+    known = list(columns)
+    unknown = sorted(declared - set(known))
+    if unknown:
+        raise ProjectError(f"`-- not null:` names {', '.join(unknown)}, not a column of this contract",
+                           where=where, hint=f"its columns: {', '.join(known)}")
+    return declared
+
+
 
 
 def _star_location(sql: str) -> str:
@@ -115,7 +150,7 @@ def load_contract_file(path: Path, database: str) -> ContractVersion:
             where=str(path), hint="for example products.v1.sql",
         )
     sql = path.read_text(encoding="utf-8")
-    columns = parse_contract_sql(sql, where=str(path))
+    columns = parse_contract_sql(sql, where=str(path))  # `-- not null:` names are checked by `gatehouse check`
     return ContractVersion(
         name=match["name"],
         version=int(match["version"]),

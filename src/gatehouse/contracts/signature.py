@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from gatehouse.contracts.lineage import SourceColumn, column_sources
-from gatehouse.contracts.lockfile import Column, RelationRef, Signature, declared_not_null
-from gatehouse.contracts.model import ContractVersion
+from gatehouse.contracts.lockfile import Column, RelationRef, Signature
+from gatehouse.contracts.model import ContractVersion, declared_not_null
 from gatehouse.contracts.relations import build_relations
 from gatehouse.db import Connection
 from gatehouse.db.catalog import Constraint, load_constraints
