@@ -1,4 +1,5 @@
 -- One row per customer: how many orders they placed and what they spent in all.
+-- not null: customer_id, name, email, tier, order_count, total_spent
 SELECT u.id AS customer_id,
        u.name,
        u.email,

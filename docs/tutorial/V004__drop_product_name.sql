@@ -1,0 +1,4 @@
+-- Contract: no live API version reads products.name any more (v1 and v2 are retired), so it goes.
+DROP TRIGGER products_sync_title ON products;
+DROP FUNCTION products_sync_title();
+ALTER TABLE products DROP COLUMN name;

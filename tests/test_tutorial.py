@@ -1,0 +1,96 @@
+"""docs/safe-schema-changes.md, followed step by step on the demo shop: rename products.name to title without
+breaking anyone (expand → migrate → contract), with `gatehouse check` agreeing at every step."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+
+from conftest import REPO, prepare
+from gatehouse import operations
+from gatehouse.check import exit_code, run_check
+from gatehouse.contracts.lockfile import read_lock, update_lock, write_lock
+from gatehouse.contracts.signature import project_signatures
+from gatehouse.project import Project, load_project
+
+TUTORIAL = REPO / "docs" / "tutorial"
+
+
+def _edit(root: Path, old: str, new: str) -> None:
+    path = root / "gatehouse.toml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+async def _check_clean(root: Path) -> None:
+    findings = await run_check(root)
+    assert exit_code(findings) == 0, [f"{f.code} {f.message}" for f in findings]
+
+
+async def _lock(project: Project) -> list[str]:
+    lock, report = update_lock(project, await project_signatures(project), read_lock(project.root))
+    assert report.ok, report.lines()
+    write_lock(project.root, lock)
+    return report.lines()
+
+
+async def _get(project: Project, serve: object, key: str, url: str, **headers: str) -> httpx.Response:
+    client, runtime = await serve(project)  # type: ignore[operator]
+    response = await client.get(url, headers={"apikey": key, **headers})
+    await runtime.stop()
+    return response
+
+
+async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_project: object) -> None:
+    root = shop.root
+    keys = await prepare(shop)
+    await _check_clean(root)  # step 0: the released shop, as locked in examples/shop/contracts.lock
+
+    # Step 1, expand: a title column kept in sync with name, products.v3 shows it, mobile moves to v3.
+    shutil.copy(TUTORIAL / "V003__add_product_title.sql", root / "migrations")
+    shutil.copy(TUTORIAL / "products.v3.sql", root / "contracts")
+    _edit(root, 'description = "The mobile app. Browses the catalogue only."',
+          'description = "The mobile app. Browses the catalogue only."\nversion = 3')
+    project = load_project(root)
+    (plan,) = await operations.plan_all(project)
+    assert plan.pending == ["V003 add product title"] and not plan.breaking and plan.failure is None
+    await operations.migrate_all(project)
+    await operations.apply_all(project)
+    assert "released products.v3" in await _lock(project)
+    await _check_clean(root)
+    web = await _get(project, serve_project, keys["web"], "/products?id=eq.1")
+    mobile = await _get(project, serve_project, keys["mobile"], "/products?id=eq.1")
+    assert set(web.json()[0]) == {"id", "name", "price"}  # web, still on v1, sees nothing change
+    assert set(mobile.json()[0]) == {"id", "title", "price", "category", "stock"}
+    assert web.json()[0]["name"] == mobile.json()[0]["title"]
+
+    # Step 2, migrate: who still calls the old versions? Move everyone to v3.
+    usage = await operations.version_usage(project, 30)
+    assert {(u["api_version"], u["app"]) for u in usage} >= {(1, "web"), (3, "mobile")}
+    _edit(root, "version = 1\n", "version = 3\n")
+    _edit(root, "default_version = 2", "default_version = 3")
+    project = load_project(root)
+    moved = await _get(project, serve_project, keys["web"], "/products?id=eq.1")
+    assert "title" in moved.json()[0]
+    await _check_clean(root)
+
+    # Step 3, contract: retire v1 and v2 (their views go), then drop the old column.
+    (root / "gatehouse.toml").write_text((root / "gatehouse.toml").read_text()
+                                         + '\n[versions.v1]\nstatus = "retired"\n\n[versions.v2]\nstatus = "retired"\n')
+    project = load_project(root)
+    report = await operations.apply_all(project)
+    assert "dropped schema api_v1 (no contract is served in it any more)" in report[0].changes
+    gone = await _get(project, serve_project, keys["web"], "/products", **{"Accept-Profile": "v1"})
+    assert gone.status_code == 410
+    shutil.copy(TUTORIAL / "V004__drop_product_name.sql", root / "migrations")
+    project = load_project(root)
+    (plan,) = await operations.plan_all(project)
+    assert not plan.breaking and plan.failure is None, (plan.failure, plan.impacts)
+    await operations.migrate_all(project)
+    await operations.apply_all(project)
+    await _check_clean(root)
+    final = await _get(project, serve_project, keys["analytics"], "/products?id=eq.1")
+    assert set(final.json()[0]) == {"id", "title", "price", "category", "stock"}
