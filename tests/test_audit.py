@@ -21,14 +21,13 @@ from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ServiceUnavailable
 from gatehouse.observe.audit import (
     AUDIT_DDL,
-    MAX_QUERY_CHARS,
     AuditRecord,
     AuditUnavailable,
     AuditWriter,
     audit_in_transaction,
-    redact_query,
 )
 from gatehouse.observe.audit_query import as_json, as_table_rows, search, version_table_rows, version_usage
+from gatehouse.observe.redact import MAX_QUERY_CHARS, redact_query
 from gatehouse.project import Project
 
 TOML = """

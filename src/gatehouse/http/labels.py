@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
-from gatehouse.observe.audit import AuditRecord, redact_query
+from gatehouse.observe.audit import AuditRecord
+from gatehouse.observe.redact import redact_query
 
 
 @dataclass(slots=True)
