@@ -6,10 +6,10 @@ Kept apart from :mod:`gatehouse.cli` so tests and the demo call the same code th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -23,6 +23,8 @@ from gatehouse.migrate.plan import Plan, plan_database
 from gatehouse.migrate.runner import Migration, StatusRow, migrate, pending_migrations, repair, status
 from gatehouse.observe import audit_query
 from gatehouse.project import Project
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -38,15 +40,7 @@ async def owner_connection(project: Project, database: str | None = None) -> Asy
 
 async def migrate_all(project: Project) -> dict[str, list[tuple[Migration, float]]]:
     """Apply pending migrations of every database, in declaration order."""
-    targets = await resolve_targets(project)
-    results: dict[str, list[tuple[Migration, float]]] = {}
-    for name, target in targets.items():
-        conn = await target.connect_owner()
-        try:
-            results[name] = await migrate(conn, project.migrations_dir(name))
-        finally:
-            await conn.close()
-    return results
+    return await each_database(project, lambda name, conn: migrate(conn, project.migrations_dir(name)))
 
 
 async def apply_all(project: Project) -> list[ApplyReport]:
@@ -112,41 +106,37 @@ async def version_usage(project: Project, days: int) -> list[dict[str, Any]]:
         return await audit_query.version_usage(conn, days=days)
 
 
-async def lint_pending(project: Project) -> dict[str, LintReport]:
-    """squawk's findings on every pending migration, per database (shown, not blocking)."""
-    reports: dict[str, LintReport] = {}
+async def each_database(project: Project,
+                        work: Callable[[str, asyncpg.Connection], Awaitable[T]]) -> dict[str, T]:
+    """Run ``work(database, owner connection)`` for every database of the project, in declaration order."""
+    results: dict[str, T] = {}
     for name, target in (await resolve_targets(project)).items():
         conn = await target.connect_owner()
         try:
-            pending = await pending_migrations(conn, project.migrations_dir(name))
-            version = conn.get_server_version()
-            reports[name] = await asyncio.to_thread(
-                lint_migrations, pending, pg_version=f"{version.major}.{version.minor}", cwd=project.root)
+            results[name] = await work(name, conn)
         finally:
             await conn.close()
-    return reports
+    return results
+
+
+async def lint_pending(project: Project) -> dict[str, LintReport]:
+    """squawk's findings on every pending migration, per database (shown, not blocking)."""
+
+    async def lint(name: str, conn: asyncpg.Connection) -> LintReport:
+        pending = await pending_migrations(conn, project.migrations_dir(name))
+        version = conn.get_server_version()
+        return await asyncio.to_thread(lint_migrations, pending, pg_version=f"{version.major}.{version.minor}",
+                                       cwd=project.root)
+
+    return await each_database(project, lint)
 
 
 async def migration_status(project: Project) -> dict[str, list[StatusRow]]:
-    results: dict[str, list[StatusRow]] = {}
-    for name, target in (await resolve_targets(project)).items():
-        conn = await target.connect_owner()
-        try:
-            results[name] = await status(conn, project.migrations_dir(name))
-        finally:
-            await conn.close()
-    return results
+    return await each_database(project, lambda name, conn: status(conn, project.migrations_dir(name)))
 
 
 async def repair_all(project: Project) -> dict[str, list[str]]:
-    results: dict[str, list[str]] = {}
-    for name, target in (await resolve_targets(project)).items():
-        conn = await target.connect_owner()
-        try:
-            results[name] = await repair(conn, project.migrations_dir(name))
-        finally:
-            await conn.close()
-    return results
+    return await each_database(project, lambda name, conn: repair(conn, project.migrations_dir(name)))
 
 
 async def plan_all(project: Project) -> list[Plan]:

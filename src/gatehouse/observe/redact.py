@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, unquote_plus
 
+from gatehouse.query.grammar import logic_value_end
 from gatehouse.query.tree import IS_VALUES, OPERATORS
 
 MAX_QUERY_CHARS = 2000
@@ -43,30 +44,6 @@ def _operation(value: str) -> str:
     return match.group(0) + (rest.lower() if match.group(2) == "is" and rest.lower() in IS_VALUES else MASK)
 
 
-def _leaf_end(text: str, pos: int) -> int:
-    depth = 0
-    quoted = False
-    while pos < len(text):
-        char = text[pos]
-        if quoted:
-            if char == "\\":
-                pos += 1
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char in "({":
-            depth += 1
-        elif char in ")}":
-            if depth == 0:
-                return pos
-            depth -= 1
-        elif char == "," and depth == 0:
-            return pos
-        pos += 1
-    return pos
-
-
 def _logic(text: str, pos: int, depth: int) -> tuple[str, int]:
     """``(child,child,…)`` starting at ``pos`` → its redacted text and the position after it."""
     if depth > _MAX_DEPTH or not text.startswith("(", pos):
@@ -79,7 +56,7 @@ def _logic(text: str, pos: int, depth: int) -> tuple[str, int]:
             inner, pos = _logic(text, group.end() - 1, depth + 1)
             parts.append(group.group(1) + inner)
         else:
-            end = _leaf_end(text, pos)
+            end = logic_value_end(text, pos)
             leaf = _LEAF.match(text, pos, end)
             if leaf is None:
                 raise _Unparsable

@@ -297,7 +297,7 @@ def parse_filter(key_field: str, raw: str) -> Filter:
     return _operation(field, raw, "filter")
 
 
-def _logic_value_end(text: str, start: int) -> int:
+def logic_value_end(text: str, start: int) -> int:
     """End of a value inside and(...)/or(...): the next top-level ',' or ')', quotes and braces taken whole."""
     depth_paren = depth_brace = 0
     quoted = False
@@ -354,7 +354,7 @@ def _logic_children(cursor: _Cursor, depth: int, budget: list[int]) -> tuple[Con
         else:
             field = cursor.field()
             cursor.expect(".")
-            end = _logic_value_end(cursor.text, cursor.pos)
+            end = logic_value_end(cursor.text, cursor.pos)
             operation = cursor.text[cursor.pos:end]
             cursor.pos = end
             parsed = _operation(field, operation, "logic tree")
