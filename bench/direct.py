@@ -1,7 +1,9 @@
 """Closed-loop load against PostgreSQL through an asyncpg pool, no HTTP in between.
 
 This is the "direct" baseline of the benchmark: what an application that connects to the
-database itself pays for the same two queries that gatehouse and Platformatic serve over HTTP.
+database itself pays for the same operations that gatehouse (and Platformatic) serve over HTTP: a point
+lookup, a list of 50, an order with its items (one round trip, the JSON shape built in SQL) and the insert
+of one order.
 N asyncio tasks each run one query after another for a fixed time; the result is printed as one
 JSON line (the same shape that bench/wrk.lua prints for the HTTP runs).
 
@@ -17,17 +19,42 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import asyncpg
 
-QUERIES: dict[str, str] = {
+# How each query is run on the pool: fetchrow (one row, which must exist), fetch (all rows) or execute.
+Kind = Literal["fetchrow", "fetch", "execute"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One measured operation: its SQL, how it is run, and the range of its random parameter."""
+
+    sql: str
+    kind: Kind
+    low: int
+    high: int
+
+
+# The parameter ranges are the same as in bench/run for the HTTP runs.
+QUERIES: dict[str, Query] = {
     # GET /products?id=eq.<n>
-    "point": "SELECT id, name, price FROM products WHERE id = $1",
+    "point": Query("SELECT id, name, price FROM products WHERE id = $1", "fetchrow", 1, 5000),
     # GET /products?price=gte.<n>&order=id&limit=50
-    "list": "SELECT id, name, price FROM products WHERE price >= $1 ORDER BY id LIMIT 50",
+    "list": Query("SELECT id, name, price FROM products WHERE price >= $1 ORDER BY id LIMIT 50", "fetch", 10, 150),
+    # GET /orders?select=id,status,order_items(product_id,quantity,unit_price)&id=eq.<n>
+    "embedded": Query(
+        "SELECT o.id, o.status, (SELECT json_agg(json_build_object("
+        "'product_id', i.product_id, 'quantity', i.quantity, 'unit_price', i.unit_price)) "
+        "FROM order_items i WHERE i.order_id = o.id) AS order_items FROM orders o WHERE o.id = $1",
+        "fetchrow",
+        1,
+        3000,
+    ),
+    # POST /orders {"user_id": <n>, "status": "placed"}
+    "insert": Query("INSERT INTO orders (user_id, status) VALUES ($1, 'placed')", "execute", 1, 1000),
 }
-# Random parameter ranges, the same as in bench/run for the HTTP runs.
-PARAM_RANGES: dict[str, tuple[int, int]] = {"point": (1, 5000), "list": (10, 150)}
 
 
 @dataclass
@@ -38,19 +65,19 @@ class Tally:
     errors: int = 0
 
 
-async def worker(pool: asyncpg.Pool, query: str, rng: random.Random, deadline: float, tally: Tally) -> None:
-    sql = QUERIES[query]
-    low, high = PARAM_RANGES[query]
+async def worker(pool: asyncpg.Pool, query: Query, rng: random.Random, deadline: float, tally: Tally) -> None:
     while time.perf_counter() < deadline:
-        param = rng.randint(low, high)
+        param = rng.randint(query.low, query.high)
         start = time.perf_counter_ns()
         try:
-            if query == "point":
-                row = await pool.fetchrow(sql, param)
+            if query.kind == "fetchrow":
+                row = await pool.fetchrow(query.sql, param)
                 if row is None:
-                    raise LookupError(f"no product {param}")
+                    raise LookupError(f"no row for {param}")
+            elif query.kind == "fetch":
+                await pool.fetch(query.sql, param)
             else:
-                await pool.fetch(sql, param)
+                await pool.execute(query.sql, param)
         except (asyncpg.PostgresError, LookupError, OSError):
             tally.errors += 1
             continue
@@ -58,7 +85,7 @@ async def worker(pool: asyncpg.Pool, query: str, rng: random.Random, deadline: f
 
 
 async def run_phase(
-    pool: asyncpg.Pool, query: str, concurrency: int, seconds: float, seed: int
+    pool: asyncpg.Pool, query: Query, concurrency: int, seconds: float, seed: int
 ) -> tuple[Tally, float]:
     tally = Tally()
     started = time.perf_counter()
@@ -78,10 +105,11 @@ def percentile_ms(sorted_ns: list[int], pct: float) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size)
+    query = QUERIES[args.query]
     try:
         if args.warmup > 0:
-            await run_phase(pool, args.query, args.concurrency, args.warmup, args.seed)
-        tally, elapsed = await run_phase(pool, args.query, args.concurrency, args.duration, args.seed + 1000)
+            await run_phase(pool, query, args.concurrency, args.warmup, args.seed)
+        tally, elapsed = await run_phase(pool, query, args.concurrency, args.duration, args.seed + 1000)
     finally:
         await pool.close()
     latencies = sorted(tally.latencies_ns)
