@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 import pytest
 
-from conftest import prepare, run_sync, with_database
+from conftest import drop_project, prepare, run_sync, with_database
 from gatehouse.project import load_project
 
 APP = "client"
@@ -148,18 +148,6 @@ async def _execute(uri: str, *statements: str) -> None:
         await conn.close()
 
 
-async def _drop(uri: str, database: str, role_prefix: str) -> None:
-    conn = await asyncpg.connect(uri)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        roles = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
-                                 role_prefix.replace("_", r"\_") + "%")
-        for row in roles:
-            await conn.execute(f'DROP ROLE IF EXISTS "{row["rolname"]}"')
-    finally:
-        await conn.close()
-
-
 def write_project(folder: Path, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gatehouse.toml").write_text(TOML.format(name=name))
@@ -224,4 +212,4 @@ def compat_server(server_uri: str, folder: Path) -> Iterator[CompatServer]:
                     process.kill()
                     process.wait(timeout=10)
     finally:
-        run_sync(_drop(server_uri, database, role_prefix))
+        run_sync(drop_project(server_uri, [database], role_prefix))

@@ -84,7 +84,7 @@ def with_database(uri: str, database: str) -> str:
     return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
 
 
-async def _drop_project(server: str, databases: list[str], role_prefix: str) -> None:
+async def drop_project(server: str, databases: list[str], role_prefix: str) -> None:
     conn = await asyncpg.connect(server)
     try:
         for database in databases:
@@ -137,7 +137,7 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     yield factory
     for prefix in {prefix for _, prefix in created}:
-        run_sync(_drop_project(server_uri, [db for db, p in created if p == prefix], prefix))
+        run_sync(drop_project(server_uri, [db for db, p in created if p == prefix], prefix))
 
 
 async def _create_database(server: str, database: str) -> None:
