@@ -93,3 +93,22 @@ async def test_cli_reads_the_trail(shop: Project, serve_project: object) -> None
     assert "web" in gatehouse("audit", "--app", "web", "--since", "1h")
     versions = gatehouse("versions")
     assert "v1" in versions and "web" in versions and "(no calls)" not in versions.split("v1")[1].split("\n")[0]
+
+
+async def test_an_app_built_before_its_runtime_starts_still_audits(shop: Project) -> None:
+    import httpx
+
+    from gatehouse.app import create_app
+    from gatehouse.runtime import Runtime
+
+    keys = await prepare(shop)
+    runtime = Runtime(shop)
+    app = create_app(runtime, manage_runtime=False)  # as under a lifespan: built first, started later
+    await runtime.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.get("/products?limit=1", headers={"apikey": keys["web"]})).status_code == 200
+    finally:
+        await runtime.stop()
+    rows = await _audit(shop, "SELECT app, status FROM gatehouse.audit")
+    assert rows == [{"app": "web", "status": 200}]

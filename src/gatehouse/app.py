@@ -78,7 +78,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> ASGIApp:
 
     # A bare Router, not Starlette(): errors must reach RequestMiddleware, which answers them in
     # PostgREST's shape, instead of Starlette's plain-text 500 page.
-    return RequestMiddleware(Router(routes=routes, lifespan=lifespan), runtime.metrics, runtime.audit,
+    return RequestMiddleware(Router(routes=routes, lifespan=lifespan), runtime.metrics, lambda: runtime.audit,
                              audit_values=runtime.project.config.server.audit_query_values)
 
 

@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 import traceback
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,7 +41,7 @@ def _where(exc: BaseException) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, audit: AuditWriter | None = None,
+    def __init__(self, app: ASGIApp, metrics: Metrics, audit: Callable[[], AuditWriter | None] = lambda: None,
                  *, audit_values: bool = False) -> None:
         self.app = app
         self.metrics = metrics
@@ -82,9 +83,10 @@ class RequestMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.observe(app=labels.app, contract=labels.contract, version=labels.version,
                                  method=scope["method"], status=status, seconds=elapsed)
-            if self.audit is not None and not labels.audited:
+            writer = self.audit()  # looked up per request: the runtime opens its writer after the app is built
+            if writer is not None and not labels.audited:
                 try:
-                    self.audit.submit(labels.audit_record(status, keep_values=self.audit_values))
+                    writer.submit(labels.audit_record(status, keep_values=self.audit_values))
                 except AuditUnavailable:
                     log.error("request %s: the audit store and its spool are full; record not kept", request_id)
             log.info(
