@@ -79,6 +79,11 @@ def _tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
         ("any app can ask for a version by path; filters and order work as in PostgREST",
          f"curl -s '{base}/v2/products?category=eq.books&price=lt.20&order=price.desc&limit=3' "
          f"-H 'apikey: {mobile}'"),
+        ("business logic in Python (logic/pricing.py): an order's total after the customer's discount",
+         f"curl -s {base}/rpc/order_total -H 'apikey: {analytics}' -H 'Content-Type: application/json' "
+         "-d '{\"order_id\": 7}'"),
+        ("the OpenAPI 3.1 document of what this app may use (Swagger UI: open /docs in a browser)",
+         f"curl -s {base}/ -H 'apikey: {mobile}' | head -c 300; echo"),
         ("no key, or a wrong one: 401 before any database work",
          f"curl -s '{base}/products' -H 'apikey: gh_0000000000_{'x' * 43}'"),
         ("metrics per app, contract and version",
