@@ -5,5 +5,11 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+
+def quote_ident(name: str) -> str:
+    """An SQL identifier, quoted; every name gatehouse puts into SQL text goes through here."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 """A connection of our own or one borrowed from a pool: the code that uses it cannot tell them apart."""

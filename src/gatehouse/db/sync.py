@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from gatehouse.contracts.versions import schema_name
+from gatehouse.db import quote_ident
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
@@ -54,10 +55,6 @@ CREATE TABLE IF NOT EXISTS gatehouse.keys (
 );
 CREATE INDEX IF NOT EXISTS keys_app_idx ON gatehouse.keys (app);
 """
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def qualified(schema: str, name: str) -> str:

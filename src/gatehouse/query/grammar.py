@@ -289,14 +289,6 @@ def _operation(field: Field, raw: str, what: str) -> Filter:
     return Filter(field, operator, value, negated, quantifier, language)
 
 
-def parse_filter(key_field: str, raw: str) -> Filter:
-    cursor = _Cursor(key_field, "filter")
-    field = cursor.field()
-    if not cursor.done:
-        raise cursor.error("end of the column name")
-    return _operation(field, raw, "filter")
-
-
 def logic_value_end(text: str, start: int) -> int:
     """End of a value inside and(...)/or(...): the next top-level ',' or ')', quotes and braces taken whole."""
     depth_paren = depth_brace = 0

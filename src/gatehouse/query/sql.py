@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gatehouse.contracts.relations import Relation
+from gatehouse.db import quote_ident
 from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import ApiError, QueryParseError
 from gatehouse.query.tree import (
@@ -48,10 +49,6 @@ TSQUERY = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phraseto_t
            "wfts": "websearch_to_tsquery"}
 JSON_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²" and "١٢"
 IS_SQL = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(slots=True)

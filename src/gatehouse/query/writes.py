@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import orjson
 
+from gatehouse.db import quote_ident
 from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import ApiError
 from gatehouse.http.body import Payload
-from gatehouse.query.sql import CompiledQuery, ReadCompiler, quote_ident
+from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import ReadQuery
 
 WRITTEN = "_gh_written"
