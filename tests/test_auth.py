@@ -109,7 +109,7 @@ async def test_failed_auth_uses_no_database_connection(served: Served) -> None:
     client, runtime, _ = served
     assert runtime.pools is not None
     pool = runtime.pools.pool("web", "shop")
-    before = pool.get_size() - pool.get_idle_size()
+    before = pool.in_use
     responses = await asyncio.gather(*(client.get("/products", headers={"apikey": "gh_0000000000_" + "y" * 43})
                                        for _ in range(200)))
     statuses = [r.status_code for r in responses]
@@ -117,7 +117,7 @@ async def test_failed_auth_uses_no_database_connection(served: Served) -> None:
     assert statuses.count(401) == 30 and statuses.count(429) == 170
     throttled = next(r for r in responses if r.status_code == 429)
     assert int(throttled.headers["retry-after"]) >= 1 and throttled.json()["code"] == "GH429"
-    assert pool.get_size() - pool.get_idle_size() == before
+    assert pool.in_use == before
     _, _, keys = served
     # the address is blocked as a whole until the window passes, even with a good key
     assert (await client.get("/products?limit=1", headers={"apikey": keys["web"]})).status_code == 429
