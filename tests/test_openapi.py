@@ -18,50 +18,21 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Mount, Route, Router
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from conftest import SHOP, prepare, run_sync
 from gatehouse.app import create_app
 from gatehouse.config import AppConfig, Grant
-from gatehouse.http.docs import docs_endpoint, docs_static_app, swagger_ui_dir
-from gatehouse.http.middleware import RequestMiddleware
-from gatehouse.http.openapi import build_openapi, column_schema, openapi_endpoint
+from gatehouse.http.docs import swagger_ui_dir
+from gatehouse.http.openapi import build_openapi, column_schema
 from gatehouse.project import App, Project, load_project
 from gatehouse.runtime import Runtime
-
-
-def app_with_docs(runtime: Runtime, *, manage_runtime: bool) -> ASGIApp:
-    """``create_app``, plus ``/``, ``/docs`` and ``/docs/static`` while app.py does not route them itself."""
-    app = create_app(runtime, manage_runtime=manage_runtime)
-    router = getattr(app, "app", None)
-    if any(getattr(route, "path", None) == "/" for route in getattr(router, "routes", [])):
-        return app
-
-    async def root(request: Request) -> Response:  # a lambda would be taken for a sync endpoint
-        return await openapi_endpoint(request, runtime)
-
-    docs = RequestMiddleware(Router(routes=[
-        Route("/", root, methods=["GET", "HEAD"]),
-        Route("/docs", docs_endpoint),
-        Mount("/docs/static", docs_static_app()),
-    ]), runtime.metrics)
-
-    async def combined(scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        target = docs if scope["type"] == "http" and (path in ("/", "/docs") or path.startswith("/docs/")) else app
-        await target(scope, receive, send)
-
-    return combined
 
 
 @pytest.fixture
 async def api(shop: Project, serve_project: Any) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
     keys = await prepare(shop)
     _, runtime = await serve_project(shop)
-    transport = httpx.ASGITransport(app=app_with_docs(runtime, manage_runtime=False))
+    transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
     async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
         yield client, keys
 
@@ -236,7 +207,7 @@ def test_schemathesis_get_operations(shop: Project) -> None:
     natural fit, but it fails on pytest 9.2 (it reads ``request.node._nodeid``), hence one @given per operation.
     """
     key = run_sync(prepare(shop))["analytics"]
-    app = app_with_docs(Runtime(shop), manage_runtime=True)
+    app = create_app(Runtime(shop), manage_runtime=True)
     schema = schemathesis.openapi.from_asgi("/", app, headers={"apikey": key}).include(method="GET")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/customer_summary", "/orders", "/products"}

@@ -8,12 +8,12 @@ one that does not exist.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Hashable
+from urllib.parse import parse_qsl
 
 import asyncpg
 import orjson
 from asyncpg.transaction import Transaction
-from starlette.requests import Request
-from starlette.responses import Response
 
 from gatehouse.access import (
     choose_version,
@@ -27,23 +27,25 @@ from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, Unauthenticated, UnknownContract
 from gatehouse.http import render
-from gatehouse.http.body import Payload, parse_payload, read_body
-from gatehouse.http.labels import labels_of
+from gatehouse.http.body import Payload, parse_payload
+from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
 from gatehouse.observe.audit import AuditUnavailable, audit_in_transaction
+from gatehouse.observe.redact import redact_query
 from gatehouse.project import App
-from gatehouse.query.grammar import parse_query
+from gatehouse.query.grammar import parse_pairs, parse_query
+from gatehouse.query.plans import ReadPlan, Shape, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Filter, Level, ReadQuery
+from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
 from gatehouse.query.writes import InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
 
 
-async def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
+async def identify(request: HttpRequest, runtime: Runtime) -> tuple[Identity, App]:
     """Authenticate (401, or 429 after too many failures; no database work either way) and record who calls."""
     assert runtime.keys is not None
     apps = runtime.project.apps
-    client = request.client.host if request.client else "unknown"
+    client = request.client
     runtime.auth_failures.check(client)
     try:
         identity = await authenticate(request.headers, runtime.keys, runtime.tokens,
@@ -52,7 +54,7 @@ async def identify(request: Request, runtime: Runtime) -> tuple[Identity, App]:
         runtime.auth_failures.failed(client)
         raise
     app = apps[identity.app]
-    labels = labels_of(request)
+    labels = request.labels
     labels.app, labels.key_id, labels.subject = app.name, identity.key_id, identity.subject
     return identity, app
 
@@ -85,50 +87,80 @@ async def _estimated_count(conn: Connection, rows: CompiledQuery, *, exact_up_to
     return int(orjson.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
-async def read(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+def _plan_key(app: App, version: int, contract: str, count_mode: str | None, requested: tuple[int, int | None] | None,
+              filters: dict[str, tuple[Condition, ...]], shape: Shape) -> Hashable:
+    """Everything a read's SQL depends on besides the values taken out of its shape."""
+    return (app.name, version, contract, count_mode, requested, tuple(filters.items()), shape.key)
+
+
+def _compile_read(runtime: Runtime, app: App, version: int, contract: str, pairs: list[tuple[str, str]],
+                  requested: tuple[int, int | None] | None, count_mode: str | None, readable: frozenset[str],
+                  filters: dict[str, tuple[Condition, ...]]) -> tuple[CompiledQuery, ReadQuery, tuple[str, ...]]:
+    query = parse_pairs(pairs)  # 400
+    _intersect_range(query.top, requested)  # 416
+    compiler = ReadCompiler(runtime.schemas[version], readable, runtime.project.max_rows(app, contract), filters)
+    compiled = compiler.read(contract, query, exact_count=count_mode == "exact")  # 400
+    return compiled, query, tuple(compiler.output_names)
+
+
+async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
     assert runtime.pools is not None
-    project = runtime.project
-    labels = labels_of(request)
+    project, headers, labels = runtime.project, request.headers, request.labels
 
     identity, app = await identify(request, runtime)  # 401
     if runtime.audit is not None and not runtime.audit.accepting():
         raise AuditUnavailable()  # 503: no read goes unrecorded
-    version = choose_version(project, app, request.headers.get("accept-profile"), path_version)  # 406
+    version = choose_version(project, app, headers.get("accept-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
     labels.contract, labels.version = contract.name, f"v{version}"
-    fmt = response_format(request.headers.get("accept"))  # 406
-    prefs = parse_prefer(request.headers)
-
-    query = parse_query(request.scope["query_string"].decode("latin-1"))  # 400
-    if request.method == "GET":
-        _intersect_range(query.top, range_header(request.headers.get("range")))  # 416
-    max_rows = project.max_rows(app, contract.name)
-    readable = readable_contracts(project, app, version)
-    filters = row_filters(app, identity, readable)  # 403 when the token lacks a claim they need
-    compiler = ReadCompiler(runtime.schemas[version], readable, max_rows, filters)
+    fmt = response_format(headers.get("accept"))  # 406
+    prefs = parse_prefer(headers.get("prefer"))
     count_mode = prefs.get("count")
-    compiled = compiler.read(contract.name, query, exact_count=count_mode == "exact")  # 400
+    requested = range_header(headers.get("range")) if request.method == "GET" else None  # 416
+    readable = readable_contracts(project, app, version)
+    filters = row_filters(app, identity, readable) if app.row_filters else {}  # 403 when the token lacks a claim
+
+    # The SQL of this query's shape is compiled once (query/plans.py); each request puts its values in.
+    shape = shape_of(request.query_string) if count_mode not in ("planned", "estimated") else None
+    key = _plan_key(app, version, contract.name, count_mode, requested, filters, shape) if shape else None
+    plan = runtime.plans.get(key) if key is not None else None
+    query: ReadQuery | None
+    if plan is None and shape is not None:
+        compiled, query, names = _compile_read(runtime, app, version, contract.name, shape.template(), requested,
+                                               count_mode, readable, filters)  # 400 / 416
+        plan = ReadPlan.of(compiled, len(shape.values), offset=query.top.offset, output_names=names,
+                           redacted_query=redact_query(request.query_string))
+        if plan is not None:
+            runtime.plans.put(key, plan)
+    if plan is not None and shape is not None:
+        sql, params, offset, columns = plan.sql, plan.bind(shape.values), plan.offset, plan.output_names
+        labels.redacted_query, query = plan.redacted_query, None
+    else:  # a planned or estimated count needs the query itself: compiled for this request alone
+        pairs = parse_qsl(request.query_string, keep_blank_values=True)
+        compiled, query, columns = _compile_read(runtime, app, version, contract.name, pairs, requested, count_mode,
+                                                 readable, filters)  # 400 / 416
+        sql, params, offset = compiled.sql, compiled.params, query.top.offset
 
     async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
         try:
-            row = await conn.fetchrow(compiled.sql, *compiled.params)
+            row = await conn.fetchrow(sql, *params)
             assert row is not None  # an aggregate always returns one row
             total: int | None = row[2] if count_mode == "exact" else None
-            if count_mode in ("planned", "estimated"):
-                counter = ReadCompiler(runtime.schemas[version], readable, max_rows, filters)
-                rows = counter.filtered(contract.name, query)
+            if count_mode in ("planned", "estimated") and query is not None:
+                max_rows = project.max_rows(app, contract.name)
+                rows = ReadCompiler(runtime.schemas[version], readable, max_rows, filters).filtered(contract.name,
+                                                                                                    query)
                 total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
 
     labels.rows = row[1]
-    page = render.Page(body=row[0], count=row[1], offset=query.top.offset, total=total,
-                       columns=compiler.output_names)
-    headers = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
+    page = render.Page(body=row[0], count=row[1], offset=offset, total=total, columns=columns)
+    out = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
     applied = prefs.applied({"count"})
     if applied:
-        headers["Preference-Applied"] = applied
-    return render.read_response(page, fmt, headers, head=request.method == "HEAD")
+        out["Preference-Applied"] = applied
+    return render.read_response(page, fmt, out, head=request.method == "HEAD")
 
 
 WRITE_ACTIONS = {"POST": ("insert",), "PATCH": ("update",), "DELETE": ("delete",), "PUT": ("insert", "update")}
@@ -161,10 +193,10 @@ def _location(contract: str, key: tuple[str, ...], values: str | None) -> dict[s
     return {"Location": f"/{contract}?{query}"}
 
 
-async def write(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
     assert runtime.pools is not None
     project, method = runtime.project, request.method
-    labels = labels_of(request)
+    labels = request.labels
 
     identity, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("content-profile"), path_version)  # 406
@@ -173,8 +205,8 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
         granted_contract(project, app, version, contract_name, action)
     labels.contract, labels.version = contract.name, f"v{version}"
     fmt = response_format(request.headers.get("accept"))  # 406
-    prefs = parse_prefer(request.headers)  # 400 with handling=strict
-    query = parse_query(request.scope["query_string"].decode("latin-1"))  # 400
+    prefs = parse_prefer(request.headers.get("prefer"))  # 400 with handling=strict
+    query = parse_query(request.query_string)  # 400
     settings = project.config.contracts.get(contract.name)
     if method in ("PATCH", "DELETE") and not query.top.where and not (settings and settings.allow_unfiltered_writes):
         raise ApiError(f"{method} without a filter would change every row of '{contract.name}'", code="GH400",
@@ -182,7 +214,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
                                         "contract in gatehouse.toml.")
     payload = Payload([], single=True)
     if method != "DELETE":
-        raw = await read_body(request, project.config.server.max_body_bytes)  # 413
+        raw = await request.body(project.config.server.max_body_bytes)  # 413
         payload = parse_payload(raw, request.headers.get("content-type"), project.config.server)  # 400
 
     schema = runtime.schemas[version]
@@ -195,7 +227,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     applied = {"return", "count", "tx"}
     if method == "POST":
         if not payload.rows:
-            return _written(Response(status_code=201, headers={"Content-Range": "*/*"}), prefs, applied)
+            return _written(HttpResponse(201, {"Content-Range": "*/*"}), prefs, applied)
         conflict = query.on_conflict or key
         resolution = prefs.get("resolution") if conflict else None
         if resolution:
@@ -213,7 +245,7 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
             raise ApiError("PATCH takes one JSON object", code="PGRST102", status=400)
         row = payload.rows[0] if payload.rows else {}
         if not row:
-            return _written(Response(status_code=204, headers={"Content-Range": "*/*"}), prefs, applied)
+            return _written(HttpResponse(204, {"Content-Range": "*/*"}), prefs, applied)
         compiled = writer.update(query, row, representation, key)
     else:
         compiled = writer.delete(query, representation, key)
@@ -263,10 +295,10 @@ async def write(request: Request, runtime: Runtime, contract_name: str, path_ver
     if method == "POST" and prefs.get("return") == "headers-only":
         headers.update(_location(contract.name, key, first_key))
     if not representation:
-        return _written(Response(status_code=status, headers=headers), prefs, applied)
+        return _written(HttpResponse(status, headers), prefs, applied)
     page = render.Page(body=body, count=written, offset=0, columns=reader.output_names)
     content = render.encode(page, fmt)
-    response = Response(content, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
+    response = HttpResponse(status, headers, content, CONTENT_TYPES[fmt])
     return _written(response, prefs, applied)
 
 
@@ -287,14 +319,14 @@ async def _rollback(transaction: Transaction) -> None:
         await transaction.rollback()
 
 
-def _written(response: Response, prefs: Preferences, names: set[str]) -> Response:
+def _written(response: HttpResponse, prefs: Preferences, names: set[str]) -> HttpResponse:
     applied = prefs.applied(names)
     if applied:
         response.headers["Preference-Applied"] = applied
     return response
 
 
-async def options(request: Request, runtime: Runtime, contract_name: str, path_version: int | None) -> Response:
+async def options(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
     """``OPTIONS``: which methods this app may use on the contract (``Allow``), from its grant."""
     project = runtime.project
     _, app = await identify(request, runtime)
@@ -311,4 +343,4 @@ async def options(request: Request, runtime: Runtime, contract_name: str, path_v
     allowed += ["PUT"] if {"insert", "update"} <= grant and shape.insertable and shape.updatable and has_key else []
     allowed += ["PATCH"] if "update" in grant and shape.updatable else []
     allowed += ["DELETE"] if "delete" in grant and shape.deletable else []
-    return Response(status_code=200, headers={"Allow": ",".join(allowed)})
+    return HttpResponse(200, {"Allow": ",".join(allowed)})

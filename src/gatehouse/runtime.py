@@ -24,6 +24,7 @@ from gatehouse.errors import DatabaseUnavailable
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project
+from gatehouse.query.plans import PlanCache
 from gatehouse.schema_cache import ApiSchema, build_schemas
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Runtime:
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
+    plans: PlanCache = field(default_factory=PlanCache)
+    """Compiled reads per query shape; they depend on ``schemas``, so both are replaced together."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
     _listener: asyncpg.Connection | None = None
 
@@ -60,6 +63,7 @@ class Runtime:
                     constraints[name] = await load_constraints(conn)
             self._check_applied()
             self.schemas = build_schemas(project, self.catalog, constraints)
+            self.plans = PlanCache()
             home = self.targets[project.home_database]
             self._listener = await asyncpg.connect(**home.authenticator_kwargs())
             self.keys = KeyRing(set(project.apps))

@@ -51,6 +51,7 @@ class AppPool:
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._opened = 0  # connections that exist or are being opened
         self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def in_use(self) -> int:
@@ -80,6 +81,7 @@ class AppPool:
         return Lease(self)
 
     async def checkout(self) -> Connection:
+        deadline = None
         while True:
             if self._closed:
                 raise _unavailable()
@@ -90,7 +92,9 @@ class AppPool:
                 self._opened -= 1
             if self._opened < self.size:
                 return await self._open_one()
-            conn_or_retry = await self._wait()
+            if deadline is None:  # one timeout for the whole wait, however often a freed slot is lost to a race
+                deadline = asyncio.get_running_loop().time() + self._acquire_timeout_s
+            conn_or_retry = await self._wait(deadline)
             if conn_or_retry is not None:
                 return conn_or_retry
 
@@ -103,12 +107,12 @@ class AppPool:
             self._wake_one(None)  # a waiter may try to open one in our place
             raise
 
-    async def _wait(self) -> Connection | None:
-        """Wait for a returned connection (or ``None``: a slot came free, try again), up to the pool timeout."""
+    async def _wait(self, deadline: float) -> Connection | None:
+        """Wait for a returned connection (or ``None``: a slot came free, or the pool closed: look again)."""
         waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(self._acquire_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 return await waiter
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():  # handed a connection just as we gave up: pass it on
@@ -140,18 +144,35 @@ class AppPool:
             self._idle.append(conn)
 
     def discard(self, conn: Connection) -> None:
-        """Drop a connection whose state is unknown (cancelled mid-statement, broken, left in a transaction)."""
+        """Drop a connection whose state is unknown (cancelled mid-statement, broken, left in a transaction).
+
+        It is closed, not terminated, so that a statement cancelled on our side is cancelled on the server
+        too (asyncpg sends the cancel request first); its slot stays taken until then, keeping the quota exact.
+        """
+        if conn.is_closed():
+            self._release_slot()
+            return
+        task = asyncio.get_running_loop().create_task(self._close_quietly(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, conn: Connection) -> None:
+        try:
+            await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError, TimeoutError):
+            conn.terminate()
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
         self._opened -= 1
-        conn.terminate()
         if not self._closed:
             self._wake_one(None)
 
     async def close(self) -> None:
         self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(_unavailable())
+        while self._wake_one(None):  # each waiter looks again, finds the pool closed and answers 503
+            pass
         idle, self._idle = self._idle, []
         self._opened -= len(idle)
         for conn in idle:
@@ -159,6 +180,8 @@ class AppPool:
                 await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)
             except (OSError, asyncpg.InterfaceError, TimeoutError):
                 conn.terminate()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class Lease:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from starlette.requests import Request
 
 from gatehouse.config import ServerConfig
 from gatehouse.errors import ApiError
@@ -39,25 +37,6 @@ class Payload:
 
 def invalid(message: str, details: str | None = None) -> ApiError:
     return ApiError(message, code="PGRST102", status=400, details=details)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and re.fullmatch(r"[0-9]{1,18}", declared) and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError("Payload too large", code="GH413", status=413,
-                    details=f"The body may be at most {limit} bytes", hint="Split the rows into several requests.")
 
 
 def _depth(value: Any, limit: int) -> None:

@@ -5,25 +5,22 @@ document with it, and pre-fills Swagger UI's Authorize dialog with the same key,
 once. The key stays in the tab's sessionStorage; it is never put in a URL.
 
 Swagger UI's files come from the ``swagger-ui-bundle-v2`` wheel (Swagger UI 5, the first major version that
-renders OpenAPI 3.1) and are served under ``/docs/static/`` by :func:`docs_static_app`; without the wheel
+renders OpenAPI 3.1) and are served under ``/docs/static/`` by :func:`static_file`; without the wheel
 the page falls back to the same pinned version on the jsDelivr CDN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import mimetypes
 import re
 from functools import cache
 from pathlib import Path
 
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
-from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from gatehouse.errors import InvalidPath, MethodNotAllowed
+from gatehouse.http.exchange import HttpRequest, HttpResponse
 
 SWAGGER_UI_VERSION = "5.31.0"
 CDN = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
@@ -123,32 +120,36 @@ def _script_literal(text: str) -> str:
     return json.dumps(text).replace("<", "\\u003c")
 
 
-async def docs_endpoint(request: Request) -> Response:
-    root = request.scope.get("root_path", "").rstrip("/")
+async def docs_endpoint(request: HttpRequest) -> HttpResponse:
+    root = request.root_path.rstrip("/")
     assets = f"{root}{STATIC_PATH}" if swagger_ui_dir() is not None else CDN
     page = PAGE.replace("__ASSETS__", assets).replace("__SPEC_URL__", _script_literal(f"{root}/"))
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
+    headers = {"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+    return HttpResponse(200, headers, page.encode(), "text/html; charset=utf-8")
 
 
-class _SwaggerFiles(StaticFiles):
-    """StaticFiles whose 404 and 405 are gatehouse's errors: a bare HTTPException would become a 500."""
-
-    async def get_response(self, path: str, scope: Scope) -> Response:
-        try:
-            return await super().get_response(path, scope)
-        except HTTPException as exc:
-            if exc.status_code == 405:
-                raise MethodNotAllowed(f"Unsupported HTTP method: {scope['method']}") from None
-            raise InvalidPath("Invalid path specified in request URL") from None
-
-
-async def _no_assets(scope: Scope, receive: Receive, send: Send) -> None:
-    raise InvalidPath("Invalid path specified in request URL")
-
-
-def docs_static_app() -> ASGIApp:
-    """Swagger UI's files, to mount at ``/docs/static``; a 404 for everything when the wheel is missing."""
+@cache
+def _asset(name: str) -> tuple[bytes, str, str] | None:
+    """A file of Swagger UI's folder by its bare name (no path can be named): bytes, media type, ETag."""
     folder = swagger_ui_dir()
-    if folder is None:
-        return _no_assets
-    return _SwaggerFiles(directory=folder)
+    if folder is None or name not in {entry.name for entry in folder.iterdir() if entry.is_file()}:
+        return None
+    data = (folder / name).read_bytes()
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if media_type.startswith("text/") or media_type in ("application/javascript", "application/json"):
+        media_type += "; charset=utf-8"
+    return data, media_type, f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+
+
+def static_file(request: HttpRequest, name: str) -> HttpResponse:
+    """``GET /docs/static/<name>``: one of Swagger UI's files (404 for anything else, 405 for other methods)."""
+    found = _asset(name)
+    if found is None:
+        raise InvalidPath("Invalid path specified in request URL")
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
+    data, media_type, etag = found
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
+    if request.headers.get("if-none-match") == etag:
+        return HttpResponse(304, headers)
+    return HttpResponse(200, headers, b"" if request.method == "HEAD" else data, media_type)

@@ -6,10 +6,9 @@ refused at the first step (a bad key) is measured, logged and audited exactly on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-from starlette.requests import Request
 
 from gatehouse.observe.audit import AuditRecord
 from gatehouse.observe.redact import redact_query
@@ -20,7 +19,10 @@ class RequestLabels:
     request_id: str = ""
     method: str = ""
     query_string: str = ""
-    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    redacted_query: str | None = None
+    """The query string with its values masked, when the request path already knows it (from the plan cache)."""
+    started: float = field(default_factory=time.time)
+    """Wall-clock seconds (a float: a datetime per request is built only for the audit record)."""
     app: str = ""
     key_id: str = ""
     subject: str | None = None
@@ -36,18 +38,14 @@ class RequestLabels:
         return int(self.version[1:]) if self.version.startswith("v") else None
 
     def audit_record(self, status: int, *, keep_values: bool = False) -> AuditRecord:
-        elapsed = (datetime.now(UTC) - self.started).total_seconds() * 1000
+        elapsed = (time.time() - self.started) * 1000
+        if keep_values:
+            query = self.query_string[:2000]
+        else:
+            query = self.redacted_query if self.redacted_query is not None else redact_query(self.query_string)
         return AuditRecord(
-            at=self.started, request_id=self.request_id, app=self.app, key_id=self.key_id, subject=self.subject,
-            method=self.method, target=self.contract, api_version=self.api_version,
-            query=self.query_string[:2000] if keep_values else redact_query(self.query_string),
-            status=status, rows=self.rows, duration_ms=round(elapsed, 3),
+            at=datetime.fromtimestamp(self.started, UTC), request_id=self.request_id, app=self.app,
+            key_id=self.key_id, subject=self.subject, method=self.method, target=self.contract,
+            api_version=self.api_version, query=query, status=status, rows=self.rows, duration_ms=round(elapsed, 3),
         )
 
-
-def labels_of(request: Request) -> RequestLabels:
-    labels: RequestLabels | None = getattr(request.state, "gatehouse", None)
-    if labels is None:  # outside the middleware (tests that call endpoints directly)
-        labels = RequestLabels(method=request.method)
-        request.state.gatehouse = labels
-    return labels

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from starlette.datastructures import Headers
-
 from gatehouse.errors import ApiError, NotAcceptable, RangeNotSatisfiable
 
 Format = Literal["json", "object", "csv", "openapi", "json_stripped", "object_stripped"]
@@ -95,9 +93,10 @@ class Preferences:
         return ", ".join(shown) or None
 
 
-def parse_prefer(headers: Headers) -> Preferences:
+def parse_prefer(header: str | None) -> Preferences:
+    """``Prefer`` (repeated headers already joined by commas)."""
     prefs = Preferences()
-    for header in headers.getlist("prefer"):
+    if header:
         for token in header.split(","):
             token = token.strip()
             if not token:

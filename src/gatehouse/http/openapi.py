@@ -13,14 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response
 
 from gatehouse.access import choose_version
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.catalog import ViewShape
-from gatehouse.http.labels import labels_of
+from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, response_format
 from gatehouse.logic.registry import LogicFunction
 from gatehouse.pipeline import identify
@@ -290,16 +288,16 @@ def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tup
     }
 
 
-async def openapi_endpoint(request: Request, runtime: Runtime) -> Response:
+async def openapi_endpoint(request: HttpRequest, runtime: Runtime) -> HttpResponse:
     """``GET /`` and ``HEAD /``: 401 before anything, 406 for a version that is not served."""
     project = runtime.project
     _, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), None)  # 406
-    labels_of(request).version = f"v{version}"
+    request.labels.version = f"v{version}"
     response_format(request.headers.get("accept"), allowed=("openapi", "json"))  # 406 for e.g. text/csv
-    server_url = str(request.base_url).rstrip("/")
+    server_url = request.base_url.rstrip("/")
     document = build_openapi(project, app, version, runtime.catalog, server_url)
     headers = {"Content-Profile": f"v{version}", "Vary": "apikey, Authorization, Accept-Profile",
                "Cache-Control": "private, no-cache"}
     body = b"" if request.method == "HEAD" else orjson.dumps(document)
-    return Response(body, headers=headers, media_type=OPENAPI_JSON)
+    return HttpResponse(200, headers, body, OPENAPI_JSON)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.responses import Response
 
 from gatehouse.errors import ApiError, RangeNotSatisfiable
+from gatehouse.http.exchange import HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Format
 
 
@@ -25,7 +26,7 @@ class Page:
     count: int
     offset: int
     total: int | None = None
-    columns: list[str] = field(default_factory=list)
+    columns: Sequence[str] = ()
 
 
 def content_range(first: int, count: int, total: int | None) -> str:
@@ -64,7 +65,7 @@ def _csv_value(value: object) -> str:
 
 def to_csv(page: Page) -> bytes:
     rows = orjson.loads(page.body)
-    columns = list(rows[0]) if rows else page.columns
+    columns = list(rows[0]) if rows else list(page.columns)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
@@ -94,8 +95,8 @@ def encode(page: Page, fmt: Format) -> bytes:
     return body
 
 
-def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> Response:
+def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> HttpResponse:
     status = page_status(page)
     body = encode(page, fmt)
-    headers = {**headers, "Content-Range": content_range(page.offset, page.count, page.total)}
-    return Response(b"" if head else body, status_code=status, headers=headers, media_type=CONTENT_TYPES[fmt])
+    headers["Content-Range"] = content_range(page.offset, page.count, page.total)
+    return HttpResponse(status, headers, b"" if head else body, CONTENT_TYPES[fmt])

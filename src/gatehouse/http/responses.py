@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import orjson
-from starlette.responses import Response
 
 from gatehouse.errors import ApiError
+from gatehouse.http.exchange import JSON, HttpResponse
 
-JSON = "application/json; charset=utf-8"
 
-
-def error_response(error: ApiError, *, head: bool = False) -> Response:
+def error_response(error: ApiError, *, head: bool = False) -> HttpResponse:
     # PostgREST's clients read the code of a bodiless (HEAD) error from a "PostgREST" Proxy-Status entry.
     headers = {"Proxy-Status": f"PostgREST; error={error.code}", **error.headers}
     body = b"" if head else orjson.dumps(error.body())
-    return Response(body, status_code=error.status, headers=headers, media_type=JSON)
+    return HttpResponse(error.status, headers, body, JSON)

@@ -15,16 +15,13 @@ from typing import Any
 import asyncpg
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
-from starlette.responses import Response
 
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, InternalError
-from gatehouse.http.body import read_body
-from gatehouse.http.labels import labels_of
+from gatehouse.http.exchange import JSON, HttpRequest, HttpResponse
 from gatehouse.logic.context import Context
 from gatehouse.logic.registry import LogicFunction
 from gatehouse.observe.audit import audit_in_transaction
@@ -33,7 +30,6 @@ from gatehouse.project import App
 from gatehouse.runtime import Runtime
 
 log = logging.getLogger(__name__)
-JSON = "application/json; charset=utf-8"
 
 
 def _arguments_error(exc: ValidationError) -> ApiError:
@@ -41,10 +37,10 @@ def _arguments_error(exc: ValidationError) -> ApiError:
     return ApiError("The function's arguments are not valid", code="PGRST102", status=400, details=problems)
 
 
-async def _arguments(request: Request, limit: int) -> dict[str, Any]:
+async def _arguments(request: HttpRequest, limit: int) -> dict[str, Any]:
     if request.method in ("GET", "HEAD"):
-        return dict(request.query_params)
-    raw = await read_body(request, limit)
+        return request.query_params
+    raw = await request.body(limit)
     if not raw.strip():
         return {}
     try:
@@ -95,7 +91,7 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
     return result
 
 
-async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
+async def call_rpc(request: HttpRequest, runtime: Runtime, name: str) -> HttpResponse:
     assert runtime.pools is not None
     project = runtime.project
     identity, app = await identify(request, runtime)  # 401
@@ -103,7 +99,7 @@ async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
     if function is None or name not in app.config.functions:
         raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
                        hint="Check the name; functions are granted to applications in gatehouse.toml.")
-    labels_of(request).contract = f"rpc:{name}"
+    request.labels.contract = f"rpc:{name}"
     if request.method in ("GET", "HEAD") and not function.read_only:
         raise ApiError(f"Cannot use the {request.method} method on RPC", code="PGRST101", status=405,
                        hint="This function changes data: call it with POST.")
@@ -115,7 +111,7 @@ async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
     except ValidationError as exc:
         raise _arguments_error(exc) from None
 
-    labels = labels_of(request)
+    labels = request.labels
 
     async def record(conn: Connection, result: Any) -> None:  # a writing function's record commits with it
         await audit_in_transaction(conn, labels.audit_record(204 if result is None else 200,
@@ -125,6 +121,6 @@ async def call_rpc(request: Request, runtime: Runtime, name: str) -> Response:
                           before_commit=None if function.read_only else record)
     labels.audited = not function.read_only
     if result is None:
-        return Response(status_code=204)
+        return HttpResponse(204)
     body = b"" if request.method == "HEAD" else function.result.dump_json(result)
-    return Response(body, status_code=200, media_type=JSON)
+    return HttpResponse(200, {}, body, JSON)

@@ -12,6 +12,7 @@ depth is bounded, so no request can make the parser work without limit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Literal, cast
 from urllib.parse import parse_qsl
 
@@ -447,9 +448,14 @@ def _names(value: str, what: str) -> tuple[str, ...]:
 
 
 def parse_query(query_string: str) -> ReadQuery:
+    return parse_pairs(parse_qsl(query_string, keep_blank_values=True))
+
+
+def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
+    """The query tree of already percent-decoded ``(key, value)`` pairs, in query string order."""
     query = ReadQuery()
     budget = [MAX_CONDITIONS]
-    for key, value in parse_qsl(query_string, keep_blank_values=True):
+    for key, value in pairs:
         if key in ("apikey", "api_key"):
             raise ApiError("API keys are not accepted in the URL", code="GH400",
                            hint="URLs end up in logs and browser history: send the key in the 'apikey' header")

@@ -1,0 +1,90 @@
+"""One HTTP exchange as the request path sees it: :class:`HttpRequest` in, :class:`HttpResponse` out.
+
+The data port's code never sees ASGI or RSGI: ``http/servers.py`` turns what the server hands over into an
+``HttpRequest`` and writes the ``HttpResponse`` back. Both are plain objects with exactly what gatehouse
+reads (header names lower-cased, repeated headers joined by commas as RFC 9110 allows), because building
+a framework's request and response objects was a measurable share of a point lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from gatehouse.errors import ApiError
+from gatehouse.http.labels import RequestLabels
+
+JSON = "application/json; charset=utf-8"
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def _no_body() -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        return
+        yield b""  # pragma: no cover - makes this an async generator
+
+    return chunks()
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    query_string: str
+    """Still percent-encoded, as it arrived."""
+    headers: dict[str, str]
+    client: str = "unknown"
+    scheme: str = "http"
+    root_path: str = ""
+    body_chunks: Callable[[], AsyncIterator[bytes]] = _no_body
+    labels: RequestLabels = field(default_factory=RequestLabels)
+
+    @property
+    def query_params(self) -> dict[str, str]:
+        return dict(parse_qsl(self.query_string, keep_blank_values=True))
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.headers.get('host', 'localhost')}{self.root_path}"
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, refused with 413 as soon as it passes ``limit`` bytes (declared or received)."""
+        declared = self.headers.get("content-length")
+        if declared and _DIGITS.fullmatch(declared) and int(declared) > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.body_chunks():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError("Payload too large", code="GH413", status=413,
+                    details=f"The body may be at most {limit} bytes", hint="Split the rows into several requests.")
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    media_type: str | None = None
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """Every header to send, ``Content-Type`` and ``Content-Length`` included (none on 1xx, 204, 304)."""
+        headers = [(name.lower(), value) for name, value in self.headers.items()]
+        if self.media_type is not None:
+            headers.append(("content-type", self.media_type))
+        if self.status >= 200 and self.status not in (204, 304):
+            headers.append(("content-length", str(len(self.body))))
+        return headers
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
+    return HttpResponse(status, headers or {}, body, JSON)
