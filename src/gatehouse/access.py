@@ -45,6 +45,8 @@ def row_filters(app: App, identity: Identity, contracts: Iterable[str]) -> dict[
 
 def lifecycle_headers(project: Project, version: int) -> dict[str, str]:
     """``Deprecation`` (and ``Sunset`` when a date is set) on every answer from a deprecated version."""
+    if f"v{version}" not in project.config.versions:
+        return {}
     settings = project.config.version_settings(version)
     if settings.status != "deprecated":
         return {}
@@ -56,7 +58,11 @@ def lifecycle_headers(project: Project, version: int) -> dict[str, str]:
 
 
 def readable_contracts(project: Project, app: App, version: int) -> frozenset[str]:
-    return frozenset(name for name in project.versions.served.get(version, {}) if "read" in app.grant_for(name))
+    readable = app.readable.get(version)
+    if readable is None:  # the project never changes while loaded: work it out once per app and version
+        served = project.versions.served.get(version, {})
+        readable = app.readable[version] = frozenset(name for name in served if "read" in app.grant_for(name))
+    return readable
 
 
 def granted_contract(project: Project, app: App, version: int, name: str, action: str) -> ContractVersion:

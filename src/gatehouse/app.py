@@ -1,4 +1,5 @@
-"""``create_app(runtime)`` → the data port (an ASGI and RSGI app); ``create_admin_app`` → the admin port's.
+"""``create_app(runtime)`` → the data port; ``create_admin_app(runtime)`` → the admin port. Both are ASGI
+and RSGI apps (``gatehouse serve`` runs them on granian, tests call them through httpx's ASGI transport).
 
 The data port serves contracts; the admin port (keep it off the public network) serves ``/live``,
 ``/ready`` and ``/metrics``. Both share one :class:`Runtime`, opened by the data app's lifespan.
@@ -6,37 +7,22 @@ The data port serves contracts; the admin port (keep it off the public network) 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
-import signal
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from granian.constants import Interfaces
-from granian.log import LogLevels
-from granian.server.embed import Server as EmbeddedServer
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gatehouse import pipeline
 from gatehouse.errors import InvalidPath, MethodNotAllowed
 from gatehouse.http.docs import STATIC_PATH, docs_endpoint, static_file
-from gatehouse.http.exchange import HttpRequest, HttpResponse
+from gatehouse.http.exchange import HttpRequest, HttpResponse, json_response
 from gatehouse.http.middleware import RequestGuard
 from gatehouse.http.openapi import openapi_endpoint
-from gatehouse.http.servers import RsgiScope, serve_asgi, serve_rsgi
+from gatehouse.http.servers import Receive, RsgiScope, Scope, Send, serve_asgi, serve_rsgi
 from gatehouse.logic.endpoint import call_rpc
 from gatehouse.runtime import Runtime
 
-T = TypeVar("T")
-log = logging.getLogger("gatehouse.serve")
 READ_METHODS = ("GET", "HEAD")
-JSON = "application/json; charset=utf-8"
 CONTRACT_PATH = re.compile(r"^/(?:v([1-9][0-9]{0,3})/)?([^/]+)$")
 RPC_PATH = re.compile(r"^/rpc/([^/]+)$")
 
@@ -111,72 +97,40 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> DataApp:
     return DataApp(runtime, manage_runtime=manage_runtime)
 
 
-def create_admin_app(runtime: Runtime) -> ASGIApp:
-    async def live(_: Request) -> Response:
-        return Response(b'{"status":"live"}', media_type=JSON)
+class AdminApp:
+    """The admin port: ``/live``, ``/ready`` (every database reachable and applied) and ``/metrics``."""
 
-    async def ready(_: Request) -> Response:
-        report = await runtime.readiness()
-        ok = bool(report) and all(value == "ok" for value in report.values())
-        body = orjson.dumps({"status": "ready" if ok else "not ready", "databases": report})
-        return Response(body, status_code=200 if ok else 503, media_type=JSON)
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
-    async def metrics(_: Request) -> Response:
-        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+    async def route(self, request: HttpRequest) -> HttpResponse:
+        if request.path not in ("/live", "/ready", "/metrics"):
+            return json_response(b'{"status":"not found"}', 404)
+        if request.method not in READ_METHODS:
+            return HttpResponse(405, {"Allow": "GET, HEAD"})
+        if request.path == "/live":
+            return json_response(b'{"status":"live"}')
+        if request.path == "/ready":
+            report = await self.runtime.readiness()
+            ok = bool(report) and all(value == "ok" for value in report.values())
+            body = orjson.dumps({"status": "ready" if ok else "not ready", "databases": report})
+            return json_response(body, 200 if ok else 503)
+        metrics = self.runtime.metrics
+        return HttpResponse(200, {}, metrics.render(), metrics.content_type)
 
-    return Starlette(routes=[Route("/live", live), Route("/ready", ready), Route("/metrics", metrics)])
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI (the runtime is opened by whoever runs this app with the data port)."""
+        if scope["type"] == "http":
+            await serve_asgi(self.route, scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
 
-
-def run_in_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed, else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def _granian_logging() -> dict[str, Any]:
-    """granian's own messages go through our log configuration (one format, one stream), at warning or
-    quieter: its start-up lines would only repeat ours."""
-    return {"version": 1, "disable_existing_loggers": False,
-            "loggers": {"_granian": {"handlers": [], "propagate": True}}}
-
-
-def _http_server(app: object, interface: Interfaces, host: str, port: int, log_level: str) -> EmbeddedServer:
-    level = LogLevels.debug if log_level == "debug" else LogLevels.error
-    return EmbeddedServer(app, address=host, port=port, interface=interface, log_level=level,
-                          log_dictconfig=_granian_logging(), log_access=False, websockets=False)
+    async def __rsgi__(self, scope: RsgiScope, protocol: Any) -> None:
+        """RSGI (granian)."""
+        await serve_rsgi(self.route, scope, protocol)
 
 
-async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int,
-                log_level: str = "info") -> None:
-    """Run the data and admin ports in this event loop until interrupted.
-
-    Both run on granian's embedded server, in this process and event loop, so they share one Runtime
-    (pools, key ring, audit writer). The data port speaks RSGI: granian parses HTTP in its Rust threads
-    and hands over a parsed request, which leaves the Python thread to gatehouse's own work.
-    """
-    await runtime.start()
-    try:
-        data = _http_server(create_app(runtime, manage_runtime=False), Interfaces.RSGI, host, port, log_level)
-        admin = _http_server(create_admin_app(runtime), Interfaces.ASGINL, admin_host, admin_port, log_level)
-        servers = (data, admin)
-
-        def stop_all() -> None:
-            for server in servers:
-                server.stop()  # type: ignore[no-untyped-call]
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop_all)
-        log.info("serving the data port on http://%s:%d, the admin port on http://%s:%d",
-                 host, port, admin_host, admin_port)
-        try:
-            await asyncio.gather(data.serve(), admin.serve())
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-    finally:
-        await runtime.stop()
+def create_admin_app(runtime: Runtime) -> AdminApp:
+    return AdminApp(runtime)

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gatehouse import __version__, operations
-from gatehouse.app import run_in_loop
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
 from gatehouse.migrate.plan import Plan
 from gatehouse.project import Project, load_project
+from gatehouse.server import run_in_loop
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)
@@ -354,9 +354,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the contracts over HTTP (data port) and health and metrics (admin port)."""
-    from gatehouse.app import serve as serve_forever
     from gatehouse.observe.logs import configure_logging
     from gatehouse.runtime import Runtime
+    from gatehouse.server import serve as serve_forever
 
     project = _project()
     server = project.config.server

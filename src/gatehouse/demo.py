@@ -120,10 +120,10 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         return
     console.print(f"serving on {base} (admin {admin}); press Ctrl-C to stop.\n")
 
-    from gatehouse.app import run_in_loop
-    from gatehouse.app import serve as serve_forever
     from gatehouse.observe.logs import configure_logging
     from gatehouse.runtime import Runtime
+    from gatehouse.server import run_in_loop
+    from gatehouse.server import serve as serve_forever
 
     configure_logging("info")
     run_in_loop(serve_forever(Runtime(project), host=host, port=port, admin_host=host, admin_port=admin_port))

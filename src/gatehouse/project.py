@@ -19,6 +19,7 @@ from gatehouse.query.row_filters import columns_of, parse_row_filter
 from gatehouse.query.tree import Condition
 
 CONFIG_FILE = "gatehouse.toml"
+_NO_ACTIONS: frozenset[str] = frozenset()
 STATE_DIR = ".gatehouse"
 
 
@@ -30,12 +31,14 @@ class App:
     """The NOLOGIN PostgreSQL role this app's queries run under."""
     row_filters: dict[str, tuple[Condition, ...]] = field(default_factory=dict)
     """contract → its grant's row filter, parsed (claims still as ``{claims.x}`` placeholders)."""
+    readable: dict[int, frozenset[str]] = field(default_factory=dict, compare=False)
+    """API version → the contracts this app may read in it; filled by ``access.readable_contracts``."""
+    _grants: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
 
     def grant_for(self, contract: str) -> frozenset[str]:
-        for grant in self.config.grants:
-            if grant.contract == contract:
-                return frozenset(grant.actions)
-        return frozenset()
+        if not self._grants and self.config.grants:  # once: this is asked on every request
+            self._grants.update((g.contract, frozenset(g.actions)) for g in self.config.grants)
+        return self._grants.get(contract, _NO_ACTIONS)
 
 
 @dataclass(frozen=True, slots=True)

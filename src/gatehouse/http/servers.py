@@ -7,15 +7,17 @@ parsed request without building an ASGI scope and message dicts for it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
-
-from starlette.types import Receive, Scope, Send
 
 from gatehouse.errors import ApiError
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 def _joined(pairs: list[tuple[str, str]]) -> dict[str, str]:
