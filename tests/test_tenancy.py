@@ -88,6 +88,10 @@ async def test_tenants_are_isolated_everywhere(portal: tuple[httpx.AsyncClient, 
     acme, globex = as_user(key, "acme"), as_user(key, "globex")
     assert [t["title"] for t in (await client.get("/tasks?order=id", headers=acme)).json()] == ["fuel", "launch"]
     assert [t["title"] for t in (await client.get("/tasks", headers=globex)).json()] == ["wire"]
+    # the same query shape for the other tenant: a plan cached for acme must not answer for globex
+    assert [t["title"] for t in (await client.get("/tasks?order=id", headers=globex)).json()] == ["wire"]
+    assert [t["title"] for t in (await client.get("/tasks?id=gt.0", headers=acme)).json()] == ["fuel", "launch"]
+    assert [t["title"] for t in (await client.get("/tasks?id=gt.0", headers=globex)).json()] == ["wire"]
     embedded = (await client.get("/projects?select=name,tasks(title)", headers=globex)).json()
     assert embedded == [{"name": "magnet", "tasks": [{"title": "wire"}]}]
     reverse = (await client.get("/tasks?select=title,projects(name)&id=eq.3", headers=acme)).json()

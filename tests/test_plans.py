@@ -1,0 +1,113 @@
+"""Reads compiled once per query shape (query/plans.py): the shape itself, and that a cached plan answers
+every later request of its shape exactly as a fresh compile would, for every app, version and tenant."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import prepare
+from gatehouse.project import Project
+from gatehouse.query.plans import PlanCache, ReadPlan, shape_of
+from gatehouse.query.sql import CompiledQuery
+from gatehouse.runtime import Runtime
+
+
+def test_simple_comparisons_lose_their_values_and_nothing_else_does() -> None:
+    one, other = shape_of("id=eq.17&select=id,name"), shape_of("id=eq.4711&select=id,name")
+    assert one is not None and other is not None
+    assert one.key == other.key and one.values == ("17",) and other.values == ("4711",)
+    kept = shape_of("price=gte.10&order=id&limit=50&name=like.*mug*&id=in.(1,2)&or=(id.eq.1,id.eq.2)")
+    assert kept is not None and kept.values == ("10",)
+    assert ("limit", "50") in kept.key and ("name", "like.*mug*") in kept.key and ("id", "in.(1,2)") in kept.key
+    # names that are not filters keep values that look like comparisons
+    for query in ("order=eq.desc", "limit=eq.1", "select=eq.x", "order_items.order=eq.asc", "not.or=eq.1"):
+        shape = shape_of(query)
+        assert shape is not None and shape.values == (), query
+    negated = shape_of("id=not.eq.5")
+    assert negated is not None and negated.values == ()
+
+
+def test_values_are_decoded_and_a_nul_anywhere_means_no_shape() -> None:
+    shape = shape_of("name=eq.Green%20chair%20%2342&id=lt.9")
+    assert shape is not None and shape.values == ("Green chair #42", "9")
+    assert shape_of("name=eq.a%00b") is None
+    assert shape_of("na%00me=eq.1") is None
+
+
+def test_template_puts_one_marker_per_value() -> None:
+    shape = shape_of("a=eq.1&b=gt.2&limit=3")
+    assert shape is not None
+    template = shape.template()
+    assert [name for name, _ in template] == ["a", "b", "limit"]
+    assert template[2] == ("limit", "3")
+    assert template[0][1].startswith("eq.\x00") and template[1][1].startswith("gt.\x00")
+    assert template[0][1] != template[1][1]
+
+
+def test_a_plan_is_refused_when_its_markers_do_not_come_out_cleanly() -> None:
+    shape = shape_of("a=eq.1")
+    assert shape is not None
+    marker = shape.template()[0][1][3:]
+    assert ReadPlan.of(CompiledQuery("SELECT $1", [marker]), 1, offset=0, output_names=[], redacted_query="")
+    assert ReadPlan.of(CompiledQuery("SELECT $1, $2", [marker, marker]), 1, offset=0, output_names=[],
+                       redacted_query="") is None  # twice
+    assert ReadPlan.of(CompiledQuery(f"SELECT '{marker}'", []), 1, offset=0, output_names=[],
+                       redacted_query="") is None  # in the SQL text
+    plan = ReadPlan.of(CompiledQuery("SELECT $1, $2", [5, marker]), 1, offset=0, output_names=[], redacted_query="")
+    assert plan is not None and plan.bind(("x",)) == [5, "x"]
+
+
+def test_the_cache_is_bounded_and_keeps_the_recently_used() -> None:
+    cache = PlanCache(max_plans=2)
+    plan = ReadPlan("SELECT 1", (), (), 0, (), "")
+    cache.put("a", plan)
+    cache.put("b", plan)
+    assert cache.get("a") is plan  # a is now the most recent
+    cache.put("c", plan)
+    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is plan and cache.get("c") is plan
+
+
+@pytest.fixture
+async def served(shop: Project, serve_project: object) -> tuple[httpx.AsyncClient, Runtime, dict[str, str]]:
+    keys = await prepare(shop)
+    client, runtime = await serve_project(shop)  # type: ignore[operator]
+    return client, runtime, keys
+
+
+async def test_every_value_of_a_shape_gets_its_own_rows(
+        served: tuple[httpx.AsyncClient, Runtime, dict[str, str]]) -> None:
+    client, runtime, keys = served
+    web = {"apikey": keys["web"]}
+    first = await client.get("/products?id=eq.1&select=id,name", headers=web)
+    assert first.status_code == 200
+    misses = runtime.plans.misses
+    for product in (2, 77, 4999, 5000, 5001):
+        response = await client.get(f"/products?id=eq.{product}&select=id,name", headers=web)
+        assert response.status_code == 200
+        assert [row["id"] for row in response.json()] == ([product] if product <= 5000 else [])
+    assert runtime.plans.misses == misses  # one compile for the shape, whatever the values
+    cheap = await client.get("/products?price=lt.5&select=id,price&order=id", headers=web)
+    dear = await client.get("/products?price=lt.50&select=id,price&order=id", headers=web)
+    assert all(float(row["price"]) < 5 for row in cheap.json())
+    assert len(dear.json()) > len(cheap.json())
+
+
+async def test_a_bad_value_is_still_a_400_and_caches_nothing_wrong(
+        served: tuple[httpx.AsyncClient, Runtime, dict[str, str]]) -> None:
+    client, _, keys = served
+    web = {"apikey": keys["web"]}
+    assert (await client.get("/products?id=eq.3", headers=web)).status_code == 200
+    bad = await client.get("/products?id=eq.three", headers=web)
+    assert bad.status_code == 400 and bad.json()["code"] == "22P02"
+    assert [r["id"] for r in (await client.get("/products?id=eq.4", headers=web)).json()] == [4]
+
+
+async def test_apps_and_versions_never_share_a_plan(served: tuple[httpx.AsyncClient, Runtime, dict[str, str]]) -> None:
+    client, _, keys = served
+    query = "/products?id=eq.10"
+    web = (await client.get(query, headers={"apikey": keys["web"]})).json()
+    analytics = (await client.get(query, headers={"apikey": keys["analytics"]})).json()
+    assert web and analytics and set(web[0]) != set(analytics[0])  # web is pinned to v1: other columns
+    v1 = (await client.get(query, headers={"apikey": keys["analytics"], "Accept-Profile": "v1"})).json()
+    assert set(v1[0]) == set(web[0])
