@@ -1,9 +1,18 @@
-"""Collect the measurements of one bench/run into a markdown table and a JSON file.
+"""Collect the measurements of one bench/run into markdown tables and a JSON file.
 
-bench/run leaves, in one folder, a file per measurement named SYSTEM-QUERY.json (one JSON object
-as printed by bench/direct.py or bench/wrk.lua); for a system it could not measure, SYSTEM.skipped
-holding the reason; and for a query one system does not run (Platformatic has no equivalent of the
-embedded read), SYSTEM-QUERY.skipped holding why. This script prints the tables and writes the JSON.
+bench/run measures in rounds: each round measures every system with every query, one after the other,
+and leaves its files in its own folder DIR/round1, DIR/round2, ... In each folder: a file per
+measurement named SYSTEM-QUERY.json (one JSON object as printed by bench/direct.py or bench/wrk.lua);
+for a system it could not measure (in that round), SYSTEM.skipped holding the reason; and for a query
+one system does not run (Platformatic has no equivalent of the embedded read), SYSTEM-QUERY.skipped
+holding why. A folder with those files and no round folders (what bench/run wrote before it had
+rounds) is read as a single round.
+
+For each system and query the reported measurement is the round with the median req/s (with an even
+number of rounds, the lower of the two middle ones), its p50/p99 with it; runs with more than 1% errors
+are left out of the median. The ratios in the summary are those of the median measurements; the
+per-round ratios compare two systems measured in the same round, so a slow spell of the machine
+(CPU steal on a shared VM) counts against both. This script prints the tables and writes the JSON.
 
     python bench/report.py --results-dir DIR --out bench/results/latest.json --meta key=value ...
 """
@@ -12,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +35,37 @@ QUERIES = {
     "embedded": "order with items",
     "insert": "insert one order",
 }
+# The ratios: name -> (numerator, denominator) systems, by req/s.
+RATIOS = {
+    "gatehouse_over_direct": ("gatehouse", "direct"),
+    "gatehouse_over_platformatic": ("gatehouse", "platformatic"),
+}
 
 Measurement = dict[str, Any]
-
-
 Results = dict[str, dict[str, Measurement | None]]
+QueryRatios = dict[str, dict[str, float | None]]
+RoundRatios = dict[str, dict[str, dict[str, Any]]]
+NotRun = dict[str, dict[str, str]]
+
+
+@dataclass
+class Round:
+    """The files of one round (or of a flat folder)."""
+
+    number: int
+    results: Results
+    skipped: dict[str, str]
+    not_run: NotRun
 
 
 def reason(path: Path) -> str:
     return " ".join(path.read_text().split())
 
 
-def load(results_dir: Path) -> tuple[Results, dict[str, str], dict[str, dict[str, str]]]:
+def load(results_dir: Path) -> tuple[Results, dict[str, str], NotRun]:
     """The measurements by query and system, why a system was skipped, and why a query was not run on one."""
     results: Results = {}
-    not_run: dict[str, dict[str, str]] = {}
+    not_run: NotRun = {}
     for query in QUERIES:
         results[query] = {}
         for system in SYSTEMS:
@@ -54,6 +82,23 @@ def load(results_dir: Path) -> tuple[Results, dict[str, str], dict[str, dict[str
     return results, skipped, not_run
 
 
+def load_rounds(results_dir: Path) -> list[Round]:
+    """The rounds in results_dir/roundN (by N), or results_dir itself as round 1 when it has none."""
+    numbered = []
+    for path in results_dir.iterdir():
+        match = re.fullmatch(r"round(\d+)", path.name)
+        if match and path.is_dir():
+            numbered.append((int(match.group(1)), path))
+    if not numbered:
+        numbered = [(1, results_dir)]
+    return [Round(number, *load(path)) for number, path in sorted(numbered)]
+
+
+def failed(measurement: Measurement) -> bool:
+    """A run in which errors were more than 1% of requests measured errors, not the system."""
+    return int(measurement.get("errors", 0)) > 0.01 * max(1, int(measurement.get("requests", 0)))
+
+
 def ratio(numerator: Measurement | None, denominator: Measurement | None) -> float | None:
     if not numerator or not denominator or not denominator.get("rps") or failed(numerator):
         return None
@@ -62,48 +107,155 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> flo
     return round(float(numerator["rps"]) / float(denominator["rps"]), 3)
 
 
-def failed(measurement: Measurement) -> bool:
-    """A run in which errors were more than 1% of requests measured errors, not the system."""
-    return int(measurement.get("errors", 0)) > 0.01 * max(1, int(measurement.get("requests", 0)))
-
-
-def ratios(results: Results) -> dict[str, dict[str, float | None]]:
+def ratios(results: Results) -> QueryRatios:
     return {
-        query: {
-            "gatehouse_over_direct": ratio(by_system["gatehouse"], by_system["direct"]),
-            "gatehouse_over_platformatic": ratio(by_system["gatehouse"], by_system["platformatic"]),
-        }
+        query: {name: ratio(by_system[top], by_system[bottom]) for name, (top, bottom) in RATIOS.items()}
         for query, by_system in results.items()
     }
+
+
+def median_measurement(rounds: list[Round], query: str, system: str) -> Measurement | None:
+    """The run with the median req/s over the rounds (valid runs only, unless none is), with every round's req/s.
+
+    Added keys: "round" (the run reported), "rps_rounds" (req/s by round, null where not measured),
+    "valid_rounds" (how many runs the median is over) and "invalid_rounds" (rounds left out for errors).
+    """
+    runs = [(r.number, m) for r in rounds if (m := r.results[query][system]) is not None]
+    if not runs:
+        return None
+    valid = [(number, m) for number, m in runs if not failed(m)]
+    # No valid run at all: report the median of the invalid ones, marked INVALID in the table.
+    candidates = sorted(valid or runs, key=lambda run: float(run[1]["rps"]))
+    number, chosen = candidates[(len(candidates) - 1) // 2]
+    by_round = {r.number: r.results[query][system] for r in rounds}
+    return {
+        **chosen,
+        "round": number,
+        "rps_rounds": [None if m is None else m["rps"] for m in by_round.values()],
+        "valid_rounds": len(valid),
+        "invalid_rounds": [n for n, m in runs if failed(m)],
+    }
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """The per-round values of a ratio with their median, min and max (over the rounds that have one)."""
+    known = [v for v in values if v is not None]
+    return {
+        "rounds": values,
+        "median": round(statistics.median(known), 3) if known else None,
+        "min": min(known) if known else None,
+        "max": max(known) if known else None,
+    }
+
+
+def round_ratios(rounds: list[Round]) -> RoundRatios:
+    """Per query and ratio: the ratio within each round (both systems measured in that round)."""
+    within = [ratios(r.results) for r in rounds]
+    return {
+        query: {name: spread([by_round[query][name] for by_round in within]) for name in RATIOS}
+        for query in QUERIES
+    }
+
+
+def combine(rounds: list[Round]) -> tuple[Results, dict[str, str], dict[str, dict[str, Any]], NotRun]:
+    """Median measurements; systems skipped in every round; systems skipped in some rounds; queries not run."""
+    results: Results = {
+        query: {system: median_measurement(rounds, query, system) for system in SYSTEMS} for query in QUERIES
+    }
+    skipped: dict[str, str] = {}
+    partly_skipped: dict[str, dict[str, Any]] = {}
+    for system in SYSTEMS:
+        reasons = {r.number: r.skipped[system] for r in rounds if system in r.skipped}
+        if not reasons:
+            continue
+        why = "; ".join(dict.fromkeys(reasons.values()))
+        if len(reasons) == len(rounds):
+            skipped[system] = why
+        else:
+            partly_skipped[system] = {"rounds": sorted(reasons), "reason": why}
+    not_run: NotRun = {}
+    for r in rounds:
+        for query, by_system in r.not_run.items():
+            not_run.setdefault(query, {}).update(by_system)
+    return results, skipped, partly_skipped, not_run
 
 
 def cell(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def in_rounds(values: list[int]) -> str:
+    """'round 2' or 'rounds 2, 3'."""
+    return ("round " if len(values) == 1 else "rounds ") + ", ".join(str(v) for v in values)
+
+
+def per_round_rps(rounds: list[Round], query: str, system: str) -> str:
+    parts = []
+    for r in rounds:
+        m = r.results[query][system]
+        if m is None:
+            parts.append("n/a")
+        else:
+            parts.append(cell(m["rps"], 0) + (" (INVALID)" if failed(m) else ""))
+    return " / ".join(parts)
+
+
+def ratio_cell(values: dict[str, Any]) -> str:
+    if values["median"] is None:
+        return "n/a"
+    each = " / ".join("n/a" if v is None else f"{v:.2f}" for v in values["rounds"])
+    return f"{each} (median {values['median']:.2f}, {values['min']:.2f}-{values['max']:.2f})"
+
+
 def markdown(
     results: Results,
     skipped: dict[str, str],
-    not_run: dict[str, dict[str, str]],
-    query_ratios: dict[str, dict[str, float | None]],
+    not_run: NotRun,
+    query_ratios: QueryRatios,
+    rounds: list[Round] | None = None,
+    by_round: RoundRatios | None = None,
+    partly_skipped: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    lines = [
-        "| query | system | req/s | p50 (ms) | p99 (ms) | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    """The tables; with more than one round, also each round's req/s and the per-round ratios."""
+    rounds = rounds or []
+    several = len(rounds) > 1
+    lines = []
+    if several:
+        lines += [
+            f"{len(rounds)} rounds, each system measured once per round; req/s, p50 and p99 of the round with "
+            "the median req/s (of two middle ones, the lower); ratios from those.",
+            "",
+            "| query | system | req/s | p50 (ms) | p99 (ms) | errors | req/s by round |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    else:
+        lines += [
+            "| query | system | req/s | p50 (ms) | p99 (ms) | errors |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+    invalid_notes = []
     for query, label in QUERIES.items():
         for system in SYSTEMS:
             m = results[query][system]
+            extra = f" {per_round_rps(rounds, query, system)} |" if several else ""
             if m is None:
                 run_here = system in skipped or system not in not_run.get(query, {})
                 status = "not measured" if run_here else "not run for this query"
-                lines.append(f"| {label} | {system} | n/a | n/a | n/a | {status} |")
+                if several and not run_here:
+                    extra = " n/a |"
+                lines.append(f"| {label} | {system} | n/a | n/a | n/a | {status} |{extra}")
                 continue
             errors = str(m.get("errors", 0)) + (" (INVALID RUN)" if failed(m) else "")
             lines.append(
                 f"| {label} | {system} | {cell(m['rps'], 0)} | {cell(m['p50_ms'], 2)} "
-                f"| {cell(m['p99_ms'], 2)} | {errors} |"
+                f"| {cell(m['p99_ms'], 2)} | {errors} |{extra}"
             )
+            invalid = m.get("invalid_rounds") or []
+            if several and invalid:
+                kept = "left out of the median" if not failed(m) else "no valid run: the median of the invalid ones"
+                invalid_notes.append(
+                    f"{system}, {label}: {in_rounds(invalid)} had more than 1% errors (INVALID), {kept}."
+                )
     lines += [
         "",
         "| query | gatehouse ÷ direct (req/s) | gatehouse ÷ platformatic (req/s) |",
@@ -113,18 +265,36 @@ def markdown(
         over_direct = cell(query_ratios[query]["gatehouse_over_direct"], 2)
         over_platformatic = cell(query_ratios[query]["gatehouse_over_platformatic"], 2)
         lines.append(f"| {label} | {over_direct} | {over_platformatic} |")
+    if several and by_round is not None:
+        lines += [
+            "",
+            "Per-round ratios (both systems measured in the same round; round 1 / round 2 / ...):",
+            "",
+            "| query | gatehouse ÷ direct per round | gatehouse ÷ platformatic per round |",
+            "| --- | ---: | ---: |",
+        ]
+        for query, label in QUERIES.items():
+            over_direct = ratio_cell(by_round[query]["gatehouse_over_direct"])
+            over_platformatic = ratio_cell(by_round[query]["gatehouse_over_platformatic"])
+            lines.append(f"| {label} | {over_direct} | {over_platformatic} |")
     notes = [
         f"{system}, {QUERIES[query]}: not run — {why}"
         for query, by_system in not_run.items()
         for system, why in by_system.items()
         if system not in skipped
     ]
+    notes += invalid_notes
     if notes:
         lines.append("")
         lines += notes
-    if skipped:
+    partial = [
+        f"**{system}: not measured in {in_rounds(info['rounds'])}** — {info['reason']}"
+        for system, info in (partly_skipped or {}).items()
+    ]
+    if skipped or partial:
         lines.append("")
         lines += [f"**{system}: NOT MEASURED** — {why}" for system, why in skipped.items()]
+        lines += partial
     return "\n".join(lines)
 
 
@@ -147,19 +317,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    results, skipped, not_run = load(args.results_dir)
+    rounds = load_rounds(args.results_dir)
+    results, skipped, partly_skipped, not_run = combine(rounds)
     query_ratios = ratios(results)
+    by_round = round_ratios(rounds)
     document = {
         "meta": parse_meta(args.meta),
         "queries": QUERIES,
+        # Per system and query: the median run, with "round", "rps_rounds", "valid_rounds", "invalid_rounds".
         "results": results,
+        # From the median runs.
         "ratios": query_ratios,
+        # Within each round: {"rounds": [...], "median", "min", "max"}.
+        "ratios_by_round": by_round,
         "skipped": skipped,
+        "partly_skipped": partly_skipped,
         "not_run": not_run,
+        "rounds": [
+            {"round": r.number, "results": r.results, "ratios": ratios(r.results), "skipped": r.skipped}
+            for r in rounds
+        ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    print(markdown(results, skipped, not_run, query_ratios))
+    print(markdown(results, skipped, not_run, query_ratios, rounds, by_round, partly_skipped))
     return 0
 
 
