@@ -142,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # uvloop when it is installed (gatehouse's uvicorn[standard] brings it): what a tuned
+    # uvloop when it is installed (a dependency of gatehouse): what a tuned
     # asyncio application runs on, and what gatehouse itself gets.
     try:
         import uvloop
