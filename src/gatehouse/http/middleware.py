@@ -63,6 +63,9 @@ class RequestGuard:
             log.error("request %s failed: %s at %s", request_id, type(exc).__name__, _where(exc))
             error = InternalError("Internal error", hint=f"Quote request id {request_id} to the operators.")
             response = error_response(error)
+        except BaseException:  # cancelled (the client went away): still measured and audited, as 499
+            self._record(request, 499, time.perf_counter() - started)
+            raise
         response.headers["x-request-id"] = request_id
         self._record(request, response.status, time.perf_counter() - started)
         return response
