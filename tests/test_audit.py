@@ -104,6 +104,29 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+async def test_records_are_stored_exactly_or_made_storable(audited: Audited) -> None:
+    """A normal record goes in as it is; one with NUL, oversized texts and numbers, a naive time or a NaN
+    duration is trimmed to fit instead of failing the batch it is in."""
+    normal = record(1, subject="alice")
+    hostile = AuditRecord(at=datetime(2026, 1, 2, 3, 4, 5), request_id="req-\x002", app="web", key_id="k1",
+                          subject="bob\x00" + "b" * 900, method="GET", target="things", api_version=1,
+                          query="id=eq.\x00" + "x" * 20_000, status=200, rows=2**40, duration_ms=float("nan"))
+    conn = await audited.owner()
+    try:
+        async with conn.transaction():
+            for r in (normal, hostile):
+                await audit_in_transaction(conn, r)
+        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
+    finally:
+        await conn.close()
+    kept = stored["req-1"]
+    assert (kept["at"], kept["subject"], kept["query"], kept["rows"]) == (normal.at, "alice", "id=eq.***", 1)
+    trimmed = stored["req-2"]
+    assert trimmed["at"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert trimmed["subject"] == "bob" + "b" * 497 and len(trimmed["query"]) == MAX_QUERY_CHARS
+    assert "\x00" not in trimmed["query"] and trimmed["rows"] == 2**31 - 1 and trimmed["duration_ms"] == 0.0
+
+
 async def test_a_burst_of_mixed_traffic_gives_exactly_one_record_per_request(audited: Audited) -> None:
     writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl")
     writer.start()

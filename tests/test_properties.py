@@ -22,7 +22,7 @@ import re
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
-from urllib.parse import unquote_plus, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import httpx
 import orjson
@@ -38,7 +38,7 @@ from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import ApiError
 from gatehouse.http.body import Payload
 from gatehouse.project import Project
-from gatehouse.query.grammar import parse_query
+from gatehouse.query.grammar import parse_query, query_pairs
 from gatehouse.query.sql import ReadCompiler
 from gatehouse.query.tree import (
     IS_VALUES,
@@ -189,6 +189,13 @@ def test_any_query_string_parses_or_is_a_4xx(query: str) -> None:
         parse_query(query)
     except ApiError as error:
         expect_api_error(error)
+
+
+@FAST
+@given(query=st.one_of(query_strings, st.text(alphabet="ab=&%+.2C0x\x00 ;")))
+@example(query="a&&b=&=c&%zz=%2&+=+")
+def test_query_pairs_decode_exactly_as_parse_qsl(query: str) -> None:
+    assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
 
 
 # --- 2. the compiler, without a database ---------------------------------------------------------------

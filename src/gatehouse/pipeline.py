@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable
-from urllib.parse import parse_qsl
 
 import asyncpg
 import orjson
@@ -33,7 +32,7 @@ from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, r
 from gatehouse.observe.audit import AuditUnavailable, audit_in_transaction
 from gatehouse.observe.redact import redact_query
 from gatehouse.project import App
-from gatehouse.query.grammar import parse_pairs, parse_query
+from gatehouse.query.grammar import parse_pairs, parse_query, query_pairs
 from gatehouse.query.plans import ReadPlan, Shape, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
@@ -136,7 +135,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         sql, params, offset, columns = plan.sql, plan.bind(shape.values), plan.offset, plan.output_names
         labels.redacted_query, query = plan.redacted_query, None
     else:  # a planned or estimated count needs the query itself: compiled for this request alone
-        pairs = parse_qsl(request.query_string, keep_blank_values=True)
+        pairs = query_pairs(request.query_string)
         compiled, query, columns = _compile_read(runtime, app, version, contract.name, pairs, requested, count_mode,
                                                  readable, filters)  # 400 / 416
         sql, params, offset = compiled.sql, compiled.params, query.top.offset

@@ -43,7 +43,8 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class _KeyEntry:
-    app: str
+    identity: Identity
+    """Who the key stands for, made once per load (a key's identity never changes)."""
     hash: bytes
     expires_at: datetime | None
 
@@ -63,7 +64,8 @@ class KeyRing:
             "AND (expires_at IS NULL OR expires_at > now())"
         )
         self._keys = {
-            r["id"]: _KeyEntry(r["app"], bytes(r["hash"]), r["expires_at"]) for r in rows if r["app"] in self._apps
+            r["id"]: _KeyEntry(Identity(app=r["app"], key_id=r["id"]), bytes(r["hash"]), r["expires_at"])
+            for r in rows if r["app"] in self._apps
         }
 
     async def start(self, pool: asyncpg.Pool, listener: asyncpg.Connection) -> None:
@@ -108,7 +110,7 @@ class KeyRing:
             raise Unauthenticated("Invalid API key", hint="The key is unknown or was revoked.")
         if entry.expires_at is not None and entry.expires_at <= (now or datetime.now(UTC)):
             raise Unauthenticated("API key expired", hint="Ask for a new key: gatehouse keys create <app>.")
-        return Identity(app=entry.app, key_id=key_id)
+        return entry.identity
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

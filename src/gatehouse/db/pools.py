@@ -40,6 +40,12 @@ def application_name(app: str) -> str:
     return f"gatehouse/{app}"
 
 
+def _time_out(waiter: asyncio.Future[Connection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(PoolTimeout("Timed out acquiring connection from connection pool.",
+                                         hint="The application is using all the connections its quota allows."))
+
+
 class AppPool:
     """At most ``size`` connections, opened on demand (``min_size`` at start) and handed out newest-idle first."""
 
@@ -52,6 +58,7 @@ class AppPool:
         self._opened = 0  # connections that exist or are being opened
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: asyncio's lookup is a syscall
 
     @property
     def in_use(self) -> int:
@@ -92,8 +99,10 @@ class AppPool:
                 self._opened -= 1
             if self._opened < self.size:
                 return await self._open_one()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
             if deadline is None:  # one timeout for the whole wait, however often a freed slot is lost to a race
-                deadline = asyncio.get_running_loop().time() + self._acquire_timeout_s
+                deadline = self._loop.time() + self._acquire_timeout_s
             conn_or_retry = await self._wait(deadline)
             if conn_or_retry is not None:
                 return conn_or_retry
@@ -108,25 +117,28 @@ class AppPool:
             raise
 
     async def _wait(self, deadline: float) -> Connection | None:
-        """Wait for a returned connection (or ``None``: a slot came free, or the pool closed: look again)."""
-        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        """Wait for a returned connection (or ``None``: a slot came free, or the pool closed: look again).
+
+        The deadline is a timer that fails the waiter's future, not ``asyncio.timeout``: this runs for most
+        requests of a busy app, and the timer is a fraction of the cost."""
+        assert self._loop is not None
+        waiter: asyncio.Future[Connection | None] = self._loop.create_future()
         self._waiters.append(waiter)
+        timer = self._loop.call_at(deadline, _time_out, waiter)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():  # handed a connection just as we gave up: pass it on
-                handed = waiter.result()
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()  # handed over just as the caller was cancelled: pass it on
                 if handed is not None:
                     self.checkin(handed)
                 else:
                     self._wake_one(None)
             else:
                 waiter.cancel()
-            if isinstance(exc, TimeoutError):
-                raise PoolTimeout("Timed out acquiring connection from connection pool.",
-                                  hint="The application is using all the connections its quota allows.") from None
             raise
+        finally:
+            timer.cancel()
 
     def _wake_one(self, conn: Connection | None) -> bool:
         while self._waiters:

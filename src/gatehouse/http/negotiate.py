@@ -7,6 +7,7 @@ occurrence of each preference wins, and unknown ones are ignored unless ``handli
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,6 +46,7 @@ PREFERENCE_VALUES = {
 APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected")
 
 
+@functools.lru_cache(maxsize=256)  # clients send a handful of Accept headers, over and over
 def response_format(accept: str | None,
                     allowed: tuple[Format, ...] = ("json", "object", "csv", "json_stripped", "object_stripped"),
                     ) -> Format:

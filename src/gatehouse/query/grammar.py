@@ -447,8 +447,23 @@ def _names(value: str, what: str) -> tuple[str, ...]:
     return tuple(_Cursor(part.strip(), what).name() for part in _split_top(value))
 
 
+def query_pairs(query_string: str) -> list[tuple[str, str]]:
+    """The decoded ``(key, value)`` pairs of a query string, blank values kept (as ``parse_qsl`` gives them).
+
+    Most query strings hold nothing to decode (``id=eq.17``): those are split directly, at a fraction of
+    ``parse_qsl``'s cost."""
+    if "%" in query_string or "+" in query_string:
+        return parse_qsl(query_string, keep_blank_values=True)
+    pairs: list[tuple[str, str]] = []
+    for pair in query_string.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            pairs.append((name, value))
+    return pairs
+
+
 def parse_query(query_string: str) -> ReadQuery:
-    return parse_pairs(parse_qsl(query_string, keep_blank_values=True))
+    return parse_pairs(query_pairs(query_string))
 
 
 def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 
-from gatehouse.query.grammar import LEVEL_KEYS, RESERVED
+from gatehouse.query.grammar import LEVEL_KEYS, RESERVED, query_pairs
 from gatehouse.query.sql import CompiledQuery
 
 SLOT_OPERATORS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})
@@ -55,7 +54,7 @@ def shape_of(query_string: str) -> Shape | None:
     """The shape of a query string, or None when it cannot have one (a NUL anywhere in it)."""
     key: list[tuple[str, str]] = []
     values: list[str] = []
-    for name, value in parse_qsl(query_string, keep_blank_values=True):
+    for name, value in query_pairs(query_string):
         if "\x00" in value or "\x00" in name:
             return None
         operator, dot, rest = value.partition(".")
