@@ -112,3 +112,35 @@ async def test_an_app_built_before_its_runtime_starts_still_audits(shop: Project
         await runtime.stop()
     rows = await _audit(shop, "SELECT app, status FROM gatehouse.audit")
     assert rows == [{"app": "web", "status": 200}]
+
+
+async def test_each_kind_of_write_is_recorded_once_with_its_status_and_rows(make_project: ProjectFactory,
+                                                                            serve_project: object) -> None:
+    """Writes whose status is known in advance carry their record in their own statement (one round trip);
+    the others (an upsert, a check after the statement) insert it in their transaction. Either way: one
+    record per request, with the status the client got and the rows written."""
+    toml = TOML.replace('actions = ["read", "insert"]', 'actions = ["read", "insert", "update", "delete"]')
+    project = make_project(toml=toml, migrations={"V001__t.sql": MIGRATION},
+                           contracts={"things.v1.sql": "SELECT id, label FROM things"})
+    keys = await prepare(project)
+    client, runtime = await serve_project(project)  # type: ignore[operator]
+    key = {"apikey": keys["clerk"]}
+    steps = [  # (method, url, body, extra headers, expected status, expected rows in the record)
+        ("POST", "/things", [{"label": "a"}, {"label": "b"}, {"label": "c"}], {}, 201, 3),  # in the statement
+        ("PATCH", "/things?label=in.(a,b)", {"label": "ab"}, {}, 204, 2),
+        ("POST", "/things", {"id": 1, "label": "one"}, {"Prefer": "resolution=merge-duplicates"}, 200, 1),
+        ("POST", "/things", {"label": "d"},  # a check after the statement: in the transaction
+         {"Prefer": "return=representation", "Accept": "application/vnd.pgrst.object+json"}, 201, 1),
+        ("POST", "/things", {"label": "e"}, {"Prefer": "tx=rollback"}, 201, 1),  # recorded, not kept
+        ("POST", "/things", {"label": None}, {}, 400, None),  # NOT NULL: nothing kept but the failure's record
+        ("DELETE", "/things?label=eq.ab", None, {}, 204, 1),  # id 1 is "one" since the upsert
+    ]
+    for method, url, body, headers, status, _ in steps:
+        response = await client.request(method, url, json=body, headers={**key, **headers})
+        assert response.status_code == status, (method, url, response.text)
+    await runtime.audit.stop()
+    rows = await _audit(project, "SELECT method, status, \"rows\", duration_ms FROM gatehouse.audit ORDER BY at")
+    assert [(r["method"], r["status"], r["rows"]) for r in rows] == [(m, s, n) for m, _, _, _, s, n in steps]
+    assert all(r["duration_ms"] > 0 for r in rows)
+    things = await _audit(project, "SELECT label FROM things ORDER BY id")
+    assert [t["label"] for t in things] == ["one", "c", "d"]

@@ -29,14 +29,14 @@ from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
-from gatehouse.observe.audit import AuditUnavailable, audit_in_transaction
+from gatehouse.observe.audit import AuditUnavailable, audit_cte, audit_in_transaction
 from gatehouse.observe.redact import redact_query
 from gatehouse.project import App
 from gatehouse.query.grammar import parse_pairs, parse_query, query_pairs
 from gatehouse.query.plans import ReadPlan, Shape, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
-from gatehouse.query.writes import InsertOptions, WriteCompiler
+from gatehouse.query.writes import WRITTEN, InsertOptions, WriteCompiler
 from gatehouse.runtime import Runtime
 
 
@@ -223,6 +223,17 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
     reader = ReadCompiler(schema, readable, project.max_rows(app, contract.name), filters)
     writer = WriteCompiler(reader, contract.name)
     representation = prefs.get("return") == "representation"
+    rollback = prefs.get("tx") == "rollback"
+    max_affected = prefs.get("max-affected") if prefs.strict and method in ("PATCH", "DELETE") else None
+    # The record goes into the write's own statement when its status is known before it runs; the write then
+    # needs a transaction of its own only if a check after the statement may still refuse it.
+    known_status = _known_status(method, representation, prefs)
+    audited_in_statement = known_status is not None and not rollback
+    if known_status is not None and audited_in_statement:
+        record = labels.audit_record(known_status, keep_values=project.config.server.audit_query_values)
+        writer.also.append(audit_cte(record, reader.bind, WRITTEN))
+    checked_after = max_affected is not None or fmt in ("object", "object_stripped") or bool(filters.get(contract.name))
+    needs_transaction = not audited_in_statement or checked_after
     applied = {"return", "count", "tx"}
     if method == "POST":
         if not payload.rows:
@@ -248,14 +259,13 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
         compiled = writer.update(query, row, representation, key)
     else:
         compiled = writer.delete(query, representation, key)
-    max_affected = prefs.get("max-affected") if prefs.strict and method in ("PATCH", "DELETE") else None
     if max_affected is not None:
         applied |= {"handling", "max-affected"}
-    rollback = prefs.get("tx") == "rollback"
 
     async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
-        transaction = conn.transaction()
-        await transaction.start()
+        transaction = conn.transaction() if needs_transaction else None
+        if transaction is not None:
+            await transaction.start()
         try:
             row_out = await conn.fetchrow(compiled.sql, *compiled.params)
             assert row_out is not None
@@ -269,18 +279,22 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
             if fmt in ("object", "object_stripped") and written != 1:
                 raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
                                details=f"The result contains {written} rows")
-            status = _write_status(method, representation, prefs, written, existing)
+            status = known_status or _upsert_status(existing, written)
             labels.rows = written
-            if not rollback:  # no write without its record: both commit, or neither
+            if not audited_in_statement and not rollback:  # no write without its record: both commit, or neither
                 record = labels.audit_record(status, keep_values=project.config.server.audit_query_values)
                 await audit_in_transaction(conn, record)
         except asyncpg.PostgresError as exc:
-            await _rollback(transaction)
+            if transaction is not None:
+                await _rollback(transaction)
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
         except BaseException:
-            await _rollback(transaction)
+            if transaction is not None:
+                await _rollback(transaction)
             raise
-        if rollback:
+        if transaction is None:
+            labels.audited = True  # the statement committed, its record with it
+        elif rollback:
             await transaction.rollback()
         else:
             await transaction.commit()
@@ -301,15 +315,20 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
     return _written(response, prefs, applied)
 
 
-def _write_status(method: str, representation: bool, prefs: Preferences, written: int, existing: int | None) -> int:
-    """201 for inserts (200 when an upsert only updated), 204 without a body, 200 with one, as PostgREST."""
-    if method in ("POST", "PUT"):
-        if method == "PUT" and not representation:
-            return 204
-        updated_only = existing is not None and written and existing >= written
-        merging = method == "PUT" or prefs.get("resolution") == "merge-duplicates"
-        return 200 if updated_only and merging else 201
+def _known_status(method: str, representation: bool, prefs: Preferences) -> int | None:
+    """A successful write's status, as PostgREST answers it, when it does not depend on what the statement
+    finds: 201 for inserts, 204 without a body, 200 with one. None for an upsert that merges (PUT with a
+    body, POST with ``resolution=merge-duplicates``): see :func:`_upsert_status`."""
+    if method == "PUT":
+        return None if representation else 204
+    if method == "POST":
+        return None if prefs.get("resolution") == "merge-duplicates" else 201
     return 200 if representation else 204
+
+
+def _upsert_status(existing: int | None, written: int) -> int:
+    """A merging upsert answers 200 when it only updated rows that were there, else 201."""
+    return 200 if existing is not None and written and existing >= written else 201
 
 
 async def _rollback(transaction: Transaction) -> None:

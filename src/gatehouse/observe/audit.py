@@ -206,6 +206,25 @@ async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
     await conn.execute(_INSERT, *_row(record))
 
 
+_CTE_TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "integer", "text", "integer")
+"""SQL types of the columns ``at`` to ``status``, the values an audit CTE binds as they are."""
+
+
+def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) -> str:
+    """A CTE that inserts ``record`` as part of a write's own statement (``WITH ..., <this> SELECT ...``).
+
+    Its ``rows`` is the number of rows in the ``written`` CTE, and its duration the record's (time until the
+    statement was sent) plus the statement's own run time on the server's clock. A write that needs no
+    checks after its statement then commits with its record in one round trip, instead of four (BEGIN,
+    statement, audit insert, COMMIT); if the statement fails, neither is kept."""
+    row = _row(record)
+    values = [f"{bind(value)}::{sql_type}" for value, sql_type in zip(row, _CTE_TYPES, strict=False)]
+    run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
+    return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(values)}, "
+            f"(SELECT least(count(*), {_INT32})::integer FROM {written}), {bind(row[11])}::real + {run_ms}, "
+            f"{bind(row[12])}::boolean, {bind(row[13])}::boolean))")
+
+
 # --- the writer --------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ class WriteCompiler:
         self.scope = reader.root(contract)
         self.shape: ViewShape = self.scope.shape
         self.view = reader.view_sql(self.scope)
+        self.also: list[str] = []
+        """More CTEs for the statement, after the write's own: they may read ``_gh_written`` (the audit's
+        record does); bind their values with ``reader.bind``."""
 
     # -- checks ---------------------------------------------------------------------------------------
 
@@ -70,7 +73,8 @@ class WriteCompiler:
         else:
             location = "NULL"
         violations = self.reader.row_filter_violations(self.contract, WRITTEN)
-        return f" SELECT {body}, (SELECT count(*) FROM {WRITTEN}), {location}, {existing}, {violations}"
+        also = "".join(f", {cte}" for cte in self.also)
+        return f"{also} SELECT {body}, (SELECT count(*) FROM {WRITTEN}), {location}, {existing}, {violations}"
 
     def insert(self, query: ReadQuery, payload: Payload, options: InsertOptions,
                key: tuple[str, ...]) -> CompiledQuery:
