@@ -150,9 +150,12 @@ async def authenticate(headers: Mapping[str, str], keys: KeyRing, tokens: JwtVer
         raise MissingCredentials()
     app = by_key.app if by_key is not None else user.app  # type: ignore[union-attr]
     assert app is not None
-    if user is None and require_user(app):
-        raise MissingCredentials("This application requires a user token as well",
-                                 hint="Send the user's JWT as 'Authorization: Bearer <token>' with the apikey.")
+    if user is None:
+        if require_user(app):
+            raise MissingCredentials("This application requires a user token as well",
+                                     hint="Send the user's JWT as 'Authorization: Bearer <token>' with the apikey.")
+        assert by_key is not None
+        return by_key  # the key's own identity, made when the key ring was loaded
     return Identity(
         app=app,
         key_id=by_key.key_id if by_key is not None else "",
