@@ -58,6 +58,20 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield folder
 
 
+def test_serve_on_a_port_in_use_says_so(demo_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gatehouse("serve", "--port", str(port), "--admin-port", str(free_port()), cwd=demo_dir, env=env,
+                           check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 2
+    assert f"cannot listen on 127.0.0.1:{port} for the data port" in result.stderr and "--port" in result.stderr
+    same = gatehouse("serve", "--port", str(port), "--admin-port", str(port), cwd=demo_dir, env=env, check=False)
+    assert same.returncode == 1 and "the data and admin ports are both" in same.stderr
+
+
 def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
     assert (demo_dir / ".gatehouse" / "pgdata" / "PG_VERSION").exists()

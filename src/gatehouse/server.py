@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from granian.log import LogLevels
 from granian.server.embed import Server as EmbeddedServer
 
 from gatehouse.app import create_admin_app, create_app
+from gatehouse.errors import ProjectError
 from gatehouse.runtime import Runtime
 
 T = TypeVar("T")
@@ -44,9 +46,32 @@ def _http_server(app: object, host: str, port: int, log_level: str) -> EmbeddedS
                           log_dictconfig=_GRANIAN_LOGGING, log_access=False, websockets=False)
 
 
+def check_listenable(host: str, port: int, what: str, option: str) -> None:
+    """Refuse early, with what to do, when the address cannot be listened on (the HTTP server itself would
+    fail in its own thread, with a backtrace and nothing to act on)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ProjectError(f"the {what} address {host!r} does not resolve: {exc.strerror}",
+                           hint="Use an IP address or a name this machine resolves.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ProjectError(f"cannot listen on {host}:{port} for the {what} port: {exc.strerror}",
+                               hint=f"Stop what uses it, or choose another port with {option}.") from None
+
+
 async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int,
                 log_level: str = "info") -> None:
     """Run the data and admin ports in this event loop until SIGINT or SIGTERM."""
+    if port == admin_port:
+        raise ProjectError(f"the data and admin ports are both {port}",
+                           hint="Give the admin port another number with --admin-port.")
+    check_listenable(host, port, "data", "--port")
+    check_listenable(admin_host, admin_port, "admin", "--admin-port")
     await runtime.start()
     try:
         data = _http_server(create_app(runtime, manage_runtime=False), host, port, log_level)
