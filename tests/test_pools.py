@@ -172,6 +172,33 @@ async def test_waiter_times_out_with_pool_timeout_and_pool_stays_usable(harness:
     assert pool.in_use == 0
 
 
+async def test_each_waiter_times_out_at_its_own_deadline(harness: Harness) -> None:
+    """One timer serves all the waiters of a pool: each still fails at its own deadline, not at the first
+    waiter's nor a later one's, and a waiter served in time is left alone."""
+    pool = harness.pool(1, acquire_timeout_s=0.4)
+    started = time.monotonic()
+
+    async def wait_for_one() -> float:
+        try:
+            async with pool.acquire():
+                return -1.0  # served
+        except PoolTimeout:
+            return time.monotonic() - started
+
+    async with pool.acquire():
+        first = asyncio.create_task(wait_for_one())
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(wait_for_one())
+        assert 0.35 <= await first < 0.55  # its deadline, not the second's
+        assert not second.done()
+        assert 0.55 <= await second < 0.8
+        third = asyncio.create_task(wait_for_one())
+        await asyncio.sleep(0.1)
+    assert await third == -1.0  # got the connection when it came back
+    await asyncio.sleep(0.5)  # past the third's deadline: nothing left to fail
+    assert (pool.opened, pool.idle, pool.in_use) == (1, 1, 0)
+
+
 async def test_waiter_gets_the_connection_returned_before_its_timeout(harness: Harness) -> None:
     pool = harness.pool(1, acquire_timeout_s=2.0)
     release = asyncio.Event()

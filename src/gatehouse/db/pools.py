@@ -40,12 +40,6 @@ def application_name(app: str) -> str:
     return f"gatehouse/{app}"
 
 
-def _time_out(waiter: asyncio.Future[Connection | None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(PoolTimeout("Timed out acquiring connection from connection pool.",
-                                         hint="The application is using all the connections its quota allows."))
-
-
 class AppPool:
     """At most ``size`` connections, opened on demand (``min_size`` at start) and handed out newest-idle first."""
 
@@ -54,7 +48,10 @@ class AppPool:
         self.size = size
         self._acquire_timeout_s = acquire_timeout_s
         self._idle: list[Connection] = []
-        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._waiters: deque[tuple[float, asyncio.Future[Connection | None]]] = deque()
+        """Who waits for a connection, first come first served, each with its deadline."""
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
         self._opened = 0  # connections that exist or are being opened
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
@@ -119,12 +116,13 @@ class AppPool:
     async def _wait(self, deadline: float) -> Connection | None:
         """Wait for a returned connection (or ``None``: a slot came free, or the pool closed: look again).
 
-        The deadline is a timer that fails the waiter's future, not ``asyncio.timeout``: this runs for most
-        requests of a busy app, and the timer is a fraction of the cost."""
+        Deadlines are kept by one timer per pool (:meth:`_sweep`), not one per waiter: this runs for most
+        requests of a busy app, and a timer per wait was a measurable part of a request."""
         assert self._loop is not None
         waiter: asyncio.Future[Connection | None] = self._loop.create_future()
-        self._waiters.append(waiter)
-        timer = self._loop.call_at(deadline, _time_out, waiter)
+        self._waiters.append((deadline, waiter))
+        if self._sweeper is None or deadline < self._sweep_at:
+            self._schedule_sweep(deadline)
         try:
             return await waiter
         except BaseException:
@@ -137,12 +135,31 @@ class AppPool:
             else:
                 waiter.cancel()
             raise
-        finally:
-            timer.cancel()
+
+    def _schedule_sweep(self, when: float) -> None:
+        assert self._loop is not None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweeper, self._sweep_at = self._loop.call_at(when, self._sweep), when
+
+    def _sweep(self) -> None:
+        """Fail the waiters whose deadline has passed with :class:`PoolTimeout`; come back for the next one."""
+        assert self._loop is not None
+        self._sweeper = None
+        now = self._loop.time()
+        waiting = deque((deadline, waiter) for deadline, waiter in self._waiters if not waiter.done())
+        for deadline, waiter in waiting:
+            if deadline <= now:
+                waiter.set_exception(PoolTimeout("Timed out acquiring connection from connection pool.",
+                                                 hint="The application is using all the connections its quota "
+                                                      "allows."))
+        self._waiters = deque(item for item in waiting if not item[1].done())
+        if self._waiters:
+            self._schedule_sweep(min(deadline for deadline, _ in self._waiters))
 
     def _wake_one(self, conn: Connection | None) -> bool:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(conn)
                 return True
@@ -183,6 +200,9 @@ class AppPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._wake_one(None):  # each waiter looks again, finds the pool closed and answers 503
             pass
         idle, self._idle = self._idle, []
