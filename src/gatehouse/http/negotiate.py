@@ -91,6 +91,8 @@ class Preferences:
 
     def applied(self, names: set[str]) -> str | None:
         """``Preference-Applied``: the given preferences that were sent, in PostgREST's order."""
+        if not self.values:
+            return None
         shown = [f"{n}={self.values[n]}" for n in APPLIED_ORDER if n in names and n in self.values]
         return ", ".join(shown) or None
 

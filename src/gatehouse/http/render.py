@@ -19,7 +19,7 @@ from gatehouse.http.exchange import HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Format
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen dataclass costs twice as much to make
 class Page:
     body: str
     """A JSON array, as PostgreSQL's json_agg wrote it."""

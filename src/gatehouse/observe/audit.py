@@ -1,14 +1,15 @@
 """The audit trail: one record per request, allowed or denied.
 
 Reads are audited off the request path: :meth:`AuditWriter.submit` puts the record on a bounded in-memory
-queue and one background task writes the queue in batches with binary ``COPY``. When the audit store is
-down, records go to a bounded local *spool* (JSON lines) and are replayed, oldest first and in a single
-transaction, once it is back; when the spool is full too, ``submit`` raises :class:`AuditUnavailable` and
-the caller refuses the request. A write is audited by :func:`audit_in_transaction` inside the write's own
-transaction, so no write commits without its record.
+queue and one background task writes the queue in batches (one ``INSERT`` of a JSON array). When the audit
+store is down, records go to a bounded local *spool* (JSON lines) and are replayed, oldest first and in a
+single transaction, once it is back; when the spool is full too, ``submit`` raises :class:`AuditUnavailable`
+and the caller refuses the request. A write commits with its record or not at all: the record rides in the
+write's own statement (:func:`audit_cte`) when its status is known beforehand, else it is inserted in the
+write's transaction (:func:`audit_in_transaction`).
 
 The usage roll-up (``gatehouse.usage``: calls, errors and last call per app, target and API version) is kept
-by a statement-level trigger on ``gatehouse.audit``: every insert, a batch ``COPY`` or one write's record,
+by a statement-level trigger on ``gatehouse.audit``: every insert, a batch or one write's record,
 adds to it in the same transaction. Its function is ``SECURITY DEFINER``, so a role that may only INSERT
 into ``gatehouse.audit`` keeps the roll-up exact without any privilege on ``gatehouse.usage``.
 
@@ -167,7 +168,7 @@ def _storable(record: AuditRecord) -> bool:
 
 
 def _row(record: AuditRecord) -> tuple[Any, ...]:
-    """The record as a COPY/INSERT row, made storable whatever the caller put in it (no NUL, bounded).
+    """The record as a row to insert, made storable whatever the caller put in it (no NUL, bounded).
 
     Nearly every record is storable as it is (checked in one pass); only the others are rebuilt."""
     if _storable(record):
@@ -214,8 +215,9 @@ _CTE_TYPES = _TYPES[:10]
 _INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SELECT "
                  + ", ".join(f"(r->>{i})::{sql_type}" for i, sql_type in enumerate(_TYPES))
                  + " FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
-"""A batch of rows as one JSON array of arrays: encoding it with orjson costs a tenth of asyncpg's binary COPY
-encoding per row, and the write is on the event loop's thread, which serves the requests too."""
+"""A batch of rows as one JSON array of arrays. Measured per row: orjson's encoding costs the event loop's thread
+(which also serves the requests) about 1.6 µs, asyncpg's binary COPY about 3.5 µs; PostgreSQL's side is about the
+same either way (~10 µs, mostly the table's indexes)."""
 
 
 def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) -> str:

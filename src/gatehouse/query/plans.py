@@ -29,7 +29,7 @@ def _marker(index: int) -> str:
     return f"\x00gatehouse-value-{index}\x00"  # a client's value never holds NUL: PostgreSQL refuses it in text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen dataclass costs twice as much to make
 class Shape:
     key: tuple[tuple[str, str], ...]
     """Each parameter as ``(name, value)``, or ``(name, "\\x00op")`` for a value taken out (a NUL starts no
