@@ -111,7 +111,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         raise AuditUnavailable()  # 503: no read goes unrecorded
     version = choose_version(project, app, headers.get("accept-profile"), path_version)  # 406
     contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
-    labels.contract, labels.version = contract.name, f"v{version}"
+    labels.contract, labels.api_version = contract.name, version
     fmt = response_format(headers.get("accept"))  # 406
     prefs = parse_prefer(headers.get("prefer"))
     count_mode = prefs.get("count")
@@ -202,7 +202,7 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
     contract = granted_contract(project, app, version, contract_name, WRITE_ACTIONS[method][0])  # 404 / 403
     for action in WRITE_ACTIONS[method][1:]:
         granted_contract(project, app, version, contract_name, action)
-    labels.contract, labels.version = contract.name, f"v{version}"
+    labels.contract, labels.api_version = contract.name, version
     fmt = response_format(request.headers.get("accept"))  # 406
     prefs = parse_prefer(request.headers.get("prefer"))  # 400 with handling=strict
     query = parse_query(request.query_string)  # 400

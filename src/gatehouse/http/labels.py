@@ -28,14 +28,15 @@ class RequestLabels:
     subject: str | None = None
     contract: str = ""
     """The contract, or ``rpc:<name>``."""
-    version: str = ""
+    api_version: int | None = None
     rows: int | None = None
     audited: bool = False
     """Set once a write's record committed with the write itself, so the middleware does not record it twice."""
 
     @property
-    def api_version(self) -> int | None:
-        return int(self.version[1:]) if self.version.startswith("v") else None
+    def version(self) -> str:
+        """``v2``, or empty before the request got as far as a version."""
+        return "" if self.api_version is None else f"v{self.api_version}"
 
     def audit_record(self, status: int, *, keep_values: bool = False) -> AuditRecord:
         elapsed = (time.time() - self.started) * 1000

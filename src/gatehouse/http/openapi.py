@@ -293,7 +293,7 @@ async def openapi_endpoint(request: HttpRequest, runtime: Runtime) -> HttpRespon
     project = runtime.project
     _, app = await identify(request, runtime)  # 401
     version = choose_version(project, app, request.headers.get("accept-profile"), None)  # 406
-    request.labels.version = f"v{version}"
+    request.labels.api_version = version
     response_format(request.headers.get("accept"), allowed=("openapi", "json"))  # 406 for e.g. text/csv
     server_url = request.base_url.rstrip("/")
     document = build_openapi(project, app, version, runtime.catalog, server_url)
