@@ -228,10 +228,11 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
     # The record goes into the write's own statement when its status is known before it runs; the write then
     # needs a transaction of its own only if a check after the statement may still refuse it.
     known_status = _known_status(method, representation, prefs)
-    audited_in_statement = known_status is not None and not rollback
-    if known_status is not None and audited_in_statement:
+    audited_in_statement = False
+    if known_status is not None and not rollback:
         record = labels.audit_record(known_status, keep_values=project.config.server.audit_query_values)
         writer.also.append(audit_cte(record, reader.bind, WRITTEN))
+        audited_in_statement = True
     checked_after = max_affected is not None or fmt in ("object", "object_stripped") or bool(filters.get(contract.name))
     needs_transaction = not audited_in_statement or checked_after
     applied = {"return", "count", "tx"}
