@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 from importlib import resources
 from pathlib import Path
 
@@ -34,13 +33,13 @@ def bundled_example() -> Path:
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    from gatehouse.server import bind_probe  # the same test `gatehouse serve` makes before it starts
+
     for candidate in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, candidate))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
+        try:
+            return bind_probe(host, candidate)
+        except OSError:
+            continue
     raise ProjectError("no free TCP port on this machine")
 
 

@@ -46,22 +46,28 @@ def _http_server(app: object, host: str, port: int, log_level: str) -> EmbeddedS
                           log_dictconfig=_GRANIAN_LOGGING, log_access=False, websockets=False)
 
 
+def bind_probe(host: str, port: int) -> int:
+    """Bind a socket to the address the way the HTTP server will (``SO_REUSEADDR``: a port in TIME_WAIT is
+    free) and close it; the port bound (useful with port 0). Raises ``OSError`` when it cannot."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        return int(probe.getsockname()[1])
+
+
 def check_listenable(host: str, port: int, what: str, option: str) -> None:
     """Refuse early, with what to do, when the address cannot be listened on (the HTTP server itself would
     fail in its own thread, with a backtrace and nothing to act on)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        bind_probe(host, port)
     except socket.gaierror as exc:
         raise ProjectError(f"the {what} address {host!r} does not resolve: {exc.strerror}",
                            hint="Use an IP address or a name this machine resolves.") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ProjectError(f"cannot listen on {host}:{port} for the {what} port: {exc.strerror}",
-                               hint=f"Stop what uses it, or choose another port with {option}.") from None
+    except OSError as exc:
+        raise ProjectError(f"cannot listen on {host}:{port} for the {what} port: {exc.strerror}",
+                           hint=f"Stop what uses it, or choose another port with {option}.") from None
 
 
 async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int,

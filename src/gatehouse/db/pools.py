@@ -51,7 +51,6 @@ class AppPool:
         self._waiters: deque[tuple[float, asyncio.Future[Connection | None]]] = deque()
         """Who waits for a connection, first come first served, each with its deadline."""
         self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_at = 0.0
         self._opened = 0  # connections that exist or are being opened
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
@@ -121,7 +120,7 @@ class AppPool:
         assert self._loop is not None
         waiter: asyncio.Future[Connection | None] = self._loop.create_future()
         self._waiters.append((deadline, waiter))
-        if self._sweeper is None or deadline < self._sweep_at:
+        if self._sweeper is None or deadline < self._sweeper.when():
             self._schedule_sweep(deadline)
         try:
             return await waiter
@@ -140,22 +139,26 @@ class AppPool:
         assert self._loop is not None
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._sweeper, self._sweep_at = self._loop.call_at(when, self._sweep), when
+        self._sweeper = self._loop.call_at(when, self._sweep)
 
     def _sweep(self) -> None:
         """Fail the waiters whose deadline has passed with :class:`PoolTimeout`; come back for the next one."""
         assert self._loop is not None
         self._sweeper = None
         now = self._loop.time()
-        waiting = deque((deadline, waiter) for deadline, waiter in self._waiters if not waiter.done())
-        for deadline, waiter in waiting:
+        pending: deque[tuple[float, asyncio.Future[Connection | None]]] = deque()
+        for deadline, waiter in self._waiters:
+            if waiter.done():  # served or cancelled already
+                continue
             if deadline <= now:
                 waiter.set_exception(PoolTimeout("Timed out acquiring connection from connection pool.",
                                                  hint="The application is using all the connections its quota "
                                                       "allows."))
-        self._waiters = deque(item for item in waiting if not item[1].done())
-        if self._waiters:
-            self._schedule_sweep(min(deadline for deadline, _ in self._waiters))
+            else:
+                pending.append((deadline, waiter))
+        self._waiters = pending
+        if pending:
+            self._schedule_sweep(min(deadline for deadline, _ in pending))
 
     def _wake_one(self, conn: Connection | None) -> bool:
         while self._waiters:
