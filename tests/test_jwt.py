@@ -292,9 +292,11 @@ async def test_malformed(make_verifier: MakeVerifier, token: str, message: str) 
 
 async def test_unknown_kid_refetches_once_then_throttles(jwks: JwksServer, make_verifier: MakeVerifier,
                                                          rsa_keys: list[rsa.RSAPrivateKey]) -> None:
-    verifier = await make_verifier(jwks_min_refresh_s=0.3)
+    # the window (from the start of a fetch) must outlast the 0.2 s fetch below and the checks after it, with
+    # room for a loaded machine: 0.3 s once left too little (the refetch check failed in CI)
+    verifier = await make_verifier(jwks_min_refresh_s=1.0)
     assert jwks.requests == 1  # prefetched at start
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     jwks.delay_s = 0.2  # so the concurrent requests below overlap the one fetch in flight
     tokens = [sign(rsa_keys[0], f"ghost-{i}") for i in range(20)]
     results = await asyncio.gather(*(verifier.verify(t) for t in tokens), return_exceptions=True)
