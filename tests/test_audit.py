@@ -127,6 +127,45 @@ async def test_records_are_stored_exactly_or_made_storable(audited: Audited) -> 
     assert "\x00" not in trimmed["query"] and trimmed["rows"] == 2**31 - 1 and trimmed["duration_ms"] == 0.0
 
 
+async def test_a_batch_with_hostile_records_stores_every_record(audited: Audited) -> None:
+    """The writer checks a batch as a whole: long texts are cut by the insert itself, and a NUL, a number out of
+    range or a NaN makes it send the batch again with each record made storable; no record is lost or doubled,
+    and the normal ones are stored exactly."""
+    hostile = [
+        AuditRecord(at=datetime(2026, 1, 2, 3, 4, 5), request_id="req-nul", app="web", key_id="k1", subject="a\x00b",
+                    method="GET", target="things", api_version=1, query="q", status=200, rows=1, duration_ms=1.0),
+        AuditRecord(at=datetime.now(UTC), request_id="req-range", app="web", key_id="k1", subject=None, method="GET",
+                    target="things", api_version=1, query="q", status=200, rows=2**40, duration_ms=float("nan")),
+        AuditRecord(at=datetime.now(UTC), request_id="req-huge", app="web", key_id="k1", subject=None, method="GET",
+                    target="things", api_version=1, query="q", status=200, rows=2**70, duration_ms=1e300),
+        AuditRecord(at=datetime.now(UTC), request_id="req-long", app="web", key_id="k1", subject="s" * 900,
+                    method="GET", target="things", api_version=1, query="x" * 20_000, status=200, rows=1,
+                    duration_ms=1.0),
+    ]
+    for bad in hostile:
+        writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl", batch_size=10, flush_interval_s=0.01)
+        writer.start()
+        normal = [record(n, subject="alice") for n in range(3)]
+        for r in (normal[0], bad, *normal[1:]):
+            writer.submit(r)
+        await writer.stop()
+        assert writer.pending().total == 0
+        conn = await audited.owner()
+        try:
+            stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
+            await conn.execute("TRUNCATE gatehouse.audit")
+        finally:
+            await conn.close()
+        assert sorted(stored) == sorted([bad.request_id, "req-0", "req-1", "req-2"])
+        for r in normal:
+            kept = stored[r.request_id]
+            assert (kept["at"], kept["subject"], kept["query"], kept["rows"]) == (r.at, "alice", "id=eq.***", 1)
+        trimmed = stored[bad.request_id]
+        assert trimmed["subject"] in (None, "ab", "s" * 500) and len(trimmed["query"]) <= MAX_QUERY_CHARS
+        assert -2**31 < trimmed["rows"] < 2**31 and trimmed["duration_ms"] in (0.0, 1.0)
+    assert stored["req-long"]["at"].tzinfo is not None
+
+
 async def test_a_burst_of_mixed_traffic_gives_exactly_one_record_per_request(audited: Audited) -> None:
     writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl")
     writer.start()

@@ -112,6 +112,8 @@ COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "target", "
 _QUOTED = ", ".join('"' + c + '"' for c in COLUMNS)
 _INSERT = f"INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
 _INT32 = 2**31 - 1
+_REAL_MAX = 1e38
+"""Below the largest ``real`` (about 3.4e38)."""
 _TEXT_LIMITS = {"request_id": 200, "app": 200, "key_id": 200, "subject": 500, "method": 16, "target": 300,
                 "query": MAX_QUERY_CHARS}
 CONNECT_TIMEOUT_S = 10.0
@@ -154,7 +156,7 @@ _TEXT_FIELDS = tuple((COLUMNS.index(name), limit) for name, limit in _TEXT_LIMIT
 
 def _storable(record: AuditRecord) -> bool:
     """Whether the record can go to the table as it is: aware time, no NUL, texts and integers in bounds."""
-    if record.at.tzinfo is None or not math.isfinite(record.duration_ms):
+    if record.at.tzinfo is None or not (math.isfinite(record.duration_ms) and abs(record.duration_ms) < _REAL_MAX):
         return False
     value: Any
     for index, limit in _TEXT_FIELDS:
@@ -167,10 +169,11 @@ def _storable(record: AuditRecord) -> bool:
     return True
 
 
-def _row(record: AuditRecord) -> tuple[Any, ...]:
+def _row(record: AuditRecord) -> AuditRecord:
     """The record as a row to insert, made storable whatever the caller put in it (no NUL, bounded).
 
-    Nearly every record is storable as it is (checked in one pass); only the others are rebuilt."""
+    Nearly every record is storable as it is (checked in one pass); only the others are rebuilt. The batches of
+    :class:`AuditWriter` skip this check (see :func:`_batch_json`)."""
     if _storable(record):
         return record
 
@@ -182,20 +185,23 @@ def _row(record: AuditRecord) -> tuple[Any, ...]:
 
     at = record.at if record.at.tzinfo is not None else record.at.replace(tzinfo=UTC)
     duration = float(record.duration_ms)
-    return (at, text("request_id", record.request_id) or "", text("app", record.app) or "",
-            text("key_id", record.key_id) or "", text("subject", record.subject), text("method", record.method) or "",
-            text("target", record.target) or "", integer(record.api_version), text("query", record.query) or "",
-            integer(record.status) or 0, integer(record.rows), duration if math.isfinite(duration) else 0.0,
-            bool(record.cached), bool(record.replica))
+    return AuditRecord(
+        at, text("request_id", record.request_id) or "", text("app", record.app) or "",
+        text("key_id", record.key_id) or "", text("subject", record.subject), text("method", record.method) or "",
+        text("target", record.target) or "", integer(record.api_version), text("query", record.query) or "",
+        integer(record.status) or 0, integer(record.rows),
+        duration if math.isfinite(duration) and abs(duration) < _REAL_MAX else 0.0,
+        bool(record.cached), bool(record.replica))
 
 
-def _to_line(row: tuple[Any, ...]) -> bytes:
-    return orjson.dumps(dict(zip(COLUMNS, row, strict=True))) + b"\n"
+def _to_line(record: AuditRecord) -> bytes:
+    """One spool line: the record made storable first, so that a replay never stalls on it."""
+    return orjson.dumps(dict(zip(COLUMNS, _row(record), strict=True))) + b"\n"
 
 
-def _from_line(line: bytes) -> tuple[Any, ...]:
+def _from_line(line: bytes) -> AuditRecord:
     data = orjson.loads(line)
-    return (datetime.fromisoformat(data["at"]), *(data[c] for c in COLUMNS[1:]))
+    return AuditRecord(datetime.fromisoformat(data["at"]), *(data[c] for c in COLUMNS[1:]))
 
 
 async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
@@ -212,12 +218,40 @@ _TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "intege
 """The SQL type of each of :data:`COLUMNS`."""
 _CTE_TYPES = _TYPES[:10]
 """The columns ``at`` to ``status``: the values an audit CTE binds as they are."""
+
+
+def _batch_value(index: int, name: str, sql_type: str) -> str:
+    value = f"r->>{index}"
+    if name in _TEXT_LIMITS:
+        value = f"left({value}, {_TEXT_LIMITS[name]})"
+    return f"({value})::{sql_type}"
+
+
 _INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SELECT "
-                 + ", ".join(f"(r->>{i})::{sql_type}" for i, sql_type in enumerate(_TYPES))
+                 + ", ".join(_batch_value(i, name, t) for i, (name, t) in enumerate(zip(COLUMNS, _TYPES, strict=True)))
                  + " FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
-"""A batch of rows as one JSON array of arrays. Measured per row: orjson's encoding costs the event loop's thread
-(which also serves the requests) about 1.6 µs, asyncpg's binary COPY about 3.5 µs; PostgreSQL's side is about the
-same either way (~10 µs, mostly the table's indexes)."""
+"""A batch of rows as one JSON array of arrays (:func:`_batch_json`); texts are cut to their limits here. Measured
+per row: orjson's encoding costs the event loop's thread (which also serves the requests) about 1.6 µs, asyncpg's
+binary COPY about 3.5 µs; PostgreSQL's side is about the same either way (~10 µs, mostly the table's indexes)."""
+_REFUSED_VALUE = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+"""What PostgreSQL answers a batch holding a number out of range or a NaN duration (NULL in JSON)."""
+
+
+def _batch_json(batch: list[AuditRecord]) -> str:
+    """The batch as one JSON array for :data:`_INSERT_BATCH`, records as the request path made them.
+
+    Checking each record on the request path (:func:`_row`) cost the event loop's thread more than the rest of
+    its audit, so the batch is checked as a whole instead: PostgreSQL cuts the texts to their limits, a NUL (which
+    its text type cannot hold) is found in the encoded batch, and a number it refuses fails the statement, which
+    :meth:`AuditWriter._step` then sends again with every record made storable. Naive times are taken as UTC,
+    as :func:`_row` does."""
+    try:
+        data = orjson.dumps(batch, default=tuple, option=orjson.OPT_NAIVE_UTC)  # default: AuditRecord is a tuple
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        data = b"\\u0000"
+    if b"\\u0000" in data:
+        data = orjson.dumps([_row(record) for record in batch], default=tuple)
+    return data.decode()
 
 
 def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) -> str:
@@ -257,12 +291,12 @@ class _InDoubt:
     """A batch whose COMMIT got no answer: settled by ``pg_xact_status`` after reconnecting."""
 
     xid: str
-    records: list[tuple[Any, ...]]
+    records: list[AuditRecord]
     spool_bytes: int = 0
     spool_lines: int = 0
 
 
-async def _one(batch: list[tuple[Any, ...]]) -> AsyncIterator[list[tuple[Any, ...]]]:
+async def _one(batch: list[AuditRecord]) -> AsyncIterator[list[AuditRecord]]:
     yield batch
 
 
@@ -275,7 +309,7 @@ class AuditWriter:
         self._max_queue, self._batch_size = max_queue, batch_size
         self._flush_interval_s, self._max_backoff_s = flush_interval_s, max_backoff_s
         self._max_spool_bytes = max_spool_bytes
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[AuditRecord] = deque()
         self._spool: BinaryIO | None = None  # the append handle, opened on first use
         self._spool_bytes = self._spool_lines = 0
         self._in_doubt: _InDoubt | None = None
@@ -333,20 +367,19 @@ class AuditWriter:
 
     def submit(self, record: AuditRecord) -> None:
         """Take a record without waiting. Raises :class:`AuditUnavailable` only when queue and spool are full."""
-        row = _row(record)
         if self._task is not None and len(self._queue) < self._max_queue:
-            self._queue.append(row)
+            self._queue.append(record)  # checked with its batch (_batch_json), not here
             if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
                 self._wake.set()
             return
-        if not self._append_spool([row], unbounded=False):
+        if not self._append_spool([record], unbounded=False):
             raise AuditUnavailable()
         self._wake.set()
 
     # -- spool --
 
-    def _append_spool(self, rows: list[tuple[Any, ...]], *, unbounded: bool) -> bool:
-        data = b"".join(_to_line(row) for row in rows)
+    def _append_spool(self, records: list[AuditRecord], *, unbounded: bool) -> bool:
+        data = b"".join(_to_line(record) for record in records)
         if not unbounded and self._spool_bytes + len(data) > self._max_spool_bytes:
             return False
         try:
@@ -359,7 +392,7 @@ class AuditWriter:
             log.error("audit: cannot write the spool %s: %s", self._spool_path, exc)
             return False
         self._spool_bytes += len(data)
-        self._spool_lines += len(rows)
+        self._spool_lines += len(records)
         return True
 
     def _spill(self, *, unbounded: bool) -> None:
@@ -384,10 +417,10 @@ class AuditWriter:
         os.replace(temporary, self._spool_path)
         self._spool_bytes, self._spool_lines = len(tail), max(0, self._spool_lines - lines)
 
-    async def _spooled(self, upto: int) -> AsyncGenerator[list[tuple[Any, ...]], None]:
+    async def _spooled(self, upto: int) -> AsyncGenerator[list[AuditRecord], None]:
         """The spool's records up to byte ``upto``, in batches (memory stays flat)."""
         offset = 0
-        batch: list[tuple[Any, ...]] = []
+        batch: list[AuditRecord] = []
         with self._spool_path.open("rb") as spool:
             for line in spool:
                 offset += len(line)
@@ -466,19 +499,23 @@ class AuditWriter:
             self._forget_spooled(upto, lines)
         elif self._queue:
             batch = list(itertools.islice(self._queue, self._batch_size))
-            await self._write(conn, _one(batch), _InDoubt("", batch))
+            try:
+                await self._write(conn, _one(batch), _InDoubt("", batch))
+            except _REFUSED_VALUE:  # a record PostgreSQL cannot take: the batch again, each record made storable
+                log.warning("audit: a batch held a value the store refused; storing its records trimmed to fit")
+                storable = [_row(record) for record in batch]
+                await self._write(conn, _one(storable), _InDoubt("", batch))
             for _ in batch:
                 self._queue.popleft()
 
-    async def _write(self, conn: asyncpg.Connection, batches: AsyncIterator[list[tuple[Any, ...]]],
+    async def _write(self, conn: asyncpg.Connection, batches: AsyncIterator[list[AuditRecord]],
                      doubt: _InDoubt) -> None:
         """One transaction: insert the batches (the trigger adds them to the roll-up), then COMMIT."""
         transaction = conn.transaction()
         await transaction.start()
         try:
             async for batch in batches:
-                rows = orjson.dumps(batch, default=tuple).decode()  # default: an AuditRecord is a tuple
-                doubt.xid = await conn.fetchval(_INSERT_BATCH, rows, timeout=BATCH_TIMEOUT_S)
+                doubt.xid = await conn.fetchval(_INSERT_BATCH, _batch_json(batch), timeout=BATCH_TIMEOUT_S)
             if not doubt.xid:  # nothing to insert (damaged spool lines only)
                 doubt.xid = await conn.fetchval("SELECT pg_current_xact_id()::text")
         except BaseException:
