@@ -127,43 +127,48 @@ async def test_records_are_stored_exactly_or_made_storable(audited: Audited) -> 
     assert "\x00" not in trimmed["query"] and trimmed["rows"] == 2**31 - 1 and trimmed["duration_ms"] == 0.0
 
 
-async def test_a_batch_with_hostile_records_stores_every_record(audited: Audited) -> None:
-    """The writer checks a batch as a whole: long texts are cut by the insert itself, and a NUL, a number out of
-    range or a NaN makes it send the batch again with each record made storable; no record is lost or doubled,
-    and the normal ones are stored exactly."""
-    hostile = [
-        AuditRecord(at=datetime(2026, 1, 2, 3, 4, 5), request_id="req-nul", app="web", key_id="k1", subject="a\x00b",
-                    method="GET", target="things", api_version=1, query="q", status=200, rows=1, duration_ms=1.0),
-        AuditRecord(at=datetime.now(UTC), request_id="req-range", app="web", key_id="k1", subject=None, method="GET",
-                    target="things", api_version=1, query="q", status=200, rows=2**40, duration_ms=float("nan")),
-        AuditRecord(at=datetime.now(UTC), request_id="req-huge", app="web", key_id="k1", subject=None, method="GET",
-                    target="things", api_version=1, query="q", status=200, rows=2**70, duration_ms=1e300),
-        AuditRecord(at=datetime.now(UTC), request_id="req-long", app="web", key_id="k1", subject="s" * 900,
-                    method="GET", target="things", api_version=1, query="x" * 20_000, status=200, rows=1,
-                    duration_ms=1.0),
-    ]
-    for bad in hostile:
-        writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl", batch_size=10, flush_interval_s=0.01)
-        writer.start()
-        normal = [record(n, subject="alice") for n in range(3)]
-        for r in (normal[0], bad, *normal[1:]):
-            writer.submit(r)
-        await writer.stop()
-        assert writer.pending().total == 0
-        conn = await audited.owner()
-        try:
-            stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
-            await conn.execute("TRUNCATE gatehouse.audit")
-        finally:
-            await conn.close()
-        assert sorted(stored) == sorted([bad.request_id, "req-0", "req-1", "req-2"])
-        for r in normal:
-            kept = stored[r.request_id]
-            assert (kept["at"], kept["subject"], kept["query"], kept["rows"]) == (r.at, "alice", "id=eq.***", 1)
-        trimmed = stored[bad.request_id]
-        assert trimmed["subject"] in (None, "ab", "s" * 500) and len(trimmed["query"]) <= MAX_QUERY_CHARS
-        assert -2**31 < trimmed["rows"] < 2**31 and trimmed["duration_ms"] in (0.0, 1.0)
-    assert stored["req-long"]["at"].tzinfo is not None
+def hostile(request_id: str, *, at: datetime | None = None, subject: str | None = None, query: str = "q",
+            rows: int = 1, duration_ms: float = 1.0) -> AuditRecord:
+    return AuditRecord(at=at or datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), request_id=request_id, app="web",
+                       key_id="k1", subject=subject, method="GET", target="things", api_version=1, query=query,
+                       status=200, rows=rows, duration_ms=duration_ms)
+
+
+@pytest.mark.parametrize(("bad", "expected"), [
+    # (subject, length of query, rows, duration_ms) as stored
+    (hostile("req-nul", subject="a\x00b", query="id=eq.\x00"), ("ab", 6, 1, 1.0)),
+    (hostile("req-range", rows=2**40, duration_ms=float("nan")), (None, 1, 2**31 - 1, 0.0)),
+    (hostile("req-huge", rows=2**70, duration_ms=1e300), (None, 1, 2**31 - 1, 0.0)),
+    (hostile("req-long", subject="s" * 900, query="x" * 20_000), ("s" * 500, MAX_QUERY_CHARS, 1, 1.0)),
+    (hostile("req-naive", at=datetime(2026, 1, 2, 3, 4, 5)), (None, 1, 1, 1.0)),
+], ids=lambda value: value.request_id if isinstance(value, AuditRecord) else "")
+async def test_a_batch_with_a_hostile_record_stores_every_record(audited: Audited, bad: AuditRecord,
+                                                                 expected: tuple[object, ...]) -> None:
+    """The writer checks a batch as a whole: long texts are cut by the insert itself, naive times are UTC, and
+    a NUL, a number out of range or a NaN makes it send the batch again with each record made storable. No
+    record is lost or doubled, and the normal ones around it are stored exactly."""
+    async def connect() -> asyncpg.Connection:  # a session time zone far from UTC: naive times must not follow it
+        return await asyncpg.connect(audited.target.owner_dsn, server_settings={"timezone": "Pacific/Auckland"})
+
+    writer = AuditWriter(connect, audited.tmp / "spool.jsonl", batch_size=10, flush_interval_s=0.01)
+    writer.start()
+    normal = [record(n, subject="alice") for n in range(3)]
+    for r in (normal[0], bad, *normal[1:]):
+        writer.submit(r)
+    await writer.stop()
+    assert writer.pending().total == 0
+    conn = await audited.owner()
+    try:
+        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
+    finally:
+        await conn.close()
+    assert sorted(stored) == sorted([bad.request_id, "req-0", "req-1", "req-2"])
+    for r in normal:
+        kept = stored[r.request_id]
+        assert (kept["at"], kept["subject"], kept["query"], kept["rows"]) == (r.at, "alice", "id=eq.***", 1)
+    trimmed = stored[bad.request_id]
+    assert (trimmed["subject"], len(trimmed["query"]), trimmed["rows"], trimmed["duration_ms"]) == expected
+    assert trimmed["at"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 async def test_a_burst_of_mixed_traffic_gives_exactly_one_record_per_request(audited: Audited) -> None:
