@@ -232,7 +232,8 @@ _INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SE
                  + " FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
 """A batch of rows as one JSON array of arrays (:func:`_batch_json`); texts are cut to their limits here. Measured
 per row: orjson's encoding costs the event loop's thread (which also serves the requests) about 1.6 µs, asyncpg's
-binary COPY about 3.5 µs; PostgreSQL's side is about the same either way (~10 µs, mostly the table's indexes)."""
+binary COPY about 3.5 µs; PostgreSQL's side is about the same either way (10-20 µs by the machine, about half
+of it the table's four indexes)."""
 _REFUSED_VALUE = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 """What PostgreSQL answers a batch holding a number out of range or a NaN duration (NULL in JSON)."""
 
@@ -247,9 +248,10 @@ def _batch_json(batch: list[AuditRecord]) -> str:
     as :func:`_row` does."""
     try:
         data = orjson.dumps(batch, default=tuple, option=orjson.OPT_NAIVE_UTC)  # default: AuditRecord is a tuple
+        storable = b"\\u0000" not in data  # a NUL, which PostgreSQL's text cannot hold
     except orjson.JSONEncodeError:  # an integer beyond 64 bits
-        data = b"\\u0000"
-    if b"\\u0000" in data:
+        storable = False
+    if not storable:
         data = orjson.dumps([_row(record) for record in batch], default=tuple)
     return data.decode()
 
