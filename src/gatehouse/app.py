@@ -1,5 +1,6 @@
-"""``create_app(runtime)`` → the data port; ``create_admin_app(runtime)`` → the admin port. Both are ASGI
-and RSGI apps (``gatehouse serve`` runs them on granian, tests call them through httpx's ASGI transport).
+"""``create_app(runtime)`` → the data port; ``create_admin_app(runtime)`` → the admin port. Each has a
+``handle(HttpRequest) -> HttpResponse`` that ``gatehouse serve`` serves over HTTP/1.1 (``http/h1.py``), and
+speaks ASGI too (tests call them through httpx's ASGI transport).
 
 The data port serves contracts; the admin port (keep it off the public network) serves ``/live``,
 ``/ready`` and ``/metrics``. Both share one :class:`Runtime`, opened by the data app's lifespan.
@@ -8,17 +9,16 @@ The data port serves contracts; the admin port (keep it off the public network) 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import orjson
 
 from gatehouse import pipeline
 from gatehouse.errors import InvalidPath, MethodNotAllowed
+from gatehouse.http.asgi import Receive, Scope, Send, serve_asgi
 from gatehouse.http.docs import STATIC_PATH, docs_endpoint, static_file
 from gatehouse.http.exchange import HttpRequest, HttpResponse, json_response
 from gatehouse.http.middleware import RequestGuard
 from gatehouse.http.openapi import openapi_endpoint
-from gatehouse.http.servers import Receive, RsgiScope, Scope, Send, serve_asgi, serve_rsgi
 from gatehouse.logic.endpoint import call_rpc
 from gatehouse.runtime import Runtime
 
@@ -28,7 +28,7 @@ RPC_PATH = re.compile(r"^/rpc/([^/]+)$")
 
 
 class DataApp:
-    """The data port: routes a request to its endpoint, inside :class:`RequestGuard`. Speaks ASGI and RSGI."""
+    """The data port: routes a request to its endpoint, inside :class:`RequestGuard` (``handle``)."""
 
     def __init__(self, runtime: Runtime, *, manage_runtime: bool = True) -> None:
         self.runtime = runtime
@@ -71,10 +71,6 @@ class DataApp:
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
-    async def __rsgi__(self, scope: RsgiScope, protocol: Any) -> None:
-        """RSGI (granian)."""
-        await serve_rsgi(self.handle, scope, protocol)
-
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -102,6 +98,7 @@ class AdminApp:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.handle = self.route
 
     async def route(self, request: HttpRequest) -> HttpResponse:
         if request.path not in ("/live", "/ready", "/metrics"):
@@ -127,9 +124,6 @@ class AdminApp:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
 
-    async def __rsgi__(self, scope: RsgiScope, protocol: Any) -> None:
-        """RSGI (granian)."""
-        await serve_rsgi(self.route, scope, protocol)
 
 
 def create_admin_app(runtime: Runtime) -> AdminApp:

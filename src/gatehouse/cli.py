@@ -363,8 +363,7 @@ def serve(
     configure_logging(log_level)
     run(serve_forever(Runtime(project), host=host or server.host, port=server.port if port is None else port,
                       admin_host=server.admin_host,
-                      admin_port=server.admin_port if admin_port is None else admin_port,
-                      log_level=log_level))
+                      admin_port=server.admin_port if admin_port is None else admin_port))
 
 
 @app.command()

@@ -53,7 +53,7 @@ class ServerConfig(Strict):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=3001, ge=0, le=65535)
     max_rows: int = Field(default=1000, ge=1, le=1_000_000)
-    max_query_length: int = Field(default=8192, ge=256, le=1_000_000)
+    max_query_length: int = Field(default=8192, ge=256, le=1_000_000, description="URL path and query (414 beyond)")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
     max_body_rows: int = Field(default=1000, ge=1, le=1_000_000)
     max_json_depth: int = Field(default=32, ge=2, le=512)
@@ -62,6 +62,15 @@ class ServerConfig(Strict):
     pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
     auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,
                                           description="failed authentications per client address per minute")
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000, description="open connections per port")
+    max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576,
+                                  description="request line and headers of one request (431 beyond)")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
+                                    description="from a request's first byte to the end of its headers (408)")
+    keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600,
+                                       description="idle time before a keep-alive connection is closed")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600,
+                                    description="on SIGTERM, how long requests being answered may still take")
 
 
 class Quota(Strict):

@@ -1,8 +1,9 @@
-"""``gatehouse serve``: the data and admin ports on granian's embedded server, in one event loop.
+"""``gatehouse serve``: the data and admin ports, each an HTTP/1.1 :class:`Listener`, in one event loop.
 
 Both ports run in this process and loop, so they share one :class:`Runtime` (pools, key ring, audit writer).
-The data port speaks RSGI: granian parses HTTP in its Rust threads and hands over a parsed request, which
-leaves the Python thread to gatehouse's own work (measured in bench/README.md).
+HTTP is parsed on the loop's own thread (``http/h1.py``; bench/README.md says why). SIGINT or SIGTERM stops
+accepting, lets the requests being answered finish (``[server] shutdown_grace_s``), then closes the runtime
+(the audit writer flushes what it holds).
 """
 
 from __future__ import annotations
@@ -14,20 +15,15 @@ import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from granian.constants import Interfaces
-from granian.log import LogLevels
-from granian.server.embed import Server as EmbeddedServer
-
 from gatehouse.app import create_admin_app, create_app
+from gatehouse.config import ServerConfig
 from gatehouse.errors import ProjectError
+from gatehouse.http.h1 import Limits
+from gatehouse.http.listener import Listener
 from gatehouse.runtime import Runtime
 
 T = TypeVar("T")
 log = logging.getLogger("gatehouse.serve")
-# granian's own messages go through our log configuration (one format, one stream); its start-up lines
-# would only repeat ours, and it warns that embedding is experimental, so only its errors are kept.
-_GRANIAN_LOGGING = {"version": 1, "disable_existing_loggers": False,
-                    "loggers": {"_granian": {"handlers": [], "propagate": True}}}
 
 
 def run_in_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -38,12 +34,6 @@ def run_in_loop(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
-
-
-def _http_server(app: object, host: str, port: int, log_level: str) -> EmbeddedServer:
-    level = LogLevels.debug if log_level == "debug" else LogLevels.error
-    return EmbeddedServer(app, address=host, port=port, interface=Interfaces.RSGI, log_level=level,
-                          log_dictconfig=_GRANIAN_LOGGING, log_access=False, websockets=False)
 
 
 def bind_probe(host: str, port: int) -> int:
@@ -57,46 +47,67 @@ def bind_probe(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
+def _cannot_listen(exc: OSError, host: str, port: int, what: str, option: str) -> ProjectError:
+    if isinstance(exc, socket.gaierror):
+        return ProjectError(f"the {what} address {host!r} does not resolve: {exc.strerror}",
+                            hint="Use an IP address or a name this machine resolves.")
+    return ProjectError(f"cannot listen on {host}:{port} for the {what} port: {exc.strerror}",
+                        hint=f"Stop what uses it, or choose another port with {option}.")
+
+
 def check_listenable(host: str, port: int, what: str, option: str) -> None:
-    """Refuse early, with what to do, when the address cannot be listened on (the HTTP server itself would
-    fail in its own thread, with a backtrace and nothing to act on)."""
+    """Refuse early, with what to do, when the address cannot be listened on (before the runtime starts an
+    embedded database for nothing)."""
     try:
         bind_probe(host, port)
-    except socket.gaierror as exc:
-        raise ProjectError(f"the {what} address {host!r} does not resolve: {exc.strerror}",
-                           hint="Use an IP address or a name this machine resolves.") from None
     except OSError as exc:
-        raise ProjectError(f"cannot listen on {host}:{port} for the {what} port: {exc.strerror}",
-                           hint=f"Stop what uses it, or choose another port with {option}.") from None
+        raise _cannot_listen(exc, host, port, what, option) from None
 
 
-async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int,
-                log_level: str = "info") -> None:
+async def _listen(listener: Listener, host: str, port: int, what: str, option: str) -> None:
+    try:
+        await listener.start(host, port)
+    except OSError as exc:  # taken between the probe and now
+        raise _cannot_listen(exc, host, port, what, option) from None
+
+
+def limits_of(server: ServerConfig) -> Limits:
+    return Limits(max_header_bytes=server.max_header_bytes, max_url_bytes=server.max_query_length,
+                  header_timeout=server.header_timeout_s, keepalive_timeout=server.keepalive_timeout_s,
+                  max_connections=server.max_connections)
+
+
+async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int) -> None:
     """Run the data and admin ports in this event loop until SIGINT or SIGTERM."""
     if port == admin_port:
         raise ProjectError(f"the data and admin ports are both {port}",
                            hint="Give the admin port another number with --admin-port.")
     check_listenable(host, port, "data", "--port")
     check_listenable(admin_host, admin_port, "admin", "--admin-port")
+    settings = runtime.project.config.server
     await runtime.start()
     try:
-        data = _http_server(create_app(runtime, manage_runtime=False), host, port, log_level)
-        admin = _http_server(create_admin_app(runtime), admin_host, admin_port, log_level)
-        servers = (data, admin)
-
-        def stop_all() -> None:
-            for server in servers:
-                server.stop()  # type: ignore[no-untyped-call]
-
+        limits = limits_of(settings)
+        data = Listener(create_app(runtime, manage_runtime=False).handle, limits)
+        admin = Listener(create_admin_app(runtime).handle, limits)
+        await _listen(data, host, port, "data", "--port")
+        try:
+            await _listen(admin, admin_host, admin_port, "admin", "--admin-port")
+        except ProjectError:
+            await data.stop(0)
+            raise
+        stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop_all)
+            loop.add_signal_handler(sig, stopping.set)
         log.info("serving the data port on http://%s:%d, the admin port on http://%s:%d",
-                 host, port, admin_host, admin_port)
+                 host, data.port, admin_host, admin.port)
         try:
-            await asyncio.gather(data.serve(), admin.serve())
+            await stopping.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            log.info("stopping: finishing the requests being answered (at most %.0f s)", settings.shutdown_grace_s)
+            await asyncio.gather(data.stop(settings.shutdown_grace_s), admin.stop(settings.shutdown_grace_s))
     finally:
         await runtime.stop()

@@ -1,15 +1,16 @@
 """One HTTP exchange as the request path sees it: :class:`HttpRequest` in, :class:`HttpResponse` out.
 
-The data port's code never sees ASGI or RSGI: ``http/servers.py`` turns what the server hands over into an
-``HttpRequest`` and writes the ``HttpResponse`` back. Both are plain objects with exactly what gatehouse
-reads (header names lower-cased, repeated headers joined by commas as RFC 9110 allows), because building
-a framework's request and response objects was a measurable share of a point lookup.
+The data port's code never sees the wire: ``http/h1.py`` (the server) and ``http/asgi.py`` (tests, ASGI
+servers) turn what arrives into an ``HttpRequest`` and write the ``HttpResponse`` back. Both are plain
+objects with exactly what gatehouse reads (header names lower-cased, repeated headers joined by commas as
+RFC 9110 allows), because building a framework's request and response objects was a measurable share of a
+point lookup.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -20,10 +21,21 @@ JSON = "application/json; charset=utf-8"
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
-async def _no_body() -> AsyncIterator[bytes]:
+async def no_body() -> AsyncIterator[bytes]:
     empty: tuple[bytes, ...] = ()
     for chunk in empty:  # an async generator that yields nothing
         yield chunk
+
+
+def joined_headers(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Header pairs (names already lower-cased) as a dict; a repeated header's values joined by commas."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        if name in headers:
+            headers[name] = f"{headers[name]}, {value}"  # RFC 9110 §5.3: same meaning as separate lines
+        else:
+            headers[name] = value
+    return headers
 
 
 @dataclass(slots=True)
@@ -36,7 +48,7 @@ class HttpRequest:
     client: str = "unknown"
     scheme: str = "http"
     root_path: str = ""
-    body_chunks: Callable[[], AsyncIterator[bytes]] = _no_body
+    body_chunks: Callable[[], AsyncIterator[bytes]] = no_body
     labels: RequestLabels = field(default_factory=RequestLabels)
 
     @property
@@ -82,6 +94,10 @@ class HttpResponse:
         if self.status >= 200 and self.status not in (204, 304):
             headers.append(("content-length", str(len(self.body))))
         return headers
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+"""A port's whole request path: the data port's is ``RequestGuard(DataApp.route)``."""
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:

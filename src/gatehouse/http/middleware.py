@@ -17,9 +17,8 @@ import traceback
 from collections.abc import Callable
 
 from gatehouse.errors import ApiError, InternalError
-from gatehouse.http.exchange import HttpRequest, HttpResponse
+from gatehouse.http.exchange import Handler, HttpRequest, HttpResponse
 from gatehouse.http.responses import error_response
-from gatehouse.http.servers import Handler
 from gatehouse.observe.audit import AuditUnavailable, AuditWriter
 from gatehouse.observe.metrics import Metrics
 
