@@ -220,6 +220,13 @@ async def test_a_request_that_cannot_be_read_gets_an_error_and_the_connection_cl
     assert after[0].status == 200
 
 
+async def test_an_upgrade_request_is_answered_as_http_1_1_and_the_connection_closed() -> None:
+    upgrade = get("/ws", "Upgrade: websocket", "Connection: upgrade") + b"\x81\x05hello"
+    async with serving() as served:
+        answers, closed = await talk(served.port, upgrade)
+    assert [a.status for a in answers] == [200] and answers[0].headers["connection"] == "close" and closed
+
+
 async def test_slow_headers_get_408_and_an_idle_connection_is_closed() -> None:
     async with serving(header_timeout=0.3, keepalive_timeout=0.3) as served:
         slow, slow_closed = await talk(served.port, b"GET / HTTP/1.1\r\nHost: te")

@@ -196,7 +196,11 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.read_done = True  # no protocol upgrades: the request is answered as HTTP/1.1, then closed
+            # no protocol upgrades: the request is answered as HTTP/1.1, then the connection closes
+            self.read_done = True
+            if self.pending:
+                request, _, body, refusal = self.pending[-1]
+                self.pending[-1] = (request, False, body, refusal)
         except httptools.HttpParserError as exc:
             refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
             error = refused.error if refused else ApiError("Malformed HTTP request", code="GH400", status=400,
@@ -338,9 +342,9 @@ class Connection(asyncio.Protocol):
         if not self.lost and not self.finished:
             if self.read_done:
                 self.linger()
-            else:
-                if not self.in_request:
-                    self.deadline = self.loop.time() + self.limits.keepalive_timeout
+            else:  # the next request has its whole header timeout from now, if it has begun
+                wait = self.limits.header_timeout if self.in_request else self.limits.keepalive_timeout
+                self.deadline = self.loop.time() + wait
                 if self.reading_paused:
                     self.update_reading()
 
