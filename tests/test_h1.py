@@ -189,6 +189,14 @@ async def test_a_body_over_the_limit_is_refused_and_the_connection_closed_unless
     assert [a.status for a in whole] == [413, 200] and not whole_closed  # nothing of it left to skip
 
 
+async def test_a_malformed_chunked_body_answers_the_handlers_error_and_closes() -> None:
+    head = b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with serving() as served:
+        answers, closed = await talk(served.port, head, b"5\r\nhello\r\nZZ\r\n", pause=0.1)
+    assert [a.status for a in answers] == [400] and closed and answers[0].headers["connection"] == "close"
+    assert answers[0].json()["code"] == "GH400"
+
+
 async def test_expect_100_continue_is_answered_only_when_the_body_is_wanted() -> None:
     head = b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     async with serving() as served:

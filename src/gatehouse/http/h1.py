@@ -323,7 +323,9 @@ class Connection(asyncio.Protocol):
                     except Exception as exc:  # the data port's guard answers its own errors: a last resort
                         log.error("unhandled %s answering %s %s", type(exc).__name__, request.method, request.path)
                         response = error_response(InternalError("Internal error"))
-                keep_alive = keep_alive and not self.listener.closing and (body is None or body.complete)
+                # the connection is reusable only if this request's body was read to its end, without error
+                whole = body is None or (body.complete and body.failure is None)
+                keep_alive = keep_alive and whole and not self.listener.closing
                 self.write_raw(serialize(response, head=request is not None and request.method == "HEAD",
                                          keep_alive=keep_alive))
                 self.busy = False
