@@ -71,10 +71,44 @@ async def _listen(listener: Listener, host: str, port: int, what: str, option: s
         raise _cannot_listen(exc, host, port, what, option) from None
 
 
+_SPARE_FILES = 256  # open files kept for everything but client connections: pools, logs, the audit spool
+
+
+def open_files_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files toward ``wanted`` (never past the hard limit) and return
+    the limit now in force; without the ``resource`` module (Windows), ``wanted``."""
+    try:
+        import resource
+    except ImportError:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
+
+
 def limits_of(server: ServerConfig) -> Limits:
+    """The connection limits from ``[server]``; ``max_connections`` lowered (with a warning) when the process
+    may not open enough files for both ports to reach it, so that a flood of connections is refused with
+    503 instead of leaving no file for a database connection."""
+    wanted = 2 * server.max_connections + _SPARE_FILES
+    available = open_files_limit(wanted)
+    connections = server.max_connections
+    if available < wanted:
+        connections = max(1, (available - _SPARE_FILES) // 2)
+        log.warning("this process may open only %d files: serving at most %d connections per port instead of "
+                    "[server] max_connections = %d (raise `ulimit -n` to %d to allow them)",
+                    available, connections, server.max_connections, wanted)
     return Limits(max_header_bytes=server.max_header_bytes, max_url_bytes=server.max_query_length,
                   header_timeout=server.header_timeout_s, keepalive_timeout=server.keepalive_timeout_s,
-                  max_connections=server.max_connections)
+                  max_connections=connections)
 
 
 async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int) -> None:
