@@ -18,27 +18,24 @@ more again (bench/README.md has the measurements). What a server must get right 
   client reads the answer before the socket goes);
 - a client that goes away cancels its request's handler (counted as 499 by the request guard); one that stops
   reading responses is dropped after ``send_timeout``;
-- a header value holding CR or LF, or a character Latin-1 cannot encode, is never written (no response
-  splitting, whatever a handler puts in a header).
+- responses are framed by ``http/framing.py``, which never writes a header that would split the response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote
 
 import httptools
 
 from gatehouse.errors import ApiError, InternalError
-from gatehouse.http.exchange import HttpRequest, HttpResponse, no_body
+from gatehouse.http.exchange import HttpRequest, no_body
+from gatehouse.http.framing import serialize
 from gatehouse.http.responses import error_response
 
 if TYPE_CHECKING:
@@ -48,7 +45,6 @@ log = logging.getLogger("gatehouse.http")
 
 _BODY_HIGH_WATER = 256 * 1024
 _LINGER_SECONDS = 2.0
-_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus}
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,47 +423,3 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-
-def serialize(response: HttpResponse, *, head: bool, keep_alive: bool) -> bytes:
-    """Status line, headers (with ``Date``, and ``Connection: close`` when closing) and body, as bytes."""
-    status = response.status
-    status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status {status}\r\n".encode()
-    pairs = response.header_list()
-    pairs.append(("date", _http_date()))
-    if not keep_alive:
-        pairs.append(("connection", "close"))
-    block = "".join([f"{name}: {value}\r\n" for name, value in pairs])
-    lines = len(pairs)
-    if block.count("\n") != lines or block.count("\r") != lines or not block.isascii():
-        block = _safe_block(pairs)
-    return b"".join((status_line, block.encode("latin-1"), b"\r\n", b"" if head else response.body))
-
-
-def _safe_block(pairs: list[tuple[str, str]]) -> str:
-    """The header block without any header that would break the framing or not encode."""
-    lines = []
-    for name, value in pairs:
-        line = f"{name}: {value}\r\n"
-        try:
-            line.encode("latin-1")
-        except UnicodeEncodeError:
-            log.warning("dropped the response header %r: its value is not Latin-1", name[:64])
-            continue
-        if line.count("\n") != 1 or line.count("\r") != 1:
-            log.warning("dropped the response header %r: it holds a line break", name[:64])
-            continue
-        lines.append(line)
-    return "".join(lines)
-
-
-_date_second = 0
-_date_text = ""
-
-
-def _http_date() -> str:
-    global _date_second, _date_text
-    now = int(time.time())
-    if now != _date_second:
-        _date_second, _date_text = now, formatdate(now, usegmt=True)
-    return _date_text
