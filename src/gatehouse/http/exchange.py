@@ -27,14 +27,20 @@ async def no_body() -> AsyncIterator[bytes]:
         yield chunk
 
 
+def add_header(headers: dict[str, str], name: str, value: str) -> None:
+    """Add one request header (name lower-cased); a repeated header's values are joined by commas, which
+    RFC 9110 §5.3 gives the same meaning as separate lines."""
+    if name in headers:
+        headers[name] = f"{headers[name]}, {value}"
+    else:
+        headers[name] = value
+
+
 def joined_headers(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """Header pairs (names already lower-cased) as a dict; a repeated header's values joined by commas."""
+    """Header pairs (names already lower-cased) as a dict, by :func:`add_header`."""
     headers: dict[str, str] = {}
     for name, value in pairs:
-        if name in headers:
-            headers[name] = f"{headers[name]}, {value}"  # RFC 9110 §5.3: same meaning as separate lines
-        else:
-            headers[name] = value
+        add_header(headers, name, value)
     return headers
 
 

@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import httptools
 
 from gatehouse.errors import ApiError, InternalError
-from gatehouse.http.exchange import HttpRequest, no_body
+from gatehouse.http.exchange import HttpRequest, add_header, no_body
 from gatehouse.http.framing import serialize
 from gatehouse.http.responses import error_response
 
@@ -82,7 +82,7 @@ def _refusal(status: int, message: str, hint: str) -> _Refused:
     return _Refused(ApiError(message, code=f"GH{status}", status=status, hint=hint))
 
 
-def gone() -> ApiError:
+def _gone() -> ApiError:
     """The client closed the connection before the request was whole (nginx's 499; nobody reads the answer)."""
     return ApiError("The client closed the connection", code="GH499", status=499)
 
@@ -210,7 +210,7 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self.listener.forget(self)
         if self.receiving is not None:
-            self.receiving.end(gone())
+            self.receiving.end(_gone())
         if self.responder is not None:
             self.responder.cancel()
         if self.drained is not None and not self.drained.done():
@@ -243,11 +243,7 @@ class Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.limits.max_header_bytes:
             raise _refusal(431, "Request header fields too large", "Send fewer or smaller headers.")
-        key, headers = name.decode("latin-1").lower(), self.headers
-        if key in headers:  # RFC 9110 §5.3: a repeated header means its values joined by commas
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
-        else:
-            headers[key] = value.decode("latin-1")
+        add_header(self.headers, name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         limits, pending, headers = self.limits, self.pending, self.headers
