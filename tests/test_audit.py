@@ -21,6 +21,7 @@ from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ServiceUnavailable
 from gatehouse.observe.audit import (
     AUDIT_DDL,
+    USAGE_STRIPES,
     AuditRecord,
     AuditUnavailable,
     AuditWriter,
@@ -193,8 +194,9 @@ async def test_a_burst_of_mixed_traffic_gives_exactly_one_record_per_request(aud
     assert await counts(audited) == (3000, 3000, 3000, sum(v for (*_, e), v in expected.items() if e))
     conn = await audited.owner()
     try:
-        usage = {(r["app"], r["target"], r["api_version"]): (r["calls"], r["errors"])
-                 for r in await conn.fetch("SELECT * FROM gatehouse.usage")}
+        usage = {(r["app"], r["target"], r["api_version"]): (r["calls"], r["errors"]) for r in await conn.fetch(
+            "SELECT app, target, api_version, sum(calls) AS calls, sum(errors) AS errors FROM gatehouse.usage "
+            "GROUP BY app, target, api_version")}
     finally:
         await conn.close()
     assert usage == {(a, t, v): (expected[(a, t, v, False)] + expected[(a, t, v, True)], expected[(a, t, v, True)])
@@ -351,7 +353,48 @@ async def test_a_write_commits_with_its_record_or_not_at_all(audited: Audited) -
                 raise RuntimeError("the write failed after its audit insert")
         assert await conn.fetchval("SELECT array_agg(name) FROM things") == ["kept"]
         assert await conn.fetchval("SELECT array_agg(request_id) FROM gatehouse.audit") == ["req-1"]
-        assert await conn.fetchval("SELECT calls FROM gatehouse.usage") == 1
+        assert await conn.fetchval("SELECT sum(calls) FROM gatehouse.usage") == 1
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_writers_add_to_the_usage_of_their_own_stripe(audited: Audited) -> None:
+    """Each connection adds to the stripe of its backend, so concurrent writes of one app to one contract do not
+    queue for one row lock; readers sum the stripes. Eight connections each commit 25 single-record writes."""
+    conns = [await audited.owner() for _ in range(8)]
+    try:
+        async def writes(conn: asyncpg.Connection, first: int) -> None:
+            for n in range(first, first + 25):
+                async with conn.transaction():
+                    await audit_in_transaction(conn, record(n, method="POST", status=201 if n % 5 else 409))
+        await asyncio.gather(*(writes(conn, i * 100) for i, conn in enumerate(conns)))
+        pids = [conn.get_server_pid() for conn in conns]
+        stripes = await conns[0].fetch("SELECT stripe, calls FROM gatehouse.usage ORDER BY stripe")
+        assert {r["stripe"] for r in stripes} == {pid % USAGE_STRIPES for pid in pids}
+        assert sum(r["calls"] for r in stripes) == 200
+        usage = await version_usage(conns[0])
+        assert [(u["app"], u["calls"], u["errors"], u["targets"]) for u in usage] == [("web", 200, 40, ["things"])]
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_a_usage_table_from_before_the_stripes_is_upgraded_in_place(audited: Audited) -> None:
+    conn = await audited.owner()
+    try:
+        await conn.execute("""
+            DROP TABLE gatehouse.usage;
+            CREATE TABLE gatehouse.usage (app text NOT NULL, target text NOT NULL, api_version integer NOT NULL,
+                calls bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0, last_call timestamptz NOT NULL,
+                PRIMARY KEY (app, target, api_version));
+            INSERT INTO gatehouse.usage VALUES ('web', 'things', 1, 7, 1, now());
+        """)
+        await conn.execute(AUDIT_DDL)
+        key = await conn.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'usage_pkey'")
+        assert key == "PRIMARY KEY (app, target, api_version, stripe)"
+        async with conn.transaction():
+            await audit_in_transaction(conn, record(1))
+        assert await conn.fetchval("SELECT sum(calls) FROM gatehouse.usage") == 8
     finally:
         await conn.close()
 

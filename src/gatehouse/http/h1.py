@@ -159,6 +159,10 @@ class Connection(asyncio.Protocol):
         self.client = "unknown"
         self.pending: deque[_Exchange] = deque()
         self.responder: asyncio.Task[None] | None = None
+        """The task answering this connection's requests in order, from its first request until it closes."""
+        self.next_request: asyncio.Future[None] | None = None
+        """What the responder awaits while no request is queued (one future per wait is cheaper than a task
+        per request)."""
         self.receiving: RequestBody | None = None
         self.deadline: float | None = None
         self.in_request = False  # between a request's first byte and the end of its headers
@@ -270,8 +274,7 @@ class Connection(asyncio.Protocol):
         pending.append((request, keep_alive, body, None))
         if not keep_alive:
             self.read_done = True
-        if self.responder is None:
-            self.responder = self.loop.create_task(self.respond())
+        self.wake_responder()
         if self.busy or len(pending) > 1:
             self.update_reading()
 
@@ -298,11 +301,38 @@ class Connection(asyncio.Protocol):
 
     # -- answering ---------------------------------------------------------------------------------------
 
+    def wake_responder(self) -> None:
+        """A request was queued: start the responder, or wake it if it waits for one."""
+        if self.responder is None:
+            self.responder = self.loop.create_task(self.respond())
+        elif self.next_request is not None:
+            self.next_request.set_result(None)
+            self.next_request = None
+
+    @property
+    def answering(self) -> bool:
+        """A request is being answered or queued to be (the responder is not idle)."""
+        return self.responder is not None and self.next_request is None
+
     async def respond(self) -> None:
-        """Answer the queued requests in order: the connection's one task while any are queued."""
+        """Answer the queued requests in order; between them, wait for the next (the connection's one task)."""
         pending = self.pending
         try:
-            while pending and not self.lost:
+            while not self.lost:
+                if not pending:
+                    if self.finished:
+                        return
+                    if self.read_done:
+                        self.linger()
+                        return
+                    # the next request has its whole header timeout from now, if it has begun
+                    wait = self.limits.header_timeout if self.in_request else self.limits.keepalive_timeout
+                    self.deadline = self.loop.time() + wait
+                    if self.reading_paused:
+                        self.update_reading()
+                    self.next_request = self.loop.create_future()
+                    await self.next_request
+                    continue
                 request, keep_alive, body, refusal = pending.popleft()
                 self.busy = True
                 if self.reading_paused:
@@ -331,16 +361,8 @@ class Connection(asyncio.Protocol):
             log.error("connection from %s failed: %s", self.client, type(exc).__name__)
             self.abort()
         finally:
-            self.responder = None
+            self.responder = self.next_request = None
             self.busy = False
-        if not self.lost and not self.finished:
-            if self.read_done:
-                self.linger()
-            else:  # the next request has its whole header timeout from now, if it has begun
-                wait = self.limits.header_timeout if self.in_request else self.limits.keepalive_timeout
-                self.deadline = self.loop.time() + wait
-                if self.reading_paused:
-                    self.update_reading()
 
     async def _drain(self) -> None:
         assert self.drained is not None
@@ -376,8 +398,7 @@ class Connection(asyncio.Protocol):
             self.receiving = None
             return
         self.pending.append((None, False, None, error))
-        if self.responder is None:
-            self.responder = self.loop.create_task(self.respond())
+        self.wake_responder()
 
     # -- ending ------------------------------------------------------------------------------------------
 
@@ -398,16 +419,16 @@ class Connection(asyncio.Protocol):
     def expire(self) -> None:
         """The deadline passed: idle or lingering connections close; one stuck in its headers gets a 408."""
         self.deadline = None
-        if self.finished or (self.responder is None and not self.pending and not self.in_request):
+        if self.finished or (not self.answering and not self.in_request):
             self.close()
-        elif self.responder is None:
+        elif not self.answering:
             self.stop_reading(ApiError("Request header timeout", code="GH408", status=408,
                                        hint="Send the request line and headers without pauses."))
 
     def shutdown(self) -> None:
         """The server stops: a connection closes now unless a request of it is being answered, in which case
         it closes after that response (a request still arriving is dropped)."""
-        if self.responder is None and not self.pending:
+        if not self.answering:
             self.close()
         else:
             self.read_done = True

@@ -8,9 +8,10 @@ and the caller refuses the request. A write commits with its record or not at al
 write's own statement (:func:`audit_cte`) when its status is known beforehand, else it is inserted in the
 write's transaction (:func:`audit_in_transaction`).
 
-The usage roll-up (``gatehouse.usage``: calls, errors and last call per app, target and API version) is kept
-by a statement-level trigger on ``gatehouse.audit``: every insert, a batch or one write's record,
-adds to it in the same transaction. Its function is ``SECURITY DEFINER``, so a role that may only INSERT
+The usage roll-up (``gatehouse.usage``: calls, errors and last call per app, target and API version, spread
+over :data:`USAGE_STRIPES` rows each so that concurrent writes do not queue for one row) is kept by a
+statement-level trigger on ``gatehouse.audit``: every insert, a batch or one write's record, adds to it in the
+same transaction. Its function is ``SECURITY DEFINER``, so a role that may only INSERT
 into ``gatehouse.audit`` keeps the roll-up exact without any privilege on ``gatehouse.usage``.
 
 A batch whose COMMIT was cut off (the connection died while committing) is *in doubt*: its transaction id
@@ -42,14 +43,21 @@ from gatehouse.observe.redact import MAX_QUERY_CHARS
 
 log = logging.getLogger(__name__)
 
-_ROLLUP_BODY = """
+USAGE_STRIPES = 16
+"""Rows per app, target and version in ``gatehouse.usage``: a transaction adds to the one its backend picks
+(``pg_backend_pid() % 16``), and readers sum them. With a single row, every write of one app to one contract
+waited for the row lock of the write before it, held until that write had committed (WAL flushed): writes
+were serialized, and PostgreSQL's inserts through gatehouse measured a third slower (bench/README.md)."""
+
+_ROLLUP_BODY = f"""
 BEGIN
-    INSERT INTO gatehouse.usage AS u (app, target, api_version, calls, errors, last_call)
-    SELECT n.app, n.target, coalesce(n.api_version, 0), count(*), count(*) FILTER (WHERE n.status >= 400), max(n.at)
+    INSERT INTO gatehouse.usage AS u (app, target, api_version, stripe, calls, errors, last_call)
+    SELECT n.app, n.target, coalesce(n.api_version, 0), pg_backend_pid() % {USAGE_STRIPES}, count(*),
+           count(*) FILTER (WHERE n.status >= 400), max(n.at)
     FROM audit_new n
     GROUP BY 1, 2, 3
     ORDER BY 1, 2, 3
-    ON CONFLICT (app, target, api_version) DO UPDATE
+    ON CONFLICT (app, target, api_version, stripe) DO UPDATE
     SET calls = u.calls + EXCLUDED.calls, errors = u.errors + EXCLUDED.errors,
         last_call = greatest(u.last_call, EXCLUDED.last_call);
     RETURN NULL;
@@ -82,11 +90,21 @@ CREATE TABLE IF NOT EXISTS gatehouse.usage (
     app          text NOT NULL,
     target       text NOT NULL,
     api_version  integer NOT NULL,
+    stripe       smallint NOT NULL DEFAULT 0,
     calls        bigint NOT NULL DEFAULT 0,
     errors       bigint NOT NULL DEFAULT 0,
     last_call    timestamptz NOT NULL,
-    PRIMARY KEY (app, target, api_version)
+    PRIMARY KEY (app, target, api_version, stripe)
 );
+ALTER TABLE gatehouse.usage ADD COLUMN IF NOT EXISTS stripe smallint NOT NULL DEFAULT 0;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                   WHERE i.indrelid = 'gatehouse.usage'::regclass AND i.indisprimary AND a.attname = 'stripe') THEN
+        ALTER TABLE gatehouse.usage DROP CONSTRAINT usage_pkey, ADD PRIMARY KEY (app, target, api_version, stripe);
+    END IF;
+END
+$do$;
 DO $do$
 DECLARE
     body text := $body${_ROLLUP_BODY}$body$;

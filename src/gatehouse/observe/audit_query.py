@@ -64,7 +64,7 @@ async def version_usage(conn: Connection, *, days: int = 30) -> list[dict[str, A
     rows = await conn.fetch(
         """
         SELECT api_version, app, sum(calls)::bigint AS calls, sum(errors)::bigint AS errors,
-               max(last_call) AS last_call, array_agg(target ORDER BY target) AS targets
+               max(last_call) AS last_call, array_agg(DISTINCT target ORDER BY target) AS targets
         FROM gatehouse.usage
         WHERE api_version > 0 AND app <> '' AND last_call >= now() - make_interval(days => $1)
         GROUP BY api_version, app
