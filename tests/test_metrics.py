@@ -8,7 +8,7 @@ from gatehouse.observe.metrics import Metrics
 
 
 def sample(metrics: Metrics, seconds: float, *, method: str = "GET", status: int = 200) -> None:
-    metrics.observe(app="web", contract="products", version="v1", method=method, status=status, seconds=seconds)
+    metrics.observe(app="web", contract="products", api_version=1, method=method, status=status, seconds=seconds)
 
 
 def series(text: str, name: str) -> dict[str, float]:

@@ -8,7 +8,7 @@ one that does not exist.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
@@ -22,18 +22,26 @@ from gatehouse.access import (
     row_filters,
 )
 from gatehouse.auth.identity import Identity, authenticate
+from gatehouse.contracts.model import ContractVersion
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import ApiError, Unauthenticated, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.body import Payload, parse_payload
 from gatehouse.http.exchange import HttpRequest, HttpResponse
-from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, range_header, response_format
+from gatehouse.http.negotiate import (
+    CONTENT_TYPES,
+    Format,
+    Preferences,
+    parse_prefer,
+    range_header,
+    response_format,
+)
 from gatehouse.observe.audit import AuditUnavailable, audit_cte, audit_in_transaction
 from gatehouse.observe.redact import redact_query
 from gatehouse.project import App
 from gatehouse.query.grammar import parse_pairs, parse_query, query_pairs
-from gatehouse.query.plans import ReadPlan, Shape, shape_of
+from gatehouse.query.plans import ReadPlan, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Condition, Filter, Level, ReadQuery
 from gatehouse.query.writes import WRITTEN, InsertOptions, WriteCompiler
@@ -86,47 +94,77 @@ async def _estimated_count(conn: Connection, rows: CompiledQuery, *, exact_up_to
     return int(orjson.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
-def _plan_key(app: App, version: int, contract: str, count_mode: str | None, requested: tuple[int, int | None] | None,
-              filters: dict[str, tuple[Condition, ...]], shape: Shape) -> Hashable:
-    """Everything a read's SQL depends on besides the values taken out of its shape."""
-    return (app.name, version, contract, count_mode, requested, tuple(filters.items()), shape.key)
+@dataclass(frozen=True, slots=True, eq=False)
+class ReadRoute:
+    """What a read's app, path and headers decide before its query is looked at. Each step is a function of
+    those and the (immutable) project alone, so the route is worked out once per distinct set of them
+    (``Runtime.routes``); a request that fails a step (404, 406, 416) is never cached."""
+
+    version: int
+    contract: ContractVersion
+    fmt: Format
+    count_mode: str | None
+    requested: tuple[int, int | None] | None
+    readable: frozenset[str]
+    headers: dict[str, str]
+    """The answer's own headers (``Content-Profile``, a deprecated version's, ``Preference-Applied``); copied
+    per request."""
 
 
-def _compile_read(runtime: Runtime, app: App, version: int, contract: str, pairs: list[tuple[str, str]],
-                  requested: tuple[int, int | None] | None, count_mode: str | None, readable: frozenset[str],
+def read_route(request: HttpRequest, runtime: Runtime, app: App, contract_name: str,
+               path_version: int | None) -> ReadRoute:
+    headers = request.headers
+    get = request.method == "GET"
+    key = (app.name, contract_name, path_version, get, headers.get("accept-profile"), headers.get("accept"),
+           headers.get("prefer"), headers.get("range") if get else None)
+    route = runtime.routes.get(key)
+    if route is None:
+        project = runtime.project
+        version = choose_version(project, app, headers.get("accept-profile"), path_version)  # 406
+        contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
+        fmt = response_format(headers.get("accept"))  # 406
+        prefs = parse_prefer(headers.get("prefer"))
+        requested = range_header(headers.get("range")) if get else None  # 416
+        out = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
+        applied = prefs.applied({"count"})
+        if applied:
+            out["Preference-Applied"] = applied
+        route = ReadRoute(version, contract, fmt, prefs.get("count"), requested,
+                          readable_contracts(project, app, version), out)
+        runtime.routes.put(key, route)
+    return route
+
+
+def _compile_read(runtime: Runtime, app: App, route: ReadRoute, pairs: list[tuple[str, str]],
                   filters: dict[str, tuple[Condition, ...]]) -> tuple[CompiledQuery, ReadQuery, tuple[str, ...]]:
     query = parse_pairs(pairs)  # 400
-    _intersect_range(query.top, requested)  # 416
-    compiler = ReadCompiler(runtime.schemas[version], readable, runtime.project.max_rows(app, contract), filters)
-    compiled = compiler.read(contract, query, exact_count=count_mode == "exact")  # 400
+    _intersect_range(query.top, route.requested)  # 416
+    name = route.contract.name
+    compiler = ReadCompiler(runtime.schemas[route.version], route.readable, runtime.project.max_rows(app, name),
+                            filters)
+    compiled = compiler.read(name, query, exact_count=route.count_mode == "exact")  # 400
     return compiled, query, tuple(compiler.output_names)
 
 
 async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
     assert runtime.pools is not None
-    project, headers, labels = runtime.project, request.headers, request.labels
+    project, labels = runtime.project, request.labels
 
     identity, app = await identify(request, runtime)  # 401
     if runtime.audit is not None and not runtime.audit.accepting():
         raise AuditUnavailable()  # 503: no read goes unrecorded
-    version = choose_version(project, app, headers.get("accept-profile"), path_version)  # 406
-    contract = granted_contract(project, app, version, contract_name, "read")  # 404 / 403
+    route = read_route(request, runtime, app, contract_name, path_version)  # 406 / 404 / 403 / 416
+    contract, version, count_mode = route.contract, route.version, route.count_mode
     labels.contract, labels.api_version = contract.name, version
-    fmt = response_format(headers.get("accept"))  # 406
-    prefs = parse_prefer(headers.get("prefer"))
-    count_mode = prefs.get("count")
-    requested = range_header(headers.get("range")) if request.method == "GET" else None  # 416
-    readable = readable_contracts(project, app, version)
-    filters = row_filters(app, identity, readable) if app.row_filters else {}  # 403 when the token lacks a claim
+    filters = row_filters(app, identity, route.readable) if app.row_filters else {}  # 403 when a claim is missing
 
     # The SQL of this query's shape is compiled once (query/plans.py); each request puts its values in.
     shape = shape_of(request.query_string) if count_mode not in ("planned", "estimated") else None
-    key = _plan_key(app, version, contract.name, count_mode, requested, filters, shape) if shape else None
+    key = (route, tuple(filters.items()) if filters else (), shape.key) if shape is not None else None
     plan = runtime.plans.get(key) if key is not None else None
     query: ReadQuery | None
     if plan is None and shape is not None:
-        compiled, query, names = _compile_read(runtime, app, version, contract.name, shape.template(), requested,
-                                               count_mode, readable, filters)  # 400 / 416
+        compiled, query, names = _compile_read(runtime, app, route, shape.template(), filters)  # 400 / 416
         plan = ReadPlan.of(compiled, len(shape.values), offset=query.top.offset, output_names=names,
                            redacted_query=redact_query(request.query_string))
         if plan is not None:
@@ -135,9 +173,8 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         sql, params, offset, columns = plan.sql, plan.bind(shape.values), plan.offset, plan.output_names
         labels.redacted_query, query = plan.redacted_query, None
     else:  # a planned or estimated count needs the query itself: compiled for this request alone
-        pairs = query_pairs(request.query_string)
-        compiled, query, columns = _compile_read(runtime, app, version, contract.name, pairs, requested, count_mode,
-                                                 readable, filters)  # 400 / 416
+        compiled, query, columns = _compile_read(runtime, app, route, query_pairs(request.query_string),
+                                                 filters)  # 400 / 416
         sql, params, offset = compiled.sql, compiled.params, query.top.offset
 
     async with runtime.pools.connection(app.name, contract.database) as conn:  # the app's role
@@ -147,19 +184,15 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
             total: int | None = row[2] if count_mode == "exact" else None
             if count_mode in ("planned", "estimated") and query is not None:
                 max_rows = project.max_rows(app, contract.name)
-                rows = ReadCompiler(runtime.schemas[version], readable, max_rows, filters).filtered(contract.name,
-                                                                                                    query)
+                rows = ReadCompiler(runtime.schemas[version], route.readable, max_rows, filters).filtered(
+                    contract.name, query)
                 total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
         except asyncpg.PostgresError as exc:
             raise api_error_from_postgres(exc, columns=contract.columns, debug=project.config.server.debug) from None
 
     labels.rows = row[1]
-    page = render.Page(body=row[0], count=row[1], offset=offset, total=total, columns=columns)
-    out = {"Content-Profile": f"v{version}", **lifecycle_headers(project, version)}
-    applied = prefs.applied({"count"})
-    if applied:
-        out["Preference-Applied"] = applied
-    return render.read_response(page, fmt, out, head=request.method == "HEAD")
+    page = render.Page(row[0], row[1], offset, total, columns)
+    return render.read_response(page, route.fmt, dict(route.headers), head=request.method == "HEAD")
 
 
 WRITE_ACTIONS = {"POST": ("insert",), "PATCH": ("update",), "DELETE": ("delete",), "PUT": ("insert", "update")}

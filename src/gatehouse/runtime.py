@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -24,8 +25,11 @@ from gatehouse.errors import DatabaseUnavailable
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project
-from gatehouse.query.plans import PlanCache
+from gatehouse.query.plans import PlanCache, ReadPlan
 from gatehouse.schema_cache import ApiSchema, build_schemas
+
+if TYPE_CHECKING:
+    from gatehouse.pipeline import ReadRoute
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
@@ -43,8 +47,10 @@ class Runtime:
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
-    plans: PlanCache = field(default_factory=PlanCache)
+    plans: PlanCache[ReadPlan] = field(default_factory=PlanCache)
     """Compiled reads per query shape; they depend on ``schemas``, so both are replaced together."""
+    routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
+    """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
     _listener: asyncpg.Connection | None = None
 
@@ -63,7 +69,7 @@ class Runtime:
                     constraints[name] = await load_constraints(conn)
             self._check_applied()
             self.schemas = build_schemas(project, self.catalog, constraints)
-            self.plans = PlanCache()
+            self.plans, self.routes = PlanCache(), PlanCache()
             home = self.targets[project.home_database]
             self._listener = await asyncpg.connect(**home.authenticator_kwargs())
             self.keys = KeyRing(set(project.apps))

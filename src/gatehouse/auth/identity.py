@@ -55,6 +55,11 @@ class KeyRing:
     def __init__(self, apps: set[str]) -> None:
         self._apps = apps
         self._keys: dict[str, _KeyEntry] = {}
+        self._verified: dict[str, _KeyEntry] = {}
+        """Keys already presented and verified since the last load, by the whole key, so that a key's next
+        request skips parsing and hashing it. Only a live key gets in (one entry at most per key in
+        ``_keys``); each load empties it, so a revoked key stops working exactly when it did before, and
+        expiry is checked on every request. Like every request, it keeps keys in memory, never in a log."""
         self._listener: asyncpg.Connection | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -67,6 +72,7 @@ class KeyRing:
             r["id"]: _KeyEntry(Identity(app=r["app"], key_id=r["id"]), bytes(r["hash"]), r["expires_at"])
             for r in rows if r["app"] in self._apps
         }
+        self._verified = {}
 
     async def start(self, pool: asyncpg.Pool, listener: asyncpg.Connection) -> None:
         """Load now, then follow changes: NOTIFY for speed, a periodic reload for safety."""
@@ -99,6 +105,15 @@ class KeyRing:
             await self._reload(pool)
 
     def verify(self, presented: str, now: datetime | None = None) -> Identity:
+        entry = self._verified.get(presented)
+        if entry is None:
+            entry = self._verified[presented] = self._check(presented)
+        if entry.expires_at is not None and entry.expires_at <= (now or datetime.now(UTC)):
+            raise Unauthenticated("API key expired", hint="Ask for a new key: gatehouse keys create <app>.")
+        return entry.identity
+
+    def _check(self, presented: str) -> _KeyEntry:
+        """The live key ``presented`` is, compared in constant time with its stored hash."""
         parts = split_key(presented)
         if parts is None:
             raise Unauthenticated("Invalid API key", hint="Check the key: it reads gh_<id>_<secret>.")
@@ -108,9 +123,7 @@ class KeyRing:
         presented_hash = hash_secret(secret)
         if entry is None or not hmac.compare_digest(presented_hash, entry.hash):
             raise Unauthenticated("Invalid API key", hint="The key is unknown or was revoked.")
-        if entry.expires_at is not None and entry.expires_at <= (now or datetime.now(UTC)):
-            raise Unauthenticated("API key expired", hint="Ask for a new key: gatehouse keys create <app>.")
-        return entry.identity
+        return entry
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

@@ -20,44 +20,51 @@ _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".en
 
 
 def serialize(response: HttpResponse, *, head: bool, keep_alive: bool) -> bytes:
-    """Status line, headers (with ``Date``, and ``Connection: close`` when closing) and body, as bytes."""
+    """Status line, headers (with ``Content-Type``, ``Content-Length``, ``Date``, and ``Connection: close`` when
+    closing) and body, as bytes. Header names go out as the handler spelled them (HTTP/1.1 ignores their case)."""
     status = response.status
     status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status {status}\r\n".encode()
-    pairs = response.header_list()
-    pairs.append(("date", _http_date()))
+    headers = response.headers
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if response.media_type is not None:
+        lines.append(f"content-type: {response.media_type}\r\n")
+    if status >= 200 and status not in (204, 304):
+        lines.append(f"content-length: {len(response.body)}\r\n")
+    lines.append(_date_line())
     if not keep_alive:
-        pairs.append(("connection", "close"))
-    block = "".join([f"{name}: {value}\r\n" for name, value in pairs])
-    lines = len(pairs)
-    if block.count("\n") != lines or block.count("\r") != lines or not block.isascii():
-        block = _safe_block(pairs)
+        lines.append("connection: close\r\n")
+    block = "".join(lines)
+    count = len(lines)
+    if block.count("\n") != count or block.count("\r") != count or not block.isascii():
+        block = _safe_block(lines)
     return b"".join((status_line, block.encode("latin-1"), b"\r\n", b"" if head else response.body))
 
 
-def _safe_block(pairs: list[tuple[str, str]]) -> str:
-    """The header block without any header that would break the framing or not encode."""
-    lines = []
-    for name, value in pairs:
-        line = f"{name}: {value}\r\n"
+def _safe_block(lines: list[str]) -> str:
+    """The header block without any header line that would break the framing or not encode."""
+    kept = []
+    for line in lines:
+        name = line.partition(":")[0][:64]
         try:
             line.encode("latin-1")
         except UnicodeEncodeError:
-            log.warning("dropped the response header %r: its value is not Latin-1", name[:64])
+            log.warning("dropped the response header %r: its value is not Latin-1", name)
             continue
         if line.count("\n") != 1 or line.count("\r") != 1:
-            log.warning("dropped the response header %r: it holds a line break", name[:64])
+            log.warning("dropped the response header %r: it holds a line break", name)
             continue
-        lines.append(line)
-    return "".join(lines)
+        kept.append(line)
+    return "".join(kept)
 
 
 _date_second = 0
-_date_text = ""
+_date_line_text = ""
 
 
-def _http_date() -> str:
-    global _date_second, _date_text
+def _date_line() -> str:
+    """``date: <now>\\r\\n``, formatted once a second."""
+    global _date_second, _date_line_text
     now = int(time.time())
     if now != _date_second:
-        _date_second, _date_text = now, formatdate(now, usegmt=True)
-    return _date_text
+        _date_second, _date_line_text = now, f"date: {formatdate(now, usegmt=True)}\r\n"
+    return _date_line_text

@@ -71,8 +71,7 @@ class RequestGuard:
 
     def _record(self, request: HttpRequest, status: int, elapsed: float) -> None:
         labels = request.labels
-        self.metrics.observe(app=labels.app, contract=labels.contract, version=labels.version,
-                             method=request.method, status=status, seconds=elapsed)
+        self.metrics.observe(labels.app, labels.contract, labels.api_version, request.method, status, elapsed)
         writer = self.audit()  # looked up per request: the runtime opens its writer after the app is built
         if writer is not None and not labels.audited:
             try:

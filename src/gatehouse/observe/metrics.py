@@ -23,7 +23,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _SUM = len(LATENCY_BUCKETS) + 1
 """Index of the sum of seconds in a series; before it, one count per bucket and the last for ``+Inf``."""
 
-SeriesKey = tuple[str, str, str, str, int]
+SeriesKey = tuple[str, str, int, str, int]
+"""app, contract, API version (0 before the request got as far as one), method, status."""
 
 
 class _RequestCollector(Collector):
@@ -37,7 +38,7 @@ class _RequestCollector(Collector):
         latency = HistogramMetricFamily("gatehouse_request_duration_seconds",
                                         "Time to answer a request on the data port.", labels=LABELS)
         for (app, contract, version, method, status), counts in sorted(self._series.items()):
-            labels = [app, contract, version, method, str(status)]
+            labels = [app, contract, f"v{version}" if version else "", method, str(status)]
             cumulative, buckets = 0.0, []
             for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=False):
                 cumulative += count
@@ -59,9 +60,10 @@ class Metrics:
         self._series: dict[SeriesKey, list[float]] = {}
         self.registry.register(_RequestCollector(self._series))
 
-    def observe(self, *, app: str, contract: str, version: str, method: str, status: int,
+    def observe(self, app: str, contract: str, api_version: int | None, method: str, status: int,
                 seconds: float) -> None:
-        key = (app, contract, version, method if method in METHODS else "OTHER", status)
+        """One request answered (positional arguments: this runs for every request)."""
+        key = (app, contract, api_version or 0, method if method in METHODS else "OTHER", status)
         counts = self._series.get(key)
         if counts is None:
             counts = self._series[key] = [0.0] * (_SUM + 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from gatehouse.query.grammar import LEVEL_KEYS, RESERVED, query_pairs
 from gatehouse.query.sql import CompiledQuery
@@ -23,6 +24,7 @@ from gatehouse.query.sql import CompiledQuery
 SLOT_OPERATORS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})
 _NOT_FILTERS = RESERVED | LEVEL_KEYS | {"and", "or"}
 MAX_PLANS = 2048
+T = TypeVar("T")
 
 
 def _marker(index: int) -> str:
@@ -97,15 +99,16 @@ class ReadPlan:
         return cls(compiled.sql, tuple(compiled.params), tuple(slots), offset, tuple(output_names), redacted_query)
 
 
-class PlanCache:
-    """At most ``MAX_PLANS`` plans, least recently used out first. One per process, filled as requests come."""
+class PlanCache(Generic[T]):
+    """At most ``MAX_PLANS`` plans, least recently used out first. One per process, filled as requests come.
+    Also holds what a read's headers decide (``pipeline.ReadRoute``)."""
 
     def __init__(self, max_plans: int = MAX_PLANS) -> None:
-        self._plans: OrderedDict[Hashable, ReadPlan] = OrderedDict()
+        self._plans: OrderedDict[Hashable, T] = OrderedDict()
         self._max_plans = max_plans
         self.hits = self.misses = 0
 
-    def get(self, key: Hashable) -> ReadPlan | None:
+    def get(self, key: Hashable) -> T | None:
         plan = self._plans.get(key)
         if plan is None:
             self.misses += 1
@@ -114,7 +117,7 @@ class PlanCache:
         self.hits += 1
         return plan
 
-    def put(self, key: Hashable, plan: ReadPlan) -> None:
+    def put(self, key: Hashable, plan: T) -> None:
         self._plans[key] = plan
         if len(self._plans) > self._max_plans:
             self._plans.popitem(last=False)
