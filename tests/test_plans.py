@@ -111,3 +111,31 @@ async def test_apps_and_versions_never_share_a_plan(served: tuple[httpx.AsyncCli
     assert web and analytics and set(web[0]) != set(analytics[0])  # web is pinned to v1: other columns
     v1 = (await client.get(query, headers={"apikey": keys["analytics"], "Accept-Profile": "v1"})).json()
     assert set(v1[0]) == set(web[0])
+
+
+async def test_what_the_headers_decide_is_kept_per_distinct_headers(
+        served: tuple[httpx.AsyncClient, Runtime, dict[str, str]]) -> None:
+    """``Runtime.routes``: each set of the headers a read depends on gets its own route, answered as if worked out
+    afresh; a request refused while working it out leaves nothing behind."""
+    client, runtime, keys = served
+    query, analytics = "/products?id=lt.4&order=id", {"apikey": keys["analytics"]}
+    plain = await client.get(query, headers=analytics)
+    counted = await client.get(query, headers={**analytics, "Prefer": "count=exact"})
+    ranged = await client.get(query, headers={**analytics, "Range": "1-1"})
+    single = await client.get("/products?id=eq.2", headers={**analytics, "Accept": "application/vnd.pgrst.object+json"})
+    head = await client.head(query, headers={**analytics, "Range": "1-1"})
+    old = await client.get(query, headers={**analytics, "Accept-Profile": "v1"})
+    assert plain.headers["content-range"] == "0-2/*" and [r["id"] for r in plain.json()] == [1, 2, 3]
+    assert counted.headers["content-range"] == "0-2/3" and counted.headers["preference-applied"] == "count=exact"
+    assert ranged.headers["content-range"] == "1-1/*" and [r["id"] for r in ranged.json()] == [2]
+    assert single.json()["id"] == 2
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-range"] == "0-2/*"  # no Range
+    assert old.headers["content-profile"] == "v1" and set(old.json()[0]) == {"id", "name", "price"}
+    assert plain.headers["content-profile"] == "v2" and "preference-applied" not in plain.headers
+    routes = len(runtime.routes)
+    for refused in ({"Accept-Profile": "v9"}, {"Accept": "text/plain"}):
+        assert (await client.get(query, headers={**analytics, **refused})).status_code == 406
+    assert (await client.get("/orders", headers={"apikey": keys["mobile"]})).status_code == 404
+    assert len(runtime.routes) == routes
+    again = await client.get(query, headers={**analytics, "Prefer": "count=exact"})
+    assert again.headers["content-range"] == "0-2/3" and again.json() == counted.json()
