@@ -47,7 +47,7 @@ USAGE_STRIPES = 16
 """Rows per app, target and version in ``gatehouse.usage``: a transaction adds to the one its backend picks
 (``pg_backend_pid() % 16``), and readers sum them. With a single row, every write of one app to one contract
 waited for the row lock of the write before it, held until that write had committed (WAL flushed): writes
-were serialized, and PostgreSQL's inserts through gatehouse measured a third slower (bench/README.md)."""
+were serialized, and inserts through gatehouse measured 20-27 % fewer per second (bench/README.md)."""
 
 _ROLLUP_BODY = f"""
 BEGIN
