@@ -27,12 +27,12 @@ def serialize(response: HttpResponse, *, head: bool, keep_alive: bool) -> bytes:
     headers = response.headers
     lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
     if response.media_type is not None:
-        lines.append(f"content-type: {response.media_type}\r\n")
+        lines.append(f"Content-Type: {response.media_type}\r\n")
     if status >= 200 and status not in (204, 304):
-        lines.append(f"content-length: {len(response.body)}\r\n")
+        lines.append(f"Content-Length: {len(response.body)}\r\n")
     lines.append(_date_line())
     if not keep_alive:
-        lines.append("connection: close\r\n")
+        lines.append("Connection: close\r\n")
     block = "".join(lines)
     count = len(lines)
     if block.count("\n") != count or block.count("\r") != count or not block.isascii():
@@ -62,9 +62,9 @@ _date_line_text = ""
 
 
 def _date_line() -> str:
-    """``date: <now>\\r\\n``, formatted once a second."""
+    """``Date: <now>\\r\\n``, formatted once a second."""
     global _date_second, _date_line_text
     now = int(time.time())
     if now != _date_second:
-        _date_second, _date_line_text = now, f"date: {formatdate(now, usegmt=True)}\r\n"
+        _date_second, _date_line_text = now, f"Date: {formatdate(now, usegmt=True)}\r\n"
     return _date_line_text

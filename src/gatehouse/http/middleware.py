@@ -65,7 +65,7 @@ class RequestGuard:
         except BaseException:  # cancelled (the client went away): still measured and audited, as 499
             self._record(request, 499, time.perf_counter() - started)
             raise
-        response.headers["x-request-id"] = request_id
+        response.headers["X-Request-Id"] = request_id
         self._record(request, response.status, time.perf_counter() - started)
         return response
 
