@@ -109,7 +109,11 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
         assert chunked.status_code == declared.status_code == 200, chunked.text
         assert chunked.json() == declared.json()
         assert httpx.get(f"{admin}/nothing").status_code == 404
+        # refused by the HTTP layer itself (no app, no handler): still counted
+        assert httpx.get(f"{base}/products?" + "a" * 9000, headers={"apikey": keys["web"]}).status_code == 414
         metrics = httpx.get(f"{admin}/metrics").text
+        assert ('gatehouse_requests_total{app="",contract="",method="OTHER",status="414",version=""} 1.0'
+                in metrics)
         assert ('gatehouse_requests_total{app="web",contract="products",method="GET",status="200",'
                 'version="v1"} 1.0') in metrics
         assert "gatehouse_request_duration_seconds_bucket" in metrics

@@ -31,6 +31,8 @@ class Served:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: list[str] = field(default_factory=list)
+    refusals: list[int] = field(default_factory=list)
+    """Statuses the connection layer answered itself (the listener's ``on_refusal``)."""
 
     @property
     def port(self) -> int:
@@ -63,7 +65,8 @@ async def _handle(served: Served, request: HttpRequest) -> HttpResponse:
 @contextlib.asynccontextmanager
 async def serving(**limits: float) -> AsyncIterator[Served]:
     served = Served(listener=None)  # type: ignore[arg-type]
-    listener = Listener(lambda request: _handle(served, request), Limits(**limits))  # type: ignore[arg-type]
+    listener = Listener(lambda request: _handle(served, request), Limits(**limits),  # type: ignore[arg-type]
+                        on_refusal=served.refusals.append)
     served.listener = listener
     await listener.start("127.0.0.1", 0)
     try:
@@ -226,6 +229,7 @@ async def test_a_request_that_cannot_be_read_gets_an_error_and_the_connection_cl
     assert [a.status for a in answers] == [status] and closed
     assert answers[0].json()["code"] == f"GH{status}"  # PostgREST's shape
     assert after[0].status == 200
+    assert served.refusals == [status]  # reported, since no handler (nor its metrics) saw it
 
 
 async def test_an_upgrade_request_is_answered_as_http_1_1_and_the_connection_closed() -> None:
@@ -243,6 +247,7 @@ async def test_slow_headers_get_408_and_an_idle_connection_is_closed() -> None:
     assert [a.status for a in slow] == [408] and slow_closed
     assert [a.status for a in idle] == [200] and idle_closed
     assert silent == [] and silent_closed
+    assert served.refusals == [408]
 
 
 async def test_connections_over_the_limit_are_refused_with_503() -> None:
@@ -253,6 +258,7 @@ async def test_connections_over_the_limit_are_refused_with_503() -> None:
         refused, closed = await talk(served.port, get("/"))
         writer.close()
     assert [a.status for a in refused] == [503] and closed
+    assert served.refusals == [503]
 
 
 async def test_a_client_that_goes_away_cancels_its_request() -> None:

@@ -122,7 +122,9 @@ async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admi
     await runtime.start()
     try:
         limits = limits_of(settings)
-        data = Listener(create_app(runtime, manage_runtime=False).handle, limits)
+        metrics = runtime.metrics
+        data = Listener(create_app(runtime, manage_runtime=False).handle, limits,
+                        on_refusal=lambda status: metrics.observe("", "", None, "", status, 0.0))
         admin = Listener(create_admin_app(runtime).handle, limits)
         await _listen(data, host, port, "data", "--port")
         try:

@@ -185,6 +185,7 @@ class Connection(asyncio.Protocol):
         if not self.listener.admit(self):
             self.read_done = self.finished = True
             busy = ApiError("Too many connections", code="GH503", status=503, hint="Retry in a moment.")
+            self.listener.refused(503)
             transport.write(serialize(error_response(busy), head=False, keep_alive=False))
             transport.close()
             return
@@ -339,6 +340,7 @@ class Connection(asyncio.Protocol):
                     self.update_reading()
                 if refusal is not None or request is None:
                     response = error_response(refusal or InternalError("Internal error"))
+                    self.listener.refused(response.status)
                 else:
                     try:
                         response = await self.handler(request)

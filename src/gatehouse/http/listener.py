@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from gatehouse.http.exchange import Handler
 from gatehouse.http.h1 import Connection, Limits
@@ -22,9 +23,14 @@ _SWEEP_SECONDS = 0.5
 class Listener:
     """``handler`` served on ``host:port`` once :meth:`start` returns, until :meth:`stop`."""
 
-    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+    def __init__(self, handler: Handler, limits: Limits | None = None,
+                 on_refusal: Callable[[int], None] | None = None) -> None:
         self.handler = handler
         self.limits = limits or Limits()
+        self.on_refusal = on_refusal
+        """Called with the status of every answer the connection layer gives itself, without the handler: a
+        request that could not be read (400, 408, 414, 431, too many pipelined 503) or a connection over
+        ``max_connections`` (503). They never reach the handler, so its metrics would not see them."""
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False
@@ -52,6 +58,10 @@ class Listener:
 
     def forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+
+    def refused(self, status: int) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(status)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; close idle connections now and busy ones after their current response; after
