@@ -111,7 +111,7 @@ class ReadRoute:
     per request."""
 
 
-def read_route(request: HttpRequest, runtime: Runtime, app: App, contract_name: str,
+def _read_route(request: HttpRequest, runtime: Runtime, app: App, contract_name: str,
                path_version: int | None) -> ReadRoute:
     headers = request.headers
     get = request.method == "GET"
@@ -153,7 +153,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     identity, app = await identify(request, runtime)  # 401
     if runtime.audit is not None and not runtime.audit.accepting():
         raise AuditUnavailable()  # 503: no read goes unrecorded
-    route = read_route(request, runtime, app, contract_name, path_version)  # 406 / 404 / 403 / 416
+    route = _read_route(request, runtime, app, contract_name, path_version)  # 406 / 404 / 403 / 416
     contract, version, count_mode = route.contract, route.version, route.count_mode
     labels.contract, labels.api_version = contract.name, version
     filters = row_filters(app, identity, route.readable) if app.row_filters else {}  # 403 when a claim is missing

@@ -92,14 +92,16 @@ class HttpResponse:
     body: bytes = b""
     media_type: str | None = None
 
-    def header_list(self) -> list[tuple[str, str]]:
-        """Every header to send, ``Content-Type`` and ``Content-Length`` included (none on 1xx, 204, 304)."""
-        headers = [(name.lower(), value) for name, value in self.headers.items()]
-        if self.media_type is not None:
-            headers.append(("content-type", self.media_type))
+    def body_headers(self) -> list[tuple[str, str]]:
+        """``Content-Type`` (when there is a media type) and ``Content-Length`` (never on 1xx, 204, 304)."""
+        headers = [] if self.media_type is None else [("Content-Type", self.media_type)]
         if self.status >= 200 and self.status not in (204, 304):
-            headers.append(("content-length", str(len(self.body))))
+            headers.append(("Content-Length", str(len(self.body))))
         return headers
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """Every header to send, names lower-cased (as ASGI wants them), :meth:`body_headers` included."""
+        return [(name.lower(), value) for name, value in (*self.headers.items(), *self.body_headers())]
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]

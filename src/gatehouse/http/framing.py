@@ -24,12 +24,8 @@ def serialize(response: HttpResponse, *, head: bool, keep_alive: bool) -> bytes:
     closing) and body, as bytes. Header names go out as the handler spelled them (HTTP/1.1 ignores their case)."""
     status = response.status
     status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status {status}\r\n".encode()
-    headers = response.headers
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-    if response.media_type is not None:
-        lines.append(f"Content-Type: {response.media_type}\r\n")
-    if status >= 200 and status not in (204, 304):
-        lines.append(f"Content-Length: {len(response.body)}\r\n")
+    lines = [f"{name}: {value}\r\n" for name, value in response.headers.items()]
+    lines += [f"{name}: {value}\r\n" for name, value in response.body_headers()]
     lines.append(_date_line())
     if not keep_alive:
         lines.append("Connection: close\r\n")
