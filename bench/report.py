@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("gatehouse", "direct", "platformatic")
+SYSTEMS = ("gatehouse", "baseline", "direct", "platformatic")
+"""``baseline``: another build of gatehouse (``GATEHOUSE_BASELINE``), measured exactly like gatehouse, for A/B runs."""
 QUERIES = {
     "point": "point lookup",
     "list": "list of 50",
@@ -39,6 +40,7 @@ QUERIES = {
 RATIOS = {
     "gatehouse_over_direct": ("gatehouse", "direct"),
     "gatehouse_over_platformatic": ("gatehouse", "platformatic"),
+    "gatehouse_over_baseline": ("gatehouse", "baseline"),
 }
 
 Measurement = dict[str, Any]
@@ -207,6 +209,26 @@ def ratio_cell(values: dict[str, Any]) -> str:
     return f"{each} (median {values['median']:.2f}, {values['min']:.2f}-{values['max']:.2f})"
 
 
+def cpu_table(rounds: list[Round], systems: list[str]) -> list[str]:
+    """The server's CPU time per request (all its threads, from /proc while wrk ran), per round: steadier than
+    req/s on a VM whose other guests take CPU, since it does not count the time the server waited."""
+    measured = [system for system in systems
+                if any((r.results[q][system] or {}).get("server_cpu_us") for r in rounds for q in QUERIES)]
+    if not measured:
+        return []
+    lines = ["", "Server CPU per request, µs (median of the rounds; each round):", "",
+             "| query | " + " | ".join(measured) + " |", "| --- |" + " ---: |" * len(measured)]
+    for query, label in QUERIES.items():
+        cells = []
+        for system in measured:
+            each = [(r.results[query][system] or {}).get("server_cpu_us") for r in rounds]
+            known = sorted(v for v in each if v)
+            median = f"{statistics.median_low(known):.0f}" if known else "n/a"
+            cells.append(f"{median} ({' / '.join('n/a' if not v else f'{v:.0f}' for v in each)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(
     results: Results,
     skipped: dict[str, str],
@@ -234,8 +256,10 @@ def markdown(
             "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
     invalid_notes = []
+    listed = [system for system in SYSTEMS
+              if system != "baseline" or any(results[query]["baseline"] is not None for query in QUERIES)]
     for query, label in QUERIES.items():
-        for system in SYSTEMS:
+        for system in listed:
             m = results[query][system]
             extra = f" {per_round_rps(rounds, query, system)} |" if several else ""
             if m is None:
@@ -256,27 +280,24 @@ def markdown(
                 invalid_notes.append(
                     f"{system}, {label}: {in_rounds(invalid)} had more than 1% errors (INVALID), {kept}."
                 )
-    lines += [
-        "",
-        "| query | gatehouse ÷ direct (req/s) | gatehouse ÷ platformatic (req/s) |",
-        "| --- | ---: | ---: |",
-    ]
+    shown = [name for name in RATIOS if any(query_ratios[q][name] is not None for q in QUERIES)
+             or name != "gatehouse_over_baseline"]
+    titles = [" ÷ ".join(RATIOS[name]) for name in shown]
+    lines += ["", "| query | " + " | ".join(f"{t} (req/s)" for t in titles) + " |",
+              "| --- |" + " ---: |" * len(shown)]
     for query, label in QUERIES.items():
-        over_direct = cell(query_ratios[query]["gatehouse_over_direct"], 2)
-        over_platformatic = cell(query_ratios[query]["gatehouse_over_platformatic"], 2)
-        lines.append(f"| {label} | {over_direct} | {over_platformatic} |")
+        lines.append(f"| {label} | " + " | ".join(cell(query_ratios[query][n], 2) for n in shown) + " |")
     if several and by_round is not None:
         lines += [
             "",
             "Per-round ratios (both systems measured in the same round; round 1 / round 2 / ...):",
             "",
-            "| query | gatehouse ÷ direct per round | gatehouse ÷ platformatic per round |",
-            "| --- | ---: | ---: |",
+            "| query | " + " | ".join(f"{t} per round" for t in titles) + " |",
+            "| --- |" + " ---: |" * len(shown),
         ]
         for query, label in QUERIES.items():
-            over_direct = ratio_cell(by_round[query]["gatehouse_over_direct"])
-            over_platformatic = ratio_cell(by_round[query]["gatehouse_over_platformatic"])
-            lines.append(f"| {label} | {over_direct} | {over_platformatic} |")
+            lines.append(f"| {label} | " + " | ".join(ratio_cell(by_round[query][n]) for n in shown) + " |")
+    lines += cpu_table(rounds or [], listed)
     notes = [
         f"{system}, {QUERIES[query]}: not run — {why}"
         for query, by_system in not_run.items()
@@ -293,7 +314,8 @@ def markdown(
     ]
     if skipped or partial:
         lines.append("")
-        lines += [f"**{system}: NOT MEASURED** — {why}" for system, why in skipped.items()]
+        lines += [f"**{system}: NOT MEASURED** — {why}" for system, why in skipped.items()
+                  if system != "baseline" or "not selected" not in why]
         lines += partial
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import asyncpg
+import orjson
 import pytest
 
 from conftest import ProjectFactory
@@ -212,6 +213,27 @@ def failing_until_up(audited: Audited) -> tuple[Callable[[], Awaitable[asyncpg.C
             raise OSError("connection refused (audit store down)")
         return await connect()
     return maybe, up
+
+
+async def test_an_audit_table_from_before_the_client_column_is_upgraded_and_old_spool_lines_replay(
+        audited: Audited) -> None:
+    conn = await audited.owner()
+    try:
+        await conn.execute("ALTER TABLE gatehouse.audit DROP COLUMN client")
+        await conn.execute(AUDIT_DDL)
+        assert await conn.fetchval("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'gatehouse' "
+                                   "AND table_name = 'audit' AND column_name = 'client'") == 1
+    finally:
+        await conn.close()
+    spool = audited.tmp / "old-spool.jsonl"
+    old_line = orjson.dumps({k: v for k, v in record(7)._asdict().items() if k != "client"}) + b"\n"
+    spool.write_bytes(old_line)  # written by a gatehouse that had no client column yet
+    writer = AuditWriter(audited.connect(), spool, flush_interval_s=0.01)
+    writer.start()
+    writer.submit(record(8)._replace(client="198.51.100.4"))
+    await writer.stop()
+    assert await audited.scalar("SELECT string_agg(request_id || '=' || client, ',' ORDER BY request_id) "
+                                "FROM gatehouse.audit") == "req-7=,req-8=198.51.100.4"
 
 
 async def test_store_down_spools_within_bounds_and_replays_exactly_once(audited: Audited) -> None:
@@ -546,7 +568,7 @@ async def test_search_and_version_usage(audited: Audited) -> None:
         with pytest.raises(ValueError):
             await search(conn, status="teapot")
         found = await search(conn, app="web", limit=1)
-        assert as_table_rows(found)[0][1:9] == ("req-2", "web", "k1", "bob", "GET", "things", "v1", "404")
+        assert as_table_rows(found)[0][1:10] == ("req-2", "-", "web", "k1", "bob", "GET", "things", "v1", "404")
         assert as_json(found)[0]["at"].startswith(str(now.year))
 
         usage = await version_usage(conn)

@@ -16,7 +16,6 @@ from gatehouse.check import Finding, exit_code, render_findings, run_check
 from gatehouse.contracts import compat
 from gatehouse.contracts.lockfile import (
     Lock,
-    Signature,
     dumps_lock,
     parse_lock,
     read_lock,
@@ -25,7 +24,8 @@ from gatehouse.contracts.lockfile import (
 )
 from gatehouse.contracts.model import check_not_null, declared_not_null
 from gatehouse.contracts.reads import ColumnRef, TableRef, columns_read, projection_stars, tables_read
-from gatehouse.contracts.signature import CompileError, project_signatures
+from gatehouse.contracts.shape import CompileError, Signature
+from gatehouse.contracts.signature import project_signatures
 from gatehouse.errors import ProjectError
 from gatehouse.project import Project, load_project
 
@@ -79,7 +79,7 @@ async def test_compatibility_rule(make_project: ProjectFactory, case: str, new_s
 
 
 def test_compat_relation_cardinality_and_messages() -> None:
-    from gatehouse.contracts.lockfile import Column, RelationRef
+    from gatehouse.contracts.shape import Column, RelationRef
 
     old = Signature("a", 1, "db", (Column("id", "integer", False),), (RelationRef("b", ("id",), ("a_id",), True),))
     new = Signature("a", 1, "db", (Column("id", "integer", False),), (RelationRef("b", ("id",), ("a_id",), False),))

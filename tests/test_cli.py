@@ -47,6 +47,23 @@ def test_project_errors_are_clear(tmp_path: Path) -> None:
     assert "no gatehouse.toml here" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_typo_in_gatehouse_toml_is_one_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "api"
+    gatehouse("init", str(folder))
+    toml = folder / "gatehouse.toml"
+    toml.write_text(toml.read_text().replace("pool_size = 5", "pool_sise = 5"))
+    result = gatehouse("--project", str(folder), "migrate", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{toml}: invalid settings" in result.stderr
+    assert "apps.example.quota.pool_sise: unknown setting; did you mean pool_size?" in result.stderr
+    env = {**os.environ, "GATEHOUSE_SERVER__PORTT": "8080"}
+    toml.write_text(toml.read_text().replace("pool_sise = 5", "pool_size = 5"))
+    from_env = gatehouse("--project", str(folder), "apply", env=env, check=False)
+    assert from_env.returncode == 1
+    assert "GATEHOUSE_SERVER__PORTT (in the environment) sets server.portt" in from_env.stderr
+    assert "did you mean GATEHOUSE_SERVER__PORT?" in from_env.stderr
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The demo on the embedded PostgreSQL (no URL anywhere), set up once for this module."""

@@ -129,9 +129,9 @@ def test_order(query: str, expected: tuple[OrderTerm, ...]) -> None:
 
 
 def test_limit_offset_and_write_parameters() -> None:
-    query = parse_query('limit=10&offset=-5&columns="id","name"&on_conflict=email')
-    assert (query.top.limit, query.top.offset) == (10, 0)  # a negative offset is ignored, as PostgREST does
-    assert query.columns == ("id", "name") and query.on_conflict == ("email",)
+    query = parse_query('limit=10&offset=5&columns="id","name"&on_conflict=email, "first name"')
+    assert (query.top.limit, query.top.offset) == (10, 5)
+    assert query.columns == ("id", "name") and query.on_conflict == ("email", "first name")
     assert parse_query("empty=").top.where == []  # an empty value is not a filter
 
 
@@ -147,7 +147,16 @@ ERRORS = [
     ("order=id.sideways", 400, "PGRST100"),
     ("order=id.asc.nullslasttt", 400, "PGRST100"),
     ("limit=ten", 400, "PGRST100"),
-    ("limit=-1", 416, "PGRST103"),
+    ("limit=-1", 400, "PGRST100"),  # PostgREST: 416; a negative limit is no range anyone can mean
+    ("offset=-1", 400, "PGRST100"),  # PostgREST ignores it
+    ("items.limit=-1", 400, "PGRST100"),
+    ("on_conflict=id)junk", 400, "PGRST100"),  # anything after the column list
+    ("on_conflict=id;drop", 400, "PGRST100"),
+    ('on_conflict="id"x', 400, "PGRST100"),
+    ("on_conflict=id,", 400, "PGRST100"),
+    ("columns=id)", 400, "PGRST100"),
+    ("name=eq.%FF", 400, "GH400"),  # not UTF-8 once percent-decoded: refused, never replaced
+    ("select=%C3", 400, "GH400"),
     ("select=na(me", 400, "PGRST100"),
     ("select=id::text;drop", 400, "PGRST100"),
     ("select=id::\"text\"", 400, "PGRST100"),

@@ -15,7 +15,9 @@ import pytest
 
 from conftest import with_database
 from gatehouse.db import Connection
+from gatehouse.db.faults import BACKOFF_FIRST_S, BACKOFF_MAX_S, BACKOFF_SPREAD
 from gatehouse.db.pools import AppPool
+from gatehouse.db.waiters import SWEEP_RETRY_S, Waiters
 from gatehouse.errors import PoolTimeout, ServiceUnavailable
 
 Connect = Callable[[], Awaitable[Connection]]
@@ -351,6 +353,14 @@ async def test_connection_killed_server_side_while_idle_is_replaced(harness: Har
 
 # --- 7. connecting fails ------------------------------------------------------------------------
 
+PAST_FIRST_BACKOFF_S = BACKOFF_FIRST_S * (1 + BACKOFF_SPREAD) + 0.05
+
+
+def _retry_after(error: ServiceUnavailable) -> int:
+    seconds = int(error.headers["Retry-After"])
+    assert 1 <= seconds <= BACKOFF_MAX_S * (1 + BACKOFF_SPREAD) + 1
+    return seconds
+
 
 @pytest.mark.parametrize("failure", ["refused", "no_such_database", "timeout"])
 async def test_failing_connect_is_service_unavailable_and_frees_its_slot(harness: Harness, failure: str) -> None:
@@ -373,11 +383,14 @@ async def test_failing_connect_is_service_unavailable_and_frees_its_slot(harness
     async with pool.acquire() as held:
         assert pool.opened == 1
         failing = True
-        with pytest.raises(ServiceUnavailable):
+        with pytest.raises(ServiceUnavailable) as refused:
             async with pool.acquire():
                 pytest.fail("a failed connect gave a connection")
+        assert refused.value.code == "PGRST000" and _retry_after(refused.value) >= 1
+        assert "refused" not in refused.value.message.lower() and refused.value.details is None
         assert (pool.opened, pool.in_use) == (1, 1)  # the failed attempt gave its slot back
         failing = False
+        await asyncio.sleep(PAST_FIRST_BACKOFF_S)  # the database is left alone for a moment, then tried again
         async with pool.acquire() as second:
             assert second is not held
             assert pool.opened == 2
@@ -385,7 +398,9 @@ async def test_failing_connect_is_service_unavailable_and_frees_its_slot(harness
     assert (pool.opened, pool.idle, pool.in_use) == (2, 2, 0)
 
 
-async def test_failing_connect_wakes_a_waiter_to_open_in_its_place(harness: Harness) -> None:
+async def test_failing_connect_fails_its_waiters_at_once_then_backs_off(harness: Harness) -> None:
+    """A refused connect answers the requests waiting behind it with 503 at once (not at their timeout), and
+    the database is not asked again until the backoff has passed."""
     calls = 0
 
     async def connect() -> Connection:
@@ -405,9 +420,76 @@ async def test_failing_connect_wakes_a_waiter_to_open_in_its_place(harness: Harn
     assert not second.done()
     with pytest.raises(ServiceUnavailable):
         await first
-    assert await asyncio.wait_for(second, 2.0) > 0
-    assert time.monotonic() - started < 1.0  # woken by the failure, not by its own timeout
+    with pytest.raises(ServiceUnavailable) as waited:
+        await second
+    assert time.monotonic() - started < 0.5  # woken by the failure, not by its own timeout
+    assert waited.value.code == "PGRST000" and _retry_after(waited.value) == 1
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        await pid_of(pool)  # during the backoff: answered at once, the database is not asked
+    assert time.monotonic() - started < 0.05
+    assert calls == 1
+    await asyncio.sleep(PAST_FIRST_BACKOFF_S)
+    assert await pid_of(pool) > 0
     assert (pool.opened, pool.idle, calls) == (1, 1, 2)
+
+
+async def test_a_database_that_stays_down_is_asked_less_and_less(harness: Harness) -> None:
+    """Requests keep coming every 20 ms for 2.5 s while nothing listens: each is answered 503 at once, and
+    the pool tries to connect only after each backoff (0.5, 1, 2 s ±20 %): four times, not a hundred."""
+    calls = 0
+
+    async def connect() -> Connection:
+        nonlocal calls
+        calls += 1
+        conn: Connection = await asyncpg.connect(REFUSED)
+        return conn
+
+    pool = harness.pool(3, connect=connect)
+    answered = 0
+    slowest = 0.0
+    stop = time.monotonic() + 2.5
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as refused:
+            await pid_of(pool)
+        slowest = max(slowest, time.monotonic() - started)
+        _retry_after(refused.value)
+        answered += 1
+        await asyncio.sleep(0.02)
+    assert answered > 50
+    assert 3 <= calls <= 4, calls
+    assert slowest < 0.2
+    assert pool.opened == 0
+
+
+async def test_after_the_backoff_one_request_at_a_time_tries_to_connect(harness: Harness) -> None:
+    calls = 0
+    down = True
+
+    async def connect() -> Connection:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        if down:
+            raise OSError("no route to host")
+        return await harness.connect()
+
+    pool = harness.pool(3, connect=connect)
+    with pytest.raises(ServiceUnavailable):
+        await pid_of(pool)
+    await asyncio.sleep(PAST_FIRST_BACKOFF_S)
+    down = False
+    probe = asyncio.create_task(pid_of(pool))
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        await pid_of(pool)  # while the probe is under way
+    assert time.monotonic() - started < 0.05
+    assert await probe > 0
+    assert calls == 2
+    pids = await asyncio.gather(*(pid_of(pool) for _ in range(3)))  # back: connections open in parallel again
+    assert all(pid > 0 for pid in pids) and pool.opened <= 3
 
 
 # --- 8. closing ---------------------------------------------------------------------------------
@@ -443,3 +525,127 @@ async def test_close_closes_idle_connections(harness: Harness) -> None:
     assert all(conn.is_closed() for conn in conns)
     assert (pool.opened, pool.idle, pool.in_use) == (0, 0, 0)
     assert await eventually(_no_backends(harness))
+
+
+# --- 9. aging -----------------------------------------------------------------------------------
+
+
+def _aging_pool(harness: Harness, size: int, *, max_idle_s: float = 60.0, max_lifetime_s: float = 600.0) -> AppPool:
+    pool = AppPool(harness.connect, size, 5.0, max_idle_s=max_idle_s, max_lifetime_s=max_lifetime_s)
+    harness.pools.append(pool)
+    return pool
+
+
+async def test_idle_connections_are_closed_after_max_idle_and_reopened_on_demand(harness: Harness) -> None:
+    pool = _aging_pool(harness, 2, max_idle_s=0.4)
+    async with pool.acquire() as a, pool.acquire() as b:
+        old = {await a.fetchval("SELECT pg_backend_pid()"), await b.fetchval("SELECT pg_backend_pid()")}
+    await asyncio.sleep(0.25)
+    assert (pool.opened, pool.idle) == (2, 2)  # not before max idle
+    assert await harness.backends() == 2
+
+    async def aged_out() -> bool:
+        return pool.opened == 0 and await harness.backends() == 0
+
+    assert await eventually(aged_out, timeout_s=1.5)
+    fresh = await pid_of(pool)
+    assert fresh not in old
+    assert (pool.opened, pool.idle) == (1, 1)
+
+
+async def test_a_connection_in_steady_use_is_replaced_after_its_lifetime(harness: Harness) -> None:
+    """Never idle, so only its lifetime ends it: closed when it comes back, and the next request opens a new
+    one. Every request on the way succeeds."""
+    pool = _aging_pool(harness, 1, max_lifetime_s=0.3)
+    pids: list[int] = []
+    stop = time.monotonic() + 1.2
+    while time.monotonic() < stop:
+        pids.append(await pid_of(pool))
+        await asyncio.sleep(0.01)
+    distinct = list(dict.fromkeys(pids))
+    assert len(distinct) >= 3, distinct  # about one per 0.27-0.3 s
+    assert pool.opened <= 1
+    for pid in distinct[:-1]:
+        assert await eventually(_gone(harness, pid))
+
+
+async def test_a_connection_past_its_lifetime_is_not_taken_from_its_lease(harness: Harness) -> None:
+    pool = _aging_pool(harness, 1, max_lifetime_s=0.2)
+    async with pool.acquire() as conn:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await asyncio.sleep(0.4)  # past its lifetime while in use: still the lease's
+        assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+    assert await eventually(_gone(harness, pid))
+    assert await pid_of(pool) != pid
+
+
+async def test_a_pool_without_connections_keeps_no_timer(harness: Harness) -> None:
+    pool = _aging_pool(harness, 1, max_idle_s=0.1)
+    assert pool._ager is None
+    await pid_of(pool)
+    assert pool._ager is not None
+
+    async def stopped() -> bool:
+        return pool.opened == 0 and pool._ager is None
+
+    assert await eventually(stopped)
+
+
+# --- 10. the timers survive an error -----------------------------------------------------------
+
+
+async def test_a_sweep_that_fails_still_times_out_every_waiter(caplog: pytest.LogCaptureFixture) -> None:
+    """The one timer that times out every waiter of a pool must not die of an exception: here making the
+    first waiter's error fails once. That waiter is timed out on the next try, the other one on time."""
+    calls = 0
+
+    def flaky() -> BaseException:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("could not build the error")
+        return PoolTimeout("timed out")
+
+    waiters = Waiters(flaky, "test")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def wait(deadline_s: float) -> float:
+        with pytest.raises(PoolTimeout):
+            await waiters.add(loop, started + deadline_s)
+        return loop.time() - started
+
+    first, second = await asyncio.gather(wait(0.1), wait(0.3))
+    assert 0.1 <= first < 0.1 + SWEEP_RETRY_S + 0.1
+    assert 0.3 <= second < 0.4
+    assert calls == 3
+    assert "could not time out a waiter (RuntimeError)" in caplog.text
+    late = loop.time()
+    with pytest.raises(PoolTimeout):  # and the timer still serves new waiters
+        await waiters.add(loop, late + 0.05)
+    assert loop.time() - late < 0.2
+
+
+async def test_aging_that_fails_once_goes_on(harness: Harness, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    pool = _aging_pool(harness, 1, max_idle_s=0.2)
+    real = pool._retire
+    failures = 0
+
+    def flaky(now: float) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RuntimeError("aging went wrong")
+        real(now)
+
+    monkeypatch.setattr(pool, "_retire", flaky)
+    pid = await pid_of(pool)
+    assert await eventually(_gone(harness, pid), timeout_s=2.0)  # closed by a later tick
+
+    async def slot_given_back() -> bool:  # once its close has finished, a moment after the backend left
+        return pool.opened == 0
+
+    assert await eventually(slot_given_back, timeout_s=2.0)
+    assert failures == 1
+    assert "aging connections failed (RuntimeError)" in caplog.text

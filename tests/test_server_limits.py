@@ -1,4 +1,4 @@
-"""``gatehouse serve``'s connection limits from ``[server]``, and the open-files limit they need."""
+"""``[server]`` as granian's settings, and the open-files limit the connection limit needs."""
 
 from __future__ import annotations
 
@@ -6,16 +6,38 @@ import resource
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from gatehouse.config import ServerConfig
-from gatehouse.server import limits_of, open_files_limit
+from gatehouse.errors import ProjectError
+from gatehouse.server.settings import granian_options, open_files_limit
 
 
-def test_the_server_settings_become_the_connection_limits() -> None:
-    limits = limits_of(ServerConfig(max_connections=100, max_header_bytes=4096, max_query_length=2048,
-                                    header_timeout_s=3, keepalive_timeout_s=2))
-    assert (limits.max_connections, limits.max_header_bytes, limits.max_url_bytes) == (100, 4096, 2048)
-    assert (limits.header_timeout, limits.keepalive_timeout) == (3, 2)
+def test_the_server_settings_become_granians(tmp_path: Path) -> None:
+    options = granian_options(ServerConfig(max_connections=100, max_header_bytes=20_000, header_timeout_s=3), tmp_path)
+    assert options["backpressure"] == 100
+    assert options["http1_settings"].max_buffer_size == 20_000
+    assert options["http1_settings"].header_read_timeout == 3000
+    assert options["http2_settings"].max_headers_size == 20_000
+    assert "ssl_cert" not in options
+    # hyper's buffer cannot be smaller than 8 KiB: a smaller header limit still cuts at 8 KiB
+    assert granian_options(ServerConfig(max_header_bytes=2048), tmp_path)["http1_settings"].max_buffer_size == 8192
+
+
+def test_tls_files_are_checked_before_the_server_starts(tmp_path: Path) -> None:
+    with pytest.raises(ProjectError, match="there is no file"):
+        granian_options(ServerConfig(tls_cert_file="missing.crt", tls_key_file="missing.key"), tmp_path)
+    (tmp_path / "a.crt").write_text("x")
+    with pytest.raises(ProjectError, match="go together"):
+        granian_options(ServerConfig(tls_cert_file="a.crt"), tmp_path)
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    assert ServerConfig(trusted_proxies=("10.0.0.0/8", "::1")).trusted_proxies == ("10.0.0.0/8", "::1")
+    with pytest.raises(ValueError, match="not an IP address or CIDR"):
+        ServerConfig(trusted_proxies=("proxy.internal",))
 
 
 def test_the_open_files_limit_is_raised_toward_what_is_wanted_but_never_lowered() -> None:
@@ -29,12 +51,10 @@ def test_connections_are_capped_by_the_files_the_process_may_open() -> None:
     script = textwrap.dedent("""
         import resource
         from gatehouse.config import ServerConfig
-        from gatehouse.server import limits_of
+        from gatehouse.server.settings import connection_limit
         resource.setrlimit(resource.RLIMIT_NOFILE, (300, 1256))
-        raised = limits_of(ServerConfig(max_connections=400))          # needs 1056: raised to it
-        print(raised.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        capped = limits_of(ServerConfig(max_connections=4096))         # needs 8448: only 1256 allowed
-        print(capped.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        print(connection_limit(ServerConfig(max_connections=400)), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        print(connection_limit(ServerConfig(max_connections=4096)), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["400", "1056", "500", "1256"]

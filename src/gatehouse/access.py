@@ -12,7 +12,8 @@ from email.utils import format_datetime
 
 from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
-from gatehouse.errors import ApiError, UnknownContract, UnknownProfile, VersionRetired
+from gatehouse.db.catalog import ViewShape
+from gatehouse.errors import ActionNotGranted, UnknownContract, UnknownProfile, VersionRetired
 from gatehouse.project import App, Project
 from gatehouse.query.row_filters import bind_claims
 from gatehouse.query.tree import Condition
@@ -29,7 +30,7 @@ def choose_version(project: Project, app: App, profile: str | None, path_version
         match = PROFILE.match((profile or "").strip())
         requested = int(match.group(1)) if match else None
     if requested in project.versions.retired:
-        raise VersionRetired(f"API v{requested} has been retired", code="GH410",
+        raise VersionRetired(f"API v{requested} has been retired",
                              hint=f"Move to a newer version (newest: v{project.versions.newest}).")
     if requested is None or requested not in project.versions.served:
         shown = profile if path_version is None else f"v{path_version}"
@@ -73,8 +74,20 @@ def granted_contract(project: Project, app: App, version: int, name: str, action
         raise UnknownContract(f"Could not find the contract '{name}' in API v{version}",
                               hint="Check the name and the API version (Accept-Profile or /vN/ prefix).")
     if action not in grant:
-        raise ApiError(f"The application may not {action} '{name}'", code="42501", status=403,
-                       hint=f"Its grant on '{name}' allows: {', '.join(sorted(grant))}.")
+        raise ActionNotGranted(f"The application may not {action} '{name}'",
+                               hint=f"Its grant on '{name}' allows: {', '.join(sorted(grant))}.")
     return contract
+
+
+def allowed_methods(shape: ViewShape, has_key: bool, grant: frozenset[str]) -> list[str]:
+    """The methods an app may use on a contract, from its grant and what the view can take: ``OPTIONS``'s
+    ``Allow``, and the ``Allow`` of a 405 on the contract. ``PUT`` needs a key to name its row by."""
+    allowed = ["OPTIONS"]
+    allowed += ["GET", "HEAD"] if "read" in grant else []
+    allowed += ["POST"] if "insert" in grant and shape.insertable else []
+    allowed += ["PUT"] if {"insert", "update"} <= grant and shape.insertable and shape.updatable and has_key else []
+    allowed += ["PATCH"] if "update" in grant and shape.updatable else []
+    allowed += ["DELETE"] if "delete" in grant and shape.deletable else []
+    return allowed
 
 

@@ -1,6 +1,6 @@
 """``create_app(runtime)`` → the data port; ``create_admin_app(runtime)`` → the admin port. Each has a
-``handle(HttpRequest) -> HttpResponse`` that ``gatehouse serve`` serves over HTTP/1.1 (``http/h1.py``), and
-speaks ASGI too (tests call them through httpx's ASGI transport).
+``handle(HttpRequest) -> HttpResponse`` that ``gatehouse serve`` serves on granian (``server/``), and speaks
+ASGI too (tests call them through httpx's ASGI transport).
 
 The data port serves contracts; the admin port (keep it off the public network) serves ``/live``,
 ``/ready`` and ``/metrics``. Both share one :class:`Runtime`, opened by the data app's lifespan.
@@ -13,7 +13,7 @@ import re
 import orjson
 
 from gatehouse import pipeline
-from gatehouse.errors import InvalidPath, MethodNotAllowed
+from gatehouse.errors import InvalidPath, InvalidUrlEncoding, MethodNotAllowed
 from gatehouse.http.asgi import Receive, Scope, Send, serve_asgi
 from gatehouse.http.docs import STATIC_PATH, docs_endpoint, static_file
 from gatehouse.http.exchange import HttpRequest, HttpResponse, json_response
@@ -23,6 +23,9 @@ from gatehouse.logic.endpoint import call_rpc
 from gatehouse.runtime import Runtime
 
 READ_METHODS = ("GET", "HEAD")
+CONTRACT_METHODS = ("OPTIONS", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+"""What a contract's path takes from some app; ``OPTIONS`` tells an app which of them it may use."""
+RPC_METHODS = ("GET", "HEAD", "POST")
 CONTRACT_PATH = re.compile(r"^/(?:v([1-9][0-9]{0,3})/)?([^/]+)$")
 RPC_PATH = re.compile(r"^/rpc/([^/]+)$")
 
@@ -38,6 +41,9 @@ class DataApp:
 
     async def route(self, request: HttpRequest) -> HttpResponse:
         path, method, runtime = request.path, request.method, self.runtime
+        if "\ufffd" in path:  # an ASGI server decodes the path and replaces bytes that are not UTF-8
+            raise InvalidUrlEncoding("The URL path is not valid UTF-8",
+                                     hint="Percent-encode the UTF-8 bytes of each character.")
         contract = CONTRACT_PATH.match(path)
         if contract is not None and path != "/docs":
             name, version = contract.group(2), contract.group(1)
@@ -48,9 +54,9 @@ class DataApp:
                 return await pipeline.write(request, runtime, name, path_version)
             if method == "OPTIONS":
                 return await pipeline.options(request, runtime, name, path_version)
-            raise MethodNotAllowed(f"Unsupported HTTP method: {method}")
+            raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=CONTRACT_METHODS)
         if path in ("/", "/docs") and method not in READ_METHODS:
-            raise MethodNotAllowed(f"Unsupported HTTP method: {method}")
+            raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=READ_METHODS)
         if path == "/":
             return await openapi_endpoint(request, runtime)
         if path == "/docs":
@@ -59,8 +65,8 @@ class DataApp:
             return static_file(request, path[len(STATIC_PATH) + 1:])
         rpc = RPC_PATH.match(path)
         if rpc is not None:
-            if method not in ("GET", "HEAD", "POST"):
-                raise MethodNotAllowed(f"Unsupported HTTP method: {method}")
+            if method not in RPC_METHODS:
+                raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=RPC_METHODS)
             return await call_rpc(request, runtime, rpc.group(1))
         raise InvalidPath("Invalid path specified in request URL")
 
@@ -104,7 +110,7 @@ class AdminApp:
         if request.path not in ("/live", "/ready", "/metrics"):
             return json_response(b'{"status":"not found"}', 404)
         if request.method not in READ_METHODS:
-            return HttpResponse(405, {"Allow": "GET, HEAD"})
+            return HttpResponse(405, {"Allow": ", ".join(READ_METHODS)})
         if request.path == "/live":
             return json_response(b'{"status":"live"}')
         if request.path == "/ready":
@@ -123,7 +129,6 @@ class AdminApp:
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
-
 
 
 def create_admin_app(runtime: Runtime) -> AdminApp:

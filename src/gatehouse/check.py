@@ -53,13 +53,13 @@ from gatehouse.contracts.lockfile import (
     CHECKSUM_ALGORITHMS,
     LOCK_FILE,
     Lock,
-    Signature,
     file_checksum,
     read_lock,
 )
 from gatehouse.contracts.model import ContractVersion, check_not_null, load_contract_file
 from gatehouse.contracts.reads import columns_read, projection_stars, tables_read
-from gatehouse.contracts.signature import CompileError, live_labels, live_signatures
+from gatehouse.contracts.shape import CompileError, Signature
+from gatehouse.contracts.signature import live_labels, live_signatures
 from gatehouse.contracts.versions import carry_forward
 from gatehouse.db.targets import resolve_targets
 from gatehouse.errors import ApiError, DatabaseUnavailable, ProjectError

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gatehouse import __version__, operations
+from gatehouse.db.targets import check_logins
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
 from gatehouse.migrate.plan import Plan
 from gatehouse.project import Project, load_project
@@ -58,8 +59,10 @@ def _project() -> Project:
     return _run_sync(lambda: load_project(State.project_path))
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+def _fail(message: str, *, hint: str | None = None) -> typer.Exit:
+    """Print one error (and what to do) on stderr; the caller raises the returned exit."""
+    err.print("[bold red]error:[/] ", end="", highlight=False, markup=True)
+    err.print(message + (f"\n  hint: {hint}" if hint else ""), highlight=False, markup=False)
     return typer.Exit(1)
 
 
@@ -78,8 +81,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(str(exc)) from None
     except asyncpg.PostgresError as exc:
         raise _fail(f"the database refused: {exc}") from None
-    except (OSError, TimeoutError) as exc:
-        raise _fail(f"cannot reach the database: {exc}") from None
+    except (ConnectionError, TimeoutError, asyncpg.InterfaceError) as exc:  # a failed login is a DatabaseUnavailable
+        raise _fail(f"the connection to the database broke: {str(exc) or type(exc).__name__}",
+                    hint="check that the server is still running, then run the command again") from None
+    except OSError as exc:
+        raise _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")) from None
 
 
 @app.command()
@@ -99,11 +105,20 @@ migrate_app = typer.Typer(help="Versioned SQL migrations: migrations/V<NNN>__<de
 app.add_typer(migrate_app, name="migrate")
 
 
+FORCE_HELP = "Apply even if released contract versions would break."
+
+
 @migrate_app.callback(invoke_without_command=True)
-def migrate(ctx: typer.Context) -> None:
-    """Apply pending migrations (the default), or: status, plan, repair."""
+def migrate(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+) -> None:
+    """Apply pending migrations (the default: `migrate` is `migrate apply`), or: status, plan, repair."""
     if ctx.invoked_subcommand is None:
-        migrate_apply()
+        _migrate(force=force)
+    elif force and ctx.invoked_subcommand != "apply":
+        raise _fail(f"--force is for applying migrations (`gatehouse migrate --force`), not for "
+                    f"`migrate {ctx.invoked_subcommand}`")
 
 
 def _print_plans(plans: list[Plan]) -> None:
@@ -146,11 +161,15 @@ def migrate_plan() -> None:
 
 @migrate_app.command("apply")
 def migrate_apply(
-    force: Annotated[bool, typer.Option("--force", help="Apply even if released contract versions would break.")]
-    = False,
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Plan, lint with squawk, apply the pending migrations (each once, in order, under a lock), then re-sync the
     contract views. A migration that would break a released contract version is refused unless --force."""
+    _migrate(force=force or bool(ctx.parent and ctx.parent.params.get("force")))
+
+
+def _migrate(*, force: bool) -> None:
     project = _project()
     with out.status("planning..."):
         plans = run(operations.plan_all(project))
@@ -158,7 +177,7 @@ def migrate_apply(
         _print_plans(plans)
         if not force:
             raise _fail("these migrations would break released contract versions; follow expand → migrate → "
-                        "contract (docs/safe-schema-changes.md), or pass --force")
+                        "contract (docs/safe-schema-changes.md), or run `gatehouse migrate --force`")
     with out.status("linting pending migrations..."):
         reports = run(operations.lint_pending(project))
     for database, report in reports.items():
@@ -342,7 +361,8 @@ def keys_revoke(
     project = _project()
     revoked = run(operations.revoke_keys(project, app_name, key_id))
     if not revoked:
-        raise _fail(f"no active key {key_id or ''} of {app_name} to revoke".replace("  ", " "))
+        which = f"no active key {key_id} of {app_name}" if key_id else f"no active key of {app_name}"
+        raise _fail(f"{which} to revoke", hint="see `gatehouse keys list`")
     out.print(f"revoked {len(revoked)} key(s) of {app_name}: {', '.join(revoked)}")
 
 
@@ -360,6 +380,7 @@ def serve(
 
     project = _project()
     server = project.config.server
+    run(check_logins(project))  # a wrong URL or password is said once, plainly, before anything listens
     configure_logging(log_level)
     run(serve_forever(Runtime(project), host=host or server.host, port=server.port if port is None else port,
                       admin_host=server.admin_host,

@@ -1,13 +1,16 @@
 """The models of ``gatehouse.toml``, validated at load.
 
-Secrets are never literals in the file: a value that must be secret (a database URL, a password) is written
-``"env:VAR"`` and read from the environment when it is used. Any setting can be overridden from the
-environment with ``GATEHOUSE_<SECTION>__<KEY>[__<KEY>...]``, e.g. ``GATEHOUSE_DATABASES__SHOP__URL`` or
-``GATEHOUSE_SERVER__PORT``; the override is applied before validation, so it is checked like the file.
+Secrets are never literals in the file: a password (or a database URL that holds one) is written
+``"env:VAR"`` and read from the environment when it is used; a URL without a password may be written as it
+is. Any setting can be overridden from the environment with ``GATEHOUSE_<SECTION>__<KEY>[__<KEY>...]``, e.g.
+``GATEHOUSE_DATABASES__SHOP__URL`` or ``GATEHOUSE_SERVER__PORT``; the override is applied before validation,
+so it is checked like the file, and a mistake in it names the variable. Mistakes are reported by
+:mod:`gatehouse.config_errors` with the file, the full key, what was given and what is allowed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,14 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
 
 from gatehouse.auth.jwt import AuthConfig
+from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.errors import ProjectError
-from gatehouse.secrets import SecretRef
+from gatehouse.secrets import DatabaseUrl, SecretRef
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
-ENV_PREFIX = "GATEHOUSE_"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Action = Literal["read", "insert", "update", "delete"]
@@ -41,10 +43,13 @@ class ProjectSection(Strict):
 
 
 class DatabaseConfig(Strict):
-    url: SecretRef = Field(default=None, description="'env:VAR' naming a PostgreSQL URL; none = embedded")
+    url: DatabaseUrl = Field(default=None, description="a PostgreSQL URL without a password, or 'env:VAR' "
+                                                       "naming one (with a password); none = embedded")
     authenticator_password: SecretRef = Field(
         default=None, description="'env:VAR' with the password of the authenticator role, if the server needs one"
     )
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300,
+                                     description="how long to wait for the server to answer a login")
 
 
 class ServerConfig(Strict):
@@ -60,17 +65,41 @@ class ServerConfig(Strict):
     audit_query_values: bool = Field(default=False, description="keep filter values in the audit (else ***)")
     debug: bool = Field(default=False, description="add PostgreSQL's own error text to errors: never in production")
     pool_timeout_ms: int = Field(default=5000, ge=1, le=600_000)
+    pool_max_idle_s: float = Field(default=30.0, gt=0, le=86_400,
+                                   description="a pooled database connection idle this long is closed")
+    pool_max_lifetime_s: float = Field(default=1800.0, gt=0, le=604_800,
+                                       description="a pooled database connection this old is closed once free")
     auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,
                                           description="failed authentications per client address per minute")
     max_connections: int = Field(default=4096, ge=1, le=1_000_000, description="open connections per port")
     max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576,
                                   description="request line and headers of one request (431 beyond)")
-    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
-                                    description="from a request's first byte to the end of its headers (408)")
-    keepalive_timeout_s: float = Field(default=5.0, gt=0, le=3600,
-                                       description="idle time before a keep-alive connection is closed")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=60,
+                                    description="a connection waiting for a request's headers (new or idle "
+                                                "keep-alive) is closed after this")
+    keepalive_timeout_s: float | None = Field(default=None, gt=0, le=60,
+                                              description="no longer used: header_timeout_s bounds idle keep-alive "
+                                                          "connections too")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                                  description="a request's whole body must arrive within this (408)")
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600,
                                     description="on SIGTERM, how long requests being answered may still take")
+    trusted_proxies: tuple[str, ...] = Field(default=(), description="addresses/CIDRs whose Forwarded and "
+                                             "X-Forwarded-* headers are believed")
+    http: Literal["auto", "1", "2"] = Field(default="auto", description="HTTP/1.1, HTTP/2, or both (auto)")
+    tls_cert_file: str | None = Field(default=None, description="PEM certificate (chain), relative to the project")
+    tls_key_file: str | None = Field(default=None, description="PEM private key (PKCS#8), relative to the project")
+    tls_key_password: SecretRef = Field(default=None, description="'env:VAR' with the key's password, if any")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class Quota(Strict):
@@ -153,25 +182,44 @@ class ProjectConfig(Strict):
         return frozenset(int(k[1:]) for k, v in self.versions.items() if v.status == "retired")
 
 
-def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
-    for key, value in environ.items():
+def _is_secret_key(key: str) -> bool:
+    return key == "url" or key.endswith(("password", "secret"))
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[KeyPath, str]:
+    """Apply ``GATEHOUSE_A__B=value`` to the file's data; returns key path → variable, for messages."""
+    applied: dict[KeyPath, str] = {}
+    for key, value in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
-        path = [part.lower() for part in key.removeprefix(ENV_PREFIX).split("__")]
+        path = tuple(part.lower() for part in key.removeprefix(ENV_PREFIX).split("__"))
         if not all(re.fullmatch(r"[a-z0-9_]+", part) for part in path):
-            continue
+            raise ProjectError(f"{key} (in the environment) is not a setting's name",
+                               hint=f"write {env_variable(('section', 'key'))}: the keys of gatehouse.toml in "
+                                    "capitals, joined by double underscores")
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                break
-        else:
-            # A URL given straight in the environment is already outside the file: accept it as is.
-            node[path[-1]] = f"env:{key}" if path[-1] in {"url", "authenticator_password", "secret"} else value
+                raise ProjectError(f"{key} (in the environment) sets {key_text(path)}, but "
+                                   f"{key_text(path[: depth + 1])} is a setting, not a section",
+                                   hint=f"did you mean {env_variable(path[: depth + 1])}?")
+        # A URL or password given straight in the environment is already outside the file: accept it as is.
+        node[path[-1]] = f"env:{key}" if _is_secret_key(path[-1]) else _env_value(key, value)
+        applied[path] = key
+    return applied
 
 
-def _location(error: ErrorDetails) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _env_value(variable: str, value: str) -> Any:
+    """A list or table is written as in TOML (``GATEHOUSE_SERVER__TRUSTED_PROXIES='["10.0.0.0/8"]'``); anything
+    else is the string, which validation converts (numbers, booleans) like the file's values."""
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return tomllib.loads(f"value = {value}")["value"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ProjectError(f"{variable} (in the environment) is not a TOML list or table: {exc}",
+                           hint=f"""write it as in gatehouse.toml, e.g. {variable}='["a", "b"]'""") from None
 
 
 def load_config(path: Path, environ: dict[str, str] | None = None) -> ProjectConfig:
@@ -184,9 +232,9 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> ProjectCon
                                 "`gatehouse init`") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProjectError(f"not valid TOML: {exc}", where=str(path)) from None
-    _apply_env_overrides(data, dict(os.environ if environ is None else environ))
+    from_env = _apply_env_overrides(data, dict(os.environ if environ is None else environ))
     try:
         return ProjectConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"[{_location(err)}] {err['msg']}" for err in exc.errors(include_url=False)]
+        lines = describe_errors(exc.errors(include_url=False), data, ProjectConfig, from_env)
         raise ProjectError("invalid settings:\n  " + "\n  ".join(lines), where=str(path)) from None

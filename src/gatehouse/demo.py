@@ -15,7 +15,7 @@ from rich.console import Console
 
 from gatehouse import operations
 from gatehouse.errors import ProjectError
-from gatehouse.project import CONFIG_FILE, Project, load_project
+from gatehouse.project import CONFIG_FILE, STATE_DIR, Project, load_project
 
 DEMO_KEY_NOTE = "created by gatehouse demo"
 
@@ -96,7 +96,8 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         if directory.exists() and any(directory.iterdir()):
             raise ProjectError(f"{directory} exists and is not a gatehouse project",
                                hint="choose another place with --dir")
-        shutil.copytree(bundled_example(), directory, dirs_exist_ok=True)
+        # never the example's own .gatehouse/ (a database someone ran in place): the demo gets a fresh one
+        shutil.copytree(bundled_example(), directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_DIR))
         console.print(f"copied the shop example to [bold]{directory}[/]")
     else:
         console.print(f"using the demo project in [bold]{directory}[/]")

@@ -6,15 +6,32 @@ Two families:
   the file, the key or line, and what to do. Never reaches HTTP.
 * :class:`ApiError` — an error answered over HTTP in PostgREST's shape ``{code, message, details, hint}``
   with a status. Codes follow PostgREST where the meaning is the same (``PGRST1xx`` request, ``PGRST2xx``
-  schema cache, ``PGRST3xx`` authentication) so its clients parse them; ``GH`` codes are gatehouse's own.
+  schema cache, ``PGRST3xx`` authentication) so its clients parse them; ``GH`` codes are gatehouse's own
+  (``GH`` and the status), and SQLSTATEs are PostgreSQL's.
+
+How the :class:`ApiError` tree is kept (``tests/test_errors.py`` walks it):
+
+* One class per condition, named after it. Its status and code are class attributes; raising it takes a
+  message, details, hint and headers, never a status or a code, so the two cannot drift apart. The two
+  classes whose status is chosen per instance say why: :class:`DatabaseError` (PostgreSQL's SQLSTATE decides)
+  and :class:`LogicError` (the logic function's author decides).
+* A code is declared by exactly one class. Conditions that share a code (PostgREST's ``PGRST102`` covers every
+  body it cannot read) are subclasses of the class that declares it, which says what they have in common, and
+  they keep its status.
+* A class marked ``@abstract`` is never raised itself: it gives a family its status (and code).
+* Statuses are 4xx and 5xx, except :class:`AmbiguousRelationship`'s 300, which is PostgREST's own answer.
+* Every class lives here, grouped under ``# ---`` comments, so this file is the list of what a client can be
+  told; modules that raise one re-export it where their callers import it from.
 
 Nothing in an ApiError may contain SQL, a stack trace, a secret or a private table name: messages are
-written here or built from names the caller already used.
+written here or at the raise, built from names the caller already used; PostgreSQL's own text only ever
+reaches ``details`` with the ``debug`` setting on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 
 class GatehouseError(Exception):
@@ -38,11 +55,22 @@ class DatabaseUnavailable(GatehouseError):
     """A database could not be reached or started."""
 
 
-class ApiError(GatehouseError):
-    """An error answered over HTTP in PostgREST's JSON shape."""
+_E = TypeVar("_E", bound="type[ApiError]")
+ABSTRACT: set[type[ApiError]] = set()
+"""Classes of the tree that are never raised themselves: they give their subclasses a status (and a code)."""
 
-    status: int = 400
-    code: str = "PGRST100"
+
+def abstract(cls: _E) -> _E:
+    ABSTRACT.add(cls)
+    return cls
+
+
+@abstract
+class ApiError(GatehouseError):
+    """An error answered over HTTP in PostgREST's JSON shape. Raise one of its subclasses."""
+
+    status: int
+    code: str
 
     def __init__(
         self,
@@ -50,53 +78,94 @@ class ApiError(GatehouseError):
         *,
         details: str | None = None,
         hint: str | None = None,
-        status: int | None = None,
-        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
         self.hint = hint
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
         self.headers = headers or {}
+        if type(self) in ABSTRACT:
+            raise TypeError(f"{type(self).__name__} is not raised itself; raise the class of the condition")
 
     def body(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details, "hint": self.hint}
 
 
-# --- 4xx: the request ---------------------------------------------------------------------------
+# --- 400: the URL and the query string (parsed before any database work) -----------------------------
 
 
 class QueryParseError(ApiError):
-    """The query string does not follow PostgREST's grammar."""
+    """The query string does not follow PostgREST's grammar, or names something the grammar cannot take (a
+    negative limit or offset, text after a column list)."""
 
     status, code = 400, "PGRST100"
 
 
-class RangeNotSatisfiable(ApiError):
-    status, code = 416, "PGRST103"
+class NotImplementedFeature(ApiError):
+    """Part of PostgREST's grammar that gatehouse does not serve (spread embeds)."""
+
+    status, code = 400, "PGRST127"
 
 
-class UnknownProfile(ApiError):
-    """The requested API version (schema profile) is not served."""
+class NotEmbedded(ApiError):
+    """A filter, order or limit names an embed the ``select`` does not have."""
 
-    status, code = 406, "PGRST106"
-
-
-class NotAcceptable(ApiError):
-    status, code = 406, "PGRST107"
+    status, code = 400, "PGRST108"
 
 
-class MethodNotAllowed(ApiError):
-    status, code = 405, "PGRST117"
+class RelatedOrderNotToOne(ApiError):
+    """``order=rel(col)`` on a to-many embed."""
+
+    status, code = 400, "PGRST118"
 
 
-class InvalidPath(ApiError):
-    status, code = 404, "PGRST125"
+class InvalidEmbedFilter(ApiError):
+    """An embed used as a filter takes only ``is.null`` or ``not.is.null``."""
+
+    status, code = 400, "PGRST120"
+
+
+class InvalidPreferences(ApiError):
+    """An unknown ``Prefer`` value together with ``handling=strict``."""
+
+    status, code = 400, "PGRST122"
+
+
+@abstract
+class RefusedRequest(ApiError):
+    """gatehouse's own 400 (``GH400``): a request that PostgREST would answer by guessing, or PostgreSQL would
+    fail with its own text, refused before any database work with a message that says what to send instead.
+    Each condition is a subclass."""
+
+    status, code = 400, "GH400"
+
+
+class InvalidUrlEncoding(RefusedRequest):
+    """The URL (path or query string) is not UTF-8 once percent-decoded: refused rather than guessed."""
+
+
+class ApiKeyInUrl(RefusedRequest):
+    """``?apikey=``: URLs end up in logs and browser history."""
+
+
+class JsonPathOnNonJsonColumn(RefusedRequest):
+    """``col->key`` where ``col`` is neither json nor jsonb (PostgreSQL would fail with its own text)."""
+
+
+class DuplicateOutputName(RefusedRequest):
+    """Two outputs of one level of ``select`` have the same name: the JSON object would hold one key twice."""
+
+
+class AmbiguousRange(RefusedRequest):
+    """A ``Range: items=...`` header that is not ``first-[last]`` in non-negative whole numbers."""
+
+
+class UnfilteredWrite(RefusedRequest):
+    """``PATCH`` or ``DELETE`` without a filter, on a contract that does not allow unfiltered writes."""
+
+
+# --- 400/404: names of contracts, columns, relations and functions (the schema cache) ---------------
 
 
 class UnknownContract(ApiError):
@@ -106,14 +175,172 @@ class UnknownContract(ApiError):
 
 
 class UnknownColumn(ApiError):
+    """A write names a column the contract does not have."""
+
     status, code = 400, "PGRST204"
+
+
+class UndefinedColumn(ApiError):
+    """A read names a column the contract does not have (PostgREST passes on PostgreSQL's 42703)."""
+
+    status, code = 400, "42703"
+
+
+class RelationshipNotFound(ApiError):
+    status, code = 400, "PGRST200"
+
+
+class AmbiguousRelationship(ApiError):
+    """More than one relation fits an embed: PostgREST answers 300 (Multiple Choices), and so do we."""
+
+    status, code = 300, "PGRST201"
+
+
+class FunctionNotFound(ApiError):
+    """No such logic function, or the calling app may not call it: the two look the same."""
+
+    status, code = 404, "PGRST202"
+
+
+class InvalidPath(ApiError):
+    status, code = 404, "PGRST125"
+
+
+# --- 406/410/416: versions and negotiation ---------------------------------------------------------
+
+
+class UnknownProfile(ApiError):
+    """The requested API version (schema profile) is not served."""
+
+    status, code = 406, "PGRST106"
 
 
 class VersionRetired(ApiError):
     status, code = 410, "GH410"
 
 
-# --- 401: who is calling -------------------------------------------------------------------------
+class NotAcceptable(ApiError):
+    status, code = 406, "PGRST107"
+
+
+class SingularResultRequired(ApiError):
+    """``Accept: application/vnd.pgrst.object+json`` and the result is not exactly one row."""
+
+    status, code = 406, "PGRST116"
+
+
+class RangeNotSatisfiable(ApiError):
+    status, code = 416, "PGRST103"
+
+
+# --- 405: a method the resource does not take; each answer carries ``Allow`` -------------------------
+
+
+@abstract
+class NotAllowed(ApiError):
+    """405 (RFC 9110 §15.5.6): the answer names the methods the resource does take, in ``Allow``."""
+
+    status = 405
+
+    def __init__(self, message: str, *, allow: Iterable[str], details: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, details=details, hint=hint, headers={"Allow": ", ".join(allow)})
+
+
+class MethodNotAllowed(NotAllowed):
+    code = "PGRST117"
+
+
+class RpcMethodNotAllowed(NotAllowed):
+    """``GET`` on a logic function that writes."""
+
+    code = "PGRST101"
+
+
+class PutFilterNotKey(NotAllowed):
+    """``PUT`` whose filters are not exactly ``eq`` on every key column."""
+
+    code = "PGRST105"
+
+
+class ContractNotWritable(NotAllowed):
+    """The contract's view cannot take this kind of write (joins, grouping)."""
+
+    code = "GH405"
+
+
+# --- 400/413/415: request bodies, and the writes they ask for ----------------------------------------
+
+
+class InvalidBody(ApiError):
+    """``PGRST102``: a body that cannot be read as rows or arguments (not JSON, an unknown media type, keys that
+    differ between rows, too deep). Its subclasses are the conditions with a name of their own."""
+
+    status, code = 400, "PGRST102"
+
+
+class InvalidArguments(InvalidBody):
+    """A logic function's arguments do not validate against its parameters."""
+
+
+class UnsupportedCharset(ApiError):
+    """A body declared in a character set other than UTF-8: refused rather than decoded by guess."""
+
+    status, code = 415, "GH415"
+
+
+class PayloadTooLarge(ApiError):
+    """``GH413``: the body is over ``[server] max_body_bytes``."""
+
+    status, code = 413, "GH413"
+
+
+class TooManyRows(PayloadTooLarge):
+    """A bulk body over ``[server] max_body_rows``."""
+
+
+class ReadOnlyColumn(ApiError):
+    """A body writes a column the contract computes or takes from another table."""
+
+    status, code = 400, "0A000"
+
+
+class PutWithPaging(ApiError):
+    status, code = 400, "PGRST114"
+
+
+class PutKeyMismatch(ApiError):
+    """The body of a ``PUT`` names another row than its URL."""
+
+    status, code = 400, "PGRST115"
+
+
+class MaxAffectedExceeded(ApiError):
+    """``Prefer: handling=strict, max-affected=N`` and the write touched more rows: nothing is kept."""
+
+    status, code = 400, "PGRST124"
+
+
+# --- 4xx/5xx: the wire (checked before any endpoint; server/rsgi.py, http/exchange.py) ---------------
+
+
+class UrlTooLong(ApiError):
+    status, code = 414, "GH414"
+
+
+class UnsupportedTransferCoding(ApiError):
+    """A transfer coding other than ``chunked`` (RFC 9112 §6.1)."""
+
+    status, code = 501, "GH501"
+
+
+class BodyTimeout(ApiError):
+    """The body did not arrive whole within ``[server] body_timeout_s``."""
+
+    status, code = 408, "GH408"
+
+
+# --- 401/429: who is calling ----------------------------------------------------------------------
 
 
 class Unauthenticated(ApiError):
@@ -138,11 +365,126 @@ class MissingCredentials(Unauthenticated):
         ApiError.__init__(self, message, hint=hint, headers={"WWW-Authenticate": "Bearer"})
 
 
-# --- 5xx: ours -----------------------------------------------------------------------------------
+class InvalidClaims(Unauthenticated):
+    """The token is authentic but its claims do not let it in (expired, wrong audience, unknown app...)."""
+
+    code = "PGRST303"
+
+
+class TooManyFailures(ApiError):
+    """This caller or this credential failed authentication too often within the minute (``auth/failures.py``)."""
+
+    status, code = 429, "GH429"
+
+
+# --- 403: what the calling app may do --------------------------------------------------------------
+
+
+@abstract
+class PermissionDenied(ApiError):
+    """``42501``, PostgreSQL's insufficient_privilege, which PostgREST clients know: the app's grant or its row
+    filter does not allow what the request asks. Each condition is a subclass."""
+
+    status, code = 403, "42501"
+
+
+class ActionNotGranted(PermissionDenied):
+    """The app may see the contract but its grant lacks the action (insert, update, delete...)."""
+
+
+class WriteOutsideFilter(PermissionDenied):
+    """A write would put rows outside the app's row filter."""
+
+
+class HiddenRowConflict(PermissionDenied):
+    """A merging upsert meets rows outside the app's row filter, which it may not overwrite."""
+
+
+@abstract
+class ClaimRefused(ApiError):
+    """``GH403``: the caller's token does not fit this app's row filter (a claim it needs is missing, is a list
+    or an object, or is not a value of the filtered column's type). As with PostgREST's bad claims, the caller's
+    token is the problem, never the query: no column type or SQL is named."""
+
+    status, code = 403, "GH403"
+
+
+class MissingClaim(ClaimRefused):
+    pass
+
+
+class ClaimNotScalar(ClaimRefused):
+    pass
+
+
+class ClaimDoesNotFit(ClaimRefused):
+    """The claim's value is not a value of the type of the column the row filter compares it with."""
+
+
+# --- logic functions -------------------------------------------------------------------------------
+
+
+class LogicError(ApiError):
+    """Raise it in a logic function to answer the caller with a clear 4xx (default 400); nothing is written.
+
+    Its status is the function author's to choose, per raise: the author knows whether "no such order" is a
+    404 or a 409. The code stays ``GH422`` so a client can tell a function's own refusal from gatehouse's."""
+
+    status, code = 400, "GH422"
+
+    def __init__(self, message: str, *, status: int = 400, details: str | None = None,
+                 hint: str | None = None) -> None:
+        if not 400 <= status <= 599:
+            raise ValueError(f"a LogicError's status is 4xx or 5xx, not {status}")
+        super().__init__(message, details=details, hint=hint)
+        self.status = status
+
+
+class LogicMisuse(LogicError):
+    """A logic function used its context wrongly (a write without a filter, a contract of another database,
+    ``one()`` that found several rows): a fault of the function, not of its caller."""
+
+    status = 500
+
+    def __init__(self, message: str, *, details: str | None = None) -> None:
+        super().__init__(message, status=500, details=details)
+
+
+# --- 5xx and PostgreSQL's own errors ---------------------------------------------------------------
+
+
+class DatabaseError(ApiError):
+    """An error PostgreSQL raised, as ``db/sqlstate.py`` maps it: the code is its SQLSTATE and the status the
+    one PostgREST gives that SQLSTATE, so both are set per instance. The message is always written by gatehouse;
+    PostgreSQL's text is added to ``details`` only with the ``debug`` setting on."""
+
+    status, code = 500, "XX000"
+
+    def __init__(self, message: str, *, sqlstate: str, status: int, details: str | None = None,
+                 hint: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, details=details, hint=hint, headers=headers)
+        self.status, self.code = status, sqlstate
 
 
 class ServiceUnavailable(ApiError):
+    """No connection to the database could be opened (PostgREST's ``PGRST000``)."""
+
     status, code = 503, "PGRST000"
+
+
+class ConnectionLost(ServiceUnavailable):
+    """The connection died while a statement was on it."""
+
+    code = "PGRST001"
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The audit trail can take no more records (store down and spool full): the request is refused."""
+
+    code = "GH503"
+
+    def __init__(self) -> None:
+        super().__init__("The audit trail is unavailable", hint="Requests resume when it is back; retry shortly.")
 
 
 class PoolTimeout(ApiError):

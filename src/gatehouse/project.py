@@ -109,7 +109,7 @@ def _contract_files(root: Path, databases: list[str]) -> list[tuple[Path, str]]:
     if loose:
         raise ProjectError(
             "with several databases, each contract lives in contracts/<database>/",
-            where=str(loose[0]), hint=f"move it into one of: {', '.join(databases)}",
+            where=str(loose[0]), hint=f"move it into contracts/<database>/, one of: {', '.join(databases)}",
         )
     files: list[tuple[Path, str]] = []
     for folder in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -141,23 +141,28 @@ def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> Non
     known = {name for served in versions.served.values() for name in served}
     newest = versions.newest
     if config.project.default_version in versions.retired:
-        raise ProjectError(f"[project] default_version = {config.project.default_version} is retired", where=where,
-                           hint="point it at a live version")
+        live = ", ".join(f"v{n}" for n in versions.numbers) or "none"
+        raise ProjectError(f"project.default_version = {config.project.default_version}: that version is retired",
+                           where=where, hint=f"point it at a live version ({live})")
     for name, app in config.apps.items():
         if app.version in versions.retired:
-            raise ProjectError(f"[apps.{name}] is pinned to v{app.version}, which is retired", where=where,
+            raise ProjectError(f"apps.{name}.version = {app.version}: the app is pinned to v{app.version}, "
+                               "which is retired", where=where,
                                hint=f"move the app to a live version (e.g. version = {newest}) before retiring")
     if config.project.default_version and config.project.default_version > newest:
-        raise ProjectError(f"[project] default_version = {config.project.default_version}, but the newest "
-                           f"API version is v{newest}", where=where)
+        raise ProjectError(f"project.default_version = {config.project.default_version}, but the newest "
+                           f"API version is v{newest}", where=where,
+                           hint=f"use a version from 1 to {newest}, or add contract files numbered "
+                                f"v{config.project.default_version} (contracts/<name>.v<N>.sql)")
     for name, app in config.apps.items():
         if app.version is not None and app.version > newest:
-            raise ProjectError(f"[apps.{name}] version = {app.version}, but the newest API version is v{newest}",
-                               where=where)
-        for grant in app.grants:
+            raise ProjectError(f"apps.{name}.version = {app.version}, but the newest API version is v{newest}",
+                               where=where, hint=f"use a version from 1 to {newest}, or add contract files "
+                                                 f"numbered v{app.version} (contracts/<name>.v<N>.sql)")
+        for index, grant in enumerate(app.grants):
             if grant.contract not in known:
                 raise ProjectError(
-                    f"[apps.{name}] grants {grant.contract!r}, which is not a contract",
+                    f"apps.{name}.grants[{index}].contract = {grant.contract!r}: no contract has that name",
                     where=where,
                     hint=f"known contracts: {', '.join(sorted(known)) or 'none'}; "
                          f"add contracts/{grant.contract}.v1.sql or fix the name",
@@ -165,29 +170,33 @@ def _check_apps(config: ProjectConfig, versions: ApiVersions, where: str) -> Non
 
 
 def _check_relations(config: ProjectConfig, contracts: list[ContractVersion], where: str) -> None:
+    known = sorted({c.name for c in contracts})
     for name in config.contracts:
-        if not any(c.name == name for c in contracts):
-            raise ProjectError(f"[contracts.{name}] configures {name!r}, which is not a contract", where=where)
+        if name not in known:
+            raise ProjectError(f"[contracts.{name}] configures {name!r}, which is not a contract", where=where,
+                               hint=f"known contracts: {', '.join(known) or 'none'}")
     columns: dict[str, set[str]] = {}
     for contract in contracts:
         columns.setdefault(contract.name, set()).update(contract.columns)
     for index, relation in enumerate(config.relations):
-        for end in (relation.source, relation.target):
+        for key, end in (("from", relation.source), ("to", relation.target)):
             name, column = end.split(".", 1)
+            place = f"relations[{index}].{key} = {end!r}"
             if name not in columns:
-                raise ProjectError(f"[[relations]] #{index + 1} names {name!r}, which is not a contract", where=where)
+                raise ProjectError(f"{place}: no contract is named {name!r}", where=where,
+                                   hint=f"known contracts: {', '.join(known) or 'none'}")
             if column not in columns[name]:
-                raise ProjectError(f"[[relations]] #{index + 1}: contract {name!r} has no column {column!r}",
+                raise ProjectError(f"{place}: contract {name!r} has no column {column!r}",
                                    where=where, hint=f"its columns: {', '.join(sorted(columns[name]))}")
 
 
 def _row_filters(name: str, app: AppConfig, contracts: list[ContractVersion],
                  where: str) -> dict[str, tuple[Condition, ...]]:
     filters: dict[str, tuple[Condition, ...]] = {}
-    for grant in app.grants:
+    for index, grant in enumerate(app.grants):
         if grant.filter is None:
             continue
-        place = f"[apps.{name}] grant on {grant.contract!r}: filter"
+        place = f"apps.{name}.grants[{index}].filter (on {grant.contract!r})"
         try:
             conditions = parse_row_filter(grant.filter)
         except (ValueError, ApiError) as exc:
@@ -217,13 +226,14 @@ def load_project(root: Path) -> Project:
     for name, app_config in config.apps.items():
         for granted in app_config.functions:
             if granted not in functions:
-                raise ProjectError(f"[apps.{name}] may call {granted!r}, which no logic/*.py publishes",
+                raise ProjectError(f"apps.{name}.functions: {granted!r} is not published by any logic/*.py",
                                    where=str(config_path),
                                    hint=f"published: {', '.join(sorted(functions)) or 'none'}")
     for function in functions.values():
         if function.database and function.database not in config.databases:
-            raise ProjectError(f"function {function.name!r} names database {function.database!r}, not declared",
-                               where=str(root / "logic"))
+            raise ProjectError(f"function {function.name!r} names database {function.database!r}, which "
+                               "gatehouse.toml does not declare", where=str(root / "logic"),
+                               hint=f"declared databases: {', '.join(config.databases)}")
     prefix = f"gh_{config.project.name}_"
     apps = {
         name: App(name=name, config=app, role=f"{prefix}app_{name}",

@@ -17,8 +17,9 @@ from gatehouse.auth.failures import FailureThrottle
 from gatehouse.auth.identity import KeyRing
 from gatehouse.auth.jwt import JwtVerifier
 from gatehouse.contracts.versions import schema_name
+from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
-from gatehouse.db.pools import AppPools
+from gatehouse.db.faults import is_dead
 from gatehouse.db.sync import project_fingerprint
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable
@@ -79,7 +80,10 @@ class Runtime:
                 await self.tokens.start()
             self.audit = self._audit_writer(home)
             self.audit.start()
-            self.pools = AppPools(project.config.server.pool_timeout_ms / 1000)
+            server = project.config.server
+            self.pools = AppPools(PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000,
+                                              max_idle_s=server.pool_max_idle_s,
+                                              max_lifetime_s=server.pool_max_lifetime_s))
             await self.pools.open(self.targets, project.apps, self._databases_of_apps())
         except asyncpg.InvalidAuthorizationSpecificationError:
             await self.stop()
@@ -133,15 +137,35 @@ class Runtime:
         self._internal.clear()
 
     async def readiness(self) -> dict[str, str]:
-        """Per database: 'ok', or what is wrong. Ready when every value is 'ok'."""
+        """Per database: 'ok', or what is wrong. Ready when every value is 'ok'.
+
+        Each database is asked (all at once, each within ``READY_TIMEOUT_S``) on the internal pool, so the
+        answer is the database's state now: not ready while it cannot be reached, ready again as soon as it
+        answers, without a restart."""
+        names = list(self._internal)
+        answers = await asyncio.gather(*(self._applied(self._internal[name]) for name in names),
+                                       return_exceptions=True)
         report: dict[str, str] = {}
-        for name, pool in self._internal.items():
-            try:
-                async with asyncio.timeout(READY_TIMEOUT_S), pool.acquire() as conn:
-                    applied = await conn.fetchval("SELECT value FROM gatehouse.state WHERE key = 'fingerprint'")
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                report[name] = f"unreachable ({type(exc).__name__})"
-                continue
-            expected = project_fingerprint(self.project, name)
-            report[name] = "ok" if applied == expected else "project not applied: run `gatehouse apply`"
+        for name, applied in zip(names, answers, strict=True):
+            if isinstance(applied, BaseException):
+                if not isinstance(applied, Exception):
+                    raise applied
+                report[name] = f"unreachable ({type(applied).__name__})"
+            else:
+                expected = project_fingerprint(self.project, name)
+                report[name] = "ok" if applied == expected else "project not applied: run `gatehouse apply`"
         return report
+
+    @staticmethod
+    async def _applied(pool: asyncpg.Pool) -> object:
+        """The fingerprint ``apply`` left; asked twice if the pool's connection turns out dead (the database
+        restarted since it was last used)."""
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            for attempt in (1, 2):
+                async with pool.acquire() as conn:
+                    try:
+                        return await conn.fetchval("SELECT value FROM gatehouse.state WHERE key = 'fingerprint'")
+                    except Exception as exc:
+                        if attempt == 2 or not is_dead(exc, conn):
+                            raise
+        raise AssertionError("not reached: the second attempt returns or raises")

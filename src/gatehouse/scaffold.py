@@ -16,6 +16,7 @@ name = "{name}"
 [databases.main]
 # No url: gatehouse runs an embedded PostgreSQL under .gatehouse/.
 # To use your own server:  url = "env:{env}_DATABASE_URL"
+# (a URL without a password may be written here as it is: url = "postgresql://app@db.internal:5432/{name}")
 
 [server]
 port = 3000

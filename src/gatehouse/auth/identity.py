@@ -22,10 +22,10 @@ from typing import Any
 
 import asyncpg
 
-from gatehouse.auth.jwt import InvalidClaims, JwtVerifier, TokenIdentity, looks_like_jwt
+from gatehouse.auth.jwt import JwtVerifier, TokenIdentity, looks_like_jwt
 from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
 from gatehouse.db import Connection
-from gatehouse.errors import MissingCredentials, Unauthenticated
+from gatehouse.errors import InvalidClaims, MissingCredentials, Unauthenticated
 
 log = logging.getLogger(__name__)
 REFRESH_S = 30.0
@@ -96,7 +96,7 @@ class KeyRing:
         try:
             async with pool.acquire() as conn:
                 await self.load(conn)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except Exception as exc:  # any failure, not only the expected ones: the refresher must outlive it
             log.warning("could not reload API keys, keeping the last good set: %s", type(exc).__name__)
 
     async def _refresh_forever(self, pool: asyncpg.Pool) -> None:

@@ -36,6 +36,7 @@ import httpx
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gatehouse.errors import InvalidClaims as InvalidClaims  # re-exported: it lives in the error tree
 from gatehouse.errors import ProjectError, Unauthenticated
 from gatehouse.secrets import SecretRef, resolve_secret
 
@@ -50,12 +51,6 @@ _KTY = {"RS256": "RSA", "RS384": "RSA", "RS512": "RSA", "PS256": "RSA", "PS384":
         "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-class InvalidClaims(Unauthenticated):
-    """The token is authentic but its claims do not let it in (expired, wrong audience, unknown app...)."""
-
-    code = "PGRST303"
 
 
 class IssuerConfig(BaseModel):

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gatehouse.contracts.lockfile import RelationRef, Signature
+from gatehouse.contracts.shape import RelationRef, Signature
 
 COLUMN_REMOVED = "column-removed"
 COLUMN_RENAMED = "column-renamed"

@@ -37,15 +37,13 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gatehouse.contracts.compat import compare, describe_changes, is_breaking
+from gatehouse.contracts.shape import Column, CompileError, RelationRef, Signature
 from gatehouse.errors import ProjectError
-
-if TYPE_CHECKING:
-    from gatehouse.contracts.signature import CompileError
 from gatehouse.project import Project
 
 LOCK_FILE = "contracts.lock"
@@ -67,42 +65,6 @@ HEADER = """\
 
 
 # --- the model ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    name: str
-    type: str
-    """As PostgreSQL's ``format_type`` writes it: ``bigint``, ``numeric(10,2)``, ``character varying(80)``."""
-    nullable: bool
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class RelationRef:
-    """An embedding the contract offers: ``select=...,target(...)`` gives one object when ``to_one``."""
-
-    target: str
-    columns: tuple[str, ...]
-    target_columns: tuple[str, ...]
-    to_one: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Signature:
-    """What a client of a contract version can rely on: its columns (in order) and its relations."""
-
-    contract: str
-    version: int
-    database: str
-    columns: tuple[Column, ...]
-    relations: tuple[RelationRef, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return f"{self.contract}.v{self.version}"
-
-    def column(self, name: str) -> Column | None:
-        return next((c for c in self.columns if c.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)

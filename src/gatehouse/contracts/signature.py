@@ -15,14 +15,13 @@ version served in several API versions offers the union of its relations in each
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import asyncpg
 
 from gatehouse.contracts.lineage import SourceColumn, column_sources
-from gatehouse.contracts.lockfile import Column, RelationRef, Signature
 from gatehouse.contracts.model import ContractVersion, declared_not_null
 from gatehouse.contracts.relations import build_relations
+from gatehouse.contracts.shape import Column, CompileError, RelationRef, Signature
 from gatehouse.db import Connection
 from gatehouse.db.catalog import Constraint, load_constraints
 from gatehouse.db.targets import resolve_targets
@@ -38,23 +37,6 @@ FROM pg_attribute a
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
-
-
-@dataclass(frozen=True, slots=True)
-class CompileError:
-    """A contract version PostgreSQL cannot compile in this database, with PostgreSQL's own words."""
-
-    contract: str
-    version: int
-    database: str
-    message: str
-    detail: str | None = None
-    hint: str | None = None
-    sqlstate: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.contract}.v{self.version}"
 
 
 def live_labels(project: Project) -> frozenset[str]:

@@ -3,7 +3,9 @@
 A database with a URL is used as it is (it must exist). A database without one runs on the project's
 *embedded* PostgreSQL: a server started from the ``pgserver`` wheel with its data under
 ``.gatehouse/pgdata``, reused across runs, listening on a Unix socket only, and stopped when the last
-gatehouse process using it exits.
+gatehouse process using it exits (where that data may live when gatehouse runs as root: :mod:`.embedded`).
+A login that fails is reported with the database, its address and what to check
+(:mod:`.connection_errors`), never as a traceback.
 
 Two logins per database:
 
@@ -16,19 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from gatehouse.errors import DatabaseUnavailable
+from gatehouse.db.connection_errors import CONNECT_ERRORS, connection_failure
+from gatehouse.db.embedded import start_embedded
 from gatehouse.project import Project
-from gatehouse.secrets import resolve_secret
+from gatehouse.secrets import resolve_secret, source_of
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
+EMBEDDED = "embedded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,9 @@ class DatabaseTarget:
     authenticator: str
     authenticator_password: str | None
     embedded: bool
+    source: str = EMBEDDED
+    """Where the URL came from, for messages: ``$VARIABLE``, ``gatehouse.toml`` or ``embedded``."""
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
 
     def authenticator_kwargs(self) -> dict[str, Any]:
         """Connection arguments for the authenticator: the owner's address, the authenticator's identity."""
@@ -45,31 +51,30 @@ class DatabaseTarget:
             "dsn": self.owner_dsn,
             "user": self.authenticator,
             "password": self.authenticator_password or "",
-            "timeout": CONNECT_TIMEOUT_S,
+            "timeout": self.connect_timeout_s,
         }
 
     async def connect_owner(self) -> asyncpg.Connection:
         try:
-            return await asyncpg.connect(self.owner_dsn, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"cannot connect to database {self.name!r}: {exc}") from None
+            return await asyncpg.connect(self.owner_dsn, timeout=self.connect_timeout_s)
+        except CONNECT_ERRORS as exc:
+            raise connection_failure(exc, database=self.name, dsn=self.owner_dsn, source=self.source,
+                                     timeout_s=self.connect_timeout_s) from None
+
+    async def check_authenticator(self) -> None:
+        """Log in once as the authenticator, as ``serve`` will, so a failure is reported before serving."""
+        try:
+            conn = await asyncpg.connect(**self.authenticator_kwargs())
+        except CONNECT_ERRORS as exc:
+            raise connection_failure(exc, database=self.name, dsn=self.owner_dsn, source=self.source,
+                                     timeout_s=self.connect_timeout_s, user=self.authenticator,
+                                     as_authenticator=True) from None
+        await conn.close()
 
 
 def _start_embedded(state_dir: Path) -> str:
     """Start (or join) the project's embedded server; returns its base URI (database ``postgres``)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pgserver  # here: only projects that use it pay for the import
-
-        try:
-            server = pgserver.get_server(state_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
-        except Exception as exc:  # pgserver raises plain exceptions from subprocesses
-            raise DatabaseUnavailable(
-                f"could not start the embedded PostgreSQL in {state_dir / 'pgdata'}: {exc}; "
-                f"its log is {state_dir / 'pgdata' / 'log'}"
-            ) from None
-    return str(server.get_uri())
+    return start_embedded(state_dir).uri
 
 
 def _with_database(uri: str, database: str) -> str:
@@ -79,7 +84,11 @@ def _with_database(uri: str, database: str) -> str:
 
 
 async def _ensure_database(server_uri: str, database: str) -> None:
-    conn = await asyncpg.connect(server_uri, timeout=CONNECT_TIMEOUT_S)
+    try:
+        conn = await asyncpg.connect(server_uri, timeout=CONNECT_TIMEOUT_S)
+    except CONNECT_ERRORS as exc:
+        raise connection_failure(exc, database=database, dsn=server_uri, source=EMBEDDED,
+                                 timeout_s=CONNECT_TIMEOUT_S) from None
     try:
         exists = await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", database)
         if not exists:
@@ -109,5 +118,13 @@ async def resolve_targets(project: Project) -> dict[str, DatabaseTarget]:
                 config.authenticator_password, what=f"[databases.{name}] authenticator_password"
             ),
             embedded=embedded,
+            source=EMBEDDED if embedded else source_of(config.url),
+            connect_timeout_s=config.connect_timeout_s,
         )
     return targets
+
+
+async def check_logins(project: Project) -> None:
+    """Log in to every database as ``serve`` will (the authenticator), so a failure is one clear error."""
+    for target in (await resolve_targets(project)).values():
+        await target.check_authenticator()

@@ -1,5 +1,5 @@
 """ASGI in, :class:`HttpRequest` out, and back: how tests (httpx's ASGITransport) and any ASGI server reach the
-data and admin ports. ``gatehouse serve`` does not use it: it speaks HTTP/1.1 itself (``http/h1.py``).
+data and admin ports. ``gatehouse serve`` runs them on granian through RSGI instead (``server/rsgi.py``).
 
 ``handle(request) -> HttpResponse`` is the whole data port; each function here only translates.
 """
@@ -37,11 +37,12 @@ def asgi_request(scope: Scope, receive: Receive) -> HttpRequest:
     )
 
 
-async def asgi_send(response: HttpResponse, send: Send) -> None:
+async def asgi_send(response: HttpResponse, send: Send, *, head: bool = False) -> None:
+    """The response; for ``HEAD``, its headers (``Content-Length`` of the whole body included) without the body."""
     headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.header_list()]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
+    await send({"type": "http.response.body", "body": b"" if head else response.body})
 
 
 async def serve_asgi(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
-    await asgi_send(await handler(asgi_request(scope, receive)), send)
+    await asgi_send(await handler(asgi_request(scope, receive)), send, head=scope["method"] == "HEAD")

@@ -2,6 +2,10 @@
 
 The body is read in chunks and refused as soon as it passes ``max_body_bytes`` (413), so an oversized
 upload never sits in memory whole. A bulk body is bounded in rows, and JSON in nesting depth.
+
+Every body is UTF-8. A ``Content-Type`` that declares another ``charset`` (``application/json; charset=latin-1``)
+is refused with 415 rather than decoded as UTF-8 anyway or converted by guess, and bytes that are not UTF-8
+are refused (400), never replaced.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gatehouse.config import ServerConfig
-from gatehouse.errors import ApiError
+from gatehouse.errors import InvalidBody, TooManyRows, UnsupportedCharset
 
 Row = dict[str, Any]
 
@@ -35,8 +39,8 @@ class Payload:
         return tuple(seen)
 
 
-def invalid(message: str, details: str | None = None) -> ApiError:
-    return ApiError(message, code="PGRST102", status=400, details=details)
+def invalid(message: str, details: str | None = None) -> InvalidBody:
+    return InvalidBody(message, details=details)
 
 
 def _depth(value: Any, limit: int) -> None:
@@ -80,19 +84,38 @@ def _csv_rows(raw: bytes) -> Payload:
     return Payload(rows, single=False)
 
 
+def _form_rows(raw: bytes) -> Payload:
+    try:
+        fields = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise invalid("Form bodies must be UTF-8", "Percent-encode the UTF-8 bytes of each character") from None
+    return Payload([dict(fields)], single=True)
+
+
+def _media_type(content_type: str | None) -> str:
+    """The media type, lower-cased; 415 when a ``charset`` parameter names anything but UTF-8."""
+    media, *parameters = (content_type or "application/json").split(";")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise UnsupportedCharset(f"The body's charset must be UTF-8, not '{charset[:40]}'",
+                                     hint="Send the body in UTF-8, with charset=utf-8 or no charset.")
+    return media.strip().lower()
+
+
 def parse_payload(raw: bytes, content_type: str | None, settings: ServerConfig) -> Payload:
-    media = (content_type or "application/json").split(";")[0].strip().lower()
+    media = _media_type(content_type)
     if media in ("application/json", "application/vnd.pgrst.object+json", "*/*", ""):
         payload = _json_rows(raw, settings)
     elif media == "text/csv":
         payload = _csv_rows(raw)
     elif media == "application/x-www-form-urlencoded":
-        payload = Payload([dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))], single=True)
+        payload = _form_rows(raw)
     else:
         raise invalid(f"Content-Type not acceptable: {media}",
                       "Send application/json, text/csv or application/x-www-form-urlencoded")
     if len(payload.rows) > settings.max_body_rows:
-        raise ApiError("Too many rows in one request", code="GH413", status=413,
-                       details=f"At most {settings.max_body_rows} rows per request",
-                       hint="Split the rows into several requests.")
+        raise TooManyRows("Too many rows in one request", details=f"At most {settings.max_body_rows} rows per request",
+                          hint="Split the rows into several requests.")
     return payload

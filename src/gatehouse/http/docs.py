@@ -147,9 +147,9 @@ def static_file(request: HttpRequest, name: str) -> HttpResponse:
     if found is None:
         raise InvalidPath("Invalid path specified in request URL")
     if request.method not in ("GET", "HEAD"):
-        raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}")
+        raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}", allow=("GET", "HEAD"))
     data, media_type, etag = found
     headers = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
     if request.headers.get("if-none-match") == etag:
         return HttpResponse(304, headers)
-    return HttpResponse(200, headers, b"" if request.method == "HEAD" else data, media_type)
+    return HttpResponse(200, headers, data, media_type)

@@ -1,7 +1,8 @@
 """One HTTP exchange as the request path sees it: :class:`HttpRequest` in, :class:`HttpResponse` out.
 
-The data port's code never sees the wire: ``http/h1.py`` (the server) and ``http/asgi.py`` (tests, ASGI
-servers) turn what arrives into an ``HttpRequest`` and write the ``HttpResponse`` back. Both are plain
+The data port's code never sees the wire: ``server/rsgi.py`` (granian, for ``gatehouse serve``) and
+``http/asgi.py`` (tests, other ASGI servers) turn what arrives into an ``HttpRequest`` and write the
+``HttpResponse`` back; for ``HEAD`` they send the headers of the whole body without the body. Both are plain
 objects with exactly what gatehouse reads (header names lower-cased, repeated headers joined by commas as
 RFC 9110 allows), because building a framework's request and response objects was a measurable share of a
 point lookup.
@@ -9,12 +10,13 @@ point lookup.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from gatehouse.errors import ApiError
+from gatehouse.errors import BodyTimeout, InvalidUrlEncoding, PayloadTooLarge
 from gatehouse.http.labels import RequestLabels
 
 JSON = "application/json; charset=utf-8"
@@ -55,34 +57,48 @@ class HttpRequest:
     scheme: str = "http"
     root_path: str = ""
     body_chunks: Callable[[], AsyncIterator[bytes]] = no_body
+    body_timeout_s: float | None = None
+    """The whole body must have arrived this many seconds after :meth:`body` starts reading it (408)."""
     labels: RequestLabels = field(default_factory=RequestLabels)
 
     @property
     def query_params(self) -> dict[str, str]:
-        return dict(parse_qsl(self.query_string, keep_blank_values=True))
+        """The decoded query string as a dict; 400 when it is not UTF-8 once percent-decoded."""
+        try:
+            return dict(parse_qsl(self.query_string, keep_blank_values=True, errors="strict"))
+        except UnicodeDecodeError:
+            raise InvalidUrlEncoding("The query string is not valid UTF-8 once percent-decoded") from None
 
     @property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.headers.get('host', 'localhost')}{self.root_path}"
 
     async def body(self, limit: int) -> bytes:
-        """The whole body, refused with 413 as soon as it passes ``limit`` bytes (declared or received)."""
+        """The whole body, refused with 413 as soon as it passes ``limit`` bytes (declared or received), and
+        with 408 when it has not arrived within ``body_timeout_s`` (a client sending one byte now and then
+        would otherwise hold its connection and this request forever)."""
         declared = self.headers.get("content-length")
         if declared and _DIGITS.fullmatch(declared) and int(declared) > limit:
             raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in self.body_chunks():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in self.body_chunks():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTimeout("The request body did not arrive in time",
+                              details=f"The whole body must arrive within {self.body_timeout_s:g} s",
+                              headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError("Payload too large", code="GH413", status=413,
-                    details=f"The body may be at most {limit} bytes", hint="Split the rows into several requests.")
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge("Payload too large", details=f"The body may be at most {limit} bytes",
+                           hint="Split the rows into several requests.")
 
 
 @dataclass(slots=True)

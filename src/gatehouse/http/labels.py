@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from gatehouse.observe.audit import AuditRecord
 from gatehouse.observe.redact import redact_query
 
-_record = tuple.__new__
-
 
 @dataclass(slots=True)
 class RequestLabels:
     request_id: str = ""
+    client: str = ""
+    """The caller's address (behind trusted proxies, the one they forwarded)."""
     method: str = ""
     query_string: str = ""
     redacted_query: str | None = None
@@ -46,9 +46,7 @@ class RequestLabels:
             query = self.query_string[:2000]
         else:
             query = self.redacted_query if self.redacted_query is not None else redact_query(self.query_string)
-        # every field, in the column order, made as the tuple it is: one record per request, and the named
-        # tuple's own __new__ (a Python function) cost as much again
-        return _record(AuditRecord, (datetime.fromtimestamp(self.started, UTC), self.request_id, self.app,
-                                     self.key_id, self.subject, self.method, self.contract, self.api_version, query,
-                                     status, self.rows, elapsed, False, False))
+        return AuditRecord(datetime.fromtimestamp(self.started, UTC), self.request_id, self.app, self.key_id,
+                           self.subject, self.method, self.contract, self.api_version, query, status, self.rows,
+                           elapsed, False, False, self.client)
 

@@ -54,10 +54,11 @@ class RequestGuard:
         request_id = incoming if incoming is not None and REQUEST_ID.match(incoming) else new_request_id()
         labels = request.labels
         labels.request_id, labels.method, labels.query_string = request_id, request.method, request.query_string
+        labels.client = request.client
         try:
             response = await self.handler(request)
         except ApiError as exc:
-            response = error_response(exc, head=request.method == "HEAD")
+            response = error_response(exc)
         except Exception as exc:
             log.error("request %s failed: %s at %s", request_id, type(exc).__name__, _where(exc))
             error = InternalError("Internal error", hint=f"Quote request id {request_id} to the operators.")
@@ -81,7 +82,7 @@ class RequestGuard:
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s %s %d %.1fms", request.method, request.path, labels.app or "-", status, elapsed * 1000,
-                extra={"request_id": labels.request_id, "app": labels.app, "key_id": labels.key_id,
-                       "user": labels.subject, "contract": labels.contract, "version": labels.version,
-                       "status": status, "duration_ms": round(elapsed * 1000, 2)},
+                extra={"request_id": labels.request_id, "client": labels.client, "app": labels.app,
+                       "key_id": labels.key_id, "user": labels.subject, "contract": labels.contract,
+                       "version": labels.version, "status": status, "duration_ms": round(elapsed * 1000, 2)},
             )

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gatehouse.errors import ApiError, NotAcceptable, RangeNotSatisfiable
+from gatehouse.errors import AmbiguousRange, InvalidPreferences, NotAcceptable, RangeNotSatisfiable
 
 Format = Literal["json", "object", "csv", "openapi", "json_stripped", "object_stripped"]
 MEDIA_TYPES: dict[str, Format] = {
@@ -114,20 +114,28 @@ def parse_prefer(header: str | None) -> Preferences:
             elif name not in prefs.values:
                 prefs.values[name] = value
     if prefs.strict and prefs.invalid:
-        raise ApiError("Invalid preferences given with handling=strict", code="PGRST122",
-                       details=f"Invalid preferences: {', '.join(prefs.invalid)}")
+        raise InvalidPreferences("Invalid preferences given with handling=strict",
+                                 details=f"Invalid preferences: {', '.join(prefs.invalid)}")
     return prefs
 
 
-RANGE = re.compile(r"^\s*(?:items=)?([0-9]{1,18})-([0-9]{0,18})\s*$")
+RANGE = re.compile(r"^\s*(?:items=)?([0-9]{1,18})-([0-9]{0,18})\s*$", re.IGNORECASE)
+ITEMS_RANGE = re.compile(r"^\s*(?:items\s*=|[-+0-9])", re.IGNORECASE)
+"""What a range of rows starts with: the ``items`` unit, or a number without one."""
 
 
 def range_header(value: str | None) -> tuple[int, int | None] | None:
-    """``Range: 0-9`` → (offset, limit); ``Range: 5-`` → (5, None). Malformed ranges are ignored, as PostgREST does."""
+    """``Range: 0-9`` → (offset, limit); ``Range: 5-`` → (5, None). A range of another unit (``bytes=0-9``) is
+    ignored, as PostgREST does; a range of rows that is not ``first-[last]`` in whole numbers (``items=-5-3``:
+    the last five? rows -5 to 3?) is refused rather than guessed at."""
     if not value:
         return None
     match = RANGE.match(value)
     if match is None:
+        if ITEMS_RANGE.match(value):
+            raise AmbiguousRange("The Range header is not a range of rows",
+                                 details=f"Range: {value[:60]}",
+                                 hint="Send Range: items=<first>-<last> (or <first>-) in whole numbers, from 0.")
         return None
     first = int(match.group(1))
     if not match.group(2):

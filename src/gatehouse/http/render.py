@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gatehouse.errors import ApiError, RangeNotSatisfiable
+from gatehouse.errors import RangeNotSatisfiable, SingularResultRequired
 from gatehouse.http.exchange import HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Format
 
@@ -48,8 +48,8 @@ def page_status(page: Page) -> int:
 
 def singular(page: Page) -> bytes:
     if page.count != 1:
-        raise ApiError("Cannot coerce the result to a single JSON object", code="PGRST116", status=406,
-                       details=f"The result contains {page.count} rows")
+        raise SingularResultRequired("Cannot coerce the result to a single JSON object",
+                                     details=f"The result contains {page.count} rows")
     return page.body.strip()[1:-1].strip().encode()
 
 
@@ -95,8 +95,9 @@ def encode(page: Page, fmt: Format) -> bytes:
     return body
 
 
-def read_response(page: Page, fmt: Format, headers: dict[str, str], *, head: bool = False) -> HttpResponse:
+def read_response(page: Page, fmt: Format, headers: dict[str, str]) -> HttpResponse:
+    """The answer to a read; for ``HEAD`` the server sends its headers (``Content-Length`` included) alone."""
     status = page_status(page)
     body = encode(page, fmt)
     headers["Content-Range"] = content_range(page.offset, page.count, page.total)
-    return HttpResponse(status, headers, b"" if head else body, CONTENT_TYPES[fmt])
+    return HttpResponse(status, headers, body, CONTENT_TYPES[fmt])

@@ -8,8 +8,7 @@ from gatehouse.errors import ApiError
 from gatehouse.http.exchange import JSON, HttpResponse
 
 
-def error_response(error: ApiError, *, head: bool = False) -> HttpResponse:
+def error_response(error: ApiError) -> HttpResponse:
     # PostgREST's clients read the code of a bodiless (HEAD) error from a "PostgREST" Proxy-Status entry.
     headers = {"Proxy-Status": f"PostgREST; error={error.code}", **error.headers}
-    body = b"" if head else orjson.dumps(error.body())
-    return HttpResponse(error.status, headers, body, JSON)
+    return HttpResponse(error.status, headers, orjson.dumps(error.body()), JSON)

@@ -3,7 +3,8 @@
 Every read and write goes through the same compiler, grants and row filters as an HTTP request, on one
 connection of the app's pool inside one transaction, which commits only if the function returns. So a
 function can never reach a table, a contract the app was not granted, or a row its filter hides, and a
-function that raises leaves nothing behind. A call works within one database.
+function that raises leaves nothing behind. A write its row filter refuses (403, see ``query/writes.py``) is
+undone at once, even if the function catches the error. A call works within one database.
 """
 
 from __future__ import annotations
@@ -18,25 +19,18 @@ from gatehouse.access import granted_contract, readable_contracts, row_filters
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ApiError
+from gatehouse.errors import LogicError, LogicMisuse
 from gatehouse.http.body import Payload
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
+from gatehouse.query.row_filters import claim_refused_by_database
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Field, Filter, ReadQuery
-from gatehouse.query.writes import InsertOptions, WriteCompiler
+from gatehouse.query.writes import InsertOptions, WriteCompiler, WriteOutcome
 from gatehouse.schema_cache import ApiSchema
 
 Row = dict[str, Any]
-
-
-class LogicError(ApiError):
-    """Raise it in a logic function to answer the caller with a clear 4xx (default 400); nothing is written."""
-
-    code = "GH422"
-
-    def __init__(self, message: str, *, status: int = 400, details: str | None = None) -> None:
-        super().__init__(message, status=status, details=details)
+__all__ = ["Context", "LogicError", "Row"]  # LogicError lives in the error tree; functions import it from here
 
 
 class Context:
@@ -68,8 +62,8 @@ class Context:
     def _compiler(self, contract: str, action: str) -> ReadCompiler:
         found = granted_contract(self.project, self.app, self.version, contract, action)
         if found.database != self._database:
-            raise LogicError(f"'{contract}' lives in database '{found.database}'; a logic call works within "
-                             f"'{self._database}'", status=500)
+            raise LogicMisuse(f"'{contract}' lives in database '{found.database}'; a logic call works within "
+                              f"'{self._database}'")
         readable = readable_contracts(self.project, self.app, self.version)
         filters = row_filters(self.app, self.identity, readable | {contract})
         return ReadCompiler(self._schema, readable, self.project.max_rows(self.app, contract), filters)
@@ -78,8 +72,13 @@ class Context:
         try:
             row = await self._conn.fetchrow(compiled.sql, *compiled.params)
         except asyncpg.PostgresError as exc:
+            readable = readable_contracts(self.project, self.app, self.version)
+            filters = row_filters(self.app, self.identity, readable | {contract})
+            refused = claim_refused_by_database(str(exc.sqlstate or ""), str(getattr(exc, "message", "") or ""),
+                                                filters)  # 403: the value PostgreSQL refused was a claim's
             columns = self._schema.shapes[contract].columns
-            raise api_error_from_postgres(exc, columns=columns, debug=self.project.config.server.debug) from None
+            raise refused or api_error_from_postgres(exc, columns=columns,
+                                                     debug=self.project.config.server.debug) from None
         assert row is not None
         return cast(asyncpg.Record, row)
 
@@ -93,38 +92,49 @@ class Context:
         """The single matching row, or None when there is none (more than one is an error)."""
         rows = await self.read(contract, query + ("&" if query else "") + "limit=2", **equals)
         if len(rows) > 1:
-            raise LogicError(f"more than one row of '{contract}' matches", status=500)
+            raise LogicMisuse(f"more than one row of '{contract}' matches")
         return rows[0] if rows else None
 
     # -- writes ------------------------------------------------------------------------------------------
 
-    async def _write(self, contract: str, compiled: CompiledQuery) -> list[Row]:
-        row = await self._run(compiled, contract)
-        if row[4]:
-            raise ApiError("The change would put rows outside what this application may see", code="42501",
-                           status=403)
-        written: list[Row] = orjson.loads(row[0])
+    async def _write(self, contract: str, writer: WriteCompiler, compiled: CompiledQuery) -> list[Row]:
+        """Run a write and hand back its rows; 403 when it reached outside the app's row filter.
+
+        Under a filter the write runs in a savepoint, so a refused write leaves nothing behind even when the
+        function catches the error and goes on (the function's own transaction would otherwise keep it)."""
+        if writer.filtered:
+            async with self._conn.transaction():  # nested in the function's transaction: a savepoint
+                outcome = WriteOutcome.from_row(await self._run(compiled, contract))
+                outcome.check_row_filter(contract)  # 403: rolls back to the savepoint
+        else:
+            outcome = WriteOutcome.from_row(await self._run(compiled, contract))
+        assert outcome.representation is not None  # logic writes always ask for their rows
+        written: list[Row] = orjson.loads(outcome.representation)
         return written
+
+    def _writer(self, contract: str, action: str) -> WriteCompiler:
+        return WriteCompiler(self._compiler(contract, action), contract)
 
     async def insert(self, contract: str, rows: Row | list[Row], *, select: str = "") -> list[Row]:
         payload = Payload([rows] if isinstance(rows, dict) else list(rows), single=isinstance(rows, dict))
-        writer = WriteCompiler(self._compiler(contract, "insert"), contract)
+        writer = self._writer(contract, "insert")
         query = parse_query(f"select={select}" if select else "")
         key = self._schema.keys.get(contract, ())
-        return await self._write(contract, writer.insert(query, payload, InsertOptions(representation=True), key))
+        compiled = writer.insert(query, payload, InsertOptions(representation=True), key)
+        return await self._write(contract, writer, compiled)
 
     async def update(self, contract: str, values: Row, query: str = "", **equals: Any) -> list[Row]:
         parsed = self._query(query, equals)
         if not parsed.top.where:
-            raise LogicError("update needs a filter", status=500)
-        writer = WriteCompiler(self._compiler(contract, "update"), contract)
+            raise LogicMisuse("update needs a filter")
+        writer = self._writer(contract, "update")
         key = self._schema.keys.get(contract, ())
-        return await self._write(contract, writer.update(parsed, values, True, key))
+        return await self._write(contract, writer, writer.update(parsed, values, True, key))
 
     async def delete(self, contract: str, query: str = "", **equals: Any) -> list[Row]:
         parsed = self._query(query, equals)
         if not parsed.top.where:
-            raise LogicError("delete needs a filter", status=500)
-        writer = WriteCompiler(self._compiler(contract, "delete"), contract)
+            raise LogicMisuse("delete needs a filter")
+        writer = self._writer(contract, "delete")
         key = self._schema.keys.get(contract, ())
-        return await self._write(contract, writer.delete(parsed, True, key))
+        return await self._write(contract, writer, writer.delete(parsed, True, key))

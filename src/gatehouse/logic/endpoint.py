@@ -19,8 +19,16 @@ from pydantic import BaseModel, ValidationError
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
+from gatehouse.db.faults import is_dead
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ApiError, InternalError
+from gatehouse.errors import (
+    ApiError,
+    FunctionNotFound,
+    InternalError,
+    InvalidArguments,
+    InvalidBody,
+    RpcMethodNotAllowed,
+)
 from gatehouse.http.exchange import JSON, HttpRequest, HttpResponse
 from gatehouse.logic.context import Context
 from gatehouse.logic.registry import LogicFunction
@@ -32,9 +40,14 @@ from gatehouse.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def _arguments_error(exc: ValidationError) -> ApiError:
+def _arguments_error(exc: ValidationError) -> InvalidArguments:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-    return ApiError("The function's arguments are not valid", code="PGRST102", status=400, details=problems)
+    return InvalidArguments("The function's arguments are not valid", details=problems)
+
+
+def rpc_methods(function: LogicFunction) -> tuple[str, ...]:
+    """The methods ``/rpc/<name>`` takes: ``GET`` and ``HEAD`` too when the function only reads."""
+    return ("GET", "HEAD", "POST") if function.read_only else ("POST",)
 
 
 async def _arguments(request: HttpRequest, limit: int) -> dict[str, Any]:
@@ -46,9 +59,9 @@ async def _arguments(request: HttpRequest, limit: int) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ApiError("Empty or invalid json", code="PGRST102", status=400) from None
+        raise InvalidBody("Empty or invalid json") from None
     if not isinstance(value, dict):
-        raise ApiError("The arguments are a JSON object of named values", code="PGRST102", status=400)
+        raise InvalidBody("The arguments are a JSON object of named values")
     return value
 
 
@@ -70,9 +83,16 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
             with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
                 await transaction.rollback()
             if isinstance(exc, ApiError):
+                if exc.status == 405:  # a write in a read-only function, or to a read-only contract
+                    exc.headers["Allow"] = ", ".join(rpc_methods(function))  # the method is /rpc's, not the view's
                 raise
             if isinstance(exc, asyncpg.PostgresError):
-                raise api_error_from_postgres(exc, debug=project.config.server.debug) from None
+                error = api_error_from_postgres(exc, debug=project.config.server.debug)
+                if error.status == 405:  # 25006: the function wrote inside its read-only transaction
+                    error.headers["Allow"] = ", ".join(rpc_methods(function))
+                raise error from None
+            if isinstance(exc, Exception) and conn.is_closed() and is_dead(exc, conn):
+                raise  # the connection died, not the function: the lease answers 503 PGRST001
             if isinstance(exc, Exception):
                 log.error("logic function %s raised %s", function.name, type(exc).__name__)
                 raise InternalError(f"The function '{function.name}' failed", hint="Nothing was written.") from None
@@ -97,12 +117,12 @@ async def call_rpc(request: HttpRequest, runtime: Runtime, name: str) -> HttpRes
     identity, app = await identify(request, runtime)  # 401
     function = project.functions.get(name)
     if function is None or name not in app.config.functions:
-        raise ApiError(f"Could not find the function '{name}' in the schema cache", code="PGRST202", status=404,
-                       hint="Check the name; functions are granted to applications in gatehouse.toml.")
+        raise FunctionNotFound(f"Could not find the function '{name}' in the schema cache",
+                               hint="Check the name; functions are granted to applications in gatehouse.toml.")
     request.labels.contract = f"rpc:{name}"
     if request.method in ("GET", "HEAD") and not function.read_only:
-        raise ApiError(f"Cannot use the {request.method} method on RPC", code="PGRST101", status=405,
-                       hint="This function changes data: call it with POST.")
+        raise RpcMethodNotAllowed(f"Cannot use the {request.method} method on RPC", allow=rpc_methods(function),
+                                  hint="This function changes data: call it with POST.")
     profile = request.headers.get("accept-profile" if request.method in ("GET", "HEAD") else "content-profile")
     version = choose_version(project, app, profile, None)  # 406 / 410
     arguments = await _arguments(request, project.config.server.max_body_bytes)

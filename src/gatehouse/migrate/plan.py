@@ -15,7 +15,8 @@ import asyncpg
 
 from gatehouse.contracts.compat import Change, compare, is_breaking
 from gatehouse.contracts.lockfile import Lock
-from gatehouse.contracts.signature import CompileError, live_signatures
+from gatehouse.contracts.shape import CompileError
+from gatehouse.contracts.signature import live_signatures
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.migrate.runner import MigrationFailed, migrate, pending_migrations
 from gatehouse.project import Project

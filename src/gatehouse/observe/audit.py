@@ -38,7 +38,7 @@ import asyncpg
 import orjson
 
 from gatehouse.db import Connection
-from gatehouse.errors import ServiceUnavailable
+from gatehouse.errors import AuditUnavailable as AuditUnavailable  # re-exported: it lives in the error tree
 from gatehouse.observe.redact import MAX_QUERY_CHARS
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ CREATE TABLE IF NOT EXISTS gatehouse.audit (
     "rows"       integer,
     duration_ms  real NOT NULL,
     cached       boolean NOT NULL DEFAULT false,
-    replica      boolean NOT NULL DEFAULT false
+    replica      boolean NOT NULL DEFAULT false,
+    client       text NOT NULL DEFAULT ''
 );
+ALTER TABLE gatehouse.audit ADD COLUMN IF NOT EXISTS client text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS audit_at_idx ON gatehouse.audit (at);
 CREATE INDEX IF NOT EXISTS audit_app_at_idx ON gatehouse.audit (app, at);
 CREATE INDEX IF NOT EXISTS audit_target_at_idx ON gatehouse.audit (target, at);
@@ -126,25 +128,16 @@ $do$;
 """
 
 COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "target", "api_version", "query",
-           "status", "rows", "duration_ms", "cached", "replica")
+           "status", "rows", "duration_ms", "cached", "replica", "client")
 _QUOTED = ", ".join('"' + c + '"' for c in COLUMNS)
 _INSERT = f"INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
 _INT32 = 2**31 - 1
 _REAL_MAX = 1e38
 """Below the largest ``real`` (about 3.4e38)."""
 _TEXT_LIMITS = {"request_id": 200, "app": 200, "key_id": 200, "subject": 500, "method": 16, "target": 300,
-                "query": MAX_QUERY_CHARS}
+                "query": MAX_QUERY_CHARS, "client": 100}
 CONNECT_TIMEOUT_S = 10.0
 BATCH_TIMEOUT_S = 30.0
-
-
-class AuditUnavailable(ServiceUnavailable):
-    """The audit trail can take no more records (store down and spool full): the request is refused."""
-
-    code = "GH503"
-
-    def __init__(self) -> None:
-        super().__init__("The audit trail is unavailable", hint="Requests resume when it is back; retry shortly.")
 
 
 class AuditRecord(NamedTuple):
@@ -167,6 +160,8 @@ class AuditRecord(NamedTuple):
     duration_ms: float
     cached: bool = False
     replica: bool = False
+    client: str = ""
+    """The caller's address (behind trusted proxies, the one they forwarded: ``[server] trusted_proxies``)."""
 
 
 _TEXT_FIELDS = tuple((COLUMNS.index(name), limit) for name, limit in _TEXT_LIMITS.items())
@@ -209,7 +204,7 @@ def _row(record: AuditRecord) -> AuditRecord:
         text("target", record.target) or "", integer(record.api_version), text("query", record.query) or "",
         integer(record.status) or 0, integer(record.rows),
         duration if math.isfinite(duration) and abs(duration) < _REAL_MAX else 0.0,
-        bool(record.cached), bool(record.replica))
+        bool(record.cached), bool(record.replica), text("client", record.client) or "")
 
 
 def _to_line(record: AuditRecord) -> bytes:
@@ -218,8 +213,8 @@ def _to_line(record: AuditRecord) -> bytes:
 
 
 def _from_line(line: bytes) -> AuditRecord:
-    data = orjson.loads(line)
-    return AuditRecord(datetime.fromisoformat(data["at"]), *(data[c] for c in COLUMNS[1:]))
+    data = orjson.loads(line)  # a line spooled before a column existed takes that column's default
+    return AuditRecord(datetime.fromisoformat(data["at"]), **{c: data[c] for c in COLUMNS[1:] if c in data})
 
 
 async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
@@ -232,7 +227,7 @@ async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
 
 
 _TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "integer", "text", "integer", "integer",
-          "real", "boolean", "boolean")
+          "real", "boolean", "boolean", "text")
 """The SQL type of each of :data:`COLUMNS`."""
 _CTE_TYPES = _TYPES[:10]
 """The columns ``at`` to ``status``: the values an audit CTE binds as they are."""
@@ -286,7 +281,7 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
     run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
     return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(values)}, "
             f"(SELECT least(count(*), {_INT32})::integer FROM {written}), {bind(row[11])}::real + {run_ms}, "
-            f"{bind(row[12])}::boolean, {bind(row[13])}::boolean))")
+            f"{bind(row[12])}::boolean, {bind(row[13])}::boolean, {bind(row[14])}::text))")
 
 
 # --- the writer --------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from gatehouse.db import Connection
 MAX_LIMIT = 10_000
 STATUS_CLASS = re.compile(r"^([1-5])xx$")
 RECORD_COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "target", "api_version", "query",
-                  "status", "rows", "duration_ms", "cached", "replica")
-AUDIT_TABLE_HEADER = ("time", "request", "app", "key", "user", "method", "target", "ver", "status", "rows", "ms",
-                      "from", "query")
+                  "status", "rows", "duration_ms", "cached", "replica", "client")
+AUDIT_TABLE_HEADER = ("time", "request", "client", "app", "key", "user", "method", "target", "ver", "status", "rows",
+                      "ms", "from", "query")
 VERSIONS_TABLE_HEADER = ("version", "app", "calls", "errors", "last call", "targets")
 
 
@@ -85,7 +85,8 @@ def as_table_rows(records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         return ",".join(name for name in ("cache", "replica") if record.get("cached" if name == "cache" else name))
 
     return [(
-        _when(r["at"]), r["request_id"], r["app"] or "-", r["key_id"] or "-", r["subject"] or "-", r["method"],
+        _when(r["at"]), r["request_id"], r["client"] or "-", r["app"] or "-", r["key_id"] or "-",
+        r["subject"] or "-", r["method"],
         r["target"] or "-", "" if r["api_version"] is None else f"v{r['api_version']}", str(r["status"]),
         "" if r["rows"] is None else str(r["rows"]), f"{r['duration_ms']:.1f}", origin(r), r["query"],
     ) for r in records]

@@ -7,6 +7,11 @@ reads ``[not.]<operator>[(any|all|<language>)].<value>``. Repeated filters are A
 
 Errors are 400 ``PGRST100`` with PostgREST's wording where a client might match on it. Every list and
 depth is bounded, so no request can make the parser work without limit.
+
+What PostgREST would take by guessing is refused instead: a query string that is not UTF-8 once
+percent-decoded (400, as the server already refuses it on the wire, so the ASGI path and a logic function's
+``ctx.read(query=...)`` behave the same), a negative ``limit`` or ``offset``, and anything after the column
+list of ``columns`` or ``on_conflict``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterable
 from typing import Literal, cast
 from urllib.parse import parse_qsl
 
-from gatehouse.errors import ApiError, QueryParseError, RangeNotSatisfiable
+from gatehouse.errors import ApiKeyInUrl, InvalidUrlEncoding, NotImplementedFeature, QueryParseError
 from gatehouse.query.tree import (
     IS_VALUES,
     OPERATORS,
@@ -169,7 +174,7 @@ def _select_item(cursor: _Cursor, depth: int) -> SelectItem:
     if cursor.take("*"):
         return StarItem()
     if cursor.peek("..."):
-        raise ApiError("Feature not implemented", code="PGRST127", details="spread embeds (...) are not supported")
+        raise NotImplementedFeature("Feature not implemented", details="spread embeds (...) are not supported")
     alias: str | None = None
     start = cursor.pos
     first = cursor.name()
@@ -406,9 +411,12 @@ def parse_order(raw: str) -> tuple[OrderTerm, ...]:
             raise cursor.error('"," or end of input')
 
 
-def _integer(name: str, raw: str) -> int:
-    if not re.fullmatch(r"-?[0-9]{1,18}", raw.strip()):
-        raise QueryParseError(f'"failed to parse {name}" ({raw})', details=f"{name} must be an integer")
+def _count(name: str, raw: str) -> int:
+    """A limit or an offset: a whole number, at least 0 (PostgREST answers -1 with 416 for a limit and ignores
+    it for an offset; neither is a range anyone can mean)."""
+    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+        raise QueryParseError(f'"failed to parse {name}" ({raw})',
+                              details=f"{name} must be a whole number, 0 or more")
     return int(raw)
 
 
@@ -432,28 +440,50 @@ def _level_parameter(level: Level, name: str, value: str) -> None:
     if name == "order":
         level.order = parse_order(value)
     elif name == "limit":
-        limit = _integer("limit", value)
-        if limit < 0:
-            raise RangeNotSatisfiable("Requested range not satisfiable",
-                                      details="Limit should be greater than or equal to zero.")
-        level.limit = limit
+        level.limit = _count("limit", value)
     else:
-        level.offset = max(0, _integer("offset", value))
+        level.offset = _count("offset", value)
+
+
+_LIST_NAME = re.compile(r"[\w $-]+")
+"""An unquoted name in ``columns`` or ``on_conflict``: letters, digits, ``_``, ``$``, ``-`` and spaces, as PostgREST
+reads it; anything else must be double-quoted."""
 
 
 def _names(value: str, what: str) -> tuple[str, ...]:
+    """``a,b,"c d"``: the column list of ``columns`` or ``on_conflict``, and nothing after it."""
     if not value.strip():
         raise QueryParseError(f'"failed to parse {what}"', details=f"{what}= needs at least one column")
-    return tuple(_Cursor(part.strip(), what).name() for part in _split_top(value))
+    cursor = _Cursor(value, what)
+    names: list[str] = []
+    while True:
+        cursor.skip_spaces()
+        if cursor.peek('"'):
+            names.append(cursor.name())
+        else:
+            match = _LIST_NAME.match(cursor.text, cursor.pos)
+            if match is None or not match.group(0).strip():
+                raise cursor.error("a column name")
+            cursor.pos = match.end()
+            names.append(cursor._checked(match.group(0).strip()))
+        cursor.skip_spaces()
+        if cursor.done:
+            return tuple(names)
+        if not cursor.take(","):
+            raise cursor.error('"," or end of input')
 
 
 def query_pairs(query_string: str) -> list[tuple[str, str]]:
     """The decoded ``(key, value)`` pairs of a query string, blank values kept (as ``parse_qsl`` gives them).
 
     Most query strings hold nothing to decode (``id=eq.17``): those are split directly, at a fraction of
-    ``parse_qsl``'s cost."""
+    ``parse_qsl``'s cost. Percent-escapes that do not decode to UTF-8 are refused (400), never replaced."""
     if "%" in query_string or "+" in query_string:
-        return parse_qsl(query_string, keep_blank_values=True)
+        try:
+            return parse_qsl(query_string, keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidUrlEncoding("The query string is not valid UTF-8 once percent-decoded",
+                                     hint="Percent-encode the UTF-8 bytes of each character.") from None
     pairs: list[tuple[str, str]] = []
     for pair in query_string.split("&"):
         if pair:
@@ -472,8 +502,8 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
     budget = [MAX_CONDITIONS]
     for key, value in pairs:
         if key in ("apikey", "api_key"):
-            raise ApiError("API keys are not accepted in the URL", code="GH400",
-                           hint="URLs end up in logs and browser history: send the key in the 'apikey' header")
+            raise ApiKeyInUrl("API keys are not accepted in the URL",
+                              hint="URLs end up in logs and browser history: send the key in the 'apikey' header")
         if key == "select":
             query.select = parse_select(value)
         elif key == "columns":
@@ -495,19 +525,3 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
                     raise QueryParseError("too many filters", details=f"at most {MAX_CONDITIONS} per request")
                 level.where.append(_operation(field, value, "filter"))
     return query
-
-
-def _split_top(text: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts

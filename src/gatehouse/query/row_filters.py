@@ -5,6 +5,12 @@ app and contract). Per request, each ``{claims.NAME}`` placeholder is replaced b
 token — as a *value*, so it stays a bound parameter like any other. The compiler adds the result to every
 read, embed, update and delete of that contract by that app, and checks every inserted row against it.
 A claim the token does not carry refuses the request: a filter is never silently dropped.
+
+A claim whose value cannot be a value of the filtered column's type (``user_id=eq.{claims.sub}`` with an
+integer ``user_id`` and ``sub = "abc"``) refuses the request too, with 403 like a missing claim: the token does
+not fit this app's filter, and the answer names neither the column's type nor any SQL. The compiler decides it
+before the query for the common types (``query/values.py``); for the others :func:`claim_refused_by_database`
+recognizes PostgreSQL's refusal of a claim's value.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from gatehouse.errors import ApiError
+from gatehouse.errors import ClaimDoesNotFit, ClaimNotScalar, MissingClaim
 from gatehouse.query.grammar import parse_query
-from gatehouse.query.tree import Condition, Filter, Logic
+from gatehouse.query.tree import ClaimValue, Condition, Filter, Logic
 
 PLACEHOLDER = re.compile(r"\{claims\.([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -46,19 +52,56 @@ def _claim(claims: Mapping[str, Any], path: str) -> str:
     value: Any = claims
     for part in path.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            raise ApiError("The caller's token lacks a claim this application's row filter needs", code="GH403",
-                           status=403, details=f"missing claim: {path}")
+            raise MissingClaim("The caller's token lacks a claim this application's row filter needs",
+                               details=f"missing claim: {path}")
         value = value[part]
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | dict):
-        raise ApiError("A claim used in a row filter must be a single value", code="GH403", status=403,
-                       details=f"claim {path} is a {type(value).__name__}")
+        raise ClaimNotScalar("A claim used in a row filter must be a single value",
+                             details=f"claim {path} is a {type(value).__name__}")
     return str(value)
 
 
 def _substitute(text: str, claims: Mapping[str, Any]) -> str:
-    return PLACEHOLDER.sub(lambda match: _claim(claims, match.group(1)), text)
+    """The text with its placeholders replaced: a :class:`ClaimValue` when it had any."""
+    paths = tuple(PLACEHOLDER.findall(text))
+    if not paths:
+        return text
+    return ClaimValue(PLACEHOLDER.sub(lambda match: _claim(claims, match.group(1)), text), paths)
+
+
+def claim_does_not_fit(value: ClaimValue) -> ClaimDoesNotFit:
+    return ClaimDoesNotFit("The caller's token does not fit this application's row filter",
+                           details=f"claim {', '.join(value.claims)} cannot match the filtered column",
+                           hint="Call with a token whose claims this application's grant can filter by.")
+
+
+def claim_values(filters: Mapping[str, tuple[Condition, ...]]) -> list[ClaimValue]:
+    """Every value the bound row filters took from the caller's token."""
+    found: list[ClaimValue] = []
+    stack = [condition for conditions in filters.values() for condition in conditions]
+    while stack:
+        condition = stack.pop()
+        if isinstance(condition, Logic):
+            stack.extend(condition.children)
+            continue
+        values = condition.value if isinstance(condition.value, tuple) else (condition.value,)
+        found.extend(v for v in values if isinstance(v, ClaimValue))
+    return found
+
+
+def claim_refused_by_database(sqlstate: str, message: str,
+                              filters: Mapping[str, tuple[Condition, ...]]) -> ClaimDoesNotFit | None:
+    """The 403 to answer when PostgreSQL refused a claim's value (a data exception, class 22, whose message
+    quotes the value: ``invalid input value for enum mood: "abc"``), for the types the compiler cannot judge
+    before the query; None when the refused value is not a claim's."""
+    if not sqlstate.startswith("22"):
+        return None
+    for value in claim_values(filters):
+        if f'"{value}"' in message:
+            return claim_does_not_fit(value)
+    return None
 
 
 def bind_claims(conditions: tuple[Condition, ...], claims: Mapping[str, Any]) -> tuple[Condition, ...]:

@@ -23,8 +23,20 @@ from dataclasses import dataclass, field
 from gatehouse.contracts.relations import Relation
 from gatehouse.db import quote_ident
 from gatehouse.db.catalog import ViewShape
-from gatehouse.errors import ApiError, QueryParseError
+from gatehouse.errors import (
+    AmbiguousRelationship,
+    DuplicateOutputName,
+    InvalidEmbedFilter,
+    JsonPathOnNonJsonColumn,
+    NotEmbedded,
+    QueryParseError,
+    RelatedOrderNotToOne,
+    RelationshipNotFound,
+    UndefinedColumn,
+)
+from gatehouse.query.row_filters import claim_does_not_fit
 from gatehouse.query.tree import (
+    ClaimValue,
     ColumnItem,
     Condition,
     EmbedItem,
@@ -37,6 +49,7 @@ from gatehouse.query.tree import (
     SelectItem,
     StarItem,
 )
+from gatehouse.query.values import certainly_refused
 from gatehouse.schema_cache import ApiSchema
 
 SQL_OPERATORS = {
@@ -49,6 +62,15 @@ TSQUERY = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phraseto_t
            "wfts": "websearch_to_tsquery"}
 JSON_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²" and "١٢"
 IS_SQL = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
+COMPARISON_OPERATORS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte", "isdistinct"})
+"""The operators whose value is cast to the column's own type (``in`` casts each item)."""
+JSON_TYPES = frozenset({"json", "jsonb"})
+
+
+def _check_claim(value: object, column_type: str) -> None:
+    """403 before any SQL when a row filter's claim certainly cannot be a value of the column's type."""
+    if isinstance(value, ClaimValue) and certainly_refused(value, column_type):
+        raise claim_does_not_fit(value)
 
 
 @dataclass(slots=True)
@@ -114,15 +136,22 @@ class ReadCompiler:
         """`` WHERE ...`` (or nothing) for the top-level filters, as reads apply them."""
         return self._where(scope, query.top, query)
 
-    def row_filter_violations(self, contract: str, source: str) -> str:
-        """How many rows in ``source`` fall outside the app's row filter (``0`` when it has none)."""
+    def row_filter_test(self, contract: str, row: str) -> str | None:
+        """The app's row filter on ``contract`` as one SQL condition on the row named ``row`` (a FROM item's or
+        a write target's alias), or None when it has none. NULL counts as outside, as in a read's WHERE."""
         conditions = self.row_filters.get(contract, ())
         if not conditions:
-            return "0"
+            return None
         scope = self._scope(contract, ())
-        scope.alias = source
-        test = " AND ".join(self._condition(scope, c, {}, ReadQuery()) for c in conditions)
-        return f"(SELECT count(*) FROM {source} WHERE ({test}) IS NOT TRUE)"
+        scope.alias = row
+        return "(" + " AND ".join(self._condition(scope, c, {}, ReadQuery()) for c in conditions) + ")"
+
+    def row_filter_violations(self, contract: str, source: str) -> str:
+        """How many rows in ``source`` fall outside the app's row filter (``0`` when it has none)."""
+        test = self.row_filter_test(contract, source)
+        if test is None:
+            return "0"
+        return f"(SELECT count(*) FROM {source} WHERE {test} IS NOT TRUE)"
 
     def representation(self, contract: str, query: ReadQuery, source: str) -> str:
         """The written rows (in ``source``) shaped by ``select=``, embeds included, as a JSON array."""
@@ -151,14 +180,20 @@ class ReadCompiler:
 
     def _column(self, scope: _Scope, name: str) -> str:
         if name not in scope.shape.columns:
-            raise ApiError(f"column {scope.contract}.{name} does not exist", code="42703", status=400,
-                           hint=f"Columns of {scope.contract}: {', '.join(scope.shape.columns)}")
+            raise UndefinedColumn(f"column {scope.contract}.{name} does not exist",
+                                  hint=f"Columns of {scope.contract}: {', '.join(scope.shape.columns)}")
         return f"{scope.alias}.{quote_ident(name)}"
 
     def _field(self, scope: _Scope, fld: Field) -> tuple[str, str]:
         """SQL of a field and its type (for casting values compared with it)."""
         sql = self._column(scope, fld.column)
         column_type = scope.shape.columns[fld.column]
+        if fld.json_path and column_type not in JSON_TYPES:
+            raise JsonPathOnNonJsonColumn(
+                f"Cannot apply the JSON path to the column '{fld.column}' of '{scope.contract}'",
+                details=f"'{fld.column}' is of type {column_type}; -> and ->> apply to json and jsonb columns",
+                hint=f"Name '{fld.column}' without -> or ->>.",
+            )
         for arrow, key in fld.json_path:
             index = JSON_INDEX.fullmatch(key) is not None
             sql = f"({sql} {arrow} {self.bind(int(key) if index else key)}::{'int' if index else 'text'})"
@@ -181,7 +216,22 @@ class ReadCompiler:
                 parts.append(f"{self._embed(scope, item, query)} AS {quote_ident(item.output_name)}")
         if not parts:
             raise QueryParseError('"failed to parse select"', details="select names no column to return")
+        self._refuse_duplicates(scope, items)
         return ", ".join(parts)
+
+    def _refuse_duplicates(self, scope: _Scope, items: tuple[SelectItem, ...]) -> None:
+        """Each output of one level is a key of one JSON object: two with the same name would make the
+        object hold a key twice (PostgREST sends that, and JSON parsers keep one of them, unsaid)."""
+        seen: set[str] = set()
+        for name in self._output_names(scope, items):
+            if name in seen:
+                where = f" of the '{scope.path[-1]}' embed" if scope.path else ""
+                raise DuplicateOutputName(
+                    f"The select{where} returns '{name}' twice",
+                    details="Each column and embed of one level of select needs a name of its own",
+                    hint=f"Give one of them an alias, e.g. other_{name}:{name}.",
+                )
+            seen.add(name)
 
     @staticmethod
     def _output_names(scope: _Scope, items: tuple[SelectItem, ...]) -> list[str]:
@@ -199,9 +249,8 @@ class ReadCompiler:
         if item.hint:
             candidates = [r for r in candidates if item.hint in (r.name, *r.source_columns, *r.target_columns)]
         if not candidates:
-            raise ApiError(
+            raise RelationshipNotFound(
                 f"Could not find a relationship between '{scope.contract}' and '{item.relation}' in the schema cache",
-                code="PGRST200", status=400,
                 details=f"Searched for a relationship between '{scope.contract}' and '{item.relation}'"
                         f"{f' using the hint {item.hint!r}' if item.hint else ''}, but no matches were found.",
                 hint="Relations come from foreign keys between the contracts' tables, or [[relations]] in "
@@ -209,9 +258,9 @@ class ReadCompiler:
             )
         if len(candidates) > 1:
             options = ", ".join(f"'{item.relation}!{r.name}'" for r in candidates)
-            raise ApiError(f"Could not embed because more than one relationship was found for "
-                           f"'{scope.contract}' and '{item.relation}'", code="PGRST201", status=300,
-                           hint=f"Try changing '{item.relation}' to one of the following: {options}.")
+            raise AmbiguousRelationship(f"Could not embed because more than one relationship was found for "
+                                        f"'{scope.contract}' and '{item.relation}'",
+                                        hint=f"Try changing '{item.relation}' to one of the following: {options}.")
         return candidates[0]
 
     def _join(self, parent: _Scope, child: _Scope, relation: Relation) -> str:
@@ -284,8 +333,9 @@ class ReadCompiler:
         name = flt.field.column
         if name in embeds and not flt.field.json_path and name not in scope.shape.columns:
             if flt.operator != "is" or flt.value != "null":
-                raise ApiError(f"Bad operator on the '{name}' embedded resource", code="PGRST120", status=400,
-                               details="Only is null or not is null filters are allowed on embedded resources")
+                raise InvalidEmbedFilter(f"Bad operator on the '{name}' embedded resource",
+                                         details="Only is null or not is null filters are allowed on embedded "
+                                                 "resources")
             exists = self._exists(scope, embeds[name], query)
             return exists if flt.negated else f"NOT {exists}"
         column, column_type = self._field(scope, flt.field)
@@ -297,7 +347,11 @@ class ReadCompiler:
         if op == "is":
             return f"{column} IS {IS_SQL[str(flt.value)]}"
         if op == "in":
+            for item in flt.value:
+                _check_claim(item, column_type)
             return f"{column} = ANY({self.bind(list(flt.value))}::text[]::{column_type}[])"
+        if op in COMPARISON_OPERATORS and not flt.quantifier:
+            _check_claim(flt.value, column_type)
         value = str(flt.value)
         if op in TSQUERY:
             vector = column if column_type == "tsvector" else (
@@ -325,8 +379,8 @@ class ReadCompiler:
             item = EmbedItem(term.relation)
             relation = self._relation(scope, item)
             if not relation.to_one:
-                raise ApiError(f"A related order on '{term.relation}' is not possible", code="PGRST118",
-                               status=400, details="Only to-one embedded resources can order their parent")
+                raise RelatedOrderNotToOne(f"A related order on '{term.relation}' is not possible",
+                                           details="Only to-one embedded resources can order their parent")
             child = self._scope(relation.target, (*scope.path, term.relation))
             value, _ = self._field(child, term.field)
             sql = (f"(SELECT {value} FROM {self._view(child)} AS {child.alias} "
@@ -342,6 +396,5 @@ class ReadCompiler:
         for path, level in query.levels.items():
             if path and path not in self._used_levels and (level.where or level.order or level.limit is not None
                                                              or level.offset):
-                raise ApiError(f"'{path[-1]}' is not an embedded resource in this request", code="PGRST108",
-                               status=400, hint=f"Verify that '{path[-1]}' is included in the 'select' query "
-                                                "parameter.")
+                raise NotEmbedded(f"'{path[-1]}' is not an embedded resource in this request",
+                                  hint=f"Verify that '{path[-1]}' is included in the 'select' query parameter.")

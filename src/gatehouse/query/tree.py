@@ -70,6 +70,23 @@ class EmbedItem:
 SelectItem: TypeAlias = ColumnItem | StarItem | EmbedItem
 
 
+class ClaimValue(str):
+    """A filter value that a grant's row filter took from the caller's token (``{claims.NAME}``). It compares
+    and hashes as the text it is; the compiler checks it against the column's type before any SQL, because a
+    value that cannot fit is the token's fault, not the query's (403, ``query/row_filters.py``)."""
+
+    claims: tuple[str, ...]
+    """The claims whose values the text holds."""
+
+    def __new__(cls, value: str, claims: tuple[str, ...]) -> ClaimValue:
+        made = super().__new__(cls, value)
+        made.claims = claims
+        return made
+
+    def __getnewargs__(self) -> tuple[str, tuple[str, ...]]:  # type: ignore[override]  # copy and pickle
+        return str(self), self.claims
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     field: Field

@@ -4,25 +4,53 @@ PostgreSQL's updatable views carry the write to the table, under the app's role,
 the app's INSERT/UPDATE/DELETE privilege itself. The rows travel as one JSON parameter expanded by
 ``json_populate_recordset`` into the view's row type, so PostgreSQL parses every value by the column's type.
 
-Every statement has the same tail, so the pipeline reads every write the same way:
-``(representation JSON or NULL, rows written, key of the first row as JSON or NULL, rows that already
-existed — for upserts)``. All of it runs on one snapshot, so "already existed" is counted before the write.
+Every statement ends with the same tail, which the pipeline and logic functions both read as one
+:class:`WriteOutcome`: the representation (JSON or NULL), the rows written, the key of the first row (JSON or
+NULL), the rows that already existed (upserts), and the two counts that refuse a write under a row filter
+(``outside``, ``hidden``). All of it runs on one snapshot, so "already existed" is counted before the write.
+
+A grant's row filter holds for every write, as PostgreSQL's row-level security would hold it:
+
+- UPDATE and DELETE carry it in their WHERE, like reads: a row outside it is neither changed nor counted.
+- Every written row is checked against it (``outside``): no write may put a row where the app cannot see it.
+- A merging upsert (``ON CONFLICT ... DO UPDATE``, which PUT is too) carries it as the DO UPDATE's own WHERE,
+  tested on the existing row, so PostgreSQL itself never overwrites a row outside it, even one a concurrent
+  transaction committed after this statement's snapshot. Such a row is skipped instead, and every row sent
+  must come back written: the shortfall (``hidden``) refuses the whole statement with 403, code 42501, as
+  PostgreSQL does when ON CONFLICT meets a row its UPDATE policy hides. A ``DO NOTHING`` upsert skips such a
+  row exactly like a conflicting row inside the filter, and its representation never contains it.
+
+Both counts are zero without a filter. With one, the caller runs the statement in a transaction (a savepoint
+in a logic function) and :meth:`WriteOutcome.check_row_filter` rolls a refused write back entirely.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
 from gatehouse.db import quote_ident
 from gatehouse.db.catalog import ViewShape
-from gatehouse.errors import ApiError
+from gatehouse.errors import (
+    ContractNotWritable,
+    HiddenRowConflict,
+    InvalidBody,
+    ReadOnlyColumn,
+    UnknownColumn,
+    WriteOutsideFilter,
+)
 from gatehouse.http.body import Payload
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import ReadQuery
 
+if TYPE_CHECKING:
+    import asyncpg
+
 WRITTEN = "_gh_written"
+TARGET = "_gh_t"
+"""The alias of an INSERT's target: an upsert's DO UPDATE reads the existing row under it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,38 +62,86 @@ class InsertOptions:
     conflict_columns: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """The tail every write statement ends with, by name (see the module's docstring)."""
+
+    representation: str | None
+    """The written rows shaped by ``select=``, as a JSON array; None unless asked for."""
+    written: int
+    first_key: str | None
+    """The first written row's key as a JSON array (for ``Location``); None without a key or a row."""
+    existing: int | None
+    """How many of an upsert's rows were there before it; None for any other write."""
+    outside: int
+    """Written rows that fall outside the app's row filter."""
+    hidden: int
+    """Rows a merging upsert skipped because the row they conflict with is outside the app's row filter."""
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record | None) -> WriteOutcome:
+        assert row is not None  # the tail is one row of aggregates
+        return cls(row["representation"], row["written"], row["first_key"], row["existing"], row["outside"],
+                   row["hidden"])
+
+    def check_row_filter(self, contract: str) -> None:
+        """403 (code 42501, as PostgreSQL and PostgREST answer under row-level security) when the write reached
+        outside the app's row filter. The caller rolls back, so nothing of the statement is kept; the message
+        names the contract, never a table, and shows no value of a row the app may not see."""
+        if self.hidden:
+            raise HiddenRowConflict(f"The upsert would overwrite rows of '{contract}' that this application may not "
+                                    "change",
+                                    details=f"{self.hidden} row(s) conflict with rows outside the application's row "
+                                            "filter; nothing was written")
+        if self.outside:
+            raise WriteOutsideFilter(f"The change would put rows of '{contract}' outside what this application may "
+                                     "see",
+                                     details=f"{self.outside} row(s) do not match the application's row filter; "
+                                             "nothing was written")
+
+
 class WriteCompiler:
-    def __init__(self, reader: ReadCompiler, contract: str) -> None:
+    def __init__(self, reader: ReadCompiler, contract: str, allow: tuple[str, ...] | None = None) -> None:
         self.reader = reader
         self.contract = contract
         self.scope = reader.root(contract)
         self.shape: ViewShape = self.scope.shape
         self.view = reader.view_sql(self.scope)
+        self.allow = allow if allow is not None else _view_methods(self.shape)
+        """What a 405 names in ``Allow``: the app's methods on the contract (the pipeline gives them, as
+        ``OPTIONS`` answers them), else what the view itself can take."""
         self.also: list[str] = []
         """More CTEs for the statement, after the write's own: they may read ``_gh_written`` (the audit's
         record does); bind their values with ``reader.bind``."""
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the app's row filter applies to this contract: then :meth:`WriteOutcome.check_row_filter`
+        may still refuse the write after its statement ran, so the statement needs a transaction around it."""
+        return bool(self.reader.row_filters.get(self.contract))
 
     # -- checks ---------------------------------------------------------------------------------------
 
     def writable(self, columns: tuple[str, ...]) -> None:
         for column in columns:
             if column not in self.shape.columns:
-                raise ApiError(f"Could not find the '{column}' column of '{self.contract}' in the schema cache",
-                               code="PGRST204", status=400,
-                               hint=f"Columns of {self.contract}: {', '.join(self.shape.columns)}")
+                raise UnknownColumn(f"Could not find the '{column}' column of '{self.contract}' in the schema cache",
+                                    hint=f"Columns of {self.contract}: {', '.join(self.shape.columns)}")
             if column not in self.shape.writable_columns:
-                raise ApiError(f"Column '{column}' of '{self.contract}' is read-only", code="0A000", status=400,
-                               details="It is computed or comes from another table, so it cannot be written "
-                                       "through this contract.")
+                raise ReadOnlyColumn(f"Column '{column}' of '{self.contract}' is read-only",
+                                     details="It is computed or comes from another table, so it cannot be written "
+                                             "through this contract.")
 
-    def _refuse(self, action: str) -> ApiError:
-        return ApiError(f"The contract '{self.contract}' cannot be written ({action})", code="GH405", status=405,
-                        details="Only a contract that selects from one table, without grouping or joins, "
-                                "can be written; this one is read-only.")
+    def _refuse(self, action: str) -> ContractNotWritable:
+        return ContractNotWritable(f"The contract '{self.contract}' cannot be written ({action})", allow=self.allow,
+                                   details="Only a contract that selects from one table, without grouping or joins, "
+                                           "can be written; this one is read-only.")
 
     # -- statements -------------------------------------------------------------------------------------
 
-    def _tail(self, query: ReadQuery, representation: bool, key: tuple[str, ...], existing: str = "NULL") -> str:
+    def _tail(self, query: ReadQuery, representation: bool, key: tuple[str, ...], existing: str = "NULL",
+              hidden: str = "0") -> str:
+        """``, <also CTEs> SELECT <the columns of WriteOutcome>``."""
         body = self.reader.representation(self.contract, query, WRITTEN) if representation else "NULL"
         if key:
             first = ", ".join(f"{quote_ident(k)}" for k in key)
@@ -74,7 +150,8 @@ class WriteCompiler:
             location = "NULL"
         violations = self.reader.row_filter_violations(self.contract, WRITTEN)
         also = "".join(f", {cte}" for cte in self.also)
-        return f"{also} SELECT {body}, (SELECT count(*) FROM {WRITTEN}), {location}, {existing}, {violations}"
+        return (f"{also} SELECT {body} AS representation, (SELECT count(*) FROM {WRITTEN}) AS written, "
+                f"{location} AS first_key, {existing} AS existing, {violations} AS outside, {hidden} AS hidden")
 
     def insert(self, query: ReadQuery, payload: Payload, options: InsertOptions,
                key: tuple[str, ...]) -> CompiledQuery:
@@ -85,11 +162,15 @@ class WriteCompiler:
         else:
             columns = payload.keys
             if any(tuple(row) != columns and set(row) != set(columns) for row in payload.rows):
-                raise ApiError("All object keys must match", code="PGRST102", status=400)
+                raise InvalidBody("All object keys must match")
         self.writable(columns)
         groups = self._groups(payload, columns, options.missing_default)
         conflict = options.conflict_columns
         self.writable(conflict)
+        upsert = bool(options.resolution and conflict)
+        merge = upsert and options.resolution != "ignore-duplicates"
+        # A merge overwrites only existing rows inside the app's row filter (see the module's docstring).
+        inside = self.reader.row_filter_test(self.contract, TARGET) if merge else None
         ctes: list[str] = []
         row_params: list[str] = []
         for index, (group_columns, rows) in enumerate(groups):
@@ -98,27 +179,34 @@ class WriteCompiler:
             source = f"json_populate_recordset(NULL::{self.view}, {row_params[-1]}::json)"
             # A row that sets no column is all defaults: a zero-column SELECT inserts exactly that.
             target_list = f" ({names})" if group_columns else ""
-            sql = f"INSERT INTO {self.view} AS _gh_t{target_list} SELECT {names} FROM {source}"
-            if options.resolution and conflict:
+            sql = f"INSERT INTO {self.view} AS {TARGET}{target_list} SELECT {names} FROM {source}"
+            if upsert:
                 target = ", ".join(quote_ident(c) for c in conflict)
-                updates = [c for c in group_columns if c not in conflict] or list(conflict)
-                action = ("DO NOTHING" if options.resolution == "ignore-duplicates" else
-                          "DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}"
-                                                       for c in updates))
-                sql += f" ON CONFLICT ({target}) {action}"
-            ctes.append(f"_gh_w{index} AS ({sql} RETURNING _gh_t.*)")
+                sql += f" ON CONFLICT ({target}) {self._conflict_action(group_columns, conflict, merge, inside)}"
+            ctes.append(f"_gh_w{index} AS ({sql} RETURNING {TARGET}.*)")
         union = " UNION ALL ".join(f"SELECT * FROM _gh_w{i}" for i in range(len(groups)))
-        existing = "NULL"
-        if options.resolution and conflict:
-            target = ", ".join(quote_ident(c) for c in conflict)
-            sources = " UNION ALL ".join(
-                f"SELECT {target} FROM json_populate_recordset(NULL::{self.view}, {param}::json)"
-                for param in row_params
-            )
-            existing = f"(SELECT count(*) FROM {self.view} WHERE ({target}) IN ({sources}))"
-        sql = f"WITH {', '.join(ctes)}, {WRITTEN} AS ({union})" + self._tail(query, options.representation, key,
-                                                                               existing)
-        return CompiledQuery(sql, self.reader.params)
+        existing = self._existing(conflict, row_params) if upsert else "NULL"
+        hidden = "0"
+        if inside is not None:  # every row sent must come back: one the DO UPDATE's WHERE skipped met a hidden row
+            hidden = f"{self.reader.bind(len(payload.rows))}::bigint - (SELECT count(*) FROM {WRITTEN})"
+        tail = self._tail(query, options.representation, key, existing, hidden)
+        return CompiledQuery(f"WITH {', '.join(ctes)}, {WRITTEN} AS ({union}){tail}", self.reader.params)
+
+    def _existing(self, conflict: tuple[str, ...], row_params: list[str]) -> str:
+        """How many rows sent to an upsert match a row already there (on its snapshot, so before the write)."""
+        target = ", ".join(quote_ident(c) for c in conflict)
+        sources = " UNION ALL ".join(
+            f"SELECT {target} FROM json_populate_recordset(NULL::{self.view}, {param}::json)" for param in row_params
+        )
+        return f"(SELECT count(*) FROM {self.view} WHERE ({target}) IN ({sources}))"
+
+    @staticmethod
+    def _conflict_action(columns: tuple[str, ...], conflict: tuple[str, ...], merge: bool, inside: str | None) -> str:
+        if not merge:
+            return "DO NOTHING"
+        updates = [c for c in columns if c not in conflict] or list(conflict)
+        action = "DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates)
+        return action if inside is None else f"{action} WHERE {inside}"
 
     def _groups(self, payload: Payload, columns: tuple[str, ...],
                 missing_default: bool) -> list[tuple[tuple[str, ...], list[dict[str, object]]]]:
@@ -153,3 +241,10 @@ class WriteCompiler:
         where = self.reader.where_sql(self.scope, query)
         sql = f"WITH {WRITTEN} AS (DELETE FROM {self.view} AS {alias}{where} RETURNING {alias}.*)"
         return CompiledQuery(sql + self._tail(query, representation, key), self.reader.params)
+
+
+def _view_methods(shape: ViewShape) -> tuple[str, ...]:
+    """The methods a contract's view can take, whoever calls."""
+    writes = [m for m, able in (("POST", shape.insertable), ("PATCH", shape.updatable), ("DELETE", shape.deletable))
+              if able]
+    return ("OPTIONS", "GET", "HEAD", *writes)

@@ -1,0 +1,106 @@
+"""The pools of a server: one :class:`~gatehouse.db.pools.AppPool` per application and database, and how an
+app's connection is opened.
+
+Each connection logs in as the authenticator with ``role`` and ``application_name`` as startup parameters, so
+every statement runs as the app's NOLOGIN role (PostgreSQL refuses whatever the app was not granted) and
+``pg_stat_activity`` names the app (``gatehouse/<app>``). Opening one is bounded by a connect timeout, and the
+kernel is asked to notice a peer that vanished silently (``faults.watch_peer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from gatehouse.db import Connection
+from gatehouse.db.faults import watch_peer
+from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
+from gatehouse.db.targets import DatabaseTarget
+from gatehouse.project import App
+
+CONNECT_TIMEOUT_MAX_S = 10.0
+MIN_SIZE = 2
+"""Connections each pool opens at start (fewer if its quota is smaller); idle ones age out like any other."""
+
+
+def application_name(app: str) -> str:
+    return f"gatehouse/{app}"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """The ``[server]`` settings every app pool shares."""
+
+    acquire_timeout_s: float = 5.0
+    max_idle_s: float = MAX_IDLE_S
+    max_lifetime_s: float = MAX_LIFETIME_S
+
+    def connect_timeout_s(self, database_s: float | None) -> float:
+        """A request that opens a connection waits no longer than one waiting for a free one (but at least
+        1 s), nor longer than the database's own connect timeout."""
+        return min(database_s or CONNECT_TIMEOUT_MAX_S, max(self.acquire_timeout_s, 1.0))
+
+
+async def open_app_pool(target: DatabaseTarget, app: App, options: PoolOptions) -> AppPool:
+    quota = app.config.quota
+    settings = {
+        "role": app.role,
+        "application_name": application_name(app.name),
+        "statement_timeout": str(quota.statement_timeout_ms),
+    }
+    arguments = target.authenticator_kwargs()
+    arguments["timeout"] = options.connect_timeout_s(arguments.get("timeout"))
+
+    async def connect() -> Connection:
+        conn: Connection = await asyncpg.connect(**arguments, server_settings=settings)
+        watch_peer(conn)
+        return conn
+
+    pool = AppPool(connect, quota.pool_size, options.acquire_timeout_s, max_idle_s=options.max_idle_s,
+                   max_lifetime_s=options.max_lifetime_s, name=f"{app.name}/{target.name}")
+    await pool.open(min_size=MIN_SIZE)
+    return pool
+
+
+class AppPools:
+    """The pools of every (app, database) pair, opened at start and closed at shutdown."""
+
+    def __init__(self, options: PoolOptions) -> None:
+        self._pools: dict[tuple[str, str], AppPool] = {}
+        self._options = options
+
+    async def open(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
+                   databases_of_app: dict[str, set[str]]) -> None:
+        jobs = {
+            (app, db): open_app_pool(targets[db], apps[app], self._options)
+            for app, dbs in databases_of_app.items() for db in dbs
+        }
+        results = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        opened = {key: pool for key, pool in zip(jobs, results, strict=True) if isinstance(pool, AppPool)}
+        failed = [error for error in results if isinstance(error, BaseException)]
+        if failed:
+            await asyncio.gather(*(pool.close() for pool in opened.values()), return_exceptions=True)
+            raise failed[0]
+        self._pools = opened
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        self._pools.clear()
+
+    def pool(self, app: str, database: str) -> AppPool:
+        return self._pools[(app, database)]
+
+    def connection(self, app: str, database: str) -> Lease:
+        """``async with pools.connection(app, db) as conn``: a connection under the app's role."""
+        return Lease(self._pools[(app, database)])
+
+    def read_row(self, app: str, database: str, sql: str,
+                 params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:
+        """One read statement under the app's role; run once more on a fresh connection if the pooled one
+        was dead (:meth:`AppPool.read_row`). Never for a write."""
+        return self._pools[(app, database)].read_row(sql, params)

@@ -1,0 +1,8 @@
+"""The wire: granian serving the data and admin ports (``serve``), the RSGI adapter and the checks hyper
+leaves to us (``rsgi``), who the client is behind proxies (``proxies``), ``[server]`` as granian's settings
+(``settings``). Nothing below ``gatehouse.app`` imports from here."""
+
+from gatehouse.server.listen import bind_probe, check_listenable
+from gatehouse.server.serve import run_in_loop, serve
+
+__all__ = ["bind_probe", "check_listenable", "run_in_loop", "serve"]

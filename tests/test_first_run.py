@@ -1,0 +1,305 @@
+"""A newcomer's first run: the embedded PostgreSQL starts in any folder (also as root), a database that does
+not let gatehouse in is one clear error naming it, its address and what to check, and `migrate --force` works
+as the messages say. Real servers throughout: the machine's, a private one that checks passwords, a closed
+port and a port that never answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from conftest import ProjectFactory, run_sync, with_database
+from gatehouse.contracts.lockfile import update_lock, write_lock
+from gatehouse.contracts.signature import project_signatures
+from gatehouse.db import embedded
+from gatehouse.errors import DatabaseUnavailable
+
+as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                             reason="the server account and folder permissions matter only when run as root")
+
+TOML = """\
+[project]
+name = "{name}"
+
+[databases.main]
+{database}
+
+[apps.reader]
+grants = [{{ contract = "notes", actions = ["read"] }}]
+"""
+FILES = {
+    "migrations/V001__notes.sql": "CREATE TABLE notes (id bigint PRIMARY KEY, title text NOT NULL);",
+    "contracts/notes.v1.sql": "SELECT id, title FROM notes",
+}
+PASSWORD = "s3cret-Pw-7"
+
+
+def gatehouse(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_") and k != "MAIN_DATABASE_URL"}
+    return subprocess.run([sys.executable, "-m", "gatehouse", "--project", str(root), *args], capture_output=True,
+                          text=True, timeout=120, env={**clean, **(env or {})})
+
+
+def write_project(root: Path, database: str = 'url = "env:MAIN_DATABASE_URL"') -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gatehouse.toml").write_text(TOML.format(name=f"t{uuid.uuid4().hex[:10]}", database=database))
+    for relative, text in FILES.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    return root
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess[str], *parts: str, secret: str = PASSWORD) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and secret not in output
+    for part in parts:
+        assert part in output, output
+
+
+# --- where the embedded data lives ----------------------------------------------------------------------
+
+
+@as_root
+def test_embedded_server_in_a_closed_folder_runs_and_leaves_the_folder_closed(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    state = closed / "project" / ".gatehouse"
+    orphan = _planted_cluster(link=Path(tempfile.gettempdir()) / f"gone-{uuid.uuid4().hex}" / ".gatehouse/pgdata")
+    kept = _planted_cluster(link=Path("/nonexistent-project") / uuid.uuid4().hex / ".gatehouse/pgdata")
+    (state / "pgdata").mkdir(parents=True)  # what an initdb that failed here left behind: nothing to keep
+    (state / "pgdata" / "postgresql.conf").write_text("")
+    try:
+        server = embedded.start_embedded(state)
+        try:
+            link = state / "pgdata"
+            assert link.is_symlink() and server.data_dir.parent.parent == embedded.RELOCATED_HOME
+            assert link.resolve() == server.data_dir.resolve() and (link / "PG_VERSION").exists()
+            assert stat.S_IMODE(closed.stat().st_mode) == 0o700  # gatehouse opened nothing of the user's
+            assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+            assert run_sync(_select_one(server.uri)) == 1
+            # a deleted temporary project's cluster is collected; any other project's data is never deleted
+            assert not orphan.exists() and kept.exists()
+            # a copied project must not share its original's database
+            copy = tmp_path / "copy" / ".gatehouse"
+            copy.mkdir(parents=True)
+            (copy / "pgdata").symlink_to(os.readlink(link))
+            with pytest.raises(DatabaseUnavailable, match=r"Two projects must not share one: delete .*copy"):
+                embedded.start_embedded(copy)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+async def _select_one(uri: str) -> int:
+    conn = await asyncpg.connect(uri)
+    try:
+        return int(await conn.fetchval("SELECT 1"))
+    finally:
+        await conn.close()
+
+
+def _planted_cluster(link: Path) -> Path:
+    embedded.RELOCATED_HOME.mkdir(parents=True, exist_ok=True)
+    folder = embedded.RELOCATED_HOME / f"planted-{uuid.uuid4().hex[:8]}"
+    (folder / "pgdata").mkdir(parents=True)
+    (folder / embedded.OWNER_FILE).write_text(f"{link}\n")
+    return folder
+
+
+@as_root
+def test_a_cluster_inside_a_folder_since_closed_is_refused_with_the_fix(open_folder: Path) -> None:
+    closed = open_folder / "home"
+    data = closed / "project" / ".gatehouse" / "pgdata"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("16\n")
+    closed.chmod(0o700)
+    with pytest.raises(DatabaseUnavailable) as info:
+        embedded.start_embedded(data.parent)
+    text = str(info.value)
+    assert f"may not enter {closed} (drwx------)." in text and f"chmod o+x {closed};" in text
+    assert "'pgserver'" in text and 'url = "env:VARIABLE"' in text
+    assert stat.S_IMODE(closed.stat().st_mode) == 0o700
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder that every account may enter (in the system's temporary folder), unlike pytest's."""
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o711)
+    yield base
+    shutil.rmtree(base)
+
+
+@as_root
+def test_closed_folder_follows_the_server_accounts_rights(open_folder: Path) -> None:
+    import pwd
+
+    account = pwd.getpwnam(embedded.SERVER_ACCOUNT)
+    data = open_folder / "a" / "b" / "pgdata"
+    data.parent.mkdir(parents=True)
+    (open_folder / "a").chmod(0o750)  # group root: the account keeps root's groups, so it may pass
+    assert embedded.closed_folder(data, account.pw_uid) is None
+    (open_folder / "a").chmod(0o700)
+    assert embedded.closed_folder(data, account.pw_uid) == open_folder / "a"
+    os.chown(open_folder / "a", account.pw_uid, -1)  # its own folder
+    assert embedded.closed_folder(data, account.pw_uid) is None
+
+
+# --- a database that does not let gatehouse in ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """A private PostgreSQL on 127.0.0.1 that checks passwords (the machine's trusts every user)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_user_exists
+
+    folder = Path(tempfile.mkdtemp(prefix="gatehouse-pw-"))
+    user = None
+    if os.geteuid() == 0:  # PostgreSQL will not run as root
+        account = ensure_user_exists(embedded.SERVER_ACCOUNT)
+        assert account is not None
+        user = account.pw_name
+        os.chown(folder, account.pw_uid, account.pw_gid)
+    (folder / "pw").write_text(PASSWORD)
+    port = closed_port()
+    data = folder / "data"
+    with (folder / "out").open("w") as out:  # a file, not a pipe: the server would keep a pipe open
+        def pg(*args: str) -> None:
+            subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], user=user, stdout=out, stderr=out,
+                           check=True, timeout=90)
+
+        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}",
+           "-E", "UTF8")
+        pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
+           "start")
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+COMMANDS = [("migrate",), ("apply",), ("check", "--format", "json"), ("serve",), ("keys", "list"),
+            ("keys", "create", "reader"), ("lock",)]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_refused_connection_names_the_database_the_address_and_what_to_check(tmp_path: Path,
+                                                                                command: tuple[str, ...]) -> None:
+    port = closed_port()
+    root = write_project(tmp_path / "p")
+    result = gatehouse(root, *command, env={"MAIN_DATABASE_URL": f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/shop"})
+    login = "gh_" if command == ("serve",) else "app"  # serve logs in as the authenticator role
+    assert_one_clear_error(
+        result, f"cannot connect to database 'main' ({login}", f"@127.0.0.1:{port}/shop, URL from $MAIN_DATABASE_URL)",
+        f"127.0.0.1:{port} refused the connection (nothing listens there)",
+        f"check: that PostgreSQL is running and listens on 127.0.0.1:{port}",
+        "the host and port in the URL in $MAIN_DATABASE_URL")
+    if command[0] != "check":  # check reports it among its findings, on stdout
+        assert result.stderr.startswith("error: cannot connect") and len(result.stderr.splitlines()) == 2
+
+
+def test_a_literal_url_without_password_is_used_and_named_as_from_the_file(tmp_path: Path) -> None:
+    port = closed_port()
+    root = write_project(tmp_path / "p", database=f'url = "postgresql://app@127.0.0.1:{port}/shop"')
+    assert_one_clear_error(gatehouse(root, "migrate"), f"(app@127.0.0.1:{port}/shop, URL from gatehouse.toml)",
+                           "refused the connection", "the host and port in the URL in gatehouse.toml")
+
+
+def test_a_server_that_never_answers_times_out_with_the_address(tmp_path: Path) -> None:
+    root = write_project(tmp_path / "p", database='url = "env:MAIN_DATABASE_URL"\nconnect_timeout_s = 1')
+    with socket.socket() as silent:  # accepts the TCP connection (backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = gatehouse(root, "apply", env={"MAIN_DATABASE_URL": f"postgresql://app@127.0.0.1:{port}/shop"})
+    assert_one_clear_error(result, f"no answer from 127.0.0.1:{port} within 1 s",
+                           f"check: that 127.0.0.1:{port} is the PostgreSQL server and is reachable",
+                           "[databases.main] connect_timeout_s")
+
+
+def test_a_missing_database_is_named_with_how_to_create_it(tmp_path: Path, server_uri: str) -> None:
+    missing = f"gh_missing_{uuid.uuid4().hex[:8]}"
+    url = with_database(server_uri, missing)
+    result = gatehouse(write_project(tmp_path / "p"), "keys", "list", env={"MAIN_DATABASE_URL": url})
+    assert_one_clear_error(result, f"the server has no database named {missing!r}", f"createdb {missing}",
+                           "the database name at the end of the URL in $MAIN_DATABASE_URL")
+
+
+def test_a_wrong_password_is_said_without_the_password(tmp_path: Path, password_server: str) -> None:
+    wrong = "not-the-" + PASSWORD
+    url = f"postgresql://postgres:{wrong}@{password_server}/postgres"
+    result = gatehouse(write_project(tmp_path / "p"), "migrate", env={"MAIN_DATABASE_URL": url})
+    assert_one_clear_error(result, f"(postgres@{password_server}/postgres, URL from $MAIN_DATABASE_URL)",
+                           "authentication failed for user 'postgres'",
+                           "check: the user and password in the URL in $MAIN_DATABASE_URL", secret=wrong)
+
+
+def test_serve_names_an_authenticator_that_cannot_log_in(tmp_path: Path, password_server: str) -> None:
+    root = write_project(tmp_path / "p",
+                         database='url = "env:MAIN_DATABASE_URL"\nauthenticator_password = "env:AUTH_PASSWORD"')
+    env = {"MAIN_DATABASE_URL": f"postgresql://postgres:{PASSWORD}@{password_server}/postgres",
+           "AUTH_PASSWORD": "first-password"}
+    assert gatehouse(root, "migrate", env=env).returncode == 0
+    applied = gatehouse(root, "apply", env=env)
+    assert applied.returncode == 0, applied.stderr
+    result = gatehouse(root, "serve", env={**env, "AUTH_PASSWORD": "second-password"})
+    assert_one_clear_error(result, "authentication failed for the authenticator role 'gh_",
+                           "[databases.main] authenticator_password", "`gatehouse apply`")
+    assert "second-password" not in result.stderr
+
+
+# --- migrate --force, as the messages and the README say ----------------------------------------------------
+
+
+def test_migrate_force_applies_what_plain_migrate_refuses(make_project: ProjectFactory) -> None:
+    project = make_project(toml=TOML.format(name="x", database='url = "env:MAIN_DATABASE_URL"'), files=FILES)
+    root = project.root
+    env = {"MAIN_DATABASE_URL": os.environ["GATEHOUSE_DATABASES__MAIN__URL"]}
+    assert gatehouse(root, "migrate", env=env).returncode == 0
+    lock, report = update_lock(project, run_sync(project_signatures(project)), None)
+    assert report.ok
+    write_lock(root, lock)
+    (root / "migrations" / "V002__drop_title.sql").write_text("ALTER TABLE notes DROP COLUMN title CASCADE;")
+
+    refused = gatehouse(root, "migrate", env=env)
+    assert refused.returncode == 1 and "BREAKS notes.v1" in refused.stdout
+    assert "or run `gatehouse migrate --force`" in refused.stderr
+    wrong_place = gatehouse(root, "migrate", "--force", "plan", env=env)
+    assert wrong_place.returncode == 1 and "--force is for applying migrations" in wrong_place.stderr
+    forced = gatehouse(root, "migrate", "--force", env=env)
+    assert "applied V002 drop title" in forced.stdout, forced.stdout + forced.stderr
+    assert "Traceback" not in forced.stderr
+    assert "--force" in gatehouse(root, "migrate", "--help").stdout
+
+
+@pytest.mark.parametrize(("dsn", "shown"), [
+    (f"postgresql://app:{PASSWORD}@db.internal:6432/shop", "app@db.internal:6432/shop"),
+    (f"postgresql://app@db/shop?password={PASSWORD}", "app@db:5432/shop"),
+    (f"postgresql://app:{PASSWORD}@[::1]:5433,db2/shop", "app@::1:5433, db2:5432/shop"),
+    (f"postgresql://postgres:{PASSWORD}@/shop?host=/var/run/postgresql", "postgres@socket /var/run/postgresql/shop"),
+])
+def test_the_address_in_a_message_never_holds_the_password(dsn: str, shown: str) -> None:
+    from gatehouse.db.connection_errors import address_of
+
+    assert str(address_of(dsn)) == shown
