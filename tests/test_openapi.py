@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
 from conftest import SHOP, prepare, run_sync
 from gatehouse.app import create_app
 from gatehouse.config import AppConfig, Grant
-from gatehouse.http.docs import swagger_ui_dir
-from gatehouse.http.openapi import build_openapi, column_schema
+from gatehouse.endpoints.docs import swagger_ui_dir
+from gatehouse.endpoints.openapi import build_openapi, column_schema
 from gatehouse.project import App, Project, load_project
 from gatehouse.runtime import Runtime
 

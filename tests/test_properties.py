@@ -36,7 +36,6 @@ from gatehouse.app import create_app
 from gatehouse.contracts.relations import Relation
 from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import ApiError
-from gatehouse.http.body import Payload
 from gatehouse.project import Project
 from gatehouse.query.grammar import parse_query, query_pairs
 from gatehouse.query.sql import ReadCompiler
@@ -52,6 +51,7 @@ from gatehouse.query.tree import (
     Level,
     Logic,
     OrderTerm,
+    Payload,
     ReadQuery,
     SelectItem,
     StarItem,

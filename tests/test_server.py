@@ -151,6 +151,21 @@ def test_content_length_beside_transfer_encoding_is_framed_by_the_latter_and_the
     served.sql("DELETE FROM items WHERE note = 'chunked wins'")
 
 
+def test_a_chunked_upload_and_expect_100_continue_are_read_whole(served: Served) -> None:
+    with Wire(served.port) as wire:
+        wire.send(request("POST", "/items?select=note", served.key, extra="Content-Type: application/json\r\n"
+                          "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\nPrefer: return=representation\r\n"))
+        status, _, _ = wire.response(timeout=5, head=True)
+        assert status == 100  # asked to go on before the body is sent
+        for piece in (b'[{"note": ', b'"in pieces"}]'):
+            wire.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            time.sleep(0.1)
+        wire.send(b"0\r\n\r\n")
+        status, _, body = wire.response(timeout=5)
+    assert (status, orjson.loads(body)) == (201, [{"note": "in pieces"}])
+    served.sql("DELETE FROM items WHERE note = 'in pieces'")
+
+
 def test_head_answers_the_length_get_would_and_no_body(served: Served) -> None:
     with Wire(served.port) as wire:
         wire.send(request("GET", "/items?id=lte.5", served.key) + request("HEAD", "/items?id=lte.5", served.key)

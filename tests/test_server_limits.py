@@ -32,6 +32,9 @@ def test_tls_files_are_checked_before_the_server_starts(tmp_path: Path) -> None:
     (tmp_path / "a.crt").write_text("x")
     with pytest.raises(ProjectError, match="go together"):
         granian_options(ServerConfig(tls_cert_file="a.crt"), tmp_path)
+    (tmp_path / "a.key").write_text("not a key either")
+    with pytest.raises(ProjectError, match="cannot be used"):
+        granian_options(ServerConfig(tls_cert_file="a.crt", tls_key_file="a.key"), tmp_path)
 
 
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:

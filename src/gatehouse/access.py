@@ -6,16 +6,19 @@ Shared by the HTTP pipeline and by logic functions, which act as the calling app
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+
+import asyncpg
 
 from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db.catalog import ViewShape
-from gatehouse.errors import ActionNotGranted, UnknownContract, UnknownProfile, VersionRetired
+from gatehouse.db.sqlstate import api_error_from_postgres
+from gatehouse.errors import ActionNotGranted, ApiError, UnknownContract, UnknownProfile, VersionRetired
 from gatehouse.project import App, Project
-from gatehouse.query.row_filters import bind_claims
+from gatehouse.query.row_filters import bind_claims, claim_refused_by_database
 from gatehouse.query.tree import Condition
 
 PROFILE = re.compile(r"^v([1-9][0-9]{0,3})$")
@@ -91,3 +94,14 @@ def allowed_methods(shape: ViewShape, has_key: bool, grant: frozenset[str]) -> l
     return allowed
 
 
+def database_refusal(exc: asyncpg.PostgresError, project: Project, columns: Collection[str],
+                    filters: dict[str, tuple[Condition, ...]], allow: tuple[str, ...] = ()) -> ApiError:
+    """What the caller is told of an error PostgreSQL raised: 403 when the value it refused came from the
+    caller's token (a row filter's claim), else ``db/sqlstate.py``'s mapping, with ``Allow`` on a 405."""
+    refused = claim_refused_by_database(str(exc.sqlstate or ""), str(getattr(exc, "message", "") or ""), filters)
+    if refused is not None:
+        return refused
+    error = api_error_from_postgres(exc, columns=columns, debug=project.config.server.debug)
+    if error.status == 405 and allow:
+        error.headers.setdefault("Allow", ", ".join(allow))
+    return error

@@ -13,13 +13,13 @@ import re
 import orjson
 
 from gatehouse import pipeline
+from gatehouse.endpoints.docs import STATIC_PATH, docs_endpoint, static_file
+from gatehouse.endpoints.openapi import openapi_endpoint
+from gatehouse.endpoints.rpc import call_rpc
 from gatehouse.errors import InvalidPath, InvalidUrlEncoding, MethodNotAllowed
 from gatehouse.http.asgi import Receive, Scope, Send, serve_asgi
-from gatehouse.http.docs import STATIC_PATH, docs_endpoint, static_file
 from gatehouse.http.exchange import HttpRequest, HttpResponse, json_response
 from gatehouse.http.middleware import RequestGuard
-from gatehouse.http.openapi import openapi_endpoint
-from gatehouse.logic.endpoint import call_rpc
 from gatehouse.runtime import Runtime
 
 READ_METHODS = ("GET", "HEAD")

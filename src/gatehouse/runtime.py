@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -27,10 +26,8 @@ from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project
 from gatehouse.query.plans import PlanCache, ReadPlan
+from gatehouse.routes import ReadRoute
 from gatehouse.schema_cache import ApiSchema, build_schemas
-
-if TYPE_CHECKING:
-    from gatehouse.pipeline import ReadRoute
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0

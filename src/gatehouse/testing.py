@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
+from gatehouse.endpoints.rpc import invoke
 from gatehouse.errors import ProjectError
-from gatehouse.logic.endpoint import invoke
 from gatehouse.project import Project, load_project
 from gatehouse.runtime import Runtime
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,23 +19,7 @@ import orjson
 
 from gatehouse.config import ServerConfig
 from gatehouse.errors import InvalidBody, TooManyRows, UnsupportedCharset
-
-Row = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Payload:
-    rows: list[Row]
-    single: bool
-    """The body was one object, not an array."""
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Every key that appears in some row, in first-seen order."""
-        seen: dict[str, None] = {}
-        for row in self.rows:
-            seen.update(dict.fromkeys(row))
-        return tuple(seen)
+from gatehouse.query.tree import Payload
 
 
 def invalid(message: str, details: str | None = None) -> InvalidBody:

@@ -15,17 +15,14 @@ from typing import Any, cast
 import asyncpg
 import orjson
 
-from gatehouse.access import granted_contract, readable_contracts, row_filters
+from gatehouse.access import database_refusal, granted_contract, readable_contracts, row_filters
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
-from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import LogicError, LogicMisuse
-from gatehouse.http.body import Payload
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
-from gatehouse.query.row_filters import claim_refused_by_database
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Field, Filter, ReadQuery
+from gatehouse.query.tree import Field, Filter, Payload, ReadQuery
 from gatehouse.query.writes import InsertOptions, WriteCompiler, WriteOutcome
 from gatehouse.schema_cache import ApiSchema
 
@@ -71,14 +68,10 @@ class Context:
     async def _run(self, compiled: CompiledQuery, contract: str) -> asyncpg.Record:
         try:
             row = await self._conn.fetchrow(compiled.sql, *compiled.params)
-        except asyncpg.PostgresError as exc:
+        except asyncpg.PostgresError as exc:  # 403 when the value PostgreSQL refused was a claim's
             readable = readable_contracts(self.project, self.app, self.version)
             filters = row_filters(self.app, self.identity, readable | {contract})
-            refused = claim_refused_by_database(str(exc.sqlstate or ""), str(getattr(exc, "message", "") or ""),
-                                                filters)  # 403: the value PostgreSQL refused was a claim's
-            columns = self._schema.shapes[contract].columns
-            raise refused or api_error_from_postgres(exc, columns=columns,
-                                                     debug=self.project.config.server.debug) from None
+            raise database_refusal(exc, self.project, self._schema.shapes[contract].columns, filters) from None
         assert row is not None
         return cast(asyncpg.Record, row)
 

@@ -101,7 +101,7 @@ class ReadPlan:
 
 class PlanCache(Generic[T]):
     """At most ``MAX_PLANS`` plans, least recently used out first. One per process, filled as requests come.
-    Also holds what a read's headers decide (``pipeline.ReadRoute``)."""
+    Also holds what a read's headers decide (``routes.ReadRoute``)."""
 
     def __init__(self, max_plans: int = MAX_PLANS) -> None:
         self._plans: OrderedDict[Hashable, T] = OrderedDict()

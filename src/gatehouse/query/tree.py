@@ -8,7 +8,7 @@ stays a bound parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 Arrow = Literal["->", "->>"]
 Quantifier = Literal["any", "all"]
@@ -145,3 +145,20 @@ class ReadQuery:
         if found is None:
             found = self.levels[path] = Level()
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """The rows of a write's body, as the body parser (``http/body.py``) read them."""
+
+    rows: list[dict[str, Any]]
+    single: bool
+    """The body was one object, not an array."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key that appears in some row, in first-seen order."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            seen.update(dict.fromkeys(row))
+        return tuple(seen)

@@ -41,9 +41,8 @@ from gatehouse.errors import (
     UnknownColumn,
     WriteOutsideFilter,
 )
-from gatehouse.http.body import Payload
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import ReadQuery
+from gatehouse.query.tree import Payload, ReadQuery
 
 if TYPE_CHECKING:
     import asyncpg

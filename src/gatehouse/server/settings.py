@@ -16,6 +16,7 @@ What each setting becomes:
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -105,5 +106,17 @@ def granian_options(server: ServerConfig, root: Path) -> dict[str, Any]:
     }
     if cert is not None and key is not None:
         password = resolve_secret(server.tls_key_password, what="[server] tls_key_password")
+        _check_tls_pair(cert, key, password)
         options.update(ssl_cert=cert, ssl_key=key, ssl_key_password=password)
     return options
+
+
+def _check_tls_pair(cert: Path, key: Path, password: str | None) -> None:
+    """Load the pair once as the server will, so that a wrong file is a clear error before anything starts."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ProjectError(f"[server] tls_cert_file {cert.name} and tls_key_file {key.name} cannot be used: "
+                           f"{getattr(exc, 'reason', None) or exc}", where="gatehouse.toml",
+                           hint="Both must be PEM: the certificate (chain) and its private key in PKCS#8; a key "
+                                "with a password needs tls_key_password = \"env:VAR\".") from None

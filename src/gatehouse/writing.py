@@ -1,0 +1,316 @@
+"""A write's three steps, each called by ``pipeline.write``: :func:`plan_write` (everything decided before the
+database: grant, preferences, body, the one statement, whether it needs a transaction), :func:`execute_write`
+(the statement on the app's own pool, the checks after it, its audit record: all commit, or nothing does) and
+:func:`write_response` (status and headers as PostgREST answers them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+from asyncpg.transaction import Transaction
+
+from gatehouse.access import (
+    allowed_methods,
+    choose_version,
+    database_refusal,
+    granted_contract,
+    lifecycle_headers,
+    readable_contracts,
+    row_filters,
+)
+from gatehouse.auth.identity import Identity
+from gatehouse.contracts.model import ContractVersion
+from gatehouse.errors import (
+    InvalidBody,
+    MaxAffectedExceeded,
+    PutFilterNotKey,
+    PutKeyMismatch,
+    PutWithPaging,
+    SingularResultRequired,
+    UnfilteredWrite,
+)
+from gatehouse.http import render
+from gatehouse.http.body import parse_payload
+from gatehouse.http.exchange import HttpRequest, HttpResponse
+from gatehouse.http.labels import RequestLabels
+from gatehouse.http.negotiate import CONTENT_TYPES, Format, Preferences, parse_prefer, response_format
+from gatehouse.observe.audit import audit_cte, audit_in_transaction
+from gatehouse.project import App, Project
+from gatehouse.query.grammar import parse_query
+from gatehouse.query.sql import CompiledQuery, ReadCompiler
+from gatehouse.query.tree import Condition, Filter, Payload, ReadQuery
+from gatehouse.query.writes import WRITTEN, InsertOptions, WriteCompiler, WriteOutcome
+from gatehouse.runtime import Runtime
+
+WRITE_ACTIONS = {"POST": ("insert",), "PATCH": ("update",), "DELETE": ("delete",), "PUT": ("insert", "update")}
+
+
+@dataclass(slots=True, eq=False)
+class WritePlan:
+    """Everything a write decides before it touches the database."""
+
+    method: str
+    version: int
+    contract: ContractVersion
+    key: tuple[str, ...]
+    fmt: Format
+    prefs: Preferences
+    applied: set[str]
+    """The preferences the write honours, named in ``Preference-Applied`` when they were sent."""
+    statement: CompiledQuery | None
+    """None when the body holds nothing to write (an empty array, an empty PATCH object)."""
+    output_names: list[str]
+    """The representation's columns, in order (for CSV)."""
+    max_affected: int | None
+    known_status: int | None
+    """The status when it does not depend on what the statement finds (:func:`_known_status`)."""
+    audited_in_statement: bool
+    """The audit record is a CTE of the statement itself, so both commit together without a transaction."""
+    needs_transaction: bool
+    filters: dict[str, tuple[Condition, ...]]
+    """The app's row filters, claims bound (a database error about a claim's value is the token's: 403)."""
+    allow: tuple[str, ...]
+    """The app's methods on the contract: the ``Allow`` of a 405."""
+
+    @property
+    def representation(self) -> bool:
+        return self.prefs.get("return") == "representation"
+
+    @property
+    def rollback(self) -> bool:
+        return self.prefs.get("tx") == "rollback"
+
+    def status(self, outcome: WriteOutcome) -> int:
+        return self.known_status or _upsert_status(outcome.existing, outcome.written)
+
+
+# -- plan: everything decided before the database ---------------------------------------------------------
+
+
+async def plan_write(request: HttpRequest, runtime: Runtime, identity: Identity, app: App, contract_name: str,
+                      path_version: int | None) -> WritePlan:
+    project, method, headers, labels = runtime.project, request.method, request.headers, request.labels
+    version = choose_version(project, app, headers.get("content-profile"), path_version)  # 406
+    contract = _write_contract(project, app, version, contract_name, method)  # 404 / 403
+    labels.contract, labels.api_version = contract.name, version
+    fmt = response_format(headers.get("accept"))  # 406
+    prefs = parse_prefer(headers.get("prefer"))  # 400 with handling=strict
+    query = parse_query(request.query_string)  # 400
+    _refuse_unfiltered(project, method, contract.name, query)  # 400
+    payload = await _write_body(request, project)  # 413 / 400
+
+    schema = runtime.schemas[version]
+    key = schema.keys.get(contract.name, ())
+    readable = readable_contracts(project, app, version)
+    filters = row_filters(app, identity, readable | {contract.name})  # 403 when the token lacks a claim
+    allow = tuple(allowed_methods(schema.shapes[contract.name], bool(key), app.grant_for(contract.name)))
+    writer = WriteCompiler(ReadCompiler(schema, readable, project.max_rows(app, contract.name), filters),
+                           contract.name, allow)
+    limit = prefs.get("max-affected") if prefs.strict and method in ("PATCH", "DELETE") else None
+    max_affected = None if limit is None else int(limit)
+    # The record goes into the write's own statement when its status is known before it runs; the write then
+    # needs a transaction of its own only if a check after the statement may still refuse it.
+    known_status = _known_status(method, prefs.get("return") == "representation", prefs)
+    audited_in_statement = False
+    if known_status is not None and prefs.get("tx") != "rollback":
+        record = labels.audit_record(known_status, keep_values=project.config.server.audit_query_values)
+        writer.also.append(audit_cte(record, writer.reader.bind, WRITTEN))
+        audited_in_statement = True
+    checked_after = max_affected is not None or fmt in ("object", "object_stripped") or writer.filtered
+    statement = _compile_write(method, writer, query, payload, prefs, key)  # 400 / 403 / 405
+    return WritePlan(method, version, contract, key, fmt, prefs, _applied(method, query, key, prefs, max_affected),
+                     statement, list(writer.reader.output_names), max_affected, known_status, audited_in_statement,
+                     needs_transaction=not audited_in_statement or checked_after, filters=filters, allow=allow)
+
+
+def _write_contract(project: Project, app: App, version: int, name: str, method: str) -> ContractVersion:
+    """The contract, when the app's grant allows every action the method needs (PUT: insert and update)."""
+    first, *more = WRITE_ACTIONS[method]
+    contract = granted_contract(project, app, version, name, first)  # 404 / 403
+    for action in more:
+        granted_contract(project, app, version, name, action)
+    return contract
+
+
+def _refuse_unfiltered(project: Project, method: str, contract: str, query: ReadQuery) -> None:
+    settings = project.config.contracts.get(contract)
+    if method in ("PATCH", "DELETE") and not query.top.where and not (settings and settings.allow_unfiltered_writes):
+        raise UnfilteredWrite(f"{method} without a filter would change every row of '{contract}'",
+                              hint="Add a filter (e.g. ?id=eq.5), or set allow_unfiltered_writes for the contract in "
+                                   "gatehouse.toml.")
+
+
+async def _write_body(request: HttpRequest, project: Project) -> Payload:
+    if request.method == "DELETE":
+        return Payload([], single=True)
+    raw = await request.body(project.config.server.max_body_bytes)  # 413
+    return parse_payload(raw, request.headers.get("content-type"), project.config.server)  # 400
+
+
+def _compile_write(method: str, writer: WriteCompiler, query: ReadQuery, payload: Payload, prefs: Preferences,
+                   key: tuple[str, ...]) -> CompiledQuery | None:
+    """The write's one statement; None when the body holds nothing to write."""
+    representation = prefs.get("return") == "representation"
+    if method == "POST":
+        if not payload.rows:
+            return None
+        conflict = query.on_conflict or key
+        options = InsertOptions(representation, prefs.get("resolution") if conflict else None,
+                                prefs.get("missing") == "default", conflict)
+        return writer.insert(query, payload, options, key)  # 400
+    if method == "PUT":
+        row = _put_row(query, payload, key, writer.allow)  # 405 / 400
+        options = InsertOptions(representation, "merge-duplicates", False, key)
+        return writer.insert(query, Payload([row], single=True), options, key)
+    if method == "PATCH":
+        if payload.rows and (not payload.single or len(payload.rows) != 1):
+            raise InvalidBody("PATCH takes one JSON object")
+        row = payload.rows[0] if payload.rows else {}
+        return writer.update(query, row, representation, key) if row else None
+    return writer.delete(query, representation, key)
+
+
+def _applied(method: str, query: ReadQuery, key: tuple[str, ...], prefs: Preferences,
+             max_affected: int | None) -> set[str]:
+    applied = {"return", "count", "tx"}
+    if method == "POST":
+        if prefs.get("resolution") and (query.on_conflict or key):
+            applied.add("resolution")
+        if prefs.get("missing"):
+            applied.add("missing")
+    if max_affected is not None:
+        applied |= {"handling", "max-affected"}
+    return applied
+
+
+def _put_row(query: ReadQuery, payload: Payload, key: tuple[str, ...], allow: tuple[str, ...]) -> dict[str, object]:
+    """PUT replaces one row named by its full key: check the URL and the body agree on it."""
+    if query.top.limit is not None or query.top.offset:
+        raise PutWithPaging("limit/offset querystring parameters are not allowed for PUT")
+    filters = query.top.where
+    names = {f.field.column for f in filters if isinstance(f, Filter)}
+    if (not key or len(filters) != len(key) or names != set(key)
+            or any(not isinstance(f, Filter) or f.operator != "eq" or f.negated or f.field.json_path
+                   for f in filters)):
+        raise PutFilterNotKey("Filters must include all and only primary key columns with 'eq' operators",
+                              allow=[m for m in allow if m != "PUT"],  # not on this URL: on one naming a row by key
+                              hint=f"Name the row by its key: {', '.join(f'{k}=eq.<value>' for k in key) or 'no key'}")
+    row = payload.rows[0] if payload.rows else {}
+    url_values = {f.field.column: f.value for f in filters if isinstance(f, Filter)}
+    if any(str(row.get(k)) != url_values[k] for k in key):
+        raise PutKeyMismatch("Payload values do not match URL in primary key column(s)")
+    return row
+
+
+def _known_status(method: str, representation: bool, prefs: Preferences) -> int | None:
+    """A successful write's status, as PostgREST answers it, when it does not depend on what the statement
+    finds: 201 for inserts, 204 without a body, 200 with one. None for an upsert that merges (PUT with a
+    body, POST with ``resolution=merge-duplicates``): see :func:`_upsert_status`."""
+    if method == "PUT":
+        return None if representation else 204
+    if method == "POST":
+        return None if prefs.get("resolution") == "merge-duplicates" else 201
+    return 200 if representation else 204
+
+
+def _upsert_status(existing: int | None, written: int) -> int:
+    """A merging upsert answers 200 when it only updated rows that were there, else 201."""
+    return 200 if existing is not None and written and existing >= written else 201
+
+
+# -- execute: one statement, the checks after it, its audit record ----------------------------------------
+
+
+async def execute_write(runtime: Runtime, app: App, plan: WritePlan, labels: RequestLabels) -> WriteOutcome:
+    """Run the statement on the app's own pool. In a transaction of its own when a check after it may still
+    refuse the write, or when its audit record must follow it: the write and its record commit, or neither."""
+    assert runtime.pools is not None and plan.statement is not None
+    server = runtime.project.config.server
+    async with runtime.pools.connection(app.name, plan.contract.database) as conn:  # the app's role
+        transaction = conn.transaction() if plan.needs_transaction else None
+        if transaction is not None:
+            await transaction.start()
+        try:
+            outcome = WriteOutcome.from_row(await conn.fetchrow(plan.statement.sql, *plan.statement.params))
+            _check_written(plan, outcome)  # 403 / 400 / 406
+            labels.rows = outcome.written
+            if not plan.audited_in_statement and not plan.rollback:  # no write without its record: both commit
+                record = labels.audit_record(plan.status(outcome), keep_values=server.audit_query_values)
+                await audit_in_transaction(conn, record)  # or neither
+        except asyncpg.PostgresError as exc:
+            if transaction is not None:
+                await _rollback(transaction)
+            raise database_refusal(exc, runtime.project, plan.contract.columns, plan.filters, plan.allow) from None
+        except BaseException:
+            if transaction is not None:
+                await _rollback(transaction)
+            raise
+        if transaction is None:
+            labels.audited = True  # the statement committed, its record with it
+        elif plan.rollback:
+            await transaction.rollback()
+        else:
+            await transaction.commit()
+            labels.audited = True
+    return outcome
+
+
+def _check_written(plan: WritePlan, outcome: WriteOutcome) -> None:
+    """The checks after the statement. Any of them can refuse only inside the write's transaction
+    (``needs_transaction``), which the caller then rolls back: a refused write keeps nothing."""
+    outcome.check_row_filter(plan.contract.name)  # 403: the write reached outside the app's row filter
+    if plan.max_affected is not None and outcome.written > plan.max_affected:
+        raise MaxAffectedExceeded("Query result exceeds max-affected preference constraint",
+                                  details=f"The query affects {outcome.written} rows")
+    if plan.fmt in ("object", "object_stripped") and outcome.written != 1:
+        raise SingularResultRequired("Cannot coerce the result to a single JSON object",
+                                     details=f"The result contains {outcome.written} rows")
+
+
+async def _rollback(transaction: Transaction) -> None:
+    """Roll back, unless the connection is already gone (then the server rolled back for us)."""
+    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+        await transaction.rollback()
+
+
+# -- respond ----------------------------------------------------------------------------------------------------
+
+
+def write_response(project: Project, plan: WritePlan, outcome: WriteOutcome | None) -> HttpResponse:
+    """The answer, as PostgREST gives it; ``outcome`` None when there was nothing to write (no statement ran)."""
+    if outcome is None:
+        nothing = HttpResponse(201 if plan.method == "POST" else 204, {"Content-Range": "*/*"})
+        return _written(nothing, plan.prefs, {"return", "count", "tx"})
+    written, prefs, version = outcome.written, plan.prefs, plan.version
+    counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"
+    headers = {"Content-Profile": f"v{version}", "Content-Range": counted, **lifecycle_headers(project, version)}
+    if plan.method == "PATCH":
+        total = written if prefs.get("count") == "exact" else "*"
+        headers["Content-Range"] = f"0-{written - 1}/{total}" if written else f"*/{total}"
+    if plan.method == "POST" and prefs.get("return") == "headers-only":
+        headers.update(_location(plan.contract.name, plan.key, outcome.first_key))
+    status = plan.status(outcome)
+    if not plan.representation or outcome.representation is None:
+        return _written(HttpResponse(status, headers), prefs, plan.applied)
+    page = render.Page(body=outcome.representation, count=written, offset=0, columns=plan.output_names)
+    response = HttpResponse(status, headers, render.encode(page, plan.fmt), CONTENT_TYPES[plan.fmt])
+    return _written(response, prefs, plan.applied)
+
+
+def _location(contract: str, key: tuple[str, ...], values: str | None) -> dict[str, str]:
+    if not key or not values:
+        return {}
+    parts = orjson.loads(values)
+    query = "&".join(f"{k}={'is.null' if v is None else 'eq.' + str(v)}" for k, v in zip(key, parts, strict=True))
+    return {"Location": f"/{contract}?{query}"}
+
+
+def _written(response: HttpResponse, prefs: Preferences, names: set[str]) -> HttpResponse:
+    applied = prefs.applied(names)
+    if applied:
+        response.headers["Preference-Applied"] = applied
+    return response
