@@ -89,6 +89,27 @@ async def test_revoked_key_is_refused_at_once(served: Served, shop: Project) -> 
     _assert_401(response)
 
 
+async def test_a_revocation_is_heard_even_after_the_listening_connection_was_cut(served: Served,
+                                                                                 shop: Project) -> None:
+    # a database restart or a proxy cuts the LISTEN connection: without a new one, a revocation would wait for
+    # the 30 s reload (REFRESH_S) and the revoked key would keep working meanwhile
+    client, _, keys = served
+    headers = {"apikey": keys["mobile"]}
+    async with operations.owner_connection(shop) as conn:
+        cut = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name = 'gatehouse/keys' AND datname = current_database()")
+    assert cut == 1
+    await asyncio.sleep(1.5)  # RELISTEN_S: the key ring has opened another by now
+    assert (await client.get("/products?limit=1", headers=headers)).status_code == 200
+    await operations.revoke_keys(shop, "mobile", keys["mobile"].split("_")[1])
+    for _ in range(30):  # well under the 30 s reload
+        response = await client.get("/products?limit=1", headers=headers)
+        if response.status_code == 401:
+            break
+        await asyncio.sleep(0.1)
+    _assert_401(response)
+
+
 async def test_expired_key_is_refused(served: Served, shop: Project) -> None:
     client, _, _ = served
     soon = await operations.create_key(shop, "web", expires_at=datetime.now(UTC) + timedelta(seconds=1.5))

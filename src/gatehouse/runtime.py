@@ -6,7 +6,6 @@ Opened once by the app's lifespan and read by every request; the request path ne
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -50,7 +49,6 @@ class Runtime:
     routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
     """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
-    _listener: asyncpg.Connection | None = None
 
     async def start(self) -> None:
         project = self.project
@@ -69,9 +67,13 @@ class Runtime:
             self.schemas = build_schemas(project, self.catalog, constraints)
             self.plans, self.routes = PlanCache(), PlanCache()
             home = self.targets[project.home_database]
-            self._listener = await asyncpg.connect(**home.authenticator_kwargs())
             self.keys = KeyRing(set(project.apps))
-            await self.keys.start(self._internal[project.home_database], self._listener)
+
+            async def listen() -> asyncpg.Connection:
+                return await asyncpg.connect(**home.authenticator_kwargs(),
+                                             server_settings={"application_name": "gatehouse/keys"})
+
+            await self.keys.start(self._internal[project.home_database], listen)
             if project.config.auth.issuers:
                 self.tokens = JwtVerifier(project.config.auth, set(project.apps))
                 await self.tokens.start()
@@ -127,9 +129,6 @@ class Runtime:
             await self.tokens.stop()
         if self.pools is not None:
             await self.pools.close()
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
         await asyncio.gather(*(p.close() for p in self._internal.values()), return_exceptions=True)
         self._internal.clear()
 

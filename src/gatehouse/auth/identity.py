@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +29,8 @@ from gatehouse.errors import InvalidClaims, MissingCredentials, Unauthenticated
 
 log = logging.getLogger(__name__)
 REFRESH_S = 30.0
+RELISTEN_S = 1.0
+"""How often a lost LISTEN connection is asked for again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,9 @@ class KeyRing:
         ``_keys``); each load empties it, so a revoked key stops working exactly when it did before, and
         expiry is checked on every request. Like every request, it keeps keys in memory, never in a log."""
         self._listener: asyncpg.Connection | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._refresher: asyncio.Task[None] | None = None
 
     async def load(self, conn: Connection) -> None:
@@ -74,23 +79,57 @@ class KeyRing:
         }
         self._verified = {}
 
-    async def start(self, pool: asyncpg.Pool, listener: asyncpg.Connection) -> None:
-        """Load now, then follow changes: NOTIFY for speed, a periodic reload for safety."""
+    async def start(self, pool: asyncpg.Pool, listen: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        """Load now, then follow changes: NOTIFY on a connection of its own (``listen`` opens it) for speed, a
+        periodic reload for safety. A listening connection that dies (the database restarted, a proxy cut it)
+        is opened again, and the keys reloaded then, since a revocation may have been missed meanwhile."""
         async with pool.acquire() as conn:
             await self.load(conn)
-        self._listener = listener
-
-        def on_notify(*_: object) -> None:
-            asyncio.get_running_loop().create_task(self._reload(pool))
-
-        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+        self._listener = await listen()  # the first one must open: a failure here stops the start
+        self._follower = asyncio.create_task(self._follow(pool, listen, self._listener))
         self._refresher = asyncio.create_task(self._refresh_forever(pool))
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        self._stopping = True
+        tasks = {task for task in (self._refresher, self._follower, *self._reloads) if task is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:  # a driver may turn a cancellation into an error of its own: the flag ends the loops then
+            _, pending = await asyncio.wait(tasks, timeout=2 * RELISTEN_S)
+            for task in pending:
+                task.cancel()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.close(), 5)
+
+    async def _follow(self, pool: asyncpg.Pool, listen: Callable[[], Awaitable[asyncpg.Connection]],
+                      listener: asyncpg.Connection | None) -> None:
+        """Keep one LISTEN connection open; each time it ends, open another (every ``RELISTEN_S`` until one
+        opens) and reload."""
+        while not self._stopping:
+            if listener is None:
+                try:
+                    listener = self._listener = await asyncio.wait_for(listen(), RELISTEN_S * 5)
+                except Exception as exc:  # also what a cancelled connect may turn into: hence the flag
+                    log.debug("cannot listen for key changes yet: %s", type(exc).__name__)
+                    await asyncio.sleep(RELISTEN_S)
+                    continue
+                log.info("listening for key changes again")
+                await self._reload(pool)
+            ended = asyncio.Event()
+            listener.add_termination_listener(_setter(ended))
+            try:
+                await listener.add_listener(NOTIFY_CHANNEL, lambda *_: self._reload_soon(pool))
+            except Exception:  # it died between opening and listening
+                ended.set()
+            await ended.wait()
+            log.warning("the connection listening for key changes ended; opening another")
+            listener = self._listener = None
+
+    def _reload_soon(self, pool: asyncpg.Pool) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload(pool))
+        self._reloads.add(task)  # held until done: the loop keeps only a weak reference to a task
+        task.add_done_callback(self._reloads.discard)
 
     async def _reload(self, pool: asyncpg.Pool) -> None:
         try:
@@ -100,7 +139,7 @@ class KeyRing:
             log.warning("could not reload API keys, keeping the last good set: %s", type(exc).__name__)
 
     async def _refresh_forever(self, pool: asyncpg.Pool) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(REFRESH_S)
             await self._reload(pool)
 
@@ -124,6 +163,10 @@ class KeyRing:
         if entry is None or not hmac.compare_digest(presented_hash, entry.hash):
             raise Unauthenticated("Invalid API key", hint="The key is unknown or was revoked.")
         return entry
+
+
+def _setter(event: asyncio.Event) -> Callable[[object], None]:
+    return lambda _: event.set()
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
