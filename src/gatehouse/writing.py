@@ -6,12 +6,10 @@ database: grant, preferences, body, the one statement, whether it needs a transa
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import asyncpg
 import orjson
-from asyncpg.transaction import Transaction
 
 from gatehouse.access import (
     allowed_methods,
@@ -24,6 +22,7 @@ from gatehouse.access import (
 )
 from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
+from gatehouse.db import rollback_quietly
 from gatehouse.errors import (
     InvalidBody,
     MaxAffectedExceeded,
@@ -243,11 +242,11 @@ async def execute_write(runtime: Runtime, app: App, plan: WritePlan, labels: Req
                 await audit_in_transaction(conn, record)  # or neither
         except asyncpg.PostgresError as exc:
             if transaction is not None:
-                await _rollback(transaction)
+                await rollback_quietly(transaction)
             raise database_refusal(exc, runtime.project, plan.contract.columns, plan.filters, plan.allow) from None
         except BaseException:
             if transaction is not None:
-                await _rollback(transaction)
+                await rollback_quietly(transaction)
             raise
         if transaction is None:
             labels.audited = True  # the statement committed, its record with it
@@ -269,12 +268,6 @@ def _check_written(plan: WritePlan, outcome: WriteOutcome) -> None:
     if plan.fmt in ("object", "object_stripped") and outcome.written != 1:
         raise SingularResultRequired("Cannot coerce the result to a single JSON object",
                                      details=f"The result contains {outcome.written} rows")
-
-
-async def _rollback(transaction: Transaction) -> None:
-    """Roll back, unless the connection is already gone (then the server rolled back for us)."""
-    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
-        await transaction.rollback()
 
 
 # -- respond ----------------------------------------------------------------------------------------------------

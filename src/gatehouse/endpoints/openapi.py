@@ -299,5 +299,4 @@ async def openapi_endpoint(request: HttpRequest, runtime: Runtime) -> HttpRespon
     document = build_openapi(project, app, version, runtime.catalog, server_url)
     headers = {"Content-Profile": f"v{version}", "Vary": "apikey, Authorization, Accept-Profile",
                "Cache-Control": "private, no-cache"}
-    body = b"" if request.method == "HEAD" else orjson.dumps(document)
-    return HttpResponse(200, headers, body, OPENAPI_JSON)
+    return HttpResponse(200, headers, orjson.dumps(document), OPENAPI_JSON)  # for HEAD the server sends no body

@@ -7,7 +7,6 @@ committed only if it returns. Its result is serialised by its return annotation;
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
-from gatehouse.db import Connection
+from gatehouse.db import Connection, rollback_quietly
 from gatehouse.db.faults import is_dead
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import (
@@ -80,8 +79,7 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
         try:
             result = await function.call(context, parameters)
         except BaseException as exc:
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
-                await transaction.rollback()
+            await rollback_quietly(transaction)
             if isinstance(exc, ApiError):
                 if exc.status == 405:  # a write in a read-only function, or to a read-only contract
                     exc.headers["Allow"] = ", ".join(rpc_methods(function))  # the method is /rpc's, not the view's
@@ -102,8 +100,7 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
                 try:
                     await before_commit(conn, result)
                 except BaseException:
-                    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
-                        await transaction.rollback()
+                    await rollback_quietly(transaction)
                     raise
             await transaction.commit()
         else:
@@ -142,5 +139,4 @@ async def call_rpc(request: HttpRequest, runtime: Runtime, name: str) -> HttpRes
     labels.audited = not function.read_only
     if result is None:
         return HttpResponse(204)
-    body = b"" if request.method == "HEAD" else function.result.dump_json(result)
-    return HttpResponse(200, {}, body, JSON)
+    return HttpResponse(200, {}, function.result.dump_json(result), JSON)  # for HEAD the server sends no body

@@ -4,7 +4,8 @@ granian (Rust's hyper) parses HTTP/1.1 and HTTP/2, frames bodies, answers ``Expe
 header block (431), times out slow or idle connections and stops gracefully. What it passes through and an API
 gateway must still refuse is checked here, before a request reaches any endpoint:
 
-* a URL longer than ``[server] max_query_length`` (414), or one that is not UTF-8 once percent-decoded (400);
+* a URL longer than ``[server] max_query_length`` (414); one that is not UTF-8 once decoded is the data app's
+  and the query parser's to refuse (400), as for any other server;
 * a ``Transfer-Encoding`` other than plain ``chunked`` (501, as RFC 9112 §6.1 asks: a proxy in front might
   frame ``gzip, chunked`` differently, which is how requests get smuggled). ``Content-Length`` together with
   ``Transfer-Encoding`` is hyper's: it frames the body by the latter and closes the connection after the
@@ -19,11 +20,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import unquote
 
 from gatehouse.errors import (
     ApiError,
-    InvalidUrlEncoding,
     UnsupportedTransferCoding,
     UrlTooLong,
 )
@@ -37,13 +36,6 @@ def _wire_error(scope: Any, headers: dict[str, str], max_url: int) -> ApiError |
     path, query = scope.path, scope.query_string
     if len(path) + len(query) > max_url:
         return UrlTooLong(f"The URL may be at most {max_url} bytes")
-    if "\ufffd" in path:  # granian decodes the path and replaces bytes that are not UTF-8
-        return InvalidUrlEncoding("The URL path is not valid UTF-8")
-    if "%" in query:
-        try:
-            unquote(query, errors="strict")
-        except UnicodeDecodeError:
-            return InvalidUrlEncoding("The query string is not valid UTF-8 once percent-decoded")
     coding = headers.get("transfer-encoding")
     if coding is not None and coding.strip().lower() != "chunked":
         return UnsupportedTransferCoding(f"Transfer-Encoding '{coding[:40]}' is not supported",
