@@ -53,8 +53,9 @@ CASES = [
     ("column dropped", "-- not null: id, title\nSELECT id, owner_id, price FROM items", {(compat.COLUMN_REMOVED, True)}),
     ("column renamed", "-- not null: id, label\nSELECT id, owner_id, title AS label, price FROM items", {(compat.COLUMN_RENAMED, True)}),
     ("type narrowed", "-- not null: id, title\nSELECT id, owner_id, title, price::numeric(8, 2) AS price FROM items", {(compat.COLUMN_TYPE_CHANGED, True)}),
-    ("type widened", "-- not null: id, title\nSELECT id, owner_id, title, price::numeric AS price FROM items", {(compat.COLUMN_TYPE_CHANGED, True)}),
-    ("type of a key widened", "-- not null: id, title\nSELECT id::bigint AS id, owner_id, title, price FROM items", {(compat.COLUMN_TYPE_CHANGED, True)}),
+    ("type widened", "-- not null: id, title\nSELECT id, owner_id, title, price::numeric AS price FROM items", {(compat.COLUMN_TYPE_WIDENED, False)}),
+    ("type of a key widened", "-- not null: id, title\nSELECT id::bigint AS id, owner_id, title, price FROM items", {(compat.COLUMN_TYPE_WIDENED, False)}),
+    ("type changed to a string", "-- not null: id, title\nSELECT id, owner_id, title, price::text AS price FROM items", {(compat.COLUMN_TYPE_CHANGED, True)}),
     ("became nullable", "-- not null: id\nSELECT id, owner_id, title, price FROM items", {(compat.COLUMN_BECAME_NULLABLE, True)}),
     ("became not null", "-- not null: id, title, price\nSELECT id, owner_id, title, coalesce(price, 0)::numeric(10, 2) AS price FROM items", {(compat.COLUMN_BECAME_NOT_NULL, False)}),
     ("column added", "-- not null: id, title\nSELECT id, owner_id, title, price, qty FROM items", {(compat.COLUMN_ADDED, False)}),
@@ -167,7 +168,7 @@ async def test_a_new_contract_adds_relations_to_released_versions_compatibly(sho
     assert await run_check(project.root) == []
 
 
-async def test_column_type_change_in_a_migration_breaks_the_locked_versions(shop: Project) -> None:
+async def test_column_type_changes_in_a_migration_are_judged_on_their_json(shop: Project) -> None:
     await operations.migrate_all(shop)  # not applied: PostgreSQL itself would refuse to alter a viewed column
     await _lock(shop)
     migration = shop.root / "migrations" / "V003__wider_prices.sql"
@@ -175,10 +176,22 @@ async def test_column_type_change_in_a_migration_breaks_the_locked_versions(shop
     pending = await run_check(shop.root)
     assert _codes(pending) == ["GHC041"] and "V003__wider_prices.sql" in pending[0].message
 
+    await operations.migrate_all(shop)  # a widening: the same JSON numbers, so a warning to record it
+    findings = await run_check(shop.root)
+    assert [(f.code, f.severity, f.contract) for f in findings] == [
+        ("GHC012", "warning", "products.v1"), ("GHC012", "warning", "products.v2")]
+    assert all("column price widened: numeric(10,2) → numeric(12,2)" in f.message for f in findings)
+    assert exit_code(findings) == 0
+    _, lines = await _lock(shop)  # recorded without --force
+    assert [line.split(":")[0] for line in lines] == ["updated products.v1", "updated products.v2"]
+    assert await run_check(shop.root) == []
+
+    (shop.root / "migrations" / "V004__narrower_prices.sql").write_text(
+        "ALTER TABLE products ALTER COLUMN price TYPE numeric(8, 2);")
     await operations.migrate_all(shop)
     findings = await run_check(shop.root)
     assert [(f.code, f.contract) for f in findings] == [("GHC011", "products.v1"), ("GHC011", "products.v2")]
-    assert all("column price changed type from numeric(10,2) to numeric(12,2)" in f.message for f in findings)
+    assert all("column price changed type from numeric(12,2) to numeric(8,2)" in f.message for f in findings)
     assert exit_code(findings) == 1
 
 

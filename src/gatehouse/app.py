@@ -40,7 +40,7 @@ class DataApp:
                                    audit_values=runtime.project.config.server.audit_query_values)
 
     async def route(self, request: HttpRequest) -> HttpResponse:
-        path, method, runtime = request.path, request.method, self.runtime
+        path, method, runtime = request.path, request.method, self.runtime.pinned()  # one generation throughout
         if "\ufffd" in path:  # an ASGI server decodes the path and replaces bytes that are not UTF-8
             raise InvalidUrlEncoding("The URL path is not valid UTF-8",
                                      hint="Percent-encode the UTF-8 bytes of each character.")

@@ -27,6 +27,9 @@ GHC051  error    a grant's row filter cannot be read or names an unknown column
 GHC052  error    a ``[[relations]]`` entry names an unknown contract or column
 GHC053  error    ``[contracts.x]`` configures an unknown contract
 GHC054  error    ``-- not null:`` names an unknown column
+GHC055  error    ``-- not null:`` promises a column that can be null (a nullable base column, an outer join)
+GHC056  error    a released contract version's embed became ambiguous (more than one relation to a target)
+GHC056  warning  an embed is ambiguous in a served API version: clients must name the relation (``!hint``)
 GHC060  warning  no ``contracts.lock``: nothing is released yet
 GHC061  error    ``contracts.lock`` cannot be read
 ======  =======  ===================================================================================
@@ -47,6 +50,8 @@ from rich.table import Table
 from rich.text import Text
 from sqlglot.errors import SqlglotError
 
+from gatehouse.check_findings import Finding as Finding  # re-exported: what run_check returns
+from gatehouse.check_lineage import lineage_findings
 from gatehouse.config import ProjectConfig, load_config
 from gatehouse.contracts.compat import compare
 from gatehouse.contracts.lockfile import (
@@ -67,7 +72,6 @@ from gatehouse.migrate.runner import status as migration_status
 from gatehouse.project import CONFIG_FILE, Project, load_project
 from gatehouse.query.row_filters import columns_of, parse_row_filter
 
-Severity = Literal["error", "warning"]
 Format = Literal["table", "json"]
 
 TABLES = r"""
@@ -80,18 +84,6 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname <> 'information_schem
   AND n.nspname !~ '^pg_' AND n.nspname !~ '^api_v[0-9]+$'
 GROUP BY n.nspname, c.relname
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    severity: Severity
-    code: str
-    message: str
-    contract: str | None = None
-    """The contract version's label (``products.v1``), when the finding is about one."""
-    file: str | None = None
-    """Relative to the project folder."""
-    hint: str | None = None
 
 
 def exit_code(findings: Iterable[Finding]) -> int:
@@ -252,7 +244,7 @@ async def _migration_findings(conn: asyncpg.Connection, project: Project, databa
     return findings
 
 
-async def _inspect(project: Project, findings: list[Finding]) -> dict[str, _Database]:
+async def _inspect(project: Project, findings: list[Finding], lock: Lock | None) -> dict[str, _Database]:
     try:
         targets = await resolve_targets(project)
     except (ProjectError, DatabaseUnavailable) as exc:
@@ -269,6 +261,7 @@ async def _inspect(project: Project, findings: list[Finding]) -> dict[str, _Data
             findings += await _migration_findings(conn, project, name)
             tables = {(r["schema"], r["table"]): list(r["columns"] or []) for r in await conn.fetch(TABLES)}
             signatures = await live_signatures(conn, project, name)
+            findings += await lineage_findings(conn, project, name, lock)
             databases[name] = _Database(name, await conn.fetchval("SELECT current_database()"), tables, signatures)
         except asyncpg.PostgresError as exc:
             findings.append(_error("GHC042", f"database {name}: the check could not read it: {exc}"))
@@ -409,7 +402,7 @@ async def run_check(project: Project | Path) -> list[Finding]:
         if lock is None:
             findings.append(Finding("warning", "GHC060", f"no {LOCK_FILE}: no contract version is released yet",
                                     hint="run `gatehouse lock` when you release, and commit the file"))
-    databases = await _inspect(project, findings)
+    databases = await _inspect(project, findings, lock)
     live = live_labels(project)
     for contract in project.contracts:
         db = databases.get(contract.database)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,8 @@ from rich.table import Table
 from gatehouse import __version__, operations
 from gatehouse.db.targets import check_logins
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
-from gatehouse.migrate.plan import Plan
+from gatehouse.migrate.batch import BatchProgress
+from gatehouse.migrate.plan import RECENT_DAYS, Impact, Plan
 from gatehouse.project import Project, load_project
 from gatehouse.server import run_in_loop
 
@@ -115,7 +117,7 @@ def migrate(
 ) -> None:
     """Apply pending migrations (the default: `migrate` is `migrate apply`), or: status, plan, repair."""
     if ctx.invoked_subcommand is None:
-        _migrate(force=force)
+        _migrate(force=force, command="migrate")
     elif force and ctx.invoked_subcommand != "apply":
         raise _fail(f"--force is for applying migrations (`gatehouse migrate --force`), not for "
                     f"`migrate {ctx.invoked_subcommand}`")
@@ -128,7 +130,8 @@ def _print_plans(plans: list[Plan]) -> None:
             continue
         out.print(f"[bold]{plan.database}[/]: pending {', '.join(plan.pending)}")
         if plan.skipped:
-            out.print(f"  [yellow]not tried in the plan (no-transaction):[/] {', '.join(plan.skipped)}")
+            out.print(f"  [yellow]not run in the plan (no-transaction, or a batched backfill checked on 0 rows):[/] "
+                      f"{', '.join(plan.skipped)}")
         if plan.failure:
             out.print(f"  [red]would fail:[/] {plan.failure}")
         for impact in plan.impacts:
@@ -139,12 +142,30 @@ def _print_plans(plans: list[Plan]) -> None:
                 out.print(f"    no longer compiles: {impact.error}")
             for change in impact.changes:
                 out.print(f"    {'breaking' if change.breaking else 'compatible'}: {change.detail}")
-            for app_name, last in impact.callers:
-                out.print(f"    called by [bold]{app_name}[/] (last {last})")
-            if impact.breaking and not impact.callers:
-                out.print("    no app called it in the last 30 days")
+            _print_callers(impact)
         if not plan.impacts and not plan.failure:
             out.print("  no released contract version changes")
+
+
+def _print_callers(impact: Impact) -> None:
+    """The apps pinned to a changed contract version apart from those that called it lately but moved on."""
+    from gatehouse.observe.usage import describe
+
+    pinned = [use for use in impact.callers if use.pinned]
+    moved = [use for use in impact.callers if not use.pinned]
+    if impact.would_break:
+        out.print(f"    [red]would break:[/] {', '.join(impact.would_break)}", highlight=False)
+    if pinned:
+        out.print("    pinned to it:")
+    for use in pinned:
+        out.print(f"      {describe(use)}", highlight=False, markup=False)
+    if moved:
+        out.print(f"    called it in the last {RECENT_DAYS} days, since moved on:")
+    for use in moved:
+        out.print(f"      {describe(use)}", highlight=False, markup=False)
+    if impact.breaking and not pinned:
+        out.print("    no app is pinned to it: " + ("each app that called it lately has moved on" if moved else
+                                                      f"no app called it in the last {RECENT_DAYS} days"))
 
 
 @migrate_app.command("plan")
@@ -166,18 +187,20 @@ def migrate_apply(
 ) -> None:
     """Plan, lint with squawk, apply the pending migrations (each once, in order, under a lock), then re-sync the
     contract views. A migration that would break a released contract version is refused unless --force."""
-    _migrate(force=force or bool(ctx.parent and ctx.parent.params.get("force")))
+    _migrate(force=force or bool(ctx.parent and ctx.parent.params.get("force")), command="migrate apply")
 
 
-def _migrate(*, force: bool) -> None:
+def _migrate(*, force: bool, command: str) -> None:
     project = _project()
     with out.status("planning..."):
         plans = run(operations.plan_all(project))
     if any(p.breaking for p in plans):
         _print_plans(plans)
-        if not force:
+        if not force:  # the advice names the command as typed, and where it works when that is not here
+            here = State.project_path.resolve() == Path.cwd().resolve() or "GATEHOUSE_PROJECT" in os.environ
             raise _fail("these migrations would break released contract versions; follow expand → migrate → "
-                        "contract (docs/safe-schema-changes.md), or run `gatehouse migrate --force`")
+                        f"contract (docs/safe-schema-changes.md), or run `gatehouse {command} --force`"
+                        + ("" if here else f" in {State.project_path.resolve()}"))
     with out.status("linting pending migrations..."):
         reports = run(operations.lint_pending(project))
     for database, report in reports.items():
@@ -185,8 +208,16 @@ def _migrate(*, force: bool) -> None:
             out.print(f"[yellow]{finding.level}[/] {database}: {finding}", highlight=False)
         if report.notice:
             out.print(f"[dim]{database}: {report.notice}[/]")
-    with out.status("applying migrations..."):
-        results = run(operations.migrate_all(project))
+    with out.status("applying migrations...") as status:
+        def progress(at: BatchProgress) -> None:
+            status.update(f"{at.migration.label}: {at.rows:,} rows in {at.batches} batches "
+                          f"(the table had {at.table_rows:,})")
+
+        def restored(database: str, label: str, views: list[str]) -> None:
+            out.print(f"[green]{database}[/]: {label} needed {len(views)} contract view(s) dropped; created "
+                      f"again in its transaction, so no app saw them missing: {', '.join(views)}")
+
+        results = run(operations.migrate_all(project, force=force, progress=progress, on_restored=restored))
     for database, done in results.items():
         if not done:
             out.print(f"[green]{database}[/]: up to date")
@@ -450,17 +481,40 @@ def _moment(text: str, now: datetime, *, back: bool) -> datetime:
 
 @app.command()
 def versions(
-    days: Annotated[int, typer.Option(min=1, max=3650, help="Look this many days back.")] = 30,
+    since: Annotated[str | None, typer.Option(
+        help="The window: a duration back (12h, 7d) or a date (2026-11-01). Default: the last 30 days.")] = None,
+    days: Annotated[int | None, typer.Option(min=1, max=3650, help="Same as --since <DAYS>d.")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
-    """Each API version, its status, who still calls it and when they last did."""
-    from gatehouse.observe.audit_query import VERSIONS_TABLE_HEADER, version_table_rows
+    """Each API version and its status, and per app that called it in the window: pinned to it (its latest call
+    to a contract used it) or moved to another version, its last call, its calls in the window and per day."""
+    import json
 
+    from gatehouse.observe.audit_query import VERSIONS_TABLE_HEADER, as_json, version_table_rows
+    from gatehouse.observe.usage import when_text
+
+    if output not in ("table", "json"):
+        raise _fail("--format is table or json")
+    if since is not None and days is not None:
+        raise _fail("give --since or --days, not both", hint=f"--days {days} is --since {days}d")
     project = _project()
-    usage = run(operations.version_usage(project, days))
-    table = Table("status", *VERSIONS_TABLE_HEADER)
+    now = datetime.now(UTC)
+    start = _run_sync(lambda: _moment(since, now, back=True)) if since else now - timedelta(days=days or 30)
+    if start >= now:
+        raise _fail(f"--since {since} is in the future", hint="write a duration back (12h, 7d) or a past date")
+    usage = run(operations.version_usage(project, since=start))
+
+    def status(number: int) -> str:
+        settings = project.config.version_settings(number)
+        return settings.status + (f" (sunset {settings.sunset})" if settings.sunset else "")
+
+    if output == "json":
+        print(json.dumps([{**u, "status": status(u["api_version"])} for u in as_json(usage)], indent=2))
+        return
+    span = f"{(now - start).total_seconds() / 86_400:,.2f}".rstrip("0").rstrip(".")
+    window = f"calls since {when_text(start)} ({span} days)"
+    table = Table("status", *VERSIONS_TABLE_HEADER, title=window)
     served = list(project.versions.numbers) + sorted(project.versions.retired)
     for row in version_table_rows(usage, served=served):
-        number = int(row[0][1:])
-        settings = project.config.version_settings(number)
-        table.add_row(settings.status + (f" (sunset {settings.sunset})" if settings.sunset else ""), *row)
+        table.add_row(status(int(row[0][1:])), *row)
     out.print(table)

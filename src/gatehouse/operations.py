@@ -18,9 +18,11 @@ from gatehouse.contracts.lockfile import read_lock
 from gatehouse.db.sync import ApplyReport, apply_database, bootstrap
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ProjectError
-from gatehouse.migrate.lint import LintReport, lint_migrations
+from gatehouse.migrate.batch import Progress
+from gatehouse.migrate.lint import LintReport, backfill_tables, lint_migrations, row_estimates
 from gatehouse.migrate.plan import Plan, plan_database
 from gatehouse.migrate.runner import Migration, StatusRow, migrate, pending_migrations, repair, status
+from gatehouse.migrate.views import ViewKeeper
 from gatehouse.observe import audit_query
 from gatehouse.project import Project
 
@@ -38,9 +40,22 @@ async def owner_connection(project: Project, database: str | None = None) -> Asy
         await conn.close()
 
 
-async def migrate_all(project: Project) -> dict[str, list[tuple[Migration, float]]]:
-    """Apply pending migrations of every database, in declaration order."""
-    return await each_database(project, lambda name, conn: migrate(conn, project.migrations_dir(name)))
+async def migrate_all(project: Project, *, force: bool = False, progress: Progress | None = None,
+                      on_restored: Callable[[str, str, list[str]], None] | None = None,
+                      ) -> dict[str, list[tuple[Migration, float]]]:
+    """Apply pending migrations of every database, in declaration order, the contract views kept standing
+    through each one (:class:`~gatehouse.migrate.views.ViewKeeper`). A migration after which a contract
+    view cannot be created again is refused, unless ``force``: then that view stays dropped.
+
+    ``progress`` hears about each batch of a batched backfill; ``on_restored(database, migration, views)``
+    about the views a migration needed dropped and created again."""
+
+    def keeper(name: str) -> ViewKeeper:
+        told = None if on_restored is None else lambda label, views: on_restored(name, label, views)
+        return ViewKeeper(project, name, strict=not force, on_restored=told)
+
+    return await each_database(project, lambda name, conn: migrate(
+        conn, project.migrations_dir(name), keeper=keeper(name), progress=progress))
 
 
 async def apply_all(project: Project) -> list[ApplyReport]:
@@ -100,10 +115,10 @@ async def audit_records(project: Project, **filters: Any) -> list[dict[str, Any]
     return records[: filters.get("limit", 100)]
 
 
-async def version_usage(project: Project, days: int) -> list[dict[str, Any]]:
+async def version_usage(project: Project, days: int = 30, since: datetime | None = None) -> list[dict[str, Any]]:
     async with owner_connection(project) as conn:
         await bootstrap(conn)
-        return await audit_query.version_usage(conn, days=days)
+        return await audit_query.version_usage(conn, days=days, since=since)
 
 
 async def each_database(project: Project,
@@ -120,13 +135,15 @@ async def each_database(project: Project,
 
 
 async def lint_pending(project: Project) -> dict[str, LintReport]:
-    """squawk's findings on every pending migration, per database (shown, not blocking)."""
+    """squawk's and gatehouse's findings on every pending migration, per database (shown, not blocking). The
+    live tables' row estimates are read first: the lint itself runs in a thread, away from the connection."""
 
     async def lint(name: str, conn: asyncpg.Connection) -> LintReport:
         pending = await pending_migrations(conn, project.migrations_dir(name))
         version = conn.get_server_version()
+        estimates = await row_estimates(conn, backfill_tables(pending))
         return await asyncio.to_thread(lint_migrations, pending, pg_version=f"{version.major}.{version.minor}",
-                                       cwd=project.root)
+                                       cwd=project.root, row_estimates=estimates)
 
     return await each_database(project, lint)
 

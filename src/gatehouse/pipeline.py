@@ -42,7 +42,9 @@ async def identify(request: HttpRequest, runtime: Runtime) -> tuple[Identity, Ap
     except Unauthenticated as refused:
         throttled = runtime.auth_failures.failed(request.client, credential_id(request.headers))
         raise (throttled or refused) from None
-    app = apps[identity.app]
+    app = apps.get(identity.app)
+    if app is None:  # removed from the project by a reload a moment ago: its keys are being forgotten
+        raise Unauthenticated("Invalid API key or token", hint="The application no longer exists.")
     labels = request.labels
     labels.app, labels.key_id, labels.subject = app.name, identity.key_id, identity.subject
     return identity, app

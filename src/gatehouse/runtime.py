@@ -1,12 +1,17 @@
 """The live state of one server: databases, pools, keys, schema cache, metrics.
 
 Opened once by the app's lifespan and read by every request; the request path never creates any of it.
+What the project and the databases say (the project, the catalog, the schemas and the plans compiled
+against them) is replaced as one, when the server follows a change (:mod:`gatehouse.follow`): a request
+takes :meth:`Runtime.pinned` once and sees one generation from start to end, never half of each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -17,13 +22,14 @@ from gatehouse.auth.jwt import JwtVerifier
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
+from gatehouse.db.changes import current_revision
 from gatehouse.db.faults import is_dead
-from gatehouse.db.sync import project_fingerprint
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
-from gatehouse.errors import DatabaseUnavailable
+from gatehouse.errors import DatabaseUnavailable, ProjectError
+from gatehouse.follow import Follower, Revisions
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
-from gatehouse.project import Project
+from gatehouse.project import Project, load_project
 from gatehouse.query.plans import PlanCache, ReadPlan
 from gatehouse.routes import ReadRoute
 from gatehouse.schema_cache import ApiSchema, build_schemas
@@ -48,24 +54,29 @@ class Runtime:
     """Compiled reads per query shape; they depend on ``schemas``, so both are replaced together."""
     routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
     """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
+    follower: Follower | None = None
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
+
+    def pinned(self) -> Runtime:
+        """This runtime as a request sees it: the same pools, keys and writers, and the generation of project,
+        catalog, schemas and plans of this moment, kept for the request's whole life."""
+        return copy.copy(self)
 
     async def start(self) -> None:
         project = self.project
         self.auth_failures = FailureThrottle(project.config.server.auth_failures_per_minute)
         self.targets = await resolve_targets(project)
-        constraints: dict[str, list[Constraint]] = {}
         try:
             for name, target in self.targets.items():
                 pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=2)
                 assert pool is not None
                 self._internal[name] = pool
-                async with pool.acquire() as conn:
-                    self.catalog.update(await load_catalog(conn))
-                    constraints[name] = await load_constraints(conn)
-            self._check_applied()
-            self.schemas = build_schemas(project, self.catalog, constraints)
-            self.plans, self.routes = PlanCache(), PlanCache()
+            seen = await self._revisions()
+            catalog, constraints = await self._read_catalogs()
+            missing = _missing_views(project, catalog)
+            if missing:
+                raise DatabaseUnavailable(f"the database does not serve {missing}: run `gatehouse apply` first")
+            self._install(project, catalog, constraints)
             home = self.targets[project.home_database]
             self.keys = KeyRing(set(project.apps))
 
@@ -83,7 +94,10 @@ class Runtime:
             self.pools = AppPools(PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000,
                                               max_idle_s=server.pool_max_idle_s,
                                               max_lifetime_s=server.pool_max_lifetime_s))
-            await self.pools.open(self.targets, project.apps, self._databases_of_apps())
+            await self.pools.open(self.targets, project.apps, _databases_of_apps(project))
+            self.follower = Follower({name: self._listen_to(target) for name, target in self.targets.items()},
+                                     self._revisions, self.reload)
+            await self.follower.start(seen)
         except asyncpg.InvalidAuthorizationSpecificationError:
             await self.stop()
             raise DatabaseUnavailable(
@@ -93,24 +107,88 @@ class Runtime:
             await self.stop()
             raise
 
-    def _databases_of_apps(self) -> dict[str, set[str]]:
-        result: dict[str, set[str]] = {}
-        for app in self.project.apps.values():
-            dbs = {self.project.database_of(g.contract) for g in app.config.grants}
-            dbs |= {self.project.functions[f].database or self.project.home_database for f in app.config.functions}
-            result[app.name] = {db for db in dbs if db is not None}
-        return result
+    def _listen_to(self, target: DatabaseTarget) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        async def listen() -> asyncpg.Connection:
+            return await asyncpg.connect(**target.authenticator_kwargs(),
+                                         server_settings={"application_name": "gatehouse/follow"})
+        return listen
 
-    def _check_applied(self) -> None:
-        missing = [
-            f"{schema_name(n)}.{c.name}" for n, c in self.project.versions.views()
-            if (schema_name(n), c.name) not in self.catalog
-        ]
-        if missing:
-            raise DatabaseUnavailable(
-                f"the database does not serve {', '.join(missing[:5])}"
-                f"{' and more' if len(missing) > 5 else ''}: run `gatehouse apply` first"
-            )
+    async def _revisions(self) -> Revisions:
+        revisions: Revisions = {}
+        for name, pool in self._internal.items():
+            async with pool.acquire() as conn:
+                revisions[name] = await current_revision(conn)
+        return revisions
+
+    async def _read_catalogs(self) -> tuple[dict[tuple[str, str], ViewShape], dict[str, list[Constraint]]]:
+        catalog: dict[tuple[str, str], ViewShape] = {}
+        constraints: dict[str, list[Constraint]] = {}
+        for name, pool in self._internal.items():
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                catalog.update(await load_catalog(conn))
+                constraints[name] = await load_constraints(conn)
+        return catalog, constraints
+
+    def _install(self, project: Project, catalog: dict[tuple[str, str], ViewShape],
+                 constraints: dict[str, list[Constraint]]) -> None:
+        """Serve a new generation: all of it replaced in one step (no ``await`` in between)."""
+        schemas = build_schemas(project, catalog, constraints)
+        self.project, self.catalog, self.schemas = project, catalog, schemas
+        self.plans, self.routes = PlanCache(), PlanCache()
+
+    async def reload(self) -> None:
+        """:meth:`_reload`, counted in the metrics by outcome."""
+        try:
+            outcome = await self._reload()
+        except BaseException:
+            self.metrics.reloaded("failed")
+            raise
+        self.metrics.reloaded(outcome)
+
+    async def _reload(self) -> str:
+        """Serve what the project folder and the databases say now (called by :class:`Follower`).
+
+        The project folder is read again; if it does not load, or the databases do not serve it (this
+        server's copy is older or newer than what was applied), the project served so far is kept, with the
+        catalog read again (a migration may have changed a column's type). Settings that shape the server
+        itself (``[server]``, ``[databases]``, ``[auth]``) take effect at the next start."""
+        current = self.project
+        try:
+            project = await asyncio.to_thread(load_project, current.root)
+        except ProjectError as exc:
+            log.warning("the project folder does not load, so it is not reloaded: %s", exc)
+            project = current
+        for section in ("server", "databases", "auth"):
+            if getattr(project.config, section) != getattr(current.config, section):
+                log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
+        if project.config.databases != current.config.databases:
+            project = current
+        catalog, constraints = await self._read_catalogs()
+        chosen = next((p for p in (project, current) if not _missing_views(p, catalog)), None)
+        if chosen is None:
+            log.warning("the database does not serve %s: keeping the schema cache until it does",
+                        _missing_views(current, catalog))
+            return "kept"
+        if chosen is not current and self.pools is not None:  # a new app's pool is there before its first call
+            await self.pools.update(self.targets, chosen.apps, _databases_of_apps(chosen))
+        self._install(chosen, catalog, constraints)
+        if chosen is not current:
+            await self._follow_apps(chosen)
+        log.info("reloaded: %d API version(s), %d app(s)", len(chosen.versions.served), len(chosen.apps))
+        same = chosen.config == current.config and chosen.contracts == current.contracts
+        return "schema" if same else "project"
+
+    async def _follow_apps(self, project: Project) -> None:
+        """Apps added or removed: their keys and tokens follow (a removed app's credentials may pass in the
+        moment before, and are then refused by ``pipeline.identify``, which finds no such app)."""
+        apps = set(project.apps)
+        if self.keys is not None:
+            await self.keys.follow_apps(apps, self._internal[project.home_database])
+        if self.tokens is not None and self.tokens.apps != apps:
+            tokens = JwtVerifier(self.project.config.auth, apps)
+            await tokens.start()
+            old, self.tokens = self.tokens, tokens
+            await old.stop()
 
     def _audit_writer(self, home: DatabaseTarget) -> AuditWriter:
         async def connect() -> asyncpg.Connection:
@@ -121,6 +199,8 @@ class Runtime:
         return AuditWriter(connect, self.project.state_dir / "audit-spool.jsonl")
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
         if self.audit is not None:  # first: flush while the database is still there
             await self.audit.stop()
         if self.keys is not None:
@@ -135,33 +215,68 @@ class Runtime:
     async def readiness(self) -> dict[str, str]:
         """Per database: 'ok', or what is wrong. Ready when every value is 'ok'.
 
+        A database is 'ok' when it answers and serves every view this server serves, as this server's project
+        has it (``gatehouse.views`` records each view's contract checksum). That stays true through ``apply``
+        and ``migrate`` (a migration re-creates views in its own transaction; readers of the catalog see the
+        old views until it commits) and through a server's reload (a view dropped by ``apply`` while this server
+        has yet to load that revision counts as served, for :data:`~gatehouse.follow.CATCH_UP_S`), so a load
+        balancer never pulls every instance at once; it turns false when a view this server needs is gone.
         Each database is asked (all at once, each within ``READY_TIMEOUT_S``) on the internal pool, so the
-        answer is the database's state now: not ready while it cannot be reached, ready again as soon as it
-        answers, without a restart."""
+        answer is the database's state now."""
+        project = self.project
         names = list(self._internal)
-        answers = await asyncio.gather(*(self._applied(self._internal[name]) for name in names),
+        answers = await asyncio.gather(*(self._served(self._internal[name]) for name in names),
                                        return_exceptions=True)
         report: dict[str, str] = {}
-        for name, applied in zip(names, answers, strict=True):
-            if isinstance(applied, BaseException):
-                if not isinstance(applied, Exception):
-                    raise applied
-                report[name] = f"unreachable ({type(applied).__name__})"
-            else:
-                expected = project_fingerprint(self.project, name)
-                report[name] = "ok" if applied == expected else "project not applied: run `gatehouse apply`"
+        for name, served in zip(names, answers, strict=True):
+            if isinstance(served, BaseException):
+                if not isinstance(served, Exception):
+                    raise served
+                report[name] = f"unreachable ({type(served).__name__})"
+                continue
+            views, revision = served
+            wanted = {(schema_name(n), c.name, c.checksum) for n, c in project.versions.views() if c.database == name}
+            missing = sorted(f"{schema}.{view}" for schema, view, _ in wanted - views)
+            following = self.follower is not None and self.follower.catching_up(name, revision)
+            report[name] = "ok" if not missing or following else (
+                f"does not serve {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''} as this "
+                "server's project has it: run `gatehouse apply`")
         return report
 
     @staticmethod
-    async def _applied(pool: asyncpg.Pool) -> object:
-        """The fingerprint ``apply`` left; asked twice if the pool's connection turns out dead (the database
-        restarted since it was last used)."""
+    async def _served(pool: asyncpg.Pool) -> tuple[set[tuple[str, str, str]], str | None]:
+        """(schema, view, contract checksum) of every contract view that exists, and the database's revision;
+        asked twice if the pool's connection turns out dead (the database restarted since it was last used)."""
         async with asyncio.timeout(READY_TIMEOUT_S):
             for attempt in (1, 2):
                 async with pool.acquire() as conn:
                     try:
-                        return await conn.fetchval("SELECT value FROM gatehouse.state WHERE key = 'fingerprint'")
+                        rows = await conn.fetch(SERVED_VIEWS)
+                        views = {(r["schema_name"], r["view_name"], r["checksum"]) for r in rows}
+                        return views, await current_revision(conn)
                     except Exception as exc:
                         if attempt == 2 or not is_dead(exc, conn):
                             raise
         raise AssertionError("not reached: the second attempt returns or raises")
+
+
+SERVED_VIEWS = """
+SELECT v.schema_name, v.view_name, v.checksum FROM gatehouse.views v
+JOIN pg_views p ON p.schemaname = v.schema_name AND p.viewname = v.view_name
+"""
+
+
+def _missing_views(project: Project, catalog: Mapping[tuple[str, str], ViewShape]) -> str:
+    """The views ``project`` serves that the catalog lacks, for a message ('' when none)."""
+    missing = [f"{schema_name(n)}.{c.name}" for n, c in project.versions.views()
+               if (schema_name(n), c.name) not in catalog]
+    return f"{', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''}" if missing else ""
+
+
+def _databases_of_apps(project: Project) -> dict[str, set[str]]:
+    result: dict[str, set[str]] = {}
+    for app in project.apps.values():
+        dbs = {project.database_of(g.contract) for g in app.config.grants}
+        dbs |= {project.functions[f].database or project.home_database for f in app.config.functions}
+        result[app.name] = {db for db in dbs if db is not None}
+    return result

@@ -12,10 +12,9 @@ accepted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,12 +24,11 @@ import asyncpg
 from gatehouse.auth.jwt import JwtVerifier, TokenIdentity, looks_like_jwt
 from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
 from gatehouse.db import Connection
+from gatehouse.db.listener import Connect, Listener
 from gatehouse.errors import InvalidClaims, MissingCredentials, Unauthenticated
 
 log = logging.getLogger(__name__)
 REFRESH_S = 30.0
-RELISTEN_S = 1.0
-"""How often a lost LISTEN connection is asked for again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +60,7 @@ class KeyRing:
         request skips parsing and hashing it. Only a live key gets in (one entry at most per key in
         ``_keys``); each load empties it, so a revoked key stops working exactly when it did before, and
         expiry is checked on every request. Like every request, it keeps keys in memory, never in a log."""
-        self._listener: asyncpg.Connection | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
         self._reloads: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._refresher: asyncio.Task[None] | None = None
@@ -79,52 +76,32 @@ class KeyRing:
         }
         self._verified = {}
 
-    async def start(self, pool: asyncpg.Pool, listen: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+    async def follow_apps(self, apps: set[str], pool: asyncpg.Pool) -> None:
+        """The project's apps changed (a reload): keys of a removed app stop working, a new app's start."""
+        if apps != self._apps:
+            self._apps = apps
+            await self._reload(pool)
+
+    async def start(self, pool: asyncpg.Pool, listen: Connect) -> None:
         """Load now, then follow changes: NOTIFY on a connection of its own (``listen`` opens it) for speed, a
-        periodic reload for safety. A listening connection that dies (the database restarted, a proxy cut it)
-        is opened again, and the keys reloaded then, since a revocation may have been missed meanwhile."""
+        periodic reload for safety. When the listening connection is opened again (:class:`Listener`), the
+        keys are reloaded, since a revocation may have been missed meanwhile."""
         async with pool.acquire() as conn:
             await self.load(conn)
-        self._listener = await listen()  # the first one must open: a failure here stops the start
-        self._follower = asyncio.create_task(self._follow(pool, listen, self._listener))
+        self._listener = Listener(listen, {NOTIFY_CHANNEL: lambda _: self._reload_soon(pool)},
+                                  on_reopen=lambda: self._reload(pool), what="key changes")
+        await self._listener.start()  # the first connection must open: a failure here stops the start
         self._refresher = asyncio.create_task(self._refresh_forever(pool))
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = {task for task in (self._refresher, self._follower, *self._reloads) if task is not None}
+        tasks = {task for task in (self._refresher, *self._reloads) if task is not None}
         for task in tasks:
             task.cancel()
-        if tasks:  # a driver may turn a cancellation into an error of its own: the flag ends the loops then
-            _, pending = await asyncio.wait(tasks, timeout=2 * RELISTEN_S)
-            for task in pending:
-                task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listener.close(), 5)
-
-    async def _follow(self, pool: asyncpg.Pool, listen: Callable[[], Awaitable[asyncpg.Connection]],
-                      listener: asyncpg.Connection | None) -> None:
-        """Keep one LISTEN connection open; each time it ends, open another (every ``RELISTEN_S`` until one
-        opens) and reload."""
-        while not self._stopping:
-            if listener is None:
-                try:
-                    listener = self._listener = await asyncio.wait_for(listen(), RELISTEN_S * 5)
-                except Exception as exc:  # also what a cancelled connect may turn into: hence the flag
-                    log.debug("cannot listen for key changes yet: %s", type(exc).__name__)
-                    await asyncio.sleep(RELISTEN_S)
-                    continue
-                log.info("listening for key changes again")
-                await self._reload(pool)
-            ended = asyncio.Event()
-            listener.add_termination_listener(_setter(ended))
-            try:
-                await listener.add_listener(NOTIFY_CHANNEL, lambda *_: self._reload_soon(pool))
-            except Exception:  # it died between opening and listening
-                ended.set()
-            await ended.wait()
-            log.warning("the connection listening for key changes ended; opening another")
-            listener = self._listener = None
+            await self._listener.stop()
 
     def _reload_soon(self, pool: asyncpg.Pool) -> None:
         task = asyncio.get_running_loop().create_task(self._reload(pool))
@@ -163,10 +140,6 @@ class KeyRing:
         if entry is None or not hmac.compare_digest(presented_hash, entry.hash):
             raise Unauthenticated("Invalid API key", hint="The key is unknown or was revoked.")
         return entry
-
-
-def _setter(event: asyncio.Event) -> Callable[[object], None]:
-    return lambda _: event.set()
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

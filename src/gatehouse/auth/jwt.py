@@ -293,6 +293,10 @@ class JwtVerifier:
             else:
                 self._keysets[name] = _KeySet(name, issuer, self._holder)
 
+    @property
+    def apps(self) -> frozenset[str]:
+        return self._apps
+
     async def start(self) -> None:
         """Fetch every JWKS once; an unreachable provider is logged, not fatal (keys are fetched on demand)."""
         await asyncio.gather(*(keyset.refresh() for keyset in self._keysets.values()))

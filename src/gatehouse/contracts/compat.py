@@ -3,21 +3,69 @@
 A contract is data flowing from the database to readers, so the rules are those of a *response* in API
 diff tools (oasdiff, buf): a reader breaks when something it may rely on disappears or changes.
 
-=============================  ==========  ===========================================================
-change                         breaking?   why
-=============================  ==========  ===========================================================
-column removed                 yes         queries naming it fail
-column renamed                 yes         = removed + added; readers bind by name
-column type changed            yes         any change, widening included: drivers and generated code
-                                           map types, and a wider value may not fit the reader's type
-column became nullable         yes         readers now see NULL where they were promised a value
-column became not null         no          a stronger promise
-column added                   no          contracts have no ``SELECT *``, nor do PostgREST clients
-columns reordered              no          JSON is by name (CSV readers by position may notice)
-relation removed               yes         ``select=...,target(...)`` embeds fail
-relation one ↔ many            yes         the embed changes from an object to a list, or back
-relation added                 no
-=============================  ==========  ===========================================================
+========================================================  =========  ==========================================
+change                                                    breaking?  why
+========================================================  =========  ==========================================
+column removed                                            yes        queries naming it fail
+column renamed                                            yes        = removed + added; readers bind by name
+column type changed                                       see below  judged on the JSON it emits
+column became nullable                                    yes        readers now see NULL where they were
+                                                                     promised a value
+column became not null                                    no         a stronger promise
+column added                                              no         contracts have no ``SELECT *``, nor do
+                                                                     PostgREST clients
+columns reordered                                         no         JSON is by name (CSV readers by position
+                                                                     may notice)
+relation removed                                          yes        ``select=...,target(...)`` embeds fail
+relation one ↔ many                                       yes        the embed changes from an object to a
+                                                                     list, or back
+relation became ambiguous                                 yes        one relation to a target became two or
+                                                                     more: ``target(*)`` answers 300 and
+                                                                     clients must add a ``!hint``
+relation added                                            no
+========================================================  =========  ==========================================
+
+**A column's type** may change when every value the old type held is emitted as the same JSON (same JSON
+type and value, a whole number still whole) and every value a writer could send is still accepted
+(:mod:`gatehouse.contracts.json_types`, whose ``RULES`` are these rows, tried in order; ``T[] → U[]`` is
+judged as ``T → U``). The new type may hold more: a widening only adds values.
+
+========================================================  =========  ==========================================
+type change                                               breaking?  why
+========================================================  =========  ==========================================
+smallint → integer → bigint                               no         the same JSON number
+bigint → integer → smallint                               yes        larger values are refused
+integer type → numeric, numeric(p,0) with p ≥ its digits  no         the same JSON number (digits: 5, 10, 19)
+integer type → numeric(p,s) with s > 0                    yes        42 becomes 42.00: a client decoding an
+                                                                     integer fails
+integer type → smaller numeric(p,s)                       yes        larger values are refused
+numeric(p,s) → numeric                                    no         the same numbers, as stored
+numeric → numeric(p,s)                                    yes        larger values refused, decimals rounded
+numeric(p,s) → numeric(q,t), q-t ≥ p-s, t = s             no         the same JSON number (also when both
+                                                                     scales are ≤ 0)
+numeric(p,s) → numeric(q,t), q-t ≥ p-s, t > s > 0         no         the same JSON number, with more decimals
+                                                                     (1.50 becomes 1.500)
+numeric(p,s) → numeric(q,t), q-t < p-s or t < s           yes        larger values refused, decimals rounded
+numeric(p,s) → numeric(q,t), s ≤ 0 < t                    yes        42 becomes 42.00 (as above)
+smallint → real; smallint, integer → double precision     no         exact in the float, written the same
+real → double precision                                   yes        0.1 becomes 0.10000000149011612
+number ↔ real, double precision (any other)               yes        values change (2147483647 as real is
+                                                                     2.1474836e+09; numeric's 42.00 is 42)
+character varying(n), text → a limit ≥ n, or none         no         the same JSON string
+character varying, text → a shorter limit                 yes        longer strings are refused
+character(n) ↔ any other type                             yes        padding: "ab " as character(3), "ab" as
+                                                                     text
+timestamp(p), time(p) → (q ≥ p), same time zone-ness      no         the same JSON string
+timestamp(p), time(p) → (q < p)                           yes        fractions of a second are rounded
+date, time, timestamp ↔ another of them                   yes        the string's format changes (an offset
+                                                                     appears or goes, a time is added)
+json → jsonb                                              no         the same JSON value (key order and
+                                                                     spaces aside; jsonb refuses \\u0000)
+jsonb → json                                              yes        json has no equality: eq, cs, cd fail
+T[] ↔ T                                                   yes        an array becomes a single value
+any other change                                          yes        numbers ↔ strings, enums, domains, types
+                                                                     not in this table
+========================================================  =========  ==========================================
 
 A rename cannot be told from a removal plus an addition with certainty; a removed and an added column
 at the same position with the same type are reported as one rename, which is what they almost always are.
@@ -25,20 +73,23 @@ at the same position with the same type are reported as one rename, which is wha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from gatehouse.contracts.json_types import judge
 from gatehouse.contracts.shape import RelationRef, Signature
 
 COLUMN_REMOVED = "column-removed"
 COLUMN_RENAMED = "column-renamed"
 COLUMN_TYPE_CHANGED = "column-type-changed"
+COLUMN_TYPE_WIDENED = "column-type-widened"
 COLUMN_BECAME_NULLABLE = "column-became-nullable"
 COLUMN_BECAME_NOT_NULL = "column-became-not-null"
 COLUMN_ADDED = "column-added"
 COLUMNS_REORDERED = "columns-reordered"
 RELATION_REMOVED = "relation-removed"
 RELATION_CARDINALITY_CHANGED = "relation-cardinality-changed"
+RELATION_BECAME_AMBIGUOUS = "relation-became-ambiguous"
 RELATION_ADDED = "relation-added"
 
 
@@ -69,6 +120,13 @@ def _renames(old: Signature, new: Signature, removed: list[str], added: list[str
     return renames
 
 
+def _type_change(name: str, old: str, new: str) -> Change:
+    verdict = judge(old, new)
+    if verdict.compatible:
+        return Change(COLUMN_TYPE_WIDENED, name, f"column {name} widened: {old} → {new}: {verdict.why}", False)
+    return Change(COLUMN_TYPE_CHANGED, name, f"column {name} changed type from {old} to {new}: {verdict.why}", True)
+
+
 def _column_changes(old: Signature, new: Signature) -> list[Change]:
     old_names = [c.name for c in old.columns]
     new_names = [c.name for c in new.columns]
@@ -86,8 +144,7 @@ def _column_changes(old: Signature, new: Signature) -> list[Change]:
         if before is None or after is None:
             continue
         if before.type != after.type:
-            changes.append(Change(COLUMN_TYPE_CHANGED, name,
-                                  f"column {name} changed type from {before.type} to {after.type}", True))
+            changes.append(_type_change(name, before.type, after.type))
         if not before.nullable and after.nullable:
             changes.append(Change(COLUMN_BECAME_NULLABLE, name, f"column {name} may now be null", True))
         elif before.nullable and not after.nullable:
@@ -103,7 +160,47 @@ def _column_changes(old: Signature, new: Signature) -> list[Change]:
     return changes
 
 
-def _relation_changes(old: Iterable[RelationRef], new: Iterable[RelationRef]) -> list[Change]:
+def _relation_text(relation: RelationRef) -> str:
+    return f"{','.join(relation.columns)} → {relation.target}({','.join(relation.target_columns)})"
+
+
+def _hint(relation: RelationRef, others: Iterable[RelationRef]) -> str:
+    """An ``!hint`` that picks ``relation`` among ``others`` to the same target: a column of its own (the
+    server matches a hint against each relation's columns on both sides), else its foreign key's name."""
+    taken = {name for other in others if other != relation for name in (*other.columns, *other.target_columns)}
+    mine = (name for name in (*relation.columns, *relation.target_columns) if name not in taken)
+    return next(mine, "<foreign key name>")
+
+
+def _ambiguities(old: Sequence[RelationRef], new: Sequence[RelationRef]) -> list[Change]:
+    """Embeds that worked by the target's name alone and now match several relations (PostgREST's 300).
+
+    Only a target with exactly one relation before counts: with none, nobody embedded it; with several,
+    clients already had to name one. Identical relations are one (a set of :class:`RelationRef`).
+    """
+    def by_target(relations: Iterable[RelationRef]) -> dict[str, set[RelationRef]]:
+        found: dict[str, set[RelationRef]] = {}
+        for relation in relations:
+            found.setdefault(relation.target, set()).add(relation)
+        return found
+
+    before, after = by_target(old), by_target(new)
+    changes: list[Change] = []
+    for target in sorted(before):
+        offered = sorted(after.get(target, ()))
+        if len(before[target]) != 1 or len(offered) < 2:
+            continue
+        (was,) = before[target]
+        hints = " or ".join(f"{target}!{_hint(r, offered)}(*)" for r in offered)
+        changes.append(Change(
+            RELATION_BECAME_AMBIGUOUS, ",".join(was.columns),
+            f"embedding {target} is ambiguous now: {len(offered)} relations lead to it "
+            f"({' and '.join(_relation_text(r) for r in offered)}), so select=*,{target}(*) answers 300; "
+            f"clients would have to name one: {hints}", True))
+    return changes
+
+
+def _relation_changes(old: Sequence[RelationRef], new: Sequence[RelationRef]) -> list[Change]:
     def by_key(relations: Iterable[RelationRef]) -> dict[tuple[str, tuple[str, ...], tuple[str, ...]], bool]:
         return {(r.target, r.columns, r.target_columns): r.to_one for r in relations}
 
@@ -111,7 +208,7 @@ def _relation_changes(old: Iterable[RelationRef], new: Iterable[RelationRef]) ->
     changes: list[Change] = []
     for key in sorted(before.keys() | after.keys()):
         target, columns, target_columns = key
-        text = f"{','.join(columns)} → {target}({','.join(target_columns)})"
+        text = _relation_text(RelationRef(target, columns, target_columns, True))
         if key not in after:
             changes.append(Change(RELATION_REMOVED, ",".join(columns),
                                   f"relation {text} is gone: embedding {target} fails", True))
@@ -121,7 +218,7 @@ def _relation_changes(old: Iterable[RelationRef], new: Iterable[RelationRef]) ->
             shape = "one object" if after[key] else "a list"
             changes.append(Change(RELATION_CARDINALITY_CHANGED, ",".join(columns),
                                   f"relation {text} now embeds {shape}", True))
-    return changes
+    return changes + _ambiguities(old, new)
 
 
 def compare(old: Signature, new: Signature) -> list[Change]:

@@ -8,6 +8,11 @@ Two sources:
 * **declared** in ``gatehouse.toml`` (``[[relations]] from = "a.col"``, ``to = "b.col"``), for views whose
   links the database cannot know.
 
+The same relation can come more than once: a ``[[relations]]`` entry that repeats a foreign key (common after a
+table split, when the key is added later), or two identical foreign keys. Offered twice, an embed of it
+would be ambiguous (PostgREST answers 300), so relations between the same contracts and columns are merged
+into one that keeps the foreign key's name, and the other names stay usable as ``!hints``.
+
 A contract's *key* is its base table's primary key, when the contract exposes every column of it; it is
 what ``PUT``, upserts and ``Location`` headers use.
 """
@@ -15,7 +20,7 @@ what ``PUT``, upserts and ``Location`` headers use.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gatehouse.contracts.lineage import SourceColumn
 from gatehouse.contracts.model import ContractVersion
@@ -33,6 +38,13 @@ class Relation:
     to_one: bool
     name: str
     """The foreign key's name, or ``declared``: usable as an ``!hint``."""
+    aliases: tuple[str, ...] = ()
+    """Names of identical relations merged into this one (``declared``, a duplicate key): ``!hints`` too."""
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        """The names an ``!hint`` may use for this relation."""
+        return (self.name, *self.aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +114,20 @@ def build_relations(contracts: Iterable[ContractVersion], lineages: Mapping[str,
                                                    (link.target_column,), True, "declared"))
             relations[link.target].append(Relation(link.target, link.source, (link.target_column,),
                                                    (link.source_column,), False, "declared"))
-    return relations
+    return {name: _merged(found) for name, found in relations.items()}
+
+
+def _merged(relations: Iterable[Relation]) -> list[Relation]:
+    """One relation per (target, columns): the first one found (a foreign key before a declared one, keys in
+    name order) keeps its name and its cardinality, the others' names become its aliases. The cardinality is
+    the key's because the database knows it: a declared link guesses "a list" backwards, while the key of a
+    table split is unique and embeds one object."""
+    kept: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Relation] = {}
+    for relation in relations:
+        key = (relation.target, relation.source_columns, relation.target_columns)
+        first = kept.get(key)
+        if first is None:
+            kept[key] = relation
+        elif relation.name not in first.hints:
+            kept[key] = replace(first, aliases=(*first.aliases, relation.name))
+    return list(kept.values())

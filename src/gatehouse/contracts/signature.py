@@ -7,14 +7,20 @@ prepared statement's description cannot give (it has no type modifiers). Nothing
 so this runs against a production database as safely as against a scratch one in CI.
 
 Nullability is *declared* (``-- not null: ...``, see :mod:`gatehouse.contracts.lockfile`) because PostgreSQL
-reports every view column as nullable. Relations come from the base tables' constraints, traced through
+reports every view column as nullable, and then *checked through lineage*: a declared column whose source is
+a base column without ``NOT NULL``, or that comes through the nullable side of an outer join, can be null
+whatever the comment says, so it comes out nullable. A promise is only ever weakened this way, never made:
+a computed column, or one read from a view, keeps its declaration (PostgreSQL cannot tell more). So
+``ALTER TABLE ... DROP NOT NULL`` under a released promise is a breaking change to ``migrate plan`` and
+``check``, like a dropped column. Relations come from the base tables' constraints, traced through
 each contract's lineage exactly as the server does (:mod:`gatehouse.contracts.relations`); a contract
 version served in several API versions offers the union of its relations in each of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -37,6 +43,34 @@ FROM pg_attribute a
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
+
+BASE_COLUMNS = r"""
+SELECT t.name, a.attname::text AS column, a.attnotnull AS not_null
+FROM unnest($1::text[]) AS t(name)
+JOIN pg_class c ON c.oid = to_regclass(t.name)
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'p', 'f')
+"""
+"""Whether each column of the named tables is NOT NULL. Only tables (plain, partitioned, foreign) answer:
+a view's columns are all nullable to PostgreSQL, so for them (or a name not found) nothing can be told."""
+
+OUTER_JOIN = "outer join"
+NULLABLE_IN_TABLE = "nullable in the table"
+
+
+@dataclass(frozen=True, slots=True)
+class NullablePromise:
+    """A column that ``-- not null:`` promises, but that its lineage says can be null."""
+
+    column: str
+    source: SourceColumn
+    reason: str
+    """:data:`OUTER_JOIN` or :data:`NULLABLE_IN_TABLE`."""
+
+    @property
+    def base_column(self) -> str:
+        table = f"{self.source.schema}.{self.source.table}" if self.source.schema else self.source.table
+        return f"{table}.{self.source.column}"
 
 
 def live_labels(project: Project) -> frozenset[str]:
@@ -64,6 +98,45 @@ def relations_by_label(project: Project, database: str,
     return {label: tuple(sorted(refs)) for label, refs in found.items()}
 
 
+def _table_name(source: SourceColumn) -> str:
+    """The table as ``to_regclass`` reads it: quoted, so the name is taken as written."""
+    parts = [source.schema, source.table] if source.schema else [source.table]
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
+
+
+async def _not_null_columns(conn: Connection, tables: Iterable[str]) -> dict[str, dict[str, bool]]:
+    """table (as :func:`_table_name` writes it) → column → NOT NULL, for the tables PostgreSQL can answer for."""
+    found: dict[str, dict[str, bool]] = {}
+    for row in await conn.fetch(BASE_COLUMNS, sorted(set(tables))):
+        found.setdefault(row["name"], {})[row["column"]] = row["not_null"]
+    return found
+
+
+def _broken(contract: ContractVersion, lineage: Mapping[str, SourceColumn],
+            not_null: Mapping[str, Mapping[str, bool]]) -> list[NullablePromise]:
+    broken = []
+    for column in sorted(declared_not_null(contract.sql)):
+        source = lineage.get(column)
+        if source is None:
+            continue  # computed: nothing to trace, the declaration stands
+        if source.outer:
+            broken.append(NullablePromise(column, source, OUTER_JOIN))
+        elif not_null.get(_table_name(source), {}).get(source.column) is False:
+            broken.append(NullablePromise(column, source, NULLABLE_IN_TABLE))
+    return broken
+
+
+async def nullable_promises(conn: Connection,
+                            contracts: Iterable[ContractVersion]) -> dict[str, list[NullablePromise]]:
+    """label → the declared-not-null columns that can be null, now, in this database (one catalog query)."""
+    contracts = list(contracts)
+    lineages = {c.label: column_sources(c.sql) for c in contracts}
+    tables = [_table_name(source) for lineage in lineages.values() for source in lineage.values()]
+    not_null = await _not_null_columns(conn, tables) if tables else {}
+    found = {c.label: _broken(c, lineages[c.label], not_null) for c in contracts}
+    return {label: broken for label, broken in found.items() if broken}
+
+
 async def _view_columns(conn: Connection, sql: str, index: int) -> list[tuple[str, str]]:
     name = f"pg_temp.gh_signature_{index}"
     await conn.execute(f"CREATE TEMP VIEW gh_signature_{index} AS\n{sql}\n")
@@ -77,8 +150,9 @@ def _compile_error(contract: ContractVersion, exc: asyncpg.PostgresError) -> Com
 
 
 def signature_of(contract: ContractVersion, columns: Sequence[tuple[str, str]],
-                 relations: tuple[RelationRef, ...] = ()) -> Signature:
-    not_null = declared_not_null(contract.sql)
+                 relations: tuple[RelationRef, ...] = (), can_be_null: Iterable[str] = ()) -> Signature:
+    """``can_be_null``: declared-not-null columns that lineage says can be null (they come out nullable)."""
+    not_null = declared_not_null(contract.sql) - set(can_be_null)
     return Signature(contract.name, contract.version, contract.database,
                      tuple(Column(name, type_, name not in not_null) for name, type_ in columns), relations)
 
@@ -93,6 +167,7 @@ async def live_signatures(conn: Connection, project: Project, database: str) -> 
     await transaction.start()
     try:
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        promises = await nullable_promises(conn, contracts)
         for index, contract in enumerate(contracts):
             try:
                 async with conn.transaction():  # a savepoint: one contract's error leaves the others alone
@@ -100,7 +175,8 @@ async def live_signatures(conn: Connection, project: Project, database: str) -> 
             except asyncpg.PostgresError as exc:
                 results[contract.label] = _compile_error(contract, exc)
                 continue
-            results[contract.label] = signature_of(contract, columns, relations.get(contract.label, ()))
+            broken = [p.column for p in promises.get(contract.label, [])]
+            results[contract.label] = signature_of(contract, columns, relations.get(contract.label, ()), broken)
     finally:
         await transaction.rollback()
     return results

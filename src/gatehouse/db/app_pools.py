@@ -71,7 +71,10 @@ class AppPools:
 
     def __init__(self, options: PoolOptions) -> None:
         self._pools: dict[tuple[str, str], AppPool] = {}
+        self._quotas: dict[tuple[str, str], object] = {}
+        """The quota each pool was opened with: a changed one gets a new pool."""
         self._options = options
+        self._retiring: dict[asyncio.Task[None], AppPool] = {}
 
     async def open(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
                    databases_of_app: dict[str, set[str]]) -> None:
@@ -86,10 +89,45 @@ class AppPools:
             await asyncio.gather(*(pool.close() for pool in opened.values()), return_exceptions=True)
             raise failed[0]
         self._pools = opened
+        self._quotas = {(app, db): apps[app].config.quota for app, db in opened}
+
+    async def update(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
+                     databases_of_app: dict[str, set[str]]) -> None:
+        """Follow a reloaded project: pools for new apps (or new databases of an app) open, an app whose quota
+        changed gets a new pool, and pools no longer needed are retired. A retired pool is closed only after
+        ``acquire_timeout_s``, so a request already waiting on it is served, not refused."""
+        wanted = {(app, db) for app, dbs in databases_of_app.items() for db in dbs}
+        changed = {key for key in wanted & set(self._pools) if self._quotas.get(key) != apps[key[0]].config.quota}
+        to_open = (wanted - set(self._pools)) | changed
+        jobs = {key: open_app_pool(targets[key[1]], apps[key[0]], self._options) for key in sorted(to_open)}
+        results = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        failed = [error for error in results if isinstance(error, BaseException)]
+        if failed:
+            await asyncio.gather(*(r.close() for r in results if isinstance(r, AppPool)), return_exceptions=True)
+            raise failed[0]
+        retired = [self._pools[key] for key in (set(self._pools) - wanted) | changed]
+        for key, pool in zip(jobs, results, strict=True):
+            assert isinstance(pool, AppPool)
+            self._pools[key], self._quotas[key] = pool, apps[key[0]].config.quota
+        for key in set(self._pools) - wanted:
+            del self._pools[key]
+            self._quotas.pop(key, None)
+        for pool in retired:
+            task = asyncio.get_running_loop().create_task(self._retire(pool))
+            self._retiring[task] = pool
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def _retire(self, pool: AppPool) -> None:
+        await asyncio.sleep(self._options.acquire_timeout_s + 1)
+        with contextlib.suppress(Exception):
+            await pool.close()
 
     async def close(self) -> None:
+        retiring = list(self._retiring.values())
+        for task in list(self._retiring):
+            task.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+            await asyncio.gather(*(pool.close() for pool in [*self._pools.values(), *retiring]))
         self._pools.clear()
 
     def pool(self, app: str, database: str) -> AppPool:

@@ -23,6 +23,7 @@ import asyncpg
 
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db import quote_ident
+from gatehouse.db.changes import announce
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
@@ -131,7 +132,7 @@ async def _sync_roles(conn: asyncpg.Connection, project: Project, target: Databa
             report.add(f"revoked everything from {role}; it still has privileges in another database, "
                        "so it is dropped when that database is applied")
     await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {auth}")
-    await conn.execute(f"GRANT SELECT ON gatehouse.keys, gatehouse.state TO {auth}")
+    await conn.execute(f"GRANT SELECT ON gatehouse.keys, gatehouse.state, gatehouse.views TO {auth}")
     await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {auth}")  # the batched audit of reads
     for role in sorted(wanted_roles):  # a write's record is inserted in the write's own transaction
         await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {quote_ident(role)}")
@@ -289,6 +290,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
                 "ON CONFLICT (key) DO UPDATE SET value = $1, at = now()",
                 project_fingerprint(project, target.name),
             )
+            await announce(conn, "apply")  # running servers reload at commit, without a restart
     finally:
         await conn.close()
     return report

@@ -3,15 +3,14 @@
 The pending migrations are run inside a transaction, every live contract version is compiled again against
 the result, its signature is compared with ``contracts.lock``, and the transaction is rolled back. So the
 answer is PostgreSQL's own, not a guess from parsing the migration: a dropped or retyped column shows up as
-exactly the contract versions that read it, with the apps that called those versions recently (from the
-usage roll-ups). ``migrate apply`` refuses a plan with breaking changes unless forced.
+exactly the contract versions that read it, with the apps that called those versions recently: those pinned to
+them (they would break) apart from those that have moved on (:mod:`gatehouse.observe.usage`). ``migrate apply``
+refuses a plan with breaking changes unless forced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import asyncpg
 
 from gatehouse.contracts.compat import Change, compare, is_breaking
 from gatehouse.contracts.lockfile import Lock
@@ -19,6 +18,8 @@ from gatehouse.contracts.shape import CompileError
 from gatehouse.contracts.signature import live_signatures
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.migrate.runner import MigrationFailed, migrate, pending_migrations
+from gatehouse.migrate.views import ViewKeeper
+from gatehouse.observe.usage import AppUse, affected_apps
 from gatehouse.project import Project
 
 RECENT_DAYS = 30
@@ -31,12 +32,21 @@ class Impact:
     changes: list[Change] = field(default_factory=list)
     error: str | None = None
     """Set when the contract no longer compiles against the migrated schema."""
-    callers: list[tuple[str, str]] = field(default_factory=list)
-    """(app, last call) of the apps that called it in the last 30 days."""
+    callers: list[AppUse] = field(default_factory=list)
+    """The apps that called it in its API versions in the last :data:`RECENT_DAYS` days, pinned ones first."""
+
+    @property
+    def contract(self) -> str:
+        return self.label.rpartition(".v")[0]
 
     @property
     def breaking(self) -> bool:
         return self.error is not None or is_breaking(self.changes)
+
+    @property
+    def would_break(self) -> list[str]:
+        """The apps pinned to it, if the change breaks it: the ones that would notice."""
+        return [use.app for use in self.callers if use.pinned] if self.breaking else []
 
 
 @dataclass(slots=True)
@@ -57,18 +67,6 @@ def _serving(project: Project, label: str) -> tuple[int, ...]:
     return tuple(n for n, c in project.versions.views() if c.label == label)
 
 
-async def _callers(conn: asyncpg.Connection, contract: str, versions: tuple[int, ...]) -> list[tuple[str, str]]:
-    exists = await conn.fetchval("SELECT to_regclass('gatehouse.usage') IS NOT NULL")
-    if not exists or not versions:
-        return []
-    rows = await conn.fetch(
-        "SELECT app, max(last_call) AS last FROM gatehouse.usage WHERE target = $1 AND api_version = ANY($2) "
-        "AND last_call > now() - make_interval(days => $3) GROUP BY app ORDER BY app",
-        contract, list(versions), RECENT_DAYS,
-    )
-    return [(r["app"], r["last"].isoformat(timespec="minutes")) for r in rows]
-
-
 async def plan_database(project: Project, target: DatabaseTarget, lock: Lock | None) -> Plan:
     plan = Plan(target.name)
     folder = project.migrations_dir(target.name)
@@ -80,7 +78,8 @@ async def plan_database(project: Project, target: DatabaseTarget, lock: Lock | N
         await transaction.start()
         try:
             try:
-                ran = await migrate(conn, folder, skip_no_transaction=True)
+                ran = await migrate(conn, folder, skip_no_transaction=True,
+                                    keeper=ViewKeeper(project, target.name, strict=False))
             except MigrationFailed as exc:
                 plan.failure = str(exc)
                 return plan
@@ -88,7 +87,6 @@ async def plan_database(project: Project, target: DatabaseTarget, lock: Lock | N
             plan.skipped = [label for label in plan.pending if label not in done]
             signatures = await live_signatures(conn, project, target.name)
             for label, live in sorted(signatures.items()):
-                contract = label.split(".v")[0]
                 impact = Impact(label, _serving(project, label))
                 if isinstance(live, CompileError):
                     impact.error = live.message
@@ -98,10 +96,11 @@ async def plan_database(project: Project, target: DatabaseTarget, lock: Lock | N
                         continue  # not released yet: nothing to break
                     impact.changes = compare(locked.signature, live)
                 if impact.changes or impact.error:
-                    impact.callers = await _callers(conn, contract, impact.api_versions)
                     plan.impacts.append(impact)
         finally:
             await transaction.rollback()
+        for impact in plan.impacts:  # after the rollback: reading the audit trail holds no migration lock
+            impact.callers = await affected_apps(conn, impact.contract, impact.api_versions, days=RECENT_DAYS)
     finally:
         await conn.close()
     return plan

@@ -13,6 +13,9 @@
   leave a partial change (and a failed ``CREATE INDEX CONCURRENTLY`` can leave an invalid index), so keep
   such a file to one statement. After such a failure nothing runs until the change is undone or finished
   by hand and :func:`repair` is run.
+* A file whose first line is ``-- gatehouse: batch`` (or ``-- gatehouse: batch 5000``) holds one UPDATE or
+  DELETE that :mod:`gatehouse.migrate.batch` runs in batches, each in a short transaction of its own, until
+  no row is left: a backfill that never holds a lock long enough for an app to notice.
 * One deployer at a time per database: an advisory lock, waited for by polling (a session blocked in
   ``pg_advisory_lock`` would hold a snapshot that ``CREATE INDEX CONCURRENTLY`` waits for: a deadlock).
 
@@ -33,13 +36,17 @@ from pathlib import Path
 
 import asyncpg
 
+from gatehouse.db.changes import announce
 from gatehouse.errors import ProjectError
+from gatehouse.migrate import batch
 from gatehouse.migrate.history import HistoryRow, delete_failed, ensure_history, read_history, realign, record
 from gatehouse.migrate.statements import Statement, split_statements
+from gatehouse.migrate.views import ContractsWouldBreak, StatementFailed, ViewKeeper
 
 VERSIONED = re.compile(r"^V(?P<version>[0-9]{1,9})__(?P<description>[A-Za-z0-9_]+)\.sql$")
 REPEATABLE = re.compile(r"^R__(?P<description>[A-Za-z0-9_]+)\.sql$")
 NO_TRANSACTION = re.compile(r"^\s*--\s*gatehouse:\s*no-transaction\s*$", re.IGNORECASE)
+DIRECTIVE = re.compile(r"^\s*--\s*gatehouse:", re.IGNORECASE)
 MIGRATE_LOCK_KEY = 0x67686D6967  # "ghmig"
 
 # name -> checksum of a migration's text (UTF-8, line endings read as "\n", no byte-order mark). The name is
@@ -54,7 +61,8 @@ class Migration:
     description: str
     path: Path
     sql: str
-    transactional: bool = True
+    transactional: bool = True  # in one transaction, with its history row
+    batch_size: int | None = None  # a ``-- gatehouse: batch`` file (not transactional): rows a batch
 
     @property
     def kind(self) -> str:
@@ -113,15 +121,19 @@ class MigrationFailed(ProjectError):
                          hint="; ".join(hints))
 
 
-def _read(path: Path) -> tuple[str, bool]:
-    """The file's SQL (without a byte-order mark) and whether it runs in a transaction."""
+def _read(path: Path) -> tuple[str, bool, int | None]:
+    """The file's SQL (without a byte-order mark), whether it runs in one transaction, and its batch size
+    (None unless it is a batch file, which :func:`batch.batch_size` checks)."""
     sql = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     lines = [(n, line) for n, line in enumerate(sql.splitlines(), 1) if line.strip()]
-    marked = [n for n, line in lines if NO_TRANSACTION.match(line)]
-    if marked and marked[0] != lines[0][0]:
-        raise ProjectError(f"`-- gatehouse: no-transaction` is on line {marked[0]}; it counts only as the first line",
+    marked = [(n, line) for n, line in lines if NO_TRANSACTION.match(line) or batch.MARKER.match(line)]
+    if marked and marked[0][0] != lines[0][0]:
+        raise ProjectError(f"`{marked[0][1].strip()}` is on line {marked[0][0]}; it counts only as the first line",
                            where=str(path), hint="move it to the top of the file")
-    return sql, not marked
+    if lines and DIRECTIVE.match(lines[0][1]) and not marked:
+        raise ProjectError(f"unknown directive `{lines[0][1].strip()}`", where=str(path),
+                           hint="gatehouse knows `-- gatehouse: no-transaction` and `-- gatehouse: batch [size]`")
+    return sql, not marked, batch.batch_size(path, sql)
 
 
 def discover(folder: Path) -> list[Migration]:
@@ -217,12 +229,17 @@ async def migration_lock(conn: asyncpg.Connection) -> AsyncIterator[None]:
     await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
 
 
-async def migrate(conn: asyncpg.Connection, folder: Path, *,
-                  skip_no_transaction: bool = False) -> list[tuple[Migration, float]]:
+async def migrate(conn: asyncpg.Connection, folder: Path, *, skip_no_transaction: bool = False,
+                  keeper: ViewKeeper | None = None,
+                  progress: batch.Progress | None = None) -> list[tuple[Migration, float]]:
     """Apply what is pending; returns what ran and how long each took (seconds).
 
     Called inside a transaction (a dry run), a ``no-transaction`` migration cannot run: it raises, or is
-    left out when ``skip_no_transaction`` is set.
+    left out when ``skip_no_transaction`` is set. With a ``keeper``, gatehouse's contract views are dropped
+    and created again inside each migration's transaction as the migration needs (:mod:`.views`); every
+    migration that commits tells the running servers to reload (:func:`gatehouse.db.changes.announce`).
+    ``progress`` hears of each committed batch of a batch migration. In a dry run, a batch migration is only
+    tried with a batch of 0 rows (:func:`batch.try_in_transaction`) and is not in the result.
     """
     migrations = discover(folder)
     done: list[tuple[Migration, float]] = []
@@ -234,13 +251,18 @@ async def migrate(conn: asyncpg.Connection, folder: Path, *,
             if outside and not skip_no_transaction:
                 raise ProjectError(f"{outside[0].label} runs outside a transaction, so it cannot run inside one",
                                    where=str(outside[0].path))
-            todo = [m for m in todo if m.transactional]
+            todo = [m for m in todo if m.transactional or m.batch_size is not None]
         for migration in todo:
-            done.append((migration, await _apply(conn, migration)))
+            if migration.batch_size is None:
+                done.append((migration, await _apply(conn, migration, keeper)))
+            elif conn.is_in_transaction():
+                await batch.try_in_transaction(conn, migration)
+            else:
+                done.append((migration, await batch.run_batches(conn, migration, progress=progress)))
     return done
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration) -> float:
+async def _apply(conn: asyncpg.Connection, migration: Migration, keeper: ViewKeeper | None = None) -> float:
     started = time.perf_counter()
 
     def elapsed_ms() -> int:
@@ -251,10 +273,14 @@ async def _apply(conn: asyncpg.Connection, migration: Migration) -> float:
     try:
         if migration.transactional:
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                if keeper is not None:
+                    await keeper.run(conn, migration.sql, migration.label)
+                else:
+                    await conn.execute(migration.sql)
                 await record(conn, version=migration.version, description=migration.description,
                              checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
                              duration_ms=elapsed_ms())
+                await announce(conn, f"migration {migration.label}")
         else:
             for current in statements:
                 await conn.execute(current.sql)
@@ -262,23 +288,33 @@ async def _apply(conn: asyncpg.Connection, migration: Migration) -> float:
             await record(conn, version=migration.version, description=migration.description,
                          checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
                          duration_ms=elapsed_ms(), in_transaction=False)
-    except asyncpg.PostgresError as error:
+            await announce(conn, f"migration {migration.label}")
+    except ContractsWouldBreak as refused:
+        await _record_failure(conn, migration, refused, str(refused.args[0]), elapsed_ms())
+        raise
+    except (asyncpg.PostgresError, StatementFailed) as raised:
+        error = raised.error if isinstance(raised, StatementFailed) else raised
+        at = raised.statement if isinstance(raised, StatementFailed) else current
         position = int(error.position) if error.position and error.position.isdigit() else None
-        if current is None:
+        if at is None:
             line = migration.sql.count("\n", 0, position - 1) + 1 if position else None
-            failure = MigrationFailed(migration, error, line=line)
         else:
-            line = current.line_of(position) if position else current.line
-            failure = MigrationFailed(migration, error, line=line, statement=current)
-        try:
-            await record(conn, version=migration.version, description=migration.description,
-                         checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
-                         duration_ms=elapsed_ms(), success=False, in_transaction=migration.transactional,
-                         error=failure.reason)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as unrecorded:
-            failure.add_note(f"the failed attempt could not be recorded: {unrecorded}")
+            line = at.line_of(position) if position else at.line
+        failure = MigrationFailed(migration, error, line=line, statement=current)
+        await _record_failure(conn, migration, failure, failure.reason, elapsed_ms())
         raise failure from error
     return time.perf_counter() - started
+
+
+async def _record_failure(conn: asyncpg.Connection, migration: Migration, failure: Exception, reason: str,
+                          duration_ms: int) -> None:
+    """Record a failed attempt (after its rollback), or say on the failure why it could not be."""
+    try:
+        await record(conn, version=migration.version, description=migration.description,
+                     checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
+                     duration_ms=duration_ms, success=False, in_transaction=migration.transactional, error=reason)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as unrecorded:
+        failure.add_note(f"the failed attempt could not be recorded: {unrecorded}")
 
 
 @dataclass(frozen=True, slots=True)

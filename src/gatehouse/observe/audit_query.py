@@ -1,5 +1,6 @@
 """Reading the audit trail back: ``gatehouse audit`` (records, filtered) and ``gatehouse versions`` (who still
-calls each API version). Parameterized SQL only; the CLI formats what these return.
+calls each API version in a window, pinned or moved on: :mod:`gatehouse.observe.usage`). Parameterized SQL
+only; the CLI formats what these return.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from gatehouse.db import Connection
+from gatehouse.observe import usage
 
 MAX_LIMIT = 10_000
 STATUS_CLASS = re.compile(r"^([1-5])xx$")
@@ -16,7 +18,7 @@ RECORD_COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "tar
                   "status", "rows", "duration_ms", "cached", "replica", "client")
 AUDIT_TABLE_HEADER = ("time", "request", "client", "app", "key", "user", "method", "target", "ver", "status", "rows",
                       "ms", "from", "query")
-VERSIONS_TABLE_HEADER = ("version", "app", "calls", "errors", "last call", "targets")
+VERSIONS_TABLE_HEADER = ("version", "app", "calls", "calls/day", "errors", "last call", "use", "targets")
 
 
 def _status_condition(status: int | str, params: list[Any]) -> str:
@@ -58,21 +60,29 @@ async def search(conn: Connection, *, app: str | None = None, subject: str | Non
     return [dict(row) for row in rows]
 
 
-async def version_usage(conn: Connection, *, days: int = 30) -> list[dict[str, Any]]:
-    """Per API version and app, from the roll-up: calls, errors, last call and the targets called, for apps
-    that called in the last ``days`` days. Requests that never got as far as a version are left out."""
-    rows = await conn.fetch(
-        """
-        SELECT api_version, app, sum(calls)::bigint AS calls, sum(errors)::bigint AS errors,
-               max(last_call) AS last_call, array_agg(DISTINCT target ORDER BY target) AS targets
-        FROM gatehouse.usage
-        WHERE api_version > 0 AND app <> '' AND last_call >= now() - make_interval(days => $1)
-        GROUP BY api_version, app
-        ORDER BY api_version, max(last_call) DESC, app
-        """,
-        max(0, int(days)),
-    )
-    return [dict(row) for row in rows]
+async def version_usage(conn: Connection, *, days: int = 30, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Per API version and app that called it since ``since`` (or in the last ``days`` days), from the audit
+    rows: calls, errors and calls per day in that window, the last call, the targets called, and whether the app
+    is ``pinned`` to the version (its latest call to one of those targets used it) or ``moved_to`` a newer one
+    (its latest call to each of them used that version). Requests that never reached a contract in a version are
+    left out. Pinned apps come first in each version, then the most recent."""
+    found = await usage.window(conn, since=since, days=days)
+    latest = found.latest()
+    grouped: dict[tuple[int, str], list[usage.Calls]] = {}
+    for c in found.calls:
+        grouped.setdefault((c.api_version, c.app), []).append(c)
+    rows: list[dict[str, Any]] = []
+    for (version, app), calls in grouped.items():
+        now_on = {latest[app, c.target] for c in calls}
+        total = sum(c.calls for c in calls)
+        rows.append({
+            "api_version": version, "app": app, "calls": total, "errors": sum(c.errors for c in calls),
+            "per_day": total / found.days, "last_call": max(c.last_call for c in calls),
+            "targets": sorted(c.target for c in calls), "pinned": version in now_on,
+            "moved_to": None if version in now_on else max(now_on),
+        })
+    rows.sort(key=lambda r: (r["api_version"], not r["pinned"], -r["last_call"].timestamp(), r["app"]))
+    return rows
 
 
 def _when(value: datetime | None) -> str:
@@ -92,13 +102,14 @@ def as_table_rows(records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     ) for r in records]
 
 
-def version_table_rows(usage: list[dict[str, Any]], served: list[int] | None = None) -> list[tuple[str, ...]]:
+def version_table_rows(usage_rows: list[dict[str, Any]], served: list[int] | None = None) -> list[tuple[str, ...]]:
     """:func:`version_usage` results as text cells (:data:`VERSIONS_TABLE_HEADER`); a served version nobody
     called in the window gets a row saying so."""
-    called = {u["api_version"] for u in usage}
-    rows = [(f"v{u['api_version']}", u["app"], str(u["calls"]), str(u["errors"]), _when(u["last_call"]),
-             ", ".join(u["targets"])) for u in usage]
-    rows += [(f"v{n}", "(no calls)", "0", "0", "", "") for n in (served or []) if n not in called]
+    called = {u["api_version"] for u in usage_rows}
+    rows = [(f"v{u['api_version']}", u["app"], f"{u['calls']:,}", usage.rate_text(u["per_day"]), f"{u['errors']:,}",
+             _when(u["last_call"]), "pinned" if u["pinned"] else f"moved to v{u['moved_to']}", ", ".join(u["targets"]))
+            for u in usage_rows]
+    rows += [(f"v{n}", "(no calls)", "0", "0", "0", "", "", "") for n in (served or []) if n not in called]
     return sorted(rows, key=lambda row: int(row[0][1:]))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -59,6 +59,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._series: dict[SeriesKey, list[float]] = {}
         self.registry.register(_RequestCollector(self._series))
+        self._reloads = Counter("gatehouse_reloads", "Reloads after apply or migrate changed a database, by outcome: "
+                                "project (a new project served), schema (the catalog read again), kept (the "
+                                "database does not serve this server's project yet), failed.", ["outcome"],
+                                registry=self.registry)
+
+    def reloaded(self, outcome: str) -> None:
+        self._reloads.labels(outcome).inc()
 
     def observe(self, app: str, contract: str, api_version: int | None, method: str, status: int,
                 seconds: float) -> None:

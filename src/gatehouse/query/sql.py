@@ -247,7 +247,7 @@ class ReadCompiler:
         candidates = [r for r in self.schema.relations_from(scope.contract)
                       if r.target == item.relation and r.target in self.readable]
         if item.hint:
-            candidates = [r for r in candidates if item.hint in (r.name, *r.source_columns, *r.target_columns)]
+            candidates = [r for r in candidates if item.hint in (*r.hints, *r.source_columns, *r.target_columns)]
         if not candidates:
             raise RelationshipNotFound(
                 f"Could not find a relationship between '{scope.contract}' and '{item.relation}' in the schema cache",

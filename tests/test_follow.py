@@ -1,0 +1,195 @@
+"""A running server follows ``apply`` and ``migrate`` without a restart, and a migration never leaves a
+contract view missing: it is dropped and created again inside the migration's own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ProjectFactory, prepare
+from gatehouse import operations
+from gatehouse.app import create_admin_app
+from gatehouse.migrate.views import ContractsWouldBreak
+from gatehouse.project import load_project
+from gatehouse.runtime import Runtime
+
+TOML = """
+[project]
+name = "follow"
+
+[databases.main]
+
+[apps.web]
+grants = [{ contract = "items", actions = ["read", "insert"] }]
+
+[apps.mobile]
+grants = [{ contract = "items", actions = ["read"] }]
+"""
+ITEMS_V1 = "-- not null: id\nSELECT id, label, price FROM items"
+SCHEMA = """
+CREATE TABLE items (id serial PRIMARY KEY, label text NOT NULL, price integer NOT NULL);
+INSERT INTO items (label, price) SELECT 'item ' || n, n FROM generate_series(1, 50) AS n;
+"""
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "the server did not follow in time"
+        await asyncio.sleep(0.05)
+
+
+class Traffic:
+    """Requests from every app, one after another, while a change happens; every answer is kept."""
+
+    def __init__(self, client: httpx.AsyncClient, keys: dict[str, str]) -> None:
+        self.client, self.keys = client, keys
+        self.statuses: list[tuple[str, int, str]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            for app, key in self.keys.items():
+                response = await self.client.get("/items?select=id,price&id=lte.3", headers={"apikey": key})
+                self.statuses.append((app, response.status_code, response.text[:200]))
+            await asyncio.sleep(0.005)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        self._task = asyncio.create_task(self._run())
+        try:
+            yield
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def failures(self) -> list[tuple[str, int, str]]:
+        return [s for s in self.statuses if s[1] != 200]
+
+
+async def _served(make_project: ProjectFactory, serve_project: Any) -> tuple[Any, httpx.AsyncClient, Runtime,
+                                                                             dict[str, str]]:
+    project = make_project(toml=TOML, contracts={"items.v1.sql": ITEMS_V1},
+                           migrations={"V001__items.sql": SCHEMA})
+    keys = await prepare(project)
+    client, runtime = await serve_project(project)
+    return project, client, runtime, keys
+
+
+async def test_a_type_change_behind_a_view_migrates_and_the_server_follows(make_project: ProjectFactory,
+                                                                          serve_project: Any) -> None:
+    project, client, runtime, keys = await _served(make_project, serve_project)
+    (project.root / "migrations" / "V002__bigger_prices.sql").write_text(
+        "ALTER TABLE items ALTER COLUMN price TYPE bigint;\nUPDATE items SET price = 5000000000 WHERE id = 1;\n")
+    traffic = Traffic(client, keys)
+    async with traffic.running():
+        await asyncio.sleep(0.1)
+        done = await operations.migrate_all(project)
+        await _until(lambda: _shows(runtime, "bigint"))
+        await asyncio.sleep(0.1)
+    assert [m.label for m, _ in done["main"]] == ["V002 bigger prices"]
+    assert traffic.failures == [] and len(traffic.statuses) > 10
+    response = await client.get("/items?price=gt.4294967296", headers={"apikey": keys["web"]})
+    assert response.status_code == 200 and response.json() == [{"id": 1, "label": "item 1", "price": 5000000000}]
+    async with operations.owner_connection(project) as conn:  # privileges came back with the view, no more
+        grants = await conn.fetch(
+            "SELECT grantee, privilege_type FROM information_schema.role_table_grants "
+            "WHERE table_schema = 'api_v1' AND table_name = 'items' AND grantee LIKE $1 ORDER BY 1, 2",
+            f"{project.role_prefix}%")
+    assert [(r["grantee"].removeprefix(project.role_prefix), r["privilege_type"]) for r in grants] == [
+        ("app_mobile", "SELECT"), ("app_web", "INSERT"), ("app_web", "SELECT")]
+    assert runtime.follower is not None and runtime.follower.reloads >= 1
+    assert b'gatehouse_reloads_total{outcome="schema"}' in runtime.metrics.render()
+
+
+async def _shows(runtime: Runtime, type_: str) -> bool:
+    return runtime.catalog[("api_v1", "items")].columns["price"] == type_
+
+
+async def test_a_migration_that_breaks_a_contract_is_refused_whole(make_project: ProjectFactory,
+                                                                  serve_project: Any) -> None:
+    project, client, _runtime, keys = await _served(make_project, serve_project)
+    (project.root / "migrations" / "V002__drop_price.sql").write_text(
+        "CREATE TABLE audit_note (id int);\nALTER TABLE items DROP COLUMN price;\n")
+    with pytest.raises(ContractsWouldBreak) as refused:
+        await operations.migrate_all(project)
+    message = str(refused.value)
+    assert "items.v1" in message and "mobile" in message and "web" in message and "price" in message
+    async with operations.owner_connection(project) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM information_schema.columns "
+                                   "WHERE table_schema = 'public' AND table_name = 'items' AND column_name = 'price'") == 1
+        assert await conn.fetchval("SELECT to_regclass('public.audit_note')") is None
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.migrations WHERE version = 2 AND success") == 0
+    response = await client.get("/items?id=eq.1", headers={"apikey": keys["mobile"]})
+    assert response.status_code == 200 and response.json()[0]["price"] == 1
+
+
+async def test_a_view_dropped_by_the_migration_itself_comes_back(make_project: ProjectFactory) -> None:
+    project = make_project(toml=TOML, contracts={"items.v1.sql": ITEMS_V1}, migrations={"V001__items.sql": SCHEMA})
+    await prepare(project)
+    (project.root / "migrations" / "V002__old_style.sql").write_text(
+        "DROP VIEW api_v1.items;\nALTER TABLE items ALTER COLUMN label TYPE varchar(200);\n")
+    await operations.migrate_all(project)
+    async with operations.owner_connection(project) as conn:
+        assert await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                   "WHERE attrelid = 'api_v1.items'::regclass AND attname = 'label'") == \
+            "character varying(200)"
+        assert await conn.fetchval("SELECT has_table_privilege($1, 'api_v1.items', 'SELECT')",
+                                   f"{project.role_prefix}app_mobile")
+
+
+async def test_apply_of_a_new_version_is_served_without_restart(make_project: ProjectFactory,
+                                                                serve_project: Any) -> None:
+    project, client, runtime, keys = await _served(make_project, serve_project)
+    admin = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_admin_app(runtime)), base_url="http://a")
+    (project.root / "contracts" / "items.v2.sql").write_text("-- not null: id\nSELECT id, label, price, "
+                                                             "price * 2 AS double_price FROM items")
+    traffic = Traffic(client, keys)
+    async with traffic.running():
+        await operations.apply_all(load_project(project.root))
+        ready = await admin.get("/ready")
+        assert ready.status_code == 200, ready.text  # the new views exist; the old still serve
+
+        async def v2_served() -> bool:
+            answer = await client.get("/items?id=eq.2", headers={"apikey": keys["web"], "Accept-Profile": "v2"})
+            return answer.status_code == 200 and answer.json()[0].get("double_price") == 4
+
+        await _until(v2_served)
+    assert traffic.failures == []
+    assert (await admin.get("/ready")).status_code == 200
+    assert b'gatehouse_reloads_total{outcome="project"}' in runtime.metrics.render()
+    await admin.aclose()
+
+
+async def test_a_missed_notification_is_caught_up(make_project: ProjectFactory, serve_project: Any) -> None:
+    project, _client, runtime, _keys = await _served(make_project, serve_project)
+    async with operations.owner_connection(project) as conn:  # the listening connection is cut
+        cut = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name = 'gatehouse/follow' AND datname = current_database()")
+    assert cut == 1
+    (project.root / "contracts" / "items.v2.sql").write_text("SELECT id, label FROM items")
+    await operations.apply_all(load_project(project.root))
+    await _until(lambda: _serves_v2(runtime), timeout=8)
+
+
+async def _serves_v2(runtime: Runtime) -> bool:
+    return 2 in runtime.schemas
+
+
+async def test_ready_turns_false_only_when_a_served_view_is_gone(make_project: ProjectFactory,
+                                                                 serve_project: Any) -> None:
+    project, _, runtime, _ = await _served(make_project, serve_project)
+    assert await runtime.readiness() == {"main": "ok"}
+    async with operations.owner_connection(project) as conn:
+        await conn.execute("DROP VIEW api_v1.items")
+    report = await runtime.readiness()
+    assert "api_v1.items" in report["main"] and "gatehouse apply" in report["main"]
+    await operations.apply_all(project)
+    assert await runtime.readiness() == {"main": "ok"}
