@@ -115,13 +115,22 @@ async def _shows(runtime: Runtime, type_: str) -> bool:
 
 async def test_a_migration_that_breaks_a_contract_is_refused_whole(make_project: ProjectFactory,
                                                                   serve_project: Any) -> None:
-    project, client, _runtime, keys = await _served(make_project, serve_project)
+    project, client, _, keys = await _served(make_project, serve_project)
     (project.root / "migrations" / "V002__drop_price.sql").write_text(
         "CREATE TABLE audit_note (id int);\nALTER TABLE items DROP COLUMN price;\n")
-    with pytest.raises(ContractsWouldBreak) as refused:
+    with pytest.raises(ContractsWouldBreak) as refused:  # nobody called items yet: the apps granted it
         await operations.migrate_all(project)
     message = str(refused.value)
-    assert "items.v1" in message and "mobile" in message and "web" in message and "price" in message
+    assert "items.v1" in message and "granted it: mobile, web" in message and "price" in message
+    assert (await client.get("/items?id=eq.1", headers={"apikey": keys["web"]})).status_code == 200
+    async def audited() -> bool:  # reads are audited in batches, a moment after the answer
+        async with operations.owner_connection(project) as conn:
+            return bool(await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE app = 'web'"))
+
+    await _until(audited)
+    with pytest.raises(ContractsWouldBreak) as refused:  # now web is pinned to v1; mobile never called it
+        await operations.migrate_all(project)
+    assert "pinned to it: web)" in str(refused.value) and "mobile" not in str(refused.value)
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM information_schema.columns "
                                    "WHERE table_schema = 'public' AND table_name = 'items' AND column_name = 'price'") == 1

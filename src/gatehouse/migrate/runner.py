@@ -290,8 +290,10 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, keeper: ViewKee
                          duration_ms=elapsed_ms(), in_transaction=False)
             await announce(conn, f"migration {migration.label}")
     except ContractsWouldBreak as refused:
+        if keeper is not None and not conn.is_in_transaction():  # rolled back: reading usage holds no lock
+            refused = await keeper.explained(conn, refused)
         await _record_failure(conn, migration, refused, str(refused.args[0]), elapsed_ms())
-        raise
+        raise refused from None
     except (asyncpg.PostgresError, StatementFailed) as raised:
         error = raised.error if isinstance(raised, StatementFailed) else raised
         at = raised.statement if isinstance(raised, StatementFailed) else current

@@ -33,6 +33,7 @@ from gatehouse.db import quote_ident
 from gatehouse.db.sync import qualified
 from gatehouse.errors import ProjectError
 from gatehouse.migrate.statements import Statement, split_statements
+from gatehouse.observe.usage import affected_apps
 from gatehouse.project import Project
 
 DEPENDENCY_SQLSTATES = {"2BP01", "0A000"}
@@ -79,16 +80,18 @@ class StatementFailed(Exception):
 class ContractsWouldBreak(ProjectError):
     """After the migration, contract views cannot be created again: the migration is refused as a whole."""
 
-    def __init__(self, failures: list[tuple[str, str]], users: dict[str, list[str]]) -> None:
+    def __init__(self, failures: list[tuple[str, str]], users: dict[str, list[str]], *, pinned: bool) -> None:
         self.failures = failures
         self.users = users
-        lines = "".join(f"\n  {label}: {reason}" + (f" (used by {', '.join(users[label])})" if users.get(label)
-                                                    else "") for label, reason in failures)
+        """label → the apps pinned to its API versions (``pinned``), else the apps granted its contract."""
+        said = "pinned to it" if pinned else "granted it"
+        lines = "".join(f"\n  {label}: {reason}" + (f" ({said}: {', '.join(users[label])})" if users.get(label)
+                                                    else f" (no app {said})") for label, reason in failures)
         apps = sorted({app for label, _ in failures for app in users.get(label, [])})
         super().__init__(
             f"the migrated tables no longer serve {len(failures)} contract version(s), so nothing was applied:"
             f"{lines}",
-            hint=(f"apps affected: {', '.join(apps)}. " if apps else "")
+            hint=(f"apps that would break: {', '.join(apps)}. " if apps else "")
             + "keep what these versions read (expand → migrate → contract, docs/safe-schema-changes.md): add "
               "the new shape in a new contract version, move the apps, retire the old version, then change "
               "the tables",
@@ -174,15 +177,32 @@ class ViewKeeper:
             except asyncpg.PostgresError as exc:
                 failures.append((_label(self.project, view), exc.message))
         if failures and self.strict:
-            raise ContractsWouldBreak(failures, self._users(label for label, _ in failures))
+            raise ContractsWouldBreak(failures, self._granted(label for label, _ in failures), pinned=False)
 
-    def _users(self, labels: Iterable[str]) -> dict[str, list[str]]:
-        """The apps granted each contract version's contract (who would lose it)."""
+    def _granted(self, labels: Iterable[str]) -> dict[str, list[str]]:
+        """The apps granted each contract version's contract (who could lose it)."""
         users: dict[str, list[str]] = {}
         for label in labels:
-            contract = label.split(".v")[0]
+            contract = label.rpartition(".v")[0]
             users[label] = sorted(app.name for app in self.project.apps.values() if app.grant_for(contract))
         return users
+
+    async def explained(self, conn: asyncpg.Connection, refused: ContractsWouldBreak) -> ContractsWouldBreak:
+        """``refused`` naming the apps *pinned* to the broken versions (from the audit's usage), read after the
+        migration's rollback so that the read holds none of its locks; as it was if usage cannot be read."""
+        pinned: dict[str, list[str]] = {}
+        try:
+            for label, _ in refused.failures:
+                versions = tuple(n for n, c in self.project.versions.views() if c.label == label)
+                uses = await affected_apps(conn, label.rpartition(".v")[0], versions)
+                pinned[label] = [use.app for use in uses if use.pinned]
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            return refused
+        if not any(pinned.values()):  # nobody called them lately: who *could* is the useful answer
+            return refused
+        explained = ContractsWouldBreak(refused.failures, pinned, pinned=True)
+        explained.__cause__ = refused.__cause__
+        return explained
 
 
 async def _saved_views(conn: asyncpg.Connection) -> dict[tuple[str, str], SavedView]:
