@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -202,3 +205,44 @@ async def test_ready_turns_false_only_when_a_served_view_is_gone(make_project: P
     assert "api_v1.items" in report["main"] and "gatehouse apply" in report["main"]
     await operations.apply_all(project)
     assert await runtime.readiness() == {"main": "ok"}
+
+
+async def test_kill_9_in_the_middle_of_a_migration_leaves_every_view(make_project: ProjectFactory) -> None:
+    """The views a migration drops exist again the moment it dies: its transaction never committed."""
+    project = make_project(toml=TOML, contracts={"items.v1.sql": ITEMS_V1}, migrations={"V001__items.sql": SCHEMA})
+    await prepare(project)
+    (project.root / "migrations" / "V002__slow.sql").write_text(
+        "ALTER TABLE items ALTER COLUMN price TYPE bigint;\nSELECT pg_sleep(30);\n")
+    migrating = subprocess.Popen([sys.executable, "-m", "gatehouse", "--project", str(project.root), "migrate"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    async with operations.owner_connection(project) as conn:
+        for _ in range(200):  # until the migration sleeps with the views dropped
+            if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
+                                   "AND pid <> pg_backend_pid() AND datname = current_database()"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the migration never started")
+        migrating.send_signal(signal.SIGKILL)
+        migrating.wait(10)
+        # its backend still sleeps: it notices the dead client only when the statement ends; end it now
+        await conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
+                           "AND pid <> pg_backend_pid() AND datname = current_database()")
+        await _until(lambda: _no_migration_running(conn))
+        assert await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                   "WHERE attrelid = 'api_v1.items'::regclass AND attname = 'price'") == "integer"
+        assert await conn.fetchval("SELECT has_table_privilege($1, 'api_v1.items', 'SELECT')",
+                                   f"{project.role_prefix}app_mobile")
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.migrations WHERE version = 2 AND success") == 0
+    (project.root / "migrations" / "V002__slow.sql").write_text(  # not yet applied: the file may still change
+        "ALTER TABLE items ALTER COLUMN price TYPE bigint;\n")
+    done = await operations.migrate_all(project)
+    assert [m.label for m, _ in done["main"]] == ["V002 slow"]
+    async with operations.owner_connection(project) as conn:
+        assert await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                   "WHERE attrelid = 'api_v1.items'::regclass AND attname = 'price'") == "bigint"
+
+
+async def _no_migration_running(conn: Any) -> bool:
+    return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
+                                   "AND pid <> pg_backend_pid() AND datname = current_database()")
