@@ -20,7 +20,7 @@ from gatehouse import operations
 from gatehouse.errors import ProjectError
 from gatehouse.migrate import batch, runner
 from gatehouse.migrate.batch import BatchProgress, EndlessBatches
-from gatehouse.migrate.runner import MigrationFailed
+from gatehouse.migrate.files import MigrationFailed
 from gatehouse.project import Project
 
 TOML = """
@@ -186,7 +186,7 @@ async def test_a_where_that_never_leaves_out_done_rows_is_stopped(make_project: 
     assert await _history(project, 2) == [(False, True)]  # failed, and retried (continued) by the next run
     async with operations.owner_connection(project) as conn:
         [row] = [r for r in await runner.status(conn, project.migrations_dir("main")) if r.version == 2]
-    assert row.state == "failed" and "retried by the next apply" in row.note
+    assert row.state == "failed" and "retried by the next `gatehouse migrate`" in row.note
 
 
 async def test_a_batch_waits_for_a_lock_briefly_then_tries_again(make_project: ProjectFactory,

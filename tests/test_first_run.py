@@ -280,7 +280,8 @@ def test_migrate_force_applies_what_plain_migrate_refuses(make_project: ProjectF
     lock, report = update_lock(project, run_sync(project_signatures(project)), None)
     assert report.ok
     write_lock(root, lock)
-    (root / "migrations" / "V002__drop_title.sql").write_text("ALTER TABLE notes DROP COLUMN title CASCADE;")
+    (root / "migrations" / "V002__short_titles.sql").write_text("ALTER TABLE notes ALTER COLUMN title TYPE "
+                                                                  "varchar(50);")  # a narrowing: breaking
 
     refused = gatehouse(root, "migrate", env=env)
     assert refused.returncode == 1 and "BREAKS notes.v1" in refused.stdout
@@ -288,9 +289,26 @@ def test_migrate_force_applies_what_plain_migrate_refuses(make_project: ProjectF
     wrong_place = gatehouse(root, "migrate", "--force", "plan", env=env)
     assert wrong_place.returncode == 1 and "--force is for applying migrations" in wrong_place.stderr
     forced = gatehouse(root, "migrate", "--force", env=env)
-    assert "applied V002 drop title" in forced.stdout, forced.stdout + forced.stderr
+    assert "applied V002 short titles" in forced.stdout, forced.stdout + forced.stderr
+    assert "contract view(s) dropped; created again in its transaction" in forced.stdout
     assert "Traceback" not in forced.stderr
     assert "--force" in gatehouse(root, "migrate", "--help").stdout
+
+    # a migration that takes what a served version reads away cannot be forced: the API would lose it
+    (root / "migrations" / "V003__drop_title.sql").write_text("ALTER TABLE notes DROP COLUMN title CASCADE;")
+    gone = gatehouse(root, "migrate", "--force", env=env)
+    assert gone.returncode == 1 and "notes.v1 would no longer compile" in gone.stderr
+    assert "--force cannot ship that" in gone.stderr and "Traceback" not in gone.stderr
+    assert run_sync(_title_exists(os.environ["GATEHOUSE_DATABASES__MAIN__URL"]))
+
+
+async def _title_exists(url: str) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return bool(await conn.fetchval("SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                                        "'public' AND table_name = 'notes' AND column_name = 'title'"))
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(("dsn", "shown"), [

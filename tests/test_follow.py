@@ -246,3 +246,48 @@ async def test_kill_9_in_the_middle_of_a_migration_leaves_every_view(make_projec
 async def _no_migration_running(conn: Any) -> bool:
     return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
                                    "AND pid <> pg_backend_pid() AND datname = current_database()")
+
+
+async def test_a_migration_gives_way_to_readers_instead_of_queueing_them(make_project: ProjectFactory) -> None:
+    """A long transaction holds the table: the migration waits at most the lock timeout each try, so the
+    readers queued behind it wait no longer than that, and it goes through once the transaction ends."""
+    project = make_project(toml=TOML, contracts={"items.v1.sql": ITEMS_V1}, migrations={"V001__items.sql": SCHEMA})
+    await prepare(project)
+    (project.root / "migrations" / "V002__bigger.sql").write_text("ALTER TABLE items ALTER COLUMN price TYPE bigint;")
+    async with operations.owner_connection(project) as holder, operations.owner_connection(project) as reader:
+        await reader.execute("SET statement_timeout = '1s'")
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("LOCK TABLE items IN ACCESS SHARE MODE")  # a long report, say
+        migrating = asyncio.create_task(operations.migrate_all(project))
+        slowest = 0.0
+        deadline = asyncio.get_running_loop().time() + 1.5
+        while asyncio.get_running_loop().time() < deadline:
+            started = asyncio.get_running_loop().time()
+            assert await reader.fetchval("SELECT count(*) FROM api_v1.items") == 50
+            slowest = max(slowest, asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(0.01)
+        assert not migrating.done()
+        await holding.commit()
+        done = await asyncio.wait_for(migrating, 30)
+    assert [m.label for m, _ in done["main"]] == ["V002 bigger"]
+    assert slowest < 0.9, slowest  # never the whole wait of the migration: at most one lock timeout
+
+
+async def test_a_migration_that_never_gets_its_lock_fails_clearly(make_project: ProjectFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from gatehouse.migrate import runner
+    from gatehouse.migrate.files import MigrationFailed
+
+    monkeypatch.setattr(runner, "LOCK_ATTEMPTS", 2)
+    project = make_project(toml=TOML, contracts={"items.v1.sql": ITEMS_V1}, migrations={"V001__items.sql": SCHEMA})
+    await prepare(project)
+    (project.root / "migrations" / "V002__bigger.sql").write_text("ALTER TABLE items ALTER COLUMN price TYPE bigint;")
+    async with operations.owner_connection(project) as holder, holder.transaction():
+        await holder.execute("LOCK TABLE items IN ACCESS SHARE MODE")
+        with pytest.raises(MigrationFailed) as failed:
+            await operations.migrate_all(project)
+    assert "gave way each time" in str(failed.value) and "pg_stat_activity" in str(failed.value)
+    async with operations.owner_connection(project) as conn:
+        assert await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                   "WHERE attrelid = 'items'::regclass AND attname = 'price'") == "integer"

@@ -2,15 +2,17 @@
 
 Which side of an outer join a column comes from is read from the SQL (no database); whether a base column is
 NOT NULL is read from PostgreSQL, so `DROP NOT NULL` under a released promise is refused by `migrate plan`
-and reported by `check`, like any other breaking change.
+and reported by `check`, like any other breaking change; and `gatehouse lock` does not release a new version
+whose promise the tables do not keep (it would record a weaker promise than the file makes).
 """
 
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
-from conftest import ProjectFactory
-from gatehouse import operations
+from conftest import ProjectFactory, run_sync
+from gatehouse import cli, operations
 from gatehouse.check import run_check
 from gatehouse.contracts import compat
 from gatehouse.contracts.lineage import column_sources
@@ -177,3 +179,56 @@ async def test_nullable_promises_table(make_project: ProjectFactory) -> None:
     for name, (case, _, expected) in zip(names, PROMISES, strict=True):
         got = {p.column: p.reason for p in found.get(f"{name}.v1", [])}
         assert got == expected, case
+
+
+# --- gatehouse lock: a new version is released only with a promise its tables keep ------------------------
+
+OWNERS_V1 = ("-- not null: id, item\n"
+             "SELECT o.id, i.name AS item FROM owners AS o LEFT JOIN items AS i ON i.owner_id = o.id")
+NOTE_REQUIRED = "UPDATE items SET note = '' WHERE note IS NULL;\nALTER TABLE items ALTER note SET NOT NULL;"
+
+
+def test_lock_refuses_a_new_version_whose_promise_the_tables_do_not_keep(make_project: ProjectFactory,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    project = _project(make_project, {"items.v1.sql": "-- not null: id, note\nSELECT id, name, note FROM items",
+                                      "owners.v1.sql": OWNERS_V1})
+    run_sync(operations.migrate_all(project))
+
+    monkeypatch.delenv("GATEHOUSE_PROJECT", raising=False)
+    locked = CliRunner().invoke(cli.app, ["--project", str(project.root), "lock"])
+    assert locked.exit_code == 1, locked.output
+    assert "refused items.v1" in locked.output and "refused owners.v1" in locked.output
+    assert read_lock(project.root) is None  # nothing written
+
+    lock, report = update_lock(project, run_sync(project_signatures(project)), None, force=True)
+    assert report.added == [] and lock.entries == ()  # not even with --force: the fix is in the table or the file
+    assert dict(report.refused) == {
+        "items.v1": "`-- not null:` promises note, but it can be null: it comes from items.note, which is nullable "
+                    "in the table; releasing it would record note as nullable: add NOT NULL to items.note in a "
+                    "migration (fill its nulls first), or remove note from `-- not null:` in contracts/items.v1.sql",
+        "owners.v1": "`-- not null:` promises item, but it can be null: it comes from items.name through the "
+                     "nullable side of an outer join; releasing it would record item as nullable: a row without a "
+                     "match gives null: remove item from `-- not null:` in contracts/owners.v1.sql, or make it "
+                     "never null in the SQL (an inner join, coalesce)",
+    }
+
+    # the two fixes: NOT NULL in the table (a migration), the promise taken back in the file
+    (project.root / "migrations" / "V002__note_required.sql").write_text(NOTE_REQUIRED)
+    (project.root / "contracts" / "owners.v1.sql").write_text(OWNERS_V1.replace("id, item", "id"))
+    project = load_project(project.root)
+    run_sync(operations.migrate_all(project))
+    run_sync(_lock(project))
+    released = read_lock(project.root)
+    assert released is not None
+    columns = {(e.label, c.name): c.nullable for e in released.entries for c in e.signature.columns}
+    assert columns == {("items.v1", "id"): False, ("items.v1", "name"): True, ("items.v1", "note"): False,
+                       ("owners.v1", "id"): False, ("owners.v1", "item"): True}
+
+    # released, the version is judged by the compatibility rules: a promise broken later is a breaking change
+    (project.root / "migrations" / "V003__note_optional.sql").write_text("ALTER TABLE items ALTER note DROP NOT NULL;")
+    project = load_project(project.root)
+    run_sync(operations.migrate_all(project))
+    _, refused = update_lock(project, run_sync(project_signatures(project)), released)
+    assert refused.refused == [("items.v1", "its signature changed: column note may now be null (a released version "
+                                            "never changes; put the change in a new version, or pass --force if "
+                                            "you are sure)")]

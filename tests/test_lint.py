@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ProjectFactory
 from gatehouse import operations
-from gatehouse.migrate import runner
+from gatehouse.migrate import files
 from gatehouse.migrate.lint import backfill_findings, lint_migrations
 
 HOLDS = "backfill-holds-access-exclusive"
@@ -46,7 +46,7 @@ EXCLUSIVE_CASES = [
 def test_a_backfill_after_an_access_exclusive_statement_is_flagged(tmp_path: Path, sql: str,
                                                                    lines: list[int]) -> None:
     (tmp_path / "V001__change.sql").write_text(sql + "\n")
-    [migration] = runner.discover(tmp_path)
+    [migration] = files.discover(tmp_path)
     findings = backfill_findings(migration, {})
     assert [f.line for f in findings if f.rule == HOLDS] == lines
     for finding in findings:
@@ -69,7 +69,7 @@ SIZE_CASES = [
 @pytest.mark.parametrize(("sql", "rows", "flagged"), SIZE_CASES)
 def test_a_large_backfill_in_one_transaction_is_flagged(tmp_path: Path, sql: str, rows: int, flagged: bool) -> None:
     (tmp_path / "V001__backfill.sql").write_text(sql + "\n")
-    [migration] = runner.discover(tmp_path)
+    [migration] = files.discover(tmp_path)
     findings = backfill_findings(migration, {"products": rows})
     assert [(f.rule, f.line) for f in findings] == ([(NOT_BATCHED, 1)] if flagged else [])
     if flagged:
@@ -81,14 +81,14 @@ def test_batch_and_no_transaction_files_are_not_checked(tmp_path: Path) -> None:
         "-- gatehouse: batch\nUPDATE products SET title = name WHERE id IN "
         "(SELECT id FROM products WHERE title IS NULL LIMIT :batch_size);\n")
     (tmp_path / "V002__again.sql").write_text("-- gatehouse: no-transaction\nUPDATE products SET title = name;\n")
-    assert all(backfill_findings(m, {"products": 1e6}) == [] for m in runner.discover(tmp_path))
+    assert all(backfill_findings(m, {"products": 1e6}) == [] for m in files.discover(tmp_path))
 
 
 def test_findings_come_with_squawks_in_file_order(tmp_path: Path) -> None:
     (tmp_path / "V001__title.sql").write_text("ALTER TABLE products ADD COLUMN title text;\n"
                                               "UPDATE products SET title = name;\n")
     (tmp_path / "V002__index.sql").write_text("CREATE INDEX products_title ON products (title);\n")
-    first, second = runner.discover(tmp_path)
+    first, second = files.discover(tmp_path)
     report = lint_migrations([first, second], binary=str(tmp_path / "no-squawk"), row_estimates={"products": 1e5})
     assert [(f.file.name, f.line, f.rule) for f in report.findings] == [("V001__title.sql", 2, HOLDS)]
     assert report.notice is not None  # squawk is missing here; gatehouse's own findings are still given
@@ -120,5 +120,5 @@ def test_squawk_is_not_given_a_batch_file(tmp_path: Path) -> None:
     (tmp_path / "V001__backfill.sql").write_text(
         "-- gatehouse: batch\nUPDATE products SET title = name WHERE id IN "
         "(SELECT id FROM products WHERE title IS NULL LIMIT :batch_size);\n")
-    report = lint_migrations(runner.discover(tmp_path))
+    report = lint_migrations(files.discover(tmp_path))
     assert report.notice is None and report.findings == []

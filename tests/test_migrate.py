@@ -10,7 +10,7 @@ import pytest
 from conftest import ProjectFactory
 from gatehouse import operations
 from gatehouse.errors import ProjectError
-from gatehouse.migrate.runner import MigrationFailed
+from gatehouse.migrate.files import MigrationFailed
 
 TOML = """
 [project]

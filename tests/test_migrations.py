@@ -12,9 +12,9 @@ import pytest
 from conftest import ProjectFactory
 from gatehouse import operations
 from gatehouse.errors import ProjectError
-from gatehouse.migrate import runner
+from gatehouse.migrate import files, runner
+from gatehouse.migrate.files import MigrationFailed
 from gatehouse.migrate.lint import NOT_INSTALLED, lint_files, lint_migrations
-from gatehouse.migrate.runner import MigrationFailed
 from gatehouse.migrate.statements import split_statements
 from gatehouse.project import Project
 
@@ -230,16 +230,16 @@ async def test_dry_run_inside_a_transaction(make_project: ProjectFactory) -> Non
 
 def test_marker_only_counts_on_the_first_line(tmp_path: Path) -> None:
     (tmp_path / "V001__a.sql").write_text("\n" + NO_TX + "SELECT 1;")
-    assert not runner.discover(tmp_path)[0].transactional
+    assert not files.discover(tmp_path)[0].transactional
     (tmp_path / "V001__a.sql").write_text("SELECT 1;\n" + NO_TX)
     with pytest.raises(ProjectError, match="first line"):
-        runner.discover(tmp_path)
+        files.discover(tmp_path)
 
 
 def test_badly_named_file_mentions_both_kinds(tmp_path: Path) -> None:
     (tmp_path / "R_views.sql").write_text("SELECT 1;")
     with pytest.raises(ProjectError, match=r"R__<description>\.sql"):
-        runner.discover(tmp_path)
+        files.discover(tmp_path)
 
 
 def test_statements_split_on_top_level_semicolons_only() -> None:
@@ -258,7 +258,7 @@ def test_squawk_flags_a_blocking_index_and_passes_a_clean_file(tmp_path: Path) -
     (tmp_path / "V001__items.sql").write_text("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text);\n")
     (tmp_path / "V002__items_name.sql").write_text("-- find items by name\nCREATE INDEX items_name ON items (name);\n")
     (tmp_path / "V003__items_name2.sql").write_text(NO_TX + "CREATE INDEX CONCURRENTLY items_name2 ON items (name);\n")
-    first, second, third = runner.discover(tmp_path)
+    first, second, third = files.discover(tmp_path)
     assert lint_migrations([first]).clean
     report = lint_migrations([third, second, first])
     assert report.notice is None

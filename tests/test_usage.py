@@ -71,7 +71,8 @@ async def test_served_requests_tell_pinned_apps_from_apps_that_moved_on(shop: Pr
         nothing = await affected_apps(conn, "orders", (1, 2))
     assert [(u.app, u.pinned, u.latest, u.versions, u.calls) for u in v1] == [
         ("web", True, 1, (1,), 3), ("mobile", False, 2, (1,), 2)]
-    assert v1[0].per_day == pytest.approx(3 / 30) and v1[1].per_day == pytest.approx(2 / 30)
+    # calls a moment ago: a rate is taken over at least an hour (3 calls → 72 a day), never over the window
+    assert v1[0].per_day == pytest.approx(3 * 24) and v1[1].per_day == pytest.approx(2 * 24)
     assert [(u.app, u.pinned, u.latest) for u in v2] == [("analytics", True, 2), ("mobile", True, 2)]
     assert nothing == []
     assert describe(v1[1]).startswith("mobile moved to v2 · last call to v1 ")
@@ -98,7 +99,9 @@ async def test_the_window_and_the_rate(things: Project, tmp_path: Path) -> None:
     await write(things, records, tmp_path / "spool.jsonl")
 
     def rows(uses: list[AppUse]) -> list[tuple[object, ...]]:
-        return [(u.app, u.pinned, u.latest, u.versions, u.calls, round(u.per_day, 4)) for u in uses]
+        return [(u.app, u.pinned, u.latest, u.versions, u.calls, pytest.approx(u.per_day, rel=1e-3)) for u in uses]
+
+    half_days = 29.5 + 1 / 1440  # steady's oldest call in 30 days: 59 half days and a minute ago
 
     async with operations.owner_connection(things) as conn:
         month = await affected_apps(conn, "things", (1,))
@@ -106,13 +109,14 @@ async def test_the_window_and_the_rate(things: Project, tmp_path: Path) -> None:
         two_months = await affected_apps(conn, "things", (1,), days=60)
         both_versions = await affected_apps(conn, "things", (1, 2))
         assert await affected_apps(conn, "things", ()) == []
-    assert rows(month) == [("steady", True, 1, (1,), 60, 2.0), ("both", False, 2, (1,), 1, round(1 / 30, 4))]
-    assert rows(week) == [("steady", True, 1, (1,), 14, 2.0), ("both", False, 2, (1,), 1, round(1 / 7, 4))]
+    # a rate runs from an app's first call in the window: the same app has about the same rate in any window
+    assert rows(month) == [("steady", True, 1, (1,), 60, 60 / half_days), ("both", False, 2, (1,), 1, 1 / 3)]
+    assert rows(week) == [("steady", True, 1, (1,), 14, 14 / (6.5 + 1 / 1440)), ("both", False, 2, (1,), 1, 1 / 3)]
     assert rows(two_months) == [
-        ("steady", True, 1, (1,), 60, 1.0), ("old", True, 1, (1,), 1, round(1 / 60, 4)),
-        ("both", False, 2, (1,), 1, round(1 / 60, 4)), ("returning", False, 2, (1,), 1, round(1 / 60, 4))]
-    assert rows(both_versions) == [("steady", True, 1, (1,), 60, 2.0), ("both", True, 2, (1, 2), 2, 0.0667),
-                                   ("returning", True, 2, (2,), 1, 0.0333)]
+        ("steady", True, 1, (1,), 60, 60 / half_days), ("old", True, 1, (1,), 1, 1 / 40),
+        ("both", False, 2, (1,), 1, 1 / 3), ("returning", False, 2, (1,), 1, 1 / 45)]
+    assert rows(both_versions) == [("steady", True, 1, (1,), 60, 60 / half_days), ("both", True, 2, (1, 2), 2, 2 / 3),
+                                   ("returning", True, 2, (2,), 1, 1.0)]
     steady = month[0]
     newest = max(r.at for r in records if r.app == "steady")
     assert abs(steady.last_call - newest) < timedelta(milliseconds=1)
@@ -136,11 +140,11 @@ async def test_versions_in_a_window(things: Project, tmp_path: Path) -> None:
         (1, "mobile", False, 2, 1, 0, ["things"]),
         (2, "mobile", True, None, 2, 0, ["rpc:ping", "things"]),
     ]
-    assert week[0]["per_day"] == pytest.approx(0.2, rel=1e-3)
-    assert [(u["app"], u["calls"], round(u["per_day"], 4)) for u in month if u["api_version"] == 1] == [
-        ("legacy", 3, 0.1), ("batch", 2, round(2 / 30, 4)), ("mobile", 1, round(1 / 30, 4))]
+    assert week[0]["per_day"] == pytest.approx(1.0, rel=1e-3)  # 2 calls since its first, 2 days ago
+    assert [(u["app"], u["calls"], pytest.approx(u["per_day"], rel=1e-3)) for u in month if u["api_version"] == 1] == [
+        ("legacy", 3, 3 / 20), ("batch", 2, 2 / 3), ("mobile", 1, 1 / 5)]
     table = version_table_rows(week, served=[1, 2, 3])
-    assert table[0] == ("v1", "legacy", "2", "0.2", "1", table[0][5], "pinned", "things")
+    assert table[0] == ("v1", "legacy", "2", "1.0", "1", table[0][5], "pinned", "things")
     assert [row[6] for row in table] == ["pinned", "pinned", "moved to v2", "pinned", ""]
     assert table[-1][:3] == ("v3", "(no calls)", "0")
 
@@ -153,7 +157,8 @@ async def test_a_database_without_an_audit_trail_has_no_callers(make_project: Pr
 
 
 @pytest.mark.parametrize(("per_day", "text"), [
-    (1204.4, "1,204"), (10, "10"), (9.96, "10"), (3.5, "3.5"), (1, "1"), (1 / 30, "0.033"), (0, "0"),
+    (1204.4, "1,204"), (10, "10"), (9.96, "10"), (3.5, "3.5"), (1, "1.0"), (0.1, "0.1"), (1 / 30, "0.033"),
+    (0, "0"),
 ])
 def test_rate_text(per_day: float, text: str) -> None:
     assert rate_text(per_day) == text

@@ -219,6 +219,8 @@ class _Database:
     actual_name: str
     tables: dict[tuple[str, str], list[str]]
     signatures: dict[str, Signature | CompileError]
+    pending: bool = False
+    """Migrations are pending (GHC041): what a contract misses may be what they add."""
 
 
 async def _migration_findings(conn: asyncpg.Connection, project: Project, database: str) -> list[Finding]:
@@ -258,11 +260,13 @@ async def _inspect(project: Project, findings: list[Finding], lock: Lock | None)
             findings.append(_error("GHC042", str(exc), hint="start it, or set its URL (see gatehouse.toml)"))
             continue
         try:
-            findings += await _migration_findings(conn, project, name)
+            found = await _migration_findings(conn, project, name)
+            findings += found
             tables = {(r["schema"], r["table"]): list(r["columns"] or []) for r in await conn.fetch(TABLES)}
             signatures = await live_signatures(conn, project, name)
             findings += await lineage_findings(conn, project, name, lock)
-            databases[name] = _Database(name, await conn.fetchval("SELECT current_database()"), tables, signatures)
+            databases[name] = _Database(name, await conn.fetchval("SELECT current_database()"), tables, signatures,
+                                        pending=any(f.code == "GHC041" for f in found))
         except asyncpg.PostgresError as exc:
             findings.append(_error("GHC042", f"database {name}: the check could not read it: {exc}"))
         finally:
@@ -302,7 +306,10 @@ def _compile_finding(project: Project, contract: ContractVersion, error: Compile
                              if (c.schema or "public", c.table) in db.tables
                              and c.column not in db.tables[(c.schema or "public", c.table)])
     hints = [f"it reads {', '.join(missing_tables)}, which the database does not have"] if missing_tables else []
-    if missing_columns:
+    if missing_columns and db.pending:
+        hints.append(f"it reads {', '.join(missing_columns)}, which the database does not have yet: if a pending "
+                     "migration adds it, run `gatehouse migrate` first (GHC041)")
+    elif missing_columns:
         hints.append(f"it reads {', '.join(missing_columns)}, which no longer exist(s): dropped or renamed by a "
                      "migration? Keep the old column (expand, then contract) or retire this version")
     if error.hint:

@@ -19,9 +19,10 @@ from gatehouse.db.sync import ApplyReport, apply_database, bootstrap
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ProjectError
 from gatehouse.migrate.batch import Progress
+from gatehouse.migrate.files import Migration
 from gatehouse.migrate.lint import LintReport, backfill_tables, lint_migrations, row_estimates
 from gatehouse.migrate.plan import Plan, plan_database
-from gatehouse.migrate.runner import Migration, StatusRow, migrate, pending_migrations, repair, status
+from gatehouse.migrate.runner import StatusRow, migrate, pending_migrations, repair, status
 from gatehouse.migrate.views import ViewKeeper
 from gatehouse.observe import audit_query
 from gatehouse.project import Project
@@ -40,22 +41,27 @@ async def owner_connection(project: Project, database: str | None = None) -> Asy
         await conn.close()
 
 
-async def migrate_all(project: Project, *, force: bool = False, progress: Progress | None = None,
+async def migrate_all(project: Project, *, progress: Progress | None = None,
                       on_restored: Callable[[str, str, list[str]], None] | None = None,
+                      on_applied: Callable[[str, Migration, float], None] | None = None,
                       ) -> dict[str, list[tuple[Migration, float]]]:
     """Apply pending migrations of every database, in declaration order, the contract views kept standing
     through each one (:class:`~gatehouse.migrate.views.ViewKeeper`). A migration after which a contract
-    view cannot be created again is refused, unless ``force``: then that view stays dropped.
+    view cannot be created again is refused, forced or not (``force`` is the plan's business: the CLI's).
 
     ``progress`` hears about each batch of a batched backfill; ``on_restored(database, migration, views)``
-    about the views a migration needed dropped and created again."""
+    about the views a migration needed dropped and created again; ``on_applied(database, migration,
+    seconds)`` about each migration as it commits (a later one may still fail)."""
 
     def keeper(name: str) -> ViewKeeper:
         told = None if on_restored is None else lambda label, views: on_restored(name, label, views)
-        return ViewKeeper(project, name, strict=not force, on_restored=told)
+        return ViewKeeper(project, name, on_restored=told)
+
+    def applied(name: str) -> Callable[[Migration, float], None] | None:
+        return None if on_applied is None else lambda migration, seconds: on_applied(name, migration, seconds)
 
     return await each_database(project, lambda name, conn: migrate(
-        conn, project.migrations_dir(name), keeper=keeper(name), progress=progress))
+        conn, project.migrations_dir(name), keeper=keeper(name), progress=progress, on_applied=applied(name)))
 
 
 async def apply_all(project: Project) -> list[ApplyReport]:

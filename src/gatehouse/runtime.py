@@ -225,10 +225,10 @@ class Runtime:
         balancer never pulls every instance at once; it turns false when a view this server needs is gone.
         Each database is asked (all at once, each within ``READY_TIMEOUT_S``) on the internal pool, so the
         answer is the database's state now."""
-        project = self.project
         names = list(self._internal)
         answers = await asyncio.gather(*(self._served(self._internal[name]) for name in names),
                                        return_exceptions=True)
+        project = self.project  # after the awaits: a reload installs the project, then marks its revision seen
         report: dict[str, str] = {}
         for name, served in zip(names, answers, strict=True):
             if isinstance(served, BaseException):

@@ -13,6 +13,7 @@ from rich.table import Table
 from gatehouse import operations
 from gatehouse.cli.common import State, fail, out, project_here, run, run_sync
 from gatehouse.migrate.batch import BatchProgress
+from gatehouse.migrate.files import Migration
 from gatehouse.migrate.plan import RECENT_DAYS, Impact, Plan
 from gatehouse.server import run_in_loop
 
@@ -42,8 +43,14 @@ def _print_plans(plans: list[Plan]) -> None:
             continue
         out.print(f"[bold]{plan.database}[/]: pending {', '.join(plan.pending)}")
         if plan.skipped:
-            out.print(f"  [yellow]not run in the plan (no-transaction, or a batched backfill checked on 0 rows):[/] "
-                      f"{', '.join(plan.skipped)}")
+            out.print(f"  [yellow]not run in the plan:[/] {', '.join(plan.skipped)}", highlight=False)
+            why = [f"{', '.join(plan.no_transaction)}: no-transaction, so not inside the plan's transaction"
+                   ] if plan.no_transaction else []
+            if plan.stopped_at:
+                why.append(f"{plan.stopped_at} is a batched backfill, checked on 0 rows, and what follows it may "
+                           "need its rows; `migrate` still refuses any migration after which a contract view "
+                           "cannot be created again")
+            out.print(f"    ({'; '.join(why)})", highlight=False)
         if plan.failure:
             out.print(f"  [red]would fail:[/] {plan.failure}")
         for impact in plan.impacts:
@@ -106,13 +113,21 @@ def _migrate(*, force: bool, command: str) -> None:
     project = project_here()
     with out.status("planning..."):
         plans = run(operations.plan_all(project))
-    if any(p.breaking for p in plans):
+    breaking = [impact for plan in plans for impact in plan.breaking]
+    if breaking:
         _print_plans(plans)
+        gone = sorted({impact.label for impact in breaking if impact.error})
+        if gone:  # no view could be made for them: forcing would take them off the API
+            raise fail(f"after these migrations {', '.join(gone)} would no longer compile, so the API would lose "
+                       "them; --force cannot ship that",
+                       hint="keep what they read, or first retire the API versions that serve them ([versions.vN] "
+                            'status = "retired" in gatehouse.toml, then `gatehouse apply`); see '
+                            "docs/safe-schema-changes.md")
         if not force:  # the advice names the command as typed, and where it works when that is not here
             here = State.project_path.resolve() == Path.cwd().resolve() or "GATEHOUSE_PROJECT" in os.environ
-            raise fail("these migrations would break released contract versions; follow expand → migrate → "
-                        f"contract (docs/safe-schema-changes.md), or run `gatehouse {command} --force`"
-                        + ("" if here else f" in {State.project_path.resolve()}"))
+            raise fail("these migrations would break contract versions the API serves; follow expand → migrate → "
+                       f"contract (docs/safe-schema-changes.md), or run `gatehouse {command} --force`"
+                       + ("" if here else f" in {State.project_path.resolve()}"))
     with out.status("linting pending migrations..."):
         reports = run(operations.lint_pending(project))
     for database, report in reports.items():
@@ -129,12 +144,13 @@ def _migrate(*, force: bool, command: str) -> None:
             out.print(f"[green]{database}[/]: {label} needed {len(views)} contract view(s) dropped; created "
                       f"again in its transaction, so no app saw them missing: {', '.join(views)}")
 
-        results = run(operations.migrate_all(project, force=force, progress=progress, on_restored=restored))
+        def applied(database: str, migration: Migration, seconds: float) -> None:  # as each commits
+            out.print(f"[green]{database}[/]: applied {migration.label} ({seconds * 1000:.0f} ms)")
+
+        results = run(operations.migrate_all(project, progress=progress, on_restored=restored, on_applied=applied))
     for database, done in results.items():
         if not done:
             out.print(f"[green]{database}[/]: up to date")
-        for migration, seconds in done:
-            out.print(f"[green]{database}[/]: applied {migration.label} ({seconds * 1000:.0f} ms)")
     if any(results.values()):  # the schema moved: make the contract views, roles and grants match again
         try:
             synced_reports = run_in_loop(operations.apply_all(project))

@@ -19,9 +19,6 @@ columns reordered                                         no         JSON is by 
 relation removed                                          yes        ``select=...,target(...)`` embeds fail
 relation one ↔ many                                       yes        the embed changes from an object to a
                                                                      list, or back
-relation became ambiguous                                 yes        one relation to a target became two or
-                                                                     more: ``target(*)`` answers 300 and
-                                                                     clients must add a ``!hint``
 relation added                                            no
 ========================================================  =========  ==========================================
 
@@ -66,6 +63,13 @@ T[] ↔ T                                                   yes        an array 
 any other change                                          yes        numbers ↔ strings, enums, domains, types
                                                                      not in this table
 ========================================================  =========  ==========================================
+
+**An embed that became ambiguous** (one relation to a target became two or more, so ``target(*)`` answers
+300) is breaking too, but it cannot be judged here: a signature records the union of a contract version's
+relations over every API version that serves it, while the server builds them per API version, and a
+relation that only an unreleased version offers breaks nobody. :mod:`gatehouse.contracts.ambiguity` judges
+it per API version; ``migrate plan`` reports it as a :class:`Change` of kind
+:data:`RELATION_BECAME_AMBIGUOUS`.
 
 A rename cannot be told from a removal plus an addition with certainty; a removed and an added column
 at the same position with the same type are reported as one rename, which is what they almost always are.
@@ -164,42 +168,6 @@ def _relation_text(relation: RelationRef) -> str:
     return f"{','.join(relation.columns)} → {relation.target}({','.join(relation.target_columns)})"
 
 
-def _hint(relation: RelationRef, others: Iterable[RelationRef]) -> str:
-    """An ``!hint`` that picks ``relation`` among ``others`` to the same target: a column of its own (the
-    server matches a hint against each relation's columns on both sides), else its foreign key's name."""
-    taken = {name for other in others if other != relation for name in (*other.columns, *other.target_columns)}
-    mine = (name for name in (*relation.columns, *relation.target_columns) if name not in taken)
-    return next(mine, "<foreign key name>")
-
-
-def _ambiguities(old: Sequence[RelationRef], new: Sequence[RelationRef]) -> list[Change]:
-    """Embeds that worked by the target's name alone and now match several relations (PostgREST's 300).
-
-    Only a target with exactly one relation before counts: with none, nobody embedded it; with several,
-    clients already had to name one. Identical relations are one (a set of :class:`RelationRef`).
-    """
-    def by_target(relations: Iterable[RelationRef]) -> dict[str, set[RelationRef]]:
-        found: dict[str, set[RelationRef]] = {}
-        for relation in relations:
-            found.setdefault(relation.target, set()).add(relation)
-        return found
-
-    before, after = by_target(old), by_target(new)
-    changes: list[Change] = []
-    for target in sorted(before):
-        offered = sorted(after.get(target, ()))
-        if len(before[target]) != 1 or len(offered) < 2:
-            continue
-        (was,) = before[target]
-        hints = " or ".join(f"{target}!{_hint(r, offered)}(*)" for r in offered)
-        changes.append(Change(
-            RELATION_BECAME_AMBIGUOUS, ",".join(was.columns),
-            f"embedding {target} is ambiguous now: {len(offered)} relations lead to it "
-            f"({' and '.join(_relation_text(r) for r in offered)}), so select=*,{target}(*) answers 300; "
-            f"clients would have to name one: {hints}", True))
-    return changes
-
-
 def _relation_changes(old: Sequence[RelationRef], new: Sequence[RelationRef]) -> list[Change]:
     def by_key(relations: Iterable[RelationRef]) -> dict[tuple[str, tuple[str, ...], tuple[str, ...]], bool]:
         return {(r.target, r.columns, r.target_columns): r.to_one for r in relations}
@@ -218,7 +186,7 @@ def _relation_changes(old: Sequence[RelationRef], new: Sequence[RelationRef]) ->
             shape = "one object" if after[key] else "a list"
             changes.append(Change(RELATION_CARDINALITY_CHANGED, ",".join(columns),
                                   f"relation {text} now embeds {shape}", True))
-    return changes + _ambiguities(old, new)
+    return changes
 
 
 def compare(old: Signature, new: Signature) -> list[Change]:

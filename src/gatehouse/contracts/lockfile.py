@@ -26,7 +26,9 @@ The checksum names its algorithm so a later gatehouse can switch algorithms and 
 
 **Declared nullability.** PostgreSQL reports every view column as nullable, so a contract declares the
 columns that are never null in a header comment, ``-- not null: id, name`` (one or more such lines among
-the file's leading comments). Making a column nullable later is a breaking change.
+the file's leading comments). Making a column nullable later is a breaking change. A new version whose
+promise its tables do not keep (a nullable base column, an outer join) is not released: recording the
+column as nullable would release a weaker promise than the file makes, without anyone noticing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gatehouse.contracts.compat import compare, describe_changes, is_breaking
 from gatehouse.contracts.shape import Column, CompileError, RelationRef, Signature
+from gatehouse.contracts.signature import LiveSignatures, NullablePromise
 from gatehouse.errors import ProjectError
 from gatehouse.project import Project
 
@@ -271,7 +274,8 @@ class LockReport:
     """(label, changes) of released versions whose file is unchanged and whose signature changed compatibly."""
     dropped: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
-    """(label, why) of released versions that changed, or new versions numbered too low; --force allows it."""
+    """(label, why) of released versions that changed, or new versions numbered too low (--force allows those),
+    or new versions whose ``-- not null:`` promise the tables do not keep (never released so)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """(label, PostgreSQL's message) of versions that do not compile: no signature, so they cannot be locked."""
 
@@ -298,6 +302,11 @@ def _relative(project: Project, path: Path) -> str:
         return path.as_posix()
 
 
+def _promise_refusal(relative: str, broken: Iterable[NullablePromise]) -> str:
+    return "; ".join(f"`-- not null:` promises {p.column}, but it can be null: it {p.why}; releasing it would "
+                     f"record {p.column} as nullable: {p.fix(f'in {relative}')}" for p in broken)
+
+
 def update_lock(project: Project, signatures: Mapping[str, Signature | CompileError], existing: Lock | None,
                 *, force: bool = False) -> tuple[Lock, LockReport]:
     """Release every contract version of ``signatures`` not yet in the lock; keep the released ones.
@@ -309,8 +318,16 @@ def update_lock(project: Project, signatures: Mapping[str, Signature | CompileEr
     not compile is never locked. All or nothing: if anything is refused or fails, the returned lock is
     ``existing`` unchanged. With ``force``, entries whose file is gone are dropped (do this only for
     versions whose API versions are all retired).
+
+    Refused even with ``force``: a new version whose ``-- not null:`` promises a column its lineage says can
+    be null, when ``signatures`` carry the promises (:class:`~gatehouse.contracts.signature.LiveSignatures`,
+    as :func:`~gatehouse.contracts.signature.project_signatures` gives them). Its signature shows the column
+    nullable, so releasing it would record a weaker promise than the file makes; the fix is in the table (a
+    migration adding NOT NULL) or in the file. A released version is judged by :func:`compare` instead (a
+    column that became nullable is breaking).
     """
     report = LockReport()
+    promises = signatures.promises if isinstance(signatures, LiveSignatures) else {}
     old = existing or Lock()
     released = old.released_api_version
     contracts = {c.label: c for c in project.contracts}
@@ -329,9 +346,12 @@ def update_lock(project: Project, signatures: Mapping[str, Signature | CompileEr
             algorithm = DEFAULT_ALGORITHM
         entry = LockEntry(live, _relative(project, contract.path), file_checksum(contract.path, algorithm))
         if previous is None:
+            refusals = [_promise_refusal(entry.file, promises[label])] if promises.get(label) else []
             if existing is not None and live.version <= released and not force:
-                report.refused.append((label, f"API v{released} is already released; a new contract version needs "
-                                              f"a number above {released} ({live.contract}.v{released + 1})"))
+                refusals.append(f"API v{released} is already released; a new contract version needs a number "
+                                f"above {released} ({live.contract}.v{released + 1})")
+            if refusals:
+                report.refused.append((label, "; ".join(refusals)))
                 continue
             kept[label] = entry
             report.added.append(label)

@@ -13,8 +13,14 @@ whatever the comment says, so it comes out nullable. A promise is only ever weak
 a computed column, or one read from a view, keeps its declaration (PostgreSQL cannot tell more). So
 ``ALTER TABLE ... DROP NOT NULL`` under a released promise is a breaking change to ``migrate plan`` and
 ``check``, like a dropped column. Relations come from the base tables' constraints, traced through
-each contract's lineage exactly as the server does (:mod:`gatehouse.contracts.relations`); a contract
-version served in several API versions offers the union of its relations in each of them.
+each contract's lineage exactly as the server does (:mod:`gatehouse.contracts.relations`), per API version;
+a signature records the union of a contract version's relations over the API versions that serve it (what
+an app may embed somewhere), so whether an embed is ambiguous is judged per API version instead
+(:mod:`gatehouse.contracts.ambiguity`).
+
+``gatehouse lock`` needs one thing more than the signatures: a new version whose promise the tables do not
+keep is refused rather than released with the column nullable (a weaker promise, recorded silently), so
+:func:`live_signatures` also returns the broken promises (:class:`LiveSignatures`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import asyncpg
 
 from gatehouse.contracts.lineage import SourceColumn, column_sources
 from gatehouse.contracts.model import ContractVersion, declared_not_null
-from gatehouse.contracts.relations import build_relations
+from gatehouse.contracts.relations import Relation, build_relations
 from gatehouse.contracts.shape import Column, CompileError, RelationRef, Signature
 from gatehouse.db import Connection
 from gatehouse.db.catalog import Constraint, load_constraints
@@ -72,29 +78,67 @@ class NullablePromise:
         table = f"{self.source.schema}.{self.source.table}" if self.source.schema else self.source.table
         return f"{table}.{self.source.column}"
 
+    @property
+    def why(self) -> str:
+        """``comes from items.name, which is nullable in the table``."""
+        if self.reason == OUTER_JOIN:
+            return f"comes from {self.base_column} through the nullable side of an outer join"
+        return f"comes from {self.base_column}, which is nullable in the table"
+
+    def fix(self, where: str) -> str:
+        """What to do about it; ``where`` says where the promise can be taken back (``in this file``)."""
+        if self.reason == OUTER_JOIN:
+            return (f"a row without a match gives null: remove {self.column} from `-- not null:` {where}, "
+                    f"or make it never null in the SQL (an inner join, coalesce)")
+        return (f"add NOT NULL to {self.base_column} in a migration (fill its nulls first), or remove "
+                f"{self.column} from `-- not null:` {where}")
+
+
+class LiveSignatures(dict[str, Signature | CompileError]):
+    """label → live signature (or why it does not compile), as a plain dict, plus :attr:`promises`: the
+    declared-not-null columns that can be null now, which :func:`gatehouse.contracts.lockfile.update_lock`
+    refuses to release (the signature alone shows a nullable column, not that the file promised otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.promises: dict[str, list[NullablePromise]] = {}
+
+    def merge(self, other: LiveSignatures) -> None:
+        """Add another database's signatures and promises (labels are unique across databases)."""
+        self.update(other)
+        self.promises.update(other.promises)
+
 
 def live_labels(project: Project) -> frozenset[str]:
     """Contract versions served by at least one live API version (a retired one has no view any more)."""
     return frozenset(c.label for served in project.versions.served.values() for c in served.values())
 
 
-def relations_by_label(project: Project, database: str,
-                       constraints: Iterable[Constraint]) -> dict[str, tuple[RelationRef, ...]]:
-    """Each contract version's relations: the union over the API versions that serve it."""
+def relations_by_api_version(project: Project, database: str,
+                             constraints: Iterable[Constraint]) -> dict[int, dict[str, list[Relation]]]:
+    """API version → contract version's label → its relations there, among the contracts of ``database`` that
+    the version serves: what :func:`gatehouse.schema_cache.build_schemas` gives the server."""
     constraints = list(constraints)
     lineages: dict[str, dict[str, SourceColumn]] = {
         c.label: column_sources(c.sql) for c in project.contracts if c.database == database
     }
     declared = declared_relations(project)
-    found: dict[str, set[RelationRef]] = {}
-    for served in project.versions.served.values():
+    found: dict[int, dict[str, list[Relation]]] = {}
+    for number, served in sorted(project.versions.served.items()):
         local = [c for c in served.values() if c.database == database]
         relations = build_relations(local, lineages, constraints, declared)
-        for contract in local:
-            refs = found.setdefault(contract.label, set())
-            for relation in relations.get(contract.name, []):
-                refs.add(RelationRef(relation.target, relation.source_columns, relation.target_columns,
-                                     relation.to_one))
+        found[number] = {c.label: relations.get(c.name, []) for c in local}
+    return found
+
+
+def relations_by_label(project: Project, database: str,
+                       constraints: Iterable[Constraint]) -> dict[str, tuple[RelationRef, ...]]:
+    """Each contract version's relations: the union over the API versions that serve it."""
+    found: dict[str, set[RelationRef]] = {}
+    for by_label in relations_by_api_version(project, database, constraints).values():
+        for label, relations in by_label.items():
+            found.setdefault(label, set()).update(
+                RelationRef(r.target, r.source_columns, r.target_columns, r.to_one) for r in relations)
     return {label: tuple(sorted(refs)) for label, refs in found.items()}
 
 
@@ -157,17 +201,19 @@ def signature_of(contract: ContractVersion, columns: Sequence[tuple[str, str]],
                      tuple(Column(name, type_, name not in not_null) for name, type_ in columns), relations)
 
 
-async def live_signatures(conn: Connection, project: Project, database: str) -> dict[str, Signature | CompileError]:
-    """label → signature (or why it does not compile) of every live contract version of ``database``."""
+async def live_signatures(conn: Connection, project: Project, database: str) -> LiveSignatures:
+    """label → signature (or why it does not compile) of every live contract version of ``database``, with
+    the promises its tables do not keep."""
     live = live_labels(project)
     contracts = [c for c in project.contracts if c.database == database and c.label in live]
     relations = relations_by_label(project, database, await load_constraints(conn))
-    results: dict[str, Signature | CompileError] = {}
+    results = LiveSignatures()
     transaction = conn.transaction()
     await transaction.start()
     try:
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         promises = await nullable_promises(conn, contracts)
+        results.promises.update(promises)
         for index, contract in enumerate(contracts):
             try:
                 async with conn.transaction():  # a savepoint: one contract's error leaves the others alone
@@ -182,13 +228,13 @@ async def live_signatures(conn: Connection, project: Project, database: str) -> 
     return results
 
 
-async def project_signatures(project: Project) -> dict[str, Signature | CompileError]:
+async def project_signatures(project: Project) -> LiveSignatures:
     """:func:`live_signatures` of every database of the project (what ``gatehouse lock`` records)."""
-    results: dict[str, Signature | CompileError] = {}
+    results = LiveSignatures()
     for name, target in (await resolve_targets(project)).items():
         conn = await target.connect_owner()
         try:
-            results.update(await live_signatures(conn, project, name))
+            results.merge(await live_signatures(conn, project, name))
         finally:
             await conn.close()
     return results

@@ -43,31 +43,23 @@ one (a missing index makes each batch scan the table).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from gatehouse.db.changes import announce
 from gatehouse.errors import ProjectError
+from gatehouse.migrate.files import (
+    CHECKSUM_ALGORITHM,
+    DEFAULT_BATCH_SIZE,
+    BatchStatement,
+    Migration,
+    MigrationFailed,
+    batch_statement,
+)
 from gatehouse.migrate.history import record
-from gatehouse.migrate.statements import Statement, data_statement, mask, split_statements
-
-if TYPE_CHECKING:
-    from gatehouse.migrate.runner import Migration
-
-MARKER = re.compile(r"^\s*--\s*gatehouse:\s*batch\b(?P<size>.*)$", re.IGNORECASE)
-DEFAULT_BATCH_SIZE = 1000
-MAX_BATCH_SIZE = 1_000_000
-PLACEHOLDER = re.compile(r"(?<![:\w]):batch_size\b")
-BOUNDED = re.compile(r"\b(?i:LIMIT|FETCH\s+(?:FIRST|NEXT))\s+:batch_size\b")
-SKIP_LOCKED = re.compile(r"\s+SKIP\s+LOCKED\b", re.IGNORECASE)
-EXAMPLE = ("UPDATE products SET title = name WHERE id IN "
-           "(SELECT id FROM products WHERE title IS NULL LIMIT :batch_size FOR UPDATE SKIP LOCKED);")
 
 LOCK_TIMEOUT_MS = 1000
 """How long one batch waits for a lock (the table's, or a row an app has locked) before it is tried again."""
@@ -94,78 +86,11 @@ class BatchProgress:
 Progress = Callable[[BatchProgress], None]
 
 
-@dataclass(frozen=True, slots=True)
-class BatchStatement:
-    statement: Statement
-    table: str  # as written in the statement
-
-    def sql(self, size: int, *, skip_locked: bool = True) -> str:
-        """The statement with ``:batch_size`` replaced (in code only, not in a string or a comment)."""
-        text, code = self.statement.sql, mask(self.statement.sql)
-        spans = [m.span() for m in PLACEHOLDER.finditer(code)]
-        if not skip_locked:
-            spans += [m.span() for m in SKIP_LOCKED.finditer(code)]
-        for start, end in sorted(spans, reverse=True):
-            text = text[:start] + (str(size) if text[start] == ":" else "") + text[end:]
-        return text
-
-    @property
-    def skips_locked(self) -> bool:
-        return SKIP_LOCKED.search(mask(self.statement.sql)) is not None
-
-    def line_of(self, error: asyncpg.PostgresError, sent: str) -> int:
-        """The file's line of PostgreSQL's error position in ``sent`` (this statement, as run)."""
-        position = int(error.position) if error.position and error.position.isdigit() else 0
-        return self.statement.line + sent.count("\n", 0, max(position - 1, 0))
-
-
-def batch_size(path: Path, sql: str) -> int | None:
-    """The batch size of a ``-- gatehouse: batch`` file (whose statement is checked here, at discovery), or
-    None for any other file. Raises :class:`ProjectError` naming the file and the fix."""
-    first = next((line for line in sql.splitlines() if line.strip()), "")
-    marker = MARKER.match(first)
-    if marker is None:
-        if ":batch_size" in sql and BOUNDED.search(mask(sql)):  # (mask reads every character: only if needed)
-            raise ProjectError("the file uses `:batch_size` but is not a batch migration", where=str(path),
-                               hint="make `-- gatehouse: batch` its first line (or write a number instead)")
-        return None
-    size = marker["size"].strip()
-    if size and not (size.isdigit() and 0 < int(size) <= MAX_BATCH_SIZE):
-        raise ProjectError(f"cannot read the batch size in `{first.strip()}`", where=str(path),
-                           hint=f"write `-- gatehouse: batch` ({DEFAULT_BATCH_SIZE} rows a batch) or "
-                                f"`-- gatehouse: batch 5000` (a whole number from 1 to {MAX_BATCH_SIZE:,})")
-    batch_statement(path, sql)
-    return int(size) if size else DEFAULT_BATCH_SIZE
-
-
-def batch_statement(path: Path, sql: str) -> BatchStatement:
-    """The one statement of a batch file, checked (see :func:`batch_size`)."""
-    statements = split_statements(sql)
-    if len(statements) != 1:
-        raise ProjectError(f"a batch migration holds exactly one UPDATE or DELETE; this file has "
-                           f"{len(statements)} statements", where=str(path),
-                           hint="move the other statements to migrations of their own (a schema change "
-                                f"before the backfill, in a file numbered lower); for example: {EXAMPLE}")
-    [statement] = statements
-    data = data_statement(statement.sql)
-    if data is None or data.command not in ("UPDATE", "DELETE"):
-        raise ProjectError("a batch migration runs an UPDATE or a DELETE again and again; this statement is "
-                           f"{statement.sql.split(None, 1)[0].upper()}", where=str(path),
-                           hint=f"write the backfill as one UPDATE or DELETE, for example: {EXAMPLE}")
-    if not BOUNDED.search(mask(statement.sql)):
-        raise ProjectError("a batch migration's statement takes its rows from a subquery with "
-                           "`LIMIT :batch_size` (gatehouse puts the batch size there); none is in this one",
-                           where=str(path), hint=f"select only the rows not yet done, for example: {EXAMPLE}")
-    return BatchStatement(statement, data.table)
-
-
 async def try_in_transaction(conn: asyncpg.Connection, migration: Migration) -> None:
     """In ``migrate plan``'s transaction: run the statement with a batch of 0 rows, so PostgreSQL checks it
     against the schema the earlier migrations made, without reading, locking or changing a row. The table's
     lock is waited for at most :data:`LOCK_TIMEOUT_MS`, as a batch would; if it is not had by then, the plan
     goes on without the check (the locks the plan holds meanwhile would make others wait)."""
-    from gatehouse.migrate.runner import MigrationFailed  # the runner imports this module
-
     target = batch_statement(migration.path, migration.sql)
     sent = target.sql(0)
     before = await conn.fetchval("SELECT current_setting('lock_timeout')")
@@ -183,8 +108,6 @@ async def try_in_transaction(conn: asyncpg.Connection, migration: Migration) -> 
 async def run_batches(conn: asyncpg.Connection, migration: Migration, *, progress: Progress | None = None) -> float:
     """Run a batch migration to the end and record it; returns how long it took (seconds). Call it outside a
     transaction, under the migration lock."""
-    from gatehouse.migrate.runner import MigrationFailed  # the runner imports this module
-
     started = time.perf_counter()
     target = batch_statement(migration.path, migration.sql)
     size = migration.batch_size or DEFAULT_BATCH_SIZE
@@ -228,7 +151,7 @@ class EndlessBatches(ProjectError):
             f"migration {migration.label} stopped after changing {done.rows:,} rows in {done.batches:,} batches, "
             f"more than twice the {done.table_rows:,} rows {target.table} had when it started: its subquery does "
             "not leave out the rows already done, so it would never end", where=str(migration.path),
-            hint="select only rows not yet done (for `SET title = name`, add `WHERE title IS NULL` to the "
+            hint="select only rows not yet done (e.g. for `SET title = name`, `WHERE title IS NULL` in the "
                  f"subquery); what its {done.batches:,} batches committed stays: some rows were changed more "
                  "than once, so check them before you run it again")
 
@@ -238,8 +161,6 @@ async def _record(conn: asyncpg.Connection, migration: Migration, started: float
     """Record the run in the history: done, or failed. A failure is recorded as retryable (``in_transaction``):
     its committed batches are finished work, not a partial change to undo by hand, and the next run continues
     them. A failure that cannot be recorded says so on the error."""
-    from gatehouse.migrate.runner import CHECKSUM_ALGORITHM  # the runner imports this module
-
     try:
         await record(conn, version=migration.version, description=migration.description,
                      checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,

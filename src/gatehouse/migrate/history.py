@@ -7,7 +7,7 @@ Shape (close to Flyway's ``flyway_schema_history``)::
     description         from the file name (``V003__add_sku.sql`` -> ``add_sku``); a repeatable's identity
     kind                'versioned' | 'repeatable'
     checksum            of the file's text, by
-    checksum_algorithm  the algorithm's name (see ``runner.CHECKSUMS``), so it can change without false alarms
+    checksum_algorithm  the algorithm's name (see ``files.CHECKSUMS``), so it can change without false alarms
     applied_by          the database user that ran it
     applied_at, duration_ms
     success             false: the attempt failed (the row is written after the rollback)

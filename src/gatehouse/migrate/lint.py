@@ -41,7 +41,7 @@ from typing import Any
 
 import asyncpg
 
-from gatehouse.migrate.runner import Migration
+from gatehouse.migrate.files import Migration
 from gatehouse.migrate.statements import IDENTIFIER, NAME, data_statement, mask, same_table
 
 TIMEOUT_SECONDS = 120

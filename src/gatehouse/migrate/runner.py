@@ -25,8 +25,6 @@ The history table is described in :mod:`gatehouse.migrate.history`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -39,124 +37,17 @@ import asyncpg
 from gatehouse.db.changes import announce
 from gatehouse.errors import ProjectError
 from gatehouse.migrate import batch
+from gatehouse.migrate.files import CHECKSUM_ALGORITHM, Migration, MigrationFailed, discover
 from gatehouse.migrate.history import HistoryRow, delete_failed, ensure_history, read_history, realign, record
-from gatehouse.migrate.statements import Statement, split_statements
+from gatehouse.migrate.statements import Statement
 from gatehouse.migrate.views import ContractsWouldBreak, StatementFailed, ViewKeeper
 
-VERSIONED = re.compile(r"^V(?P<version>[0-9]{1,9})__(?P<description>[A-Za-z0-9_]+)\.sql$")
-REPEATABLE = re.compile(r"^R__(?P<description>[A-Za-z0-9_]+)\.sql$")
-NO_TRANSACTION = re.compile(r"^\s*--\s*gatehouse:\s*no-transaction\s*$", re.IGNORECASE)
-DIRECTIVE = re.compile(r"^\s*--\s*gatehouse:", re.IGNORECASE)
 MIGRATE_LOCK_KEY = 0x67686D6967  # "ghmig"
-
-# name -> checksum of a migration's text (UTF-8, line endings read as "\n", no byte-order mark). The name is
-# stored with each checksum; a new algorithm gets a new name and old rows keep being checked with theirs.
-CHECKSUMS: dict[str, Callable[[str], str]] = {"sha256": lambda text: hashlib.sha256(text.encode()).hexdigest()}
-CHECKSUM_ALGORITHM = "sha256"
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int | None  # None: a repeatable migration
-    description: str
-    path: Path
-    sql: str
-    transactional: bool = True  # in one transaction, with its history row
-    batch_size: int | None = None  # a ``-- gatehouse: batch`` file (not transactional): rows a batch
-
-    @property
-    def kind(self) -> str:
-        return "versioned" if self.version is not None else "repeatable"
-
-    @property
-    def checksum(self) -> str:
-        return CHECKSUMS[CHECKSUM_ALGORITHM](self.sql)
-
-    def checksum_with(self, algorithm: str) -> str:
-        if algorithm not in CHECKSUMS:
-            raise ProjectError(f"the history of {self.path.name} uses checksum algorithm {algorithm!r}, "
-                               "which this gatehouse does not know", hint="upgrade gatehouse")
-        return CHECKSUMS[algorithm](self.sql)
-
-    @property
-    def label(self) -> str:
-        text = self.description.replace("_", " ")
-        return f"V{self.version:03d} {text}" if self.version is not None else f"R {text}"
-
-    def statements(self) -> list[Statement]:
-        return split_statements(self.sql)
-
-
-class MigrationFailed(ProjectError):
-    """A migration failed in the database; ``__cause__`` is PostgreSQL's error.
-
-    ``statement`` is the statement that failed in a ``no-transaction`` migration (None for one run in a
-    transaction, where nothing of it stays).
-    """
-
-    def __init__(self, migration: Migration, error: asyncpg.PostgresError, *, line: int | None,
-                 statement: Statement | None = None) -> None:
-        self.migration, self.line, self.sqlstate = migration, line, error.sqlstate
-        self.reason = f"line {line}: {error.message}" if line else error.message  # what the history records
-        said = "".join(f"\n  {name}: {text}" for name, text in (("detail", error.detail),
-                                                                 ("PostgreSQL's hint", error.hint)) if text)
-        hints: list[str] = []
-        if statement is None:
-            if error.sqlstate == "25001":  # active_sql_transaction: e.g. CREATE INDEX CONCURRENTLY
-                hints.append("this statement cannot run inside a transaction: make `-- gatehouse: no-transaction` "
-                             "the file's first line (and keep that file to this one statement)")
-            hints.append("nothing of it was applied (it ran in one transaction): fix the file and apply again")
-        else:
-            statements = migration.statements()
-            number, total = statements.index(statement) + 1, len(statements)
-            kept = ("nothing before it ran" if number == 1 else "statement 1 was applied and stays" if number == 2
-                    else f"statements 1-{number - 1} were applied and stay")
-            hints.append(f"it ran outside a transaction and statement {number} of {total} failed ({kept})")
-            if "concurrently" in statement.sql.lower():
-                hints.append("a failed CREATE INDEX CONCURRENTLY can leave an INVALID index behind: drop it")
-            hints.append("undo or finish the change by hand, then run `gatehouse migrate repair`; "
-                         "apply refuses to run until then")
-        at = f" at line {line}" if line else ""
-        super().__init__(f"migration {migration.label} failed{at}: {error.message}{said}", where=str(migration.path),
-                         hint="; ".join(hints))
-
-
-def _read(path: Path) -> tuple[str, bool, int | None]:
-    """The file's SQL (without a byte-order mark), whether it runs in one transaction, and its batch size
-    (None unless it is a batch file, which :func:`batch.batch_size` checks)."""
-    sql = path.read_text(encoding="utf-8").removeprefix("\ufeff")
-    lines = [(n, line) for n, line in enumerate(sql.splitlines(), 1) if line.strip()]
-    marked = [(n, line) for n, line in lines if NO_TRANSACTION.match(line) or batch.MARKER.match(line)]
-    if marked and marked[0][0] != lines[0][0]:
-        raise ProjectError(f"`{marked[0][1].strip()}` is on line {marked[0][0]}; it counts only as the first line",
-                           where=str(path), hint="move it to the top of the file")
-    if lines and DIRECTIVE.match(lines[0][1]) and not marked:
-        raise ProjectError(f"unknown directive `{lines[0][1].strip()}`", where=str(path),
-                           hint="gatehouse knows `-- gatehouse: no-transaction` and `-- gatehouse: batch [size]`")
-    return sql, not marked, batch.batch_size(path, sql)
-
-
-def discover(folder: Path) -> list[Migration]:
-    """Every migration in the folder: versioned ones in version order, then repeatable ones in name order."""
-    if not folder.is_dir():
-        return []
-    versioned: dict[int, Migration] = {}
-    repeatable: list[Migration] = []
-    for path in sorted(folder.glob("*.sql")):
-        if match := REPEATABLE.match(path.name):
-            repeatable.append(Migration(None, match["description"], path, *_read(path)))
-            continue
-        match = VERSIONED.match(path.name)
-        if match is None:
-            raise ProjectError("a migration file is named V<number>__<description>.sql "
-                               "(or R__<description>.sql for a repeatable one)",
-                               where=str(path), hint="for example V003__add_product_sku.sql or R__report_views.sql")
-        version = int(match["version"])
-        if version in versioned:
-            raise ProjectError(f"version {version} is used twice (also {versioned[version].path.name})",
-                               where=str(path))
-        versioned[version] = Migration(version, match["description"], path, *_read(path))
-    return [versioned[v] for v in sorted(versioned)] + sorted(repeatable, key=lambda m: m.description)
+LOCK_TIMEOUT_MS = 500
+"""How long a migration's statement waits for a table's lock before its transaction gives way (see
+:func:`_in_transaction`)."""
+LOCK_ATTEMPTS = 12
+FIRST_LOCK_PAUSE_S, LONGEST_LOCK_PAUSE_S = 0.05, 2.0
 
 
 def _latest_repeatable(history: list[HistoryRow]) -> dict[str, HistoryRow]:
@@ -230,8 +121,8 @@ async def migration_lock(conn: asyncpg.Connection) -> AsyncIterator[None]:
 
 
 async def migrate(conn: asyncpg.Connection, folder: Path, *, skip_no_transaction: bool = False,
-                  keeper: ViewKeeper | None = None,
-                  progress: batch.Progress | None = None) -> list[tuple[Migration, float]]:
+                  keeper: ViewKeeper | None = None, progress: batch.Progress | None = None,
+                  on_applied: Callable[[Migration, float], None] | None = None) -> list[tuple[Migration, float]]:
     """Apply what is pending; returns what ran and how long each took (seconds).
 
     Called inside a transaction (a dry run), a ``no-transaction`` migration cannot run: it raises, or is
@@ -239,7 +130,9 @@ async def migrate(conn: asyncpg.Connection, folder: Path, *, skip_no_transaction
     and created again inside each migration's transaction as the migration needs (:mod:`.views`); every
     migration that commits tells the running servers to reload (:func:`gatehouse.db.changes.announce`).
     ``progress`` hears of each committed batch of a batch migration. In a dry run, a batch migration is only
-    tried with a batch of 0 rows (:func:`batch.try_in_transaction`) and is not in the result.
+    tried with a batch of 0 rows (:func:`batch.try_in_transaction`) and is not in the result, and the dry run
+    stops there: a later migration may need the rows the backfill writes (a ``VALIDATE CONSTRAINT``, a
+    ``SET NOT NULL``), so trying it without them would report a failure that will not happen.
     """
     migrations = discover(folder)
     done: list[tuple[Migration, float]] = []
@@ -255,10 +148,13 @@ async def migrate(conn: asyncpg.Connection, folder: Path, *, skip_no_transaction
         for migration in todo:
             if migration.batch_size is None:
                 done.append((migration, await _apply(conn, migration, keeper)))
-            elif conn.is_in_transaction():
-                await batch.try_in_transaction(conn, migration)
+            elif conn.is_in_transaction():  # a dry run: what follows a backfill depends on its rows, which
+                await batch.try_in_transaction(conn, migration)  # the dry run cannot write; it stops here
+                break
             else:
                 done.append((migration, await batch.run_batches(conn, migration, progress=progress)))
+            if on_applied is not None:
+                on_applied(*done[-1])
     return done
 
 
@@ -272,15 +168,7 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, keeper: ViewKee
     current: Statement | None = None
     try:
         if migration.transactional:
-            async with conn.transaction():
-                if keeper is not None:
-                    await keeper.run(conn, migration.sql, migration.label)
-                else:
-                    await conn.execute(migration.sql)
-                await record(conn, version=migration.version, description=migration.description,
-                             checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
-                             duration_ms=elapsed_ms())
-                await announce(conn, f"migration {migration.label}")
+            await _in_transaction(conn, migration, keeper, elapsed_ms)
         else:
             for current in statements:
                 await conn.execute(current.sql)
@@ -306,6 +194,47 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, keeper: ViewKee
         await _record_failure(conn, migration, failure, failure.reason, elapsed_ms())
         raise failure from error
     return time.perf_counter() - started
+
+
+async def _in_transaction(conn: asyncpg.Connection, migration: Migration, keeper: ViewKeeper | None,
+                          elapsed_ms: Callable[[], int]) -> None:
+    """The migration and its history row in one transaction, waiting for no lock longer than
+    :func:`lock_timeout_ms`: when one is not had by then, the transaction is rolled back (so the readers queued
+    behind the migration go on) and tried again after a pause, up to :data:`LOCK_ATTEMPTS` times.
+
+    Why: an ``ALTER TABLE`` locks its table, then each view that depends on it; a reader locks a view, then its
+    table. Both at once is a deadlock, and PostgreSQL may pick the *reader* as its victim (an app's 500). A
+    migration that waits less than ``deadlock_timeout`` gives way first, every time; and while it waits, every
+    reader of the table queues behind it, which a short wait also bounds. A file's own ``SET LOCAL
+    lock_timeout`` still wins for the statements after it."""
+    timeout = await lock_timeout_ms(conn)
+    pause = FIRST_LOCK_PAUSE_S
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {timeout}")
+                if keeper is not None:
+                    await keeper.run(conn, migration.sql, migration.label)
+                else:
+                    await conn.execute(migration.sql)
+                await record(conn, version=migration.version, description=migration.description,
+                             checksum=migration.checksum, checksum_algorithm=CHECKSUM_ALGORITHM,
+                             duration_ms=elapsed_ms())
+                await announce(conn, f"migration {migration.label}")
+            return
+        except (asyncpg.LockNotAvailableError, StatementFailed) as waited:
+            error = waited.error if isinstance(waited, StatementFailed) else waited
+            if not isinstance(error, asyncpg.LockNotAvailableError) or attempt == LOCK_ATTEMPTS:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, LONGEST_LOCK_PAUSE_S)
+
+
+async def lock_timeout_ms(conn: asyncpg.Connection) -> int:
+    """What a migration's statements wait for a lock, at most: :data:`LOCK_TIMEOUT_MS`, and always less than
+    the server's ``deadlock_timeout`` (so that a deadlock with a reader ends with the migration giving way)."""
+    deadlock_ms = await conn.fetchval("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'")
+    return max(10, min(LOCK_TIMEOUT_MS, int(deadlock_ms or 1000) // 2))
 
 
 async def _record_failure(conn: asyncpg.Connection, migration: Migration, failure: Exception, reason: str,
@@ -345,7 +274,7 @@ def _row(m: Migration | None, kind: str, version: int | None, description: str, 
 
 
 def _failed_note(row: HistoryRow) -> str:
-    then = "retried by the next apply" if row.in_transaction else \
+    then = "retried by the next `gatehouse migrate`" if row.in_transaction else \
         "ran outside a transaction: undo or finish it by hand, then `gatehouse migrate repair`"
     return f"{row.error} ({then})"
 

@@ -80,8 +80,11 @@ class StatementFailed(Exception):
 class ContractsWouldBreak(ProjectError):
     """After the migration, contract views cannot be created again: the migration is refused as a whole."""
 
-    def __init__(self, failures: list[tuple[str, str]], users: dict[str, list[str]], *, pinned: bool) -> None:
+    def __init__(self, migration: str, failures: list[tuple[str, str]], users: dict[str, list[str]], *,
+                 pinned: bool) -> None:
+        self.migration = migration
         self.failures = failures
+        """(contract version's label, PostgreSQL's reason), one per label."""
         self.users = users
         """label → the apps pinned to its API versions (``pinned``), else the apps granted its contract."""
         said = "pinned to it" if pinned else "granted it"
@@ -89,12 +92,12 @@ class ContractsWouldBreak(ProjectError):
                                                     else f" (no app {said})") for label, reason in failures)
         apps = sorted({app for label, _ in failures for app in users.get(label, [])})
         super().__init__(
-            f"the migrated tables no longer serve {len(failures)} contract version(s), so nothing was applied:"
-            f"{lines}",
+            f"migration {migration} was not applied: after it, {len(failures)} contract version(s) the API serves "
+            f"could not be created again (nothing of it stays; migrations before it did apply):{lines}",
             hint=(f"apps that would break: {', '.join(apps)}. " if apps else "")
             + "keep what these versions read (expand → migrate → contract, docs/safe-schema-changes.md): add "
-              "the new shape in a new contract version, move the apps, retire the old version, then change "
-              "the tables",
+              "the new shape in a new contract version, move the apps, retire the old version (`gatehouse "
+              "apply`), then change the tables. --force cannot ship this: the API would lose these versions",
         )
 
 
@@ -106,7 +109,9 @@ class ViewKeeper:
     database: str
     strict: bool = True
     """False in ``migrate plan``: a view that cannot be created again is left out (the plan reports its
-    contract as no longer compiling) instead of refusing the migration."""
+    contract as no longer compiling) instead of refusing the migration. ``migrate`` is always strict, even
+    forced: ``--force`` ships a change that breaks a promise (a type, a nullability), never one that takes a
+    served version away."""
     on_restored: Callable[[str, list[str]], None] | None = None
     """Told, after a migration that needed it, the migration's label and the views it created again."""
     restored: list[str] = field(default_factory=list)
@@ -125,7 +130,7 @@ class ViewKeeper:
                 await self._run_statement(conn, statement)
         standing = {(r["schemaname"], r["viewname"]) for r in await conn.fetch(
             r"SELECT schemaname, viewname FROM pg_views WHERE schemaname ~ '^api_v[0-9]+$'")}
-        await self._restore(conn, [view for key, view in before.items() if key not in standing])
+        await self._restore(conn, [view for key, view in before.items() if key not in standing], label)
         if self.restored and self.on_restored is not None:
             self.on_restored(label, list(self.restored))
 
@@ -165,8 +170,8 @@ class ViewKeeper:
                 return contract.sql, contract.checksum
         return view.definition, None
 
-    async def _restore(self, conn: asyncpg.Connection, missing: list[SavedView]) -> None:
-        failures: list[tuple[str, str]] = []
+    async def _restore(self, conn: asyncpg.Connection, missing: list[SavedView], label: str) -> None:
+        failures: dict[str, str] = {}  # one line per contract version, however many API versions serve it
         self.restored = []
         for view in missing:
             sql, checksum = self._contract_sql(view)
@@ -175,9 +180,9 @@ class ViewKeeper:
                     await _create(conn, view, sql, checksum)
                 self.restored.append(f"{view.schema}.{view.name}")
             except asyncpg.PostgresError as exc:
-                failures.append((_label(self.project, view), exc.message))
+                failures.setdefault(_label(self.project, view), exc.message)
         if failures and self.strict:
-            raise ContractsWouldBreak(failures, self._granted(label for label, _ in failures), pinned=False)
+            raise ContractsWouldBreak(label, list(failures.items()), self._granted(failures), pinned=False)
 
     def _granted(self, labels: Iterable[str]) -> dict[str, list[str]]:
         """The apps granted each contract version's contract (who could lose it)."""
@@ -200,7 +205,7 @@ class ViewKeeper:
             return refused
         if not any(pinned.values()):  # nobody called them lately: who *could* is the useful answer
             return refused
-        explained = ContractsWouldBreak(refused.failures, pinned, pinned=True)
+        explained = ContractsWouldBreak(refused.migration, refused.failures, pinned, pinned=True)
         explained.__cause__ = refused.__cause__
         return explained
 

@@ -77,7 +77,7 @@ async def version_usage(conn: Connection, *, days: int = 30, since: datetime | N
         total = sum(c.calls for c in calls)
         rows.append({
             "api_version": version, "app": app, "calls": total, "errors": sum(c.errors for c in calls),
-            "per_day": total / found.days, "last_call": max(c.last_call for c in calls),
+            "per_day": found.rate(calls), "last_call": max(c.last_call for c in calls),
             "targets": sorted(c.target for c in calls), "pinned": version in now_on,
             "moved_to": None if version in now_on else max(now_on),
         })

@@ -24,6 +24,8 @@ from datetime import datetime, timedelta
 from gatehouse.db import Connection
 
 DAY_SECONDS = 86_400.0
+MIN_SPAN_S = 3_600.0
+"""A rate is never taken over less than an hour: ten calls in the last minute are not 14,400 a day."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class Calls:
     calls: int
     errors: int
     last_call: datetime
+    first_call: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,14 @@ class Window:
     def days(self) -> float:
         """The window's length in days; at least a second, so a rate is always defined."""
         return max((self.until - self.since).total_seconds(), 1.0) / DAY_SECONDS
+
+    def rate(self, calls: list[Calls]) -> float:
+        """Calls per day over the time these calls span in the window: from the first of them to the window's
+        end (at least an hour). So an app's rate is the same whatever the window, once the window holds all of
+        its calls: a plan's 30 days and ``versions --since 7d`` agree about an app that started 2 days ago."""
+        first = min(c.first_call for c in calls)
+        span = max((self.until - max(first, self.since)).total_seconds(), MIN_SPAN_S)
+        return sum(c.calls for c in calls) / (span / DAY_SECONDS)
 
     def latest(self) -> dict[tuple[str, str], int]:
         """(app, target) → the API version of the app's most recent call to that target in the window.
@@ -82,7 +93,7 @@ async def window(conn: Connection, *, since: datetime | None = None, days: float
     rows = await conn.fetch(
         f"""
         SELECT app, target, api_version, count(*) AS calls, count(*) FILTER (WHERE status >= 400) AS errors,
-               max(at) AS last_call
+               max(at) AS last_call, min(at) AS first_call
         FROM gatehouse.audit
         WHERE at >= $1 AND {condition} AND app <> '' AND api_version > 0
         GROUP BY app, target, api_version
@@ -90,7 +101,7 @@ async def window(conn: Connection, *, since: datetime | None = None, days: float
         *params,
     )
     return Window(start, until, [Calls(r["app"], r["target"], r["api_version"], r["calls"], r["errors"],
-                                       r["last_call"]) for r in rows])
+                                       r["last_call"], r["first_call"]) for r in rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +134,7 @@ def uses_of(found: Window, target: str, versions: tuple[int, ...]) -> list[AppUs
         total = sum(c.calls for c in calls)
         uses.append(AppUse(app, latest[app, target] in versions, latest[app, target],
                            tuple(sorted(c.api_version for c in calls)), max(c.last_call for c in calls), total,
-                           total / found.days))
+                           found.rate(calls)))
     return sorted(uses, key=lambda u: (not u.pinned, -u.calls, u.app))
 
 
@@ -138,8 +149,10 @@ async def affected_apps(conn: Connection, contract: str, versions: tuple[int, ..
 
 
 def rate_text(per_day: float) -> str:
-    """Calls per day for people: ``1,204``, ``3.5``, ``0.033``."""
-    return f"{per_day:,.0f}" if per_day >= 10 else f"{per_day:.2g}"
+    """Calls per day for people: ``1,204``, ``3.5``, ``2.0``, ``0.033``."""
+    if round(per_day, 1) >= 10:
+        return f"{per_day:,.0f}"
+    return f"{per_day:.1f}" if per_day >= 0.1 else f"{per_day:.2g}"
 
 
 def when_text(moment: datetime) -> str:
