@@ -217,8 +217,7 @@ async def test_kill_9_in_the_middle_of_a_migration_leaves_every_view(make_projec
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     async with operations.owner_connection(project) as conn:
         for _ in range(200):  # until the migration sleeps with the views dropped
-            if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
-                                   "AND pid <> pg_backend_pid() AND datname = current_database()"):
+            if await conn.fetchval(f"SELECT count(*) {SLEEPING}"):
                 break
             await asyncio.sleep(0.05)
         else:
@@ -226,8 +225,7 @@ async def test_kill_9_in_the_middle_of_a_migration_leaves_every_view(make_projec
         migrating.send_signal(signal.SIGKILL)
         migrating.wait(10)
         # its backend still sleeps: it notices the dead client only when the statement ends; end it now
-        await conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
-                           "AND pid <> pg_backend_pid() AND datname = current_database()")
+        await conn.execute(f"SELECT pg_cancel_backend(pid) {SLEEPING}")
         await _until(lambda: _no_migration_running(conn))
         assert await conn.fetchval("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                                    "WHERE attrelid = 'api_v1.items'::regclass AND attname = 'price'") == "integer"
@@ -243,9 +241,13 @@ async def test_kill_9_in_the_middle_of_a_migration_leaves_every_view(make_projec
                                    "WHERE attrelid = 'api_v1.items'::regclass AND attname = 'price'") == "bigint"
 
 
+SLEEPING = ("FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid() "
+            "AND datname = current_database()")
+"""The migration's backend, asleep in the middle of it."""
+
+
 async def _no_migration_running(conn: Any) -> bool:
-    return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
-                                   "AND pid <> pg_backend_pid() AND datname = current_database()")
+    return not await conn.fetchval(f"SELECT count(*) {SLEEPING}")
 
 
 async def test_a_migration_gives_way_to_readers_instead_of_queueing_them(make_project: ProjectFactory) -> None:

@@ -17,10 +17,12 @@ from gatehouse.migrate.files import Migration
 from gatehouse.migrate.plan import RECENT_DAYS, Impact, Plan
 from gatehouse.server import run_in_loop
 
-migrate_app = typer.Typer(help="Versioned SQL migrations: migrations/V<NNN>__<desc>.sql and R__<desc>.sql.")
+migrate_app = typer.Typer(help="Versioned SQL migrations: migrations/V<NNN>__<desc>.sql and R__<desc>.sql (first "
+                               "line `-- gatehouse: no-transaction`, or `-- gatehouse: batch 1000` for a backfill).")
 
 
-FORCE_HELP = "Apply even if released contract versions would break."
+FORCE_HELP = ("Apply even if released contract versions would break (a narrowing, a column that may now be null); "
+              "never a change after which a served contract no longer compiles.")
 
 
 @migrate_app.callback(invoke_without_command=True)
@@ -90,7 +92,7 @@ def _print_callers(impact: Impact) -> None:
 @migrate_app.command("plan")
 def migrate_plan() -> None:
     """Run the pending migrations in a transaction, compare every released contract with contracts.lock, roll
-    back, and say which contract versions would break and which apps called them recently. Exits 1 if any would."""
+    back, and say which contract versions would break and which apps are pinned to them. Exits 1 if any would."""
     project = project_here()
     with out.status("planning (migrations run in a transaction that is rolled back)..."):
         plans = run(operations.plan_all(project))
@@ -104,8 +106,9 @@ def migrate_apply(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
-    """Plan, lint with squawk, apply the pending migrations (each once, in order, under a lock), then re-sync the
-    contract views. A migration that would break a released contract version is refused unless --force."""
+    """Plan, lint, apply the pending migrations (each once, in order, under a lock; contract views a migration
+    touches are re-created in its own transaction), then re-sync the views, roles and grants. Running servers
+    reload on their own. A migration that would break a released contract version is refused unless --force."""
     _migrate(force=force or bool(ctx.parent and ctx.parent.params.get("force")), command="migrate apply")
 
 
