@@ -67,13 +67,22 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
     (plan,) = await operations.plan_all(project)
     assert plan.pending == ["V003 add product title", "V004 backfill product title"]
     assert plan.skipped == ["V004 backfill product title"] and not plan.breaking and plan.failure is None
+    # with V005 copied too, the plan stops at the backfill: V005 needs its rows, so it is listed as not run
+    _copy(root, "V005__require_product_title.sql")
+    (plan,) = await operations.plan_all(load_project(root))
+    assert plan.stopped_at == "V004 backfill product title" and plan.failure is None and not plan.breaking
+    assert plan.skipped == ["V004 backfill product title", "V005 require product title"]
+    (root / "migrations" / "V005__require_product_title.sql").unlink()
     lints = await operations.lint_pending(project)
     assert [f.rule for f in lints["shop"].findings] == []  # the ALTER and the backfill are apart
     await operations.migrate_all(project)
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM products WHERE title IS DISTINCT FROM name") == 0
-    # title is filled but still nullable in the table, so v3's `-- not null: title` is not kept yet
+    # title is filled but still nullable in the table, so v3's `-- not null: title` is not kept yet, and
+    # lock refuses to release v3 with it
     assert [f.code for f in await run_check(root)] == ["GHC055"]
+    _, refused = update_lock(project, await project_signatures(project), read_lock(root))
+    assert [label for label, _ in refused.refused] == ["products.v3"] and "title" in refused.refused[0][1]
     _copy(root, "V005__require_product_title.sql")
     project = load_project(root)
     (plan,) = await operations.plan_all(project)
@@ -102,6 +111,7 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
     assert set(broken) == {"products.v1", "products.v2"}
     assert broken["products.v1"].would_break == [] and [u.app for u in broken["products.v1"].callers] == ["web"]
     assert broken["products.v2"].would_break == ["analytics"]
+    assert all(impact.error for impact in plan.breaking)  # they would not compile: not even --force ships it
     (root / "migrations" / "V006__drop_product_name.sql").unlink()
     _edit(root, "default_version = 2", "default_version = 3")
     project = load_project(root)

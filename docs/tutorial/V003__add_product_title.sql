@@ -1,7 +1,7 @@
 -- Expand: products get a title, which replaces name. This file only changes the table's shape, so the
 -- ACCESS EXCLUSIVE lock of its ALTER TABLEs lasts milliseconds: a column without a default and a
 -- constraint NOT VALID change no row and scan none. V004 fills title, V005 makes it NOT NULL.
-SET LOCAL lock_timeout = '1s';
+SET LOCAL lock_timeout = '500ms';
 SET LOCAL statement_timeout = '5s';
 ALTER TABLE products ADD COLUMN title text;
 ALTER TABLE products ADD CONSTRAINT products_title_not_null CHECK (title IS NOT NULL) NOT VALID;

@@ -1,5 +1,5 @@
 -- Contract: no live API version reads products.name any more (v1 and v2 are retired), so it goes.
-SET LOCAL lock_timeout = '1s';
+SET LOCAL lock_timeout = '500ms';
 SET LOCAL statement_timeout = '5s';
 DROP TRIGGER products_sync_title ON products;
 DROP FUNCTION products_sync_title();

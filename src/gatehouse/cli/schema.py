@@ -49,9 +49,10 @@ def _print_plans(plans: list[Plan]) -> None:
             why = [f"{', '.join(plan.no_transaction)}: no-transaction, so not inside the plan's transaction"
                    ] if plan.no_transaction else []
             if plan.stopped_at:
-                why.append(f"{plan.stopped_at} is a batched backfill, checked on 0 rows, and what follows it may "
-                           "need its rows; `migrate` still refuses any migration after which a contract view "
-                           "cannot be created again")
+                later = plan.skipped[plan.skipped.index(plan.stopped_at) + 1:]
+                why.append(f"{plan.stopped_at} is a batched backfill, checked on 0 rows" + (
+                    ", and what follows it may need its rows; `migrate` still refuses any migration after which "
+                    "a contract view cannot be created again" if later else ""))
             out.print(f"    ({'; '.join(why)})", highlight=False)
         if plan.failure:
             out.print(f"  [red]would fail:[/] {plan.failure}")
@@ -121,8 +122,9 @@ def _migrate(*, force: bool, command: str) -> None:
         _print_plans(plans)
         gone = sorted({impact.label for impact in breaking if impact.error})
         if gone:  # no view could be made for them: forcing would take them off the API
+            them = "them" if len(gone) > 1 else "it"
             raise fail(f"after these migrations {', '.join(gone)} would no longer compile, so the API would lose "
-                       "them; --force cannot ship that",
+                       f"{them}: not even --force ships that",
                        hint="keep what they read, or first retire the API versions that serve them ([versions.vN] "
                             'status = "retired" in gatehouse.toml, then `gatehouse apply`); see '
                             "docs/safe-schema-changes.md")

@@ -94,10 +94,10 @@ class ContractsWouldBreak(ProjectError):
         super().__init__(
             f"migration {migration} was not applied: after it, {len(failures)} contract version(s) the API serves "
             f"could not be created again (nothing of it stays; migrations before it did apply):{lines}",
-            hint=(f"apps that would break: {', '.join(apps)}. " if apps else "")
-            + "keep what these versions read (expand → migrate → contract, docs/safe-schema-changes.md): add "
+            hint=(f"Apps that would break: {', '.join(apps)}. " if apps else "")
+            + "Keep what these versions read (expand → migrate → contract, docs/safe-schema-changes.md): add "
               "the new shape in a new contract version, move the apps, retire the old version (`gatehouse "
-              "apply`), then change the tables. --force cannot ship this: the API would lose these versions",
+              "apply`), then change the tables. Not even --force ships this: the API would lose these versions",
         )
 
 
@@ -200,7 +200,7 @@ class ViewKeeper:
             for label, _ in refused.failures:
                 versions = tuple(n for n, c in self.project.versions.views() if c.label == label)
                 uses = await affected_apps(conn, label.rpartition(".v")[0], versions)
-                pinned[label] = [use.app for use in uses if use.pinned]
+                pinned[label] = sorted(use.app for use in uses if use.pinned)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             return refused
         if not any(pinned.values()):  # nobody called them lately: who *could* is the useful answer
