@@ -25,7 +25,7 @@ from gatehouse.contracts import compat
 from gatehouse.contracts.ambiguity import find_ambiguities
 from gatehouse.contracts.lineage import column_sources
 from gatehouse.contracts.lockfile import Checksum, Lock, LockEntry, read_lock, update_lock, write_lock
-from gatehouse.contracts.model import ContractVersion
+from gatehouse.contracts.model import ContractVersion, parse_contract_sql
 from gatehouse.contracts.relations import DeclaredRelation, Relation, build_relations
 from gatehouse.contracts.shape import Column, RelationRef, Signature
 from gatehouse.contracts.signature import project_signatures
@@ -37,7 +37,8 @@ from test_usage import call, write
 
 
 def _contract(name: str, sql: str) -> ContractVersion:
-    return ContractVersion(name, 1, "main", sql, (), "", Path(f"contracts/{name}.v1.sql"))
+    return ContractVersion(name, 1, "main", sql, parse_contract_sql(sql, where=name), "",
+                           Path(f"contracts/{name}.v1.sql"))
 
 
 ORDERS = _contract("orders", "SELECT id, customer_id FROM orders")
@@ -63,6 +64,13 @@ def test_a_declared_relation_repeating_a_foreign_key_is_one_relation() -> None:
                                ("declared",))],
     }
     assert relations["orders"][0].hints == ("orders_customer_id_fkey", "declared")
+
+
+def test_a_declared_relation_joins_only_versions_that_show_both_columns() -> None:
+    older = _contract("orders", "SELECT id FROM orders")  # before customer_id was in the contract
+    relations = build_relations([older, CUSTOMERS], {**LINEAGES, older.label: column_sources(older.sql)}, PRIMARY,
+                                DECLARED)
+    assert relations == {"orders": [], "customers": []}
 
 
 def test_two_identical_foreign_keys_are_one_relation_named_after_the_first() -> None:

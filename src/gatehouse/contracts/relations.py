@@ -107,9 +107,9 @@ def build_relations(contracts: Iterable[ContractVersion], lineages: Mapping[str,
                 relations[one.name].append(
                     Relation(one.name, many.name, one_columns, many_columns, reverse_to_one, fk.name)
                 )
-    names = {c.name for c in served}
-    for link in declared:
-        if link.source in names and link.target in names:
+    columns = {c.name: set(c.columns) for c in served}
+    for link in declared:  # only between versions that show both columns: an older one may not have them yet
+        if link.source_column in columns.get(link.source, ()) and link.target_column in columns.get(link.target, ()):
             relations[link.source].append(Relation(link.source, link.target, (link.source_column,),
                                                    (link.target_column,), True, "declared"))
             relations[link.target].append(Relation(link.target, link.source, (link.target_column,),
