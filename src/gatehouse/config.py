@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.errors import ProjectError
+from gatehouse.limits.gcra import Rate
 from gatehouse.secrets import DatabaseUrl, SecretRef
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
@@ -71,6 +72,8 @@ class ServerConfig(Strict):
                                        description="a pooled database connection this old is closed once free")
     auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,
                                           description="failed authentications per client address per minute")
+    admission_wait_ms: int = Field(default=200, ge=0, le=60_000,
+                                   description="how long a request waits for one of its app's max_in_flight slots")
     max_connections: int = Field(default=4096, ge=1, le=1_000_000, description="open connections per port")
     max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576,
                                   description="request line and headers of one request (431 beyond)")
@@ -106,6 +109,19 @@ class Quota(Strict):
     pool_size: int = Field(default=5, ge=1, le=200, description="concurrent database connections of this app")
     max_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on rows per response")
     statement_timeout_ms: int = Field(default=5000, ge=1, le=3_600_000)
+    rate: str | None = Field(default=None, description='requests per second, minute, hour or day: "50/s", '
+                                                       '"3000/min" (429 beyond, with RateLimit headers)')
+    burst: int | None = Field(default=None, ge=1, le=1_000_000_000,
+                              description="requests admitted at once after a quiet spell (default: the rate's count)")
+    max_in_flight: int | None = Field(default=None, ge=1, le=100_000,
+                                      description="this app's requests answered at once; more wait, then 429")
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            Rate.parse(value)  # its ValueError names what is accepted
+        return value
 
 
 class Grant(Strict):
@@ -115,6 +131,15 @@ class Grant(Strict):
         default=None, max_length=2000,
         description="rows this app may see and change, in the request dialect: tenant_id=eq.{claims.tenant_id}",
     )
+    rate: str | None = Field(default=None, description='a limit of its own for these actions on this contract: "5/s"')
+    burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            Rate.parse(value)
+        return value
 
     @field_validator("actions")
     @classmethod

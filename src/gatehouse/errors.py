@@ -340,7 +340,7 @@ class BodyTimeout(ApiError):
     status, code = 408, "GH408"
 
 
-# --- 401/429: who is calling ----------------------------------------------------------------------
+# --- 401/429: who is calling, and how fast ----------------------------------------------------------------------
 
 
 class Unauthenticated(ApiError):
@@ -371,10 +371,24 @@ class InvalidClaims(Unauthenticated):
     code = "PGRST303"
 
 
-class TooManyFailures(ApiError):
-    """This caller or this credential failed authentication too often within the minute (``auth/failures.py``)."""
+@abstract
+class TooManyRequests(ApiError):
+    """429: the caller must slow down, for as long as ``Retry-After`` says. Each reason is a subclass."""
 
     status, code = 429, "GH429"
+
+
+class TooManyFailures(TooManyRequests):
+    """This caller or this credential failed authentication too often within the minute (``auth/failures.py``)."""
+
+
+class RateLimited(TooManyRequests):
+    """The app (or its grant on this contract) used up its rate limit (``limits/admission.py``); the answer
+    carries the ``RateLimit`` fields and ``Retry-After``."""
+
+
+class TooManyInFlight(TooManyRequests):
+    """The app already has ``quota.max_in_flight`` requests being answered and no slot freed up in time."""
 
 
 # --- 403: what the calling app may do --------------------------------------------------------------

@@ -31,9 +31,11 @@ from gatehouse.runtime import Runtime
 WRITE_ACTIONS = writing.WRITE_ACTIONS
 
 
-async def identify(request: HttpRequest, runtime: Runtime) -> tuple[Identity, App]:
+async def identify(request: HttpRequest, runtime: Runtime, contract: str | None = None,
+                   actions: tuple[str, ...] = ()) -> tuple[Identity, App]:
     """Authenticate (401, or 429 for a caller or credential that keeps failing; a valid credential always
-    passes; no database work either way) and record who calls."""
+    passes; no database work either way), record who calls, and admit the request under the app's rate limits
+    (its own, and its grant's on ``contract`` for these ``actions``) and its requests in flight (429)."""
     assert runtime.keys is not None
     apps = runtime.project.apps
     try:
@@ -47,6 +49,8 @@ async def identify(request: HttpRequest, runtime: Runtime) -> tuple[Identity, Ap
         raise Unauthenticated("Invalid API key or token", hint="The application no longer exists.")
     labels = request.labels
     labels.app, labels.key_id, labels.subject = app.name, identity.key_id, identity.subject
+    labels.limit_headers = runtime.limiter.check(app, contract, actions)  # 429
+    labels.release = await runtime.in_flight.enter(app)  # 429 after a short wait
     return identity, app
 
 
@@ -93,7 +97,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     assert runtime.pools is not None
     project, labels = runtime.project, request.labels
 
-    identity, app = await identify(request, runtime)  # 401
+    identity, app = await identify(request, runtime, contract_name, ("read",))  # 401 / 429
     if runtime.audit is not None and not runtime.audit.accepting():
         raise AuditUnavailable()  # 503: no read goes unrecorded
     route = read_route(request, project, runtime.routes, app, contract_name, path_version)  # 406/404/403/416
@@ -139,7 +143,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
 
 
 async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
-    identity, app = await identify(request, runtime)  # 401
+    identity, app = await identify(request, runtime, contract_name, WRITE_ACTIONS[request.method])  # 401 / 429
     plan = await writing.plan_write(request, runtime, identity, app, contract_name, path_version)  # 406/404/403/413/400
     outcome = None
     if plan.statement is not None:  # else nothing to write: answered without the database

@@ -26,6 +26,7 @@ from gatehouse.db.faults import is_dead
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.follow import Follower, Revisions
+from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project, load_project
@@ -47,6 +48,8 @@ class Runtime:
     tokens: JwtVerifier | None = None
     audit: AuditWriter | None = None
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    in_flight: InFlight = field(default_factory=lambda: InFlight(0.2))
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
     plans: PlanCache[ReadPlan] = field(default_factory=PlanCache)
@@ -67,6 +70,8 @@ class Runtime:
     async def start(self) -> None:
         project = self.project
         self.auth_failures = FailureThrottle(project.config.server.auth_failures_per_minute)
+        self.limiter = RateLimiter()
+        self.in_flight = InFlight(project.config.server.admission_wait_ms / 1000)
         self.targets = await resolve_targets(project)
         try:
             for name, target in self.targets.items():
@@ -137,6 +142,7 @@ class Runtime:
         schemas = build_schemas(project, catalog, constraints)
         self.project, self.catalog, self.schemas = project, catalog, schemas
         self.plans, self.routes = PlanCache(), PlanCache()
+        self.limiter.follow()
 
     async def reload(self) -> None:
         """:meth:`_reload`, counted in the metrics by outcome."""

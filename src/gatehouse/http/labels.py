@@ -7,6 +7,7 @@ refused at the first step (a bad key) is measured, logged and audited exactly on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -34,6 +35,10 @@ class RequestLabels:
     rows: int | None = None
     audited: bool = False
     """Set once a write's record committed with the write itself, so the middleware does not record it twice."""
+    limit_headers: dict[str, str] | None = None
+    """The ``RateLimit`` fields of an app under a rate limit: on every answer, success or error."""
+    release: Callable[[], None] | None = None
+    """Gives back the app's in-flight slot, once the answer is made."""
 
     @property
     def version(self) -> str:

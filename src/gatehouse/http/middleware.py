@@ -66,6 +66,12 @@ class RequestGuard:
         except BaseException:  # cancelled (the client went away): still measured and audited, as 499
             self._record(request, 499, time.perf_counter() - started)
             raise
+        finally:
+            if labels.release is not None:
+                labels.release()
+        if labels.limit_headers:
+            for name, value in labels.limit_headers.items():
+                response.headers.setdefault(name, value)
         response.headers["X-Request-Id"] = request_id
         self._record(request, response.status, time.perf_counter() - started)
         return response

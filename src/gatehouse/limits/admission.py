@@ -1,0 +1,137 @@
+"""Whether an app's request may go on: its rate limits, and how many of its requests may be in flight.
+
+Both are decided right after authentication and before any database work (``pipeline.identify``):
+
+* **Rate limits** (``[apps.x] quota = { rate = "50/s", burst = 100 }``, and a grant's own ``rate`` for its
+  contract and actions) are GCRA limits (:mod:`.gcra`); a request is admitted only if every limit that applies
+  admits it, and a refused request uses none of them. Every answer of a limited app carries the IETF
+  ``RateLimit-Policy`` and ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers-10: one policy per
+  limit, ``q`` requests per ``w`` seconds; ``RateLimit`` reports the policy with the least left, ``r`` left
+  and ``t`` seconds until it is whole again); a refusal is a 429 whose ``Retry-After`` and ``t`` name the
+  same moment.
+* **In flight** (``quota.max_in_flight``): at most that many of the app's requests are answered at once; the
+  next ones wait up to ``[server] admission_wait_ms`` for a slot, then get 429. A noisy app queues behind
+  itself instead of filling the server for everybody.
+
+The limits are this process's own. Several instances that must share one limit need the shared store (Redis),
+which is not built yet: until then, give each instance its share of the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gatehouse.errors import RateLimited, TooManyInFlight
+from gatehouse.limits.gcra import Decision, LocalGcra, Rate
+from gatehouse.project import App
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    """What the headers call it: ``app``, or ``<contract>:<actions>`` for a grant's own limit."""
+    rate: Rate
+
+    @property
+    def field(self) -> str:
+        return f'"{self.name}";q={self.rate.count};w={self.rate.window}'
+
+
+class RateLimiter:
+    """The rate limits of a project's apps, checked in this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._store = LocalGcra()
+        self._policies: dict[tuple[str, str | None, tuple[str, ...]], tuple[tuple[tuple[str, str], Policy], ...]] = {}
+        """Which limits apply, per app, limited contract (None for any other: the path is the caller's to
+        choose, so it never grows this) and actions."""
+        self._limited: dict[str, tuple[bool, frozenset[str]]] = {}
+        """Per app: has it a rate of its own, and which contracts have a grant with one."""
+
+    def follow(self) -> None:
+        """A reloaded project: its limits from now on (what was used of an unchanged limit is kept)."""
+        self._policies, self._limited = {}, {}
+
+    def _applying(self, app: App, contract: str | None,
+                  actions: tuple[str, ...]) -> tuple[tuple[tuple[str, str], Policy], ...]:
+        limited = self._limited.get(app.name)
+        if limited is None:  # once per app: most requests of most apps need no more than this
+            limited = self._limited[app.name] = (
+                app.config.quota.rate is not None,
+                frozenset(grant.contract for grant in app.config.grants if grant.rate is not None))
+        if contract not in limited[1]:
+            if not limited[0]:
+                return ()
+            contract = None
+        key = (app.name, contract, actions)
+        found = self._policies.get(key)
+        if found is None:
+            quota = app.config.quota
+            chosen: list[tuple[tuple[str, str], Policy]] = []
+            if quota.rate is not None:
+                chosen.append(((app.name, "app"), Policy("app", Rate.parse(quota.rate, quota.burst))))
+            for grant in app.config.grants:
+                if grant.rate is not None and grant.contract == contract and set(actions) & set(grant.actions):
+                    name = f"{grant.contract}:{'+'.join(grant.actions)}"
+                    chosen.append(((app.name, name), Policy(name, Rate.parse(grant.rate, grant.burst))))
+            found = self._policies[key] = tuple(chosen)
+        return found
+
+    def check(self, app: App, contract: str | None = None, actions: tuple[str, ...] = ()) -> dict[str, str]:
+        """The ``RateLimit`` header fields for an admitted request (empty when no limit applies); raises
+        :class:`RateLimited` (429) for a refused one."""
+        applying = self._applying(app, contract, actions)
+        if not applying:
+            return {}
+        decisions = self._store.check([(key, policy.rate) for key, policy in applying], self._clock())
+        refused = [(d, p) for d, (_, p) in zip(decisions, applying, strict=True) if not d.allowed]
+        if refused:
+            decision, policy = max(refused, key=lambda pair: pair[0].retry_after)
+            wait = max(1, math.ceil(decision.retry_after))
+            headers = _fields(applying, decision, policy, reset=wait)
+            headers["Retry-After"] = str(wait)
+            raise RateLimited(f"Too many requests: the limit of {policy.rate} ({policy.name}) is used up",
+                              hint=f"Retry in {wait} s.", headers=headers)
+        decision, policy = min(((d, p) for d, (_, p) in zip(decisions, applying, strict=True)),
+                               key=lambda pair: pair[0].remaining)
+        return _fields(applying, decision, policy, reset=math.ceil(decision.reset_after))
+
+
+def _fields(applying: tuple[tuple[tuple[str, str], Policy], ...], decision: Decision, policy: Policy, *,
+            reset: int) -> dict[str, str]:
+    return {"RateLimit-Policy": ", ".join(p.field for _, p in applying),
+            "RateLimit": f'"{policy.name}";r={decision.remaining};t={reset}'}
+
+
+class InFlight:
+    """At most ``quota.max_in_flight`` requests of an app at once; the others wait up to ``wait_s``."""
+
+    def __init__(self, wait_s: float) -> None:
+        self._wait_s = wait_s
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
+
+    async def enter(self, app: App) -> Callable[[], None] | None:
+        """Take a slot: returns what gives it back (None when the app has no bound); raises
+        :class:`TooManyInFlight` (429) when none frees up in time."""
+        bound = app.config.quota.max_in_flight
+        if bound is None:
+            return None
+        held = self._slots.get(app.name)
+        if held is None or held[0] != bound:  # new, or its bound changed with a reload: a new set of slots
+            held = self._slots[app.name] = (bound, asyncio.Semaphore(bound))
+        slots = held[1]
+        if slots.locked():
+            try:
+                await asyncio.wait_for(slots.acquire(), self._wait_s)
+            except TimeoutError:
+                raise TooManyInFlight(f"Too many requests in flight: this application may have {bound} at once",
+                                      hint="Retry in 1 s, or send fewer requests at once.",
+                                      headers={"Retry-After": "1"}) from None
+        else:
+            await slots.acquire()
+        return slots.release

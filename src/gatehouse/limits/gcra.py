@@ -1,0 +1,93 @@
+"""GCRA, the generic cell rate algorithm: an exact rate limit with a burst, kept as one number per key.
+
+A limit of ``q`` requests per ``w`` seconds admits one request every ``T = w / q`` seconds on average, and up
+to ``burst`` at once after a quiet spell. The state of a key is its *theoretical arrival time* (TAT): when the
+key would be fully rested. A request at ``now`` is admitted when ``max(TAT, now) + T - now <= burst * T``, and
+then the TAT moves forward by ``T``; a refused request changes nothing, so a client that keeps calling above
+the limit is still admitted at exactly the sustained rate (a sliding window that counts refusals would lock it
+out for good). Everything a ``RateLimit`` header says comes from the same arithmetic: what is left of the
+burst, how long until one more request is admitted, how long until the burst is whole again. The same
+algorithm is what Redis 8's ``GCRA`` command and most gateways' local limiters compute.
+
+:class:`LocalGcra` keeps the TATs of one process in a dict (about a microsecond a check); a shared store
+(Redis) can keep the same numbers for several instances.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RATE = re.compile(r"^\s*(?P<count>[1-9][0-9]{0,8})\s*/\s*(?P<unit>s|sec|second|min|minute|h|hour|d|day)\s*$")
+SECONDS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86_400,
+           "day": 86_400}
+UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86_400: "day"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` requests per ``window`` seconds, up to ``burst`` at once."""
+
+    count: int
+    window: int
+    burst: int
+
+    @classmethod
+    def parse(cls, text: str, burst: int | None = None) -> Rate:
+        """``"50/s"``, ``"3000/min"``, ``"100000/h"`` or ``"1000000/d"``; ``burst`` defaults to one window's
+        count. Raises ValueError with what is accepted."""
+        match = RATE.match(text)
+        if match is None:
+            raise ValueError(f"cannot read the rate {text!r}: write requests per second, minute, hour or day, "
+                             "e.g. \"50/s\", \"3000/min\", \"100000/h\"")
+        count, window = int(match["count"]), SECONDS[match["unit"]]
+        if burst is not None and burst < 1:
+            raise ValueError("burst is at least 1")
+        return cls(count, window, burst if burst is not None else count)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the sustained rate (GCRA's emission interval)."""
+        return self.window / self.count
+
+    def __str__(self) -> str:
+        return f"{self.count}/{UNIT_NAMES[self.window]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One limit's answer for one request."""
+
+    allowed: bool
+    remaining: int
+    """Requests that would still be admitted at once, after this one."""
+    retry_after: float
+    """Seconds until a refused request would be admitted (0 when allowed)."""
+    reset_after: float
+    """Seconds until the burst is whole again."""
+
+
+class LocalGcra:
+    """The TATs of this process, in monotonic seconds (a clock that never jumps back)."""
+
+    def __init__(self) -> None:
+        self._tat: dict[object, float] = {}
+
+    def check(self, limits: Sequence[tuple[object, Rate]], now: float) -> list[Decision]:
+        """Admit a request under every ``(key, rate)`` at once, or under none: a request refused by one limit
+        uses nothing of the others (their decisions then say what is left without it)."""
+        tats = [max(self._tat.get(key, now), now) for key, _ in limits]
+        admitted = all(tat + rate.interval - now <= rate.burst * rate.interval + 1e-9
+                       for tat, (_, rate) in zip(tats, limits, strict=True))
+        decisions = []
+        for tat, (key, rate) in zip(tats, limits, strict=True):
+            interval, capacity = rate.interval, rate.burst * rate.interval
+            if admitted:
+                tat = self._tat[key] = tat + interval
+            waited = tat + interval - now - capacity  # > 0: how long until one more fits
+            left = math.floor((capacity - (tat - now)) / interval + 1e-9)
+            decisions.append(Decision(admitted or waited <= 1e-9, max(0, left), 0.0 if waited <= 1e-9 else waited,
+                                      tat - now))
+        return decisions
