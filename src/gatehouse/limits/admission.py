@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 from gatehouse.errors import RateLimited, TooManyInFlight
 from gatehouse.limits.gcra import Decision, LocalGcra, Rate
@@ -88,23 +89,39 @@ class RateLimiter:
         applying = self._applying(app, contract, actions)
         if not applying:
             return {}
-        decisions = self._store.check([(key, policy.rate) for key, policy in applying], self._clock())
-        refused = [(d, p) for d, (_, p) in zip(decisions, applying, strict=True) if not d.allowed]
-        if refused:
-            decision, policy = max(refused, key=lambda pair: pair[0].retry_after)
+        decisions = self._store.check(_keyed(applying), self._clock())
+        tightest: tuple[Decision, Policy] | None = None
+        refused: tuple[Decision, Policy] | None = None
+        for decision, (_, policy) in zip(decisions, applying, strict=True):
+            if not decision.allowed and (refused is None or decision.retry_after > refused[0].retry_after):
+                refused = (decision, policy)
+            if tightest is None or decision.remaining < tightest[0].remaining:
+                tightest = (decision, policy)
+        if refused is not None:
+            decision, policy = refused
             wait = max(1, math.ceil(decision.retry_after))
             headers = _fields(applying, decision, policy, reset=wait)
             headers["Retry-After"] = str(wait)
             raise RateLimited(f"Too many requests: the limit of {policy.rate} ({policy.name}) is used up",
                               hint=f"Retry in {wait} s.", headers=headers)
-        decision, policy = min(((d, p) for d, (_, p) in zip(decisions, applying, strict=True)),
-                               key=lambda pair: pair[0].remaining)
+        assert tightest is not None
+        decision, policy = tightest
         return _fields(applying, decision, policy, reset=math.ceil(decision.reset_after))
+
+
+@cache
+def _keyed(applying: tuple[tuple[tuple[str, str], Policy], ...]) -> tuple[tuple[object, Rate], ...]:
+    return tuple((key, policy.rate) for key, policy in applying)
+
+
+@cache
+def _policy_field(applying: tuple[tuple[tuple[str, str], Policy], ...]) -> str:
+    return ", ".join(p.field for _, p in applying)
 
 
 def _fields(applying: tuple[tuple[tuple[str, str], Policy], ...], decision: Decision, policy: Policy, *,
             reset: int) -> dict[str, str]:
-    return {"RateLimit-Policy": ", ".join(p.field for _, p in applying),
+    return {"RateLimit-Policy": _policy_field(applying),
             "RateLimit": f'"{policy.name}";r={decision.remaining};t={reset}'}
 
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 RATE = re.compile(r"^\s*(?P<count>[1-9][0-9]{0,8})\s*/\s*(?P<unit>s|sec|second|min|minute|h|hour|d|day)\s*$")
 SECONDS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86_400,
            "day": 86_400}
 UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86_400: "day"}
+EPSILON = 1e-9
+"""Float slack: a request exactly on time is on time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,14 @@ class Rate:
     count: int
     window: int
     burst: int
+    interval: float = field(init=False, compare=False)
+    """Seconds between two requests at the sustained rate (GCRA's emission interval)."""
+    capacity: float = field(init=False, compare=False)
+    """How far ahead of now the TAT may run: ``burst`` intervals."""
+
+    def __post_init__(self) -> None:  # computed once: they are read on every limited request
+        object.__setattr__(self, "interval", self.window / self.count)
+        object.__setattr__(self, "capacity", self.burst * self.window / self.count)
 
     @classmethod
     def parse(cls, text: str, burst: int | None = None) -> Rate:
@@ -47,24 +58,19 @@ class Rate:
             raise ValueError("burst is at least 1")
         return cls(count, window, burst if burst is not None else count)
 
-    @property
-    def interval(self) -> float:
-        """Seconds between two requests at the sustained rate (GCRA's emission interval)."""
-        return self.window / self.count
-
     def __str__(self) -> str:
         return f"{self.count}/{UNIT_NAMES[self.window]}"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One limit's answer for one request."""
+class Decision(NamedTuple):
+    """One limit's answer for one request (a tuple: made on every limited request, and a frozen dataclass
+    costs several times as much to build)."""
 
     allowed: bool
     remaining: int
     """Requests that would still be admitted at once, after this one."""
     retry_after: float
-    """Seconds until a refused request would be admitted (0 when allowed)."""
+    """Seconds until one more request would be admitted (0 when one would be now)."""
     reset_after: float
     """Seconds until the burst is whole again."""
 
@@ -78,16 +84,26 @@ class LocalGcra:
     def check(self, limits: Sequence[tuple[object, Rate]], now: float) -> list[Decision]:
         """Admit a request under every ``(key, rate)`` at once, or under none: a request refused by one limit
         uses nothing of the others (their decisions then say what is left without it)."""
-        tats = [max(self._tat.get(key, now), now) for key, _ in limits]
-        admitted = all(tat + rate.interval - now <= rate.burst * rate.interval + 1e-9
-                       for tat, (_, rate) in zip(tats, limits, strict=True))
+        store = self._tat
+        tats = []
+        admitted = True
+        for key, rate in limits:
+            tat = store.get(key, now)
+            if tat < now:
+                tat = now
+            tats.append(tat)
+            if tat + rate.interval - now > rate.capacity + EPSILON:
+                admitted = False
         decisions = []
         for tat, (key, rate) in zip(tats, limits, strict=True):
-            interval, capacity = rate.interval, rate.burst * rate.interval
+            interval = rate.interval
             if admitted:
-                tat = self._tat[key] = tat + interval
-            waited = tat + interval - now - capacity  # > 0: how long until one more fits
-            left = math.floor((capacity - (tat - now)) / interval + 1e-9)
-            decisions.append(Decision(admitted or waited <= 1e-9, max(0, left), 0.0 if waited <= 1e-9 else waited,
-                                      tat - now))
+                tat = store[key] = tat + interval
+            ahead = tat - now
+            waited = ahead + interval - rate.capacity  # > 0: how long until one more fits
+            left = math.floor((rate.capacity - ahead) / interval + EPSILON)
+            if waited <= EPSILON:
+                decisions.append(Decision(True, left if left > 0 else 0, 0.0, ahead))
+            else:
+                decisions.append(Decision(admitted, left if left > 0 else 0, waited, ahead))
         return decisions
