@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ProjectFactory, prepare
+from conftest import SHOP, SHOP_MOBILE_RATE, ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import LocalGcra, Rate
@@ -170,3 +170,18 @@ def test_a_rate_that_cannot_be_read_names_the_key(make_project: ProjectFactory) 
         make_project(toml=TOML.replace('rate = "2/min"', 'rate = "lots"'), migrations={"V001__items.sql": MIGRATION},
                      contracts=CONTRACTS)
     assert "apps.mobile.quota.rate" in str(refused.value) and "3000/min" in str(refused.value)
+
+
+async def test_the_demo_limits_mobile_to_20_a_second(make_project: ProjectFactory, serve_project: Any) -> None:
+    assert SHOP_MOBILE_RATE in (SHOP / "gatehouse.toml").read_text()  # what the demo runs with
+    project = make_project(from_shop=True)  # the tests' copy leaves the rate out: put it back
+    toml = project.root / "gatehouse.toml"
+    toml.write_text(toml.read_text().replace("max_rows = 50 }", f"max_rows = 50{SHOP_MOBILE_RATE} }}"))
+    from gatehouse.project import load_project
+
+    project = load_project(project.root)
+    keys = await prepare(project)
+    client, _ = await serve_project(project)
+    statuses = [(await client.get("/products?limit=1", headers={"apikey": keys["mobile"]})).status_code
+                for _ in range(25)]
+    assert statuses[:20] == [200] * 20 and 429 in statuses[20:]

@@ -81,6 +81,11 @@ def _tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
         ("business logic in Python (logic/pricing.py): an order's total after the customer's discount",
          f"curl -s {base}/rpc/order_total -H 'apikey: {analytics}' -H 'Content-Type: application/json' "
          "-d '{\"order_id\": 7}'"),
+        ("mobile may make 20 requests a second: beyond that, 429 with Retry-After (the RateLimit fields say "
+         "what is left)",
+         f"for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' '{base}/products?limit=1' "
+         f"-H 'apikey: {mobile}'; done; echo; curl -si '{base}/products?limit=1' -H 'apikey: {mobile}' "
+         "| grep -i '^ratelimit'"),
         ("the OpenAPI 3.1 document of what this app may use (Swagger UI: open /docs in a browser)",
          f"curl -s {base}/ -H 'apikey: {mobile}' | head -c 300; echo"),
         ("no key, or a wrong one: 401 before any database work",
