@@ -264,7 +264,7 @@ async def _inspect(project: Project, findings: list[Finding], lock: Lock | None)
             findings += found
             tables = {(r["schema"], r["table"]): list(r["columns"] or []) for r in await conn.fetch(TABLES)}
             signatures = await live_signatures(conn, project, name)
-            findings += await lineage_findings(conn, project, name, lock)
+            findings += await lineage_findings(conn, project, name, lock, signatures)
             databases[name] = _Database(name, await conn.fetchval("SELECT current_database()"), tables, signatures,
                                         pending=any(f.code == "GHC041" for f in found))
         except asyncpg.PostgresError as exc:

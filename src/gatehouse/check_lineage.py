@@ -21,7 +21,7 @@ from gatehouse.check_findings import Finding
 from gatehouse.contracts.ambiguity import Ambiguity, find_ambiguities
 from gatehouse.contracts.lockfile import Lock
 from gatehouse.contracts.model import ContractVersion
-from gatehouse.contracts.signature import NullablePromise, live_labels, nullable_promises
+from gatehouse.contracts.signature import LiveSignatures, NullablePromise, live_labels
 from gatehouse.db import Connection
 from gatehouse.db.catalog import load_constraints
 from gatehouse.project import Project
@@ -74,14 +74,16 @@ def _ambiguity_finding(project: Project, contract: ContractVersion, ambiguity: A
 # --- together -------------------------------------------------------------------------------------------
 
 
-async def lineage_findings(conn: Connection, project: Project, database: str, lock: Lock | None) -> list[Finding]:
-    """GHC055 and GHC056 for the live contract versions of ``database``, on the owner connection ``conn``."""
+async def lineage_findings(conn: Connection, project: Project, database: str, lock: Lock | None,
+                           signatures: LiveSignatures) -> list[Finding]:
+    """GHC055 and GHC056 for the live contract versions of ``database``, on the owner connection ``conn``;
+    the broken promises are the ones :func:`~gatehouse.contracts.signature.live_signatures` found."""
     live = live_labels(project)
     contracts: Mapping[str, ContractVersion] = {
         c.label: c for c in project.contracts if c.database == database and c.label in live
     }
     findings = [_promise_finding(project, contracts[label], promise, lock)
-                for label, promises in (await nullable_promises(conn, contracts.values())).items()
+                for label, promises in signatures.promises.items() if label in contracts
                 for promise in promises]
     for ambiguity in find_ambiguities(project, database, await load_constraints(conn), lock):
         findings.append(_ambiguity_finding(project, contracts[ambiguity.label], ambiguity))

@@ -124,37 +124,39 @@ class ViewKeeper:
             async with conn.transaction():
                 await conn.execute(sql)
         except asyncpg.PostgresError as exc:
-            if not await self._blocking(conn, exc):
+            if not self._blocking(exc, set(before)):
                 raise
             for statement in split_statements(sql):
-                await self._run_statement(conn, statement)
+                await self._run_statement(conn, statement, set(before))
         standing = {(r["schemaname"], r["viewname"]) for r in await conn.fetch(
             r"SELECT schemaname, viewname FROM pg_views WHERE schemaname ~ '^api_v[0-9]+$'")}
         await self._restore(conn, [view for key, view in before.items() if key not in standing], label)
         if self.restored and self.on_restored is not None:
             self.on_restored(label, list(self.restored))
 
-    async def _run_statement(self, conn: asyncpg.Connection, statement: Statement) -> None:
+    async def _run_statement(self, conn: asyncpg.Connection, statement: Statement,
+                             ours: set[tuple[str, str]]) -> None:
         while True:
             try:
                 async with conn.transaction():
                     await conn.execute(statement.sql)
                 return
             except asyncpg.PostgresError as exc:
-                views = await self._blocking(conn, exc)
+                views = self._blocking(exc, ours)
                 if not views:
                     raise StatementFailed(statement, exc) from exc
                 for view in views:
                     await conn.execute(f"DROP VIEW {qualified(*view)}")
 
-    async def _blocking(self, conn: asyncpg.Connection, exc: asyncpg.PostgresError) -> list[tuple[str, str]]:
-        """Gatehouse's views that PostgreSQL says stand in the way (none for any other error)."""
+    @staticmethod
+    def _blocking(exc: asyncpg.PostgresError, ours: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Which of gatehouse's views (``ours``, as they stood before the migration) PostgreSQL says stand in
+        the way (none for any other error)."""
         if exc.sqlstate not in DEPENDENCY_SQLSTATES:
             return []
         named = [_split_name(match) for match in NAMED_VIEW.findall(exc.detail or "")]
         if not named:
             return []
-        ours = set(await _saved_views(conn))
         found: list[tuple[str, str]] = []
         for schema, name in named:
             candidates = [(schema, name)] if schema else sorted(v for v in ours if v[1] == name)
