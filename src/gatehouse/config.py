@@ -24,12 +24,22 @@ from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import Rate
-from gatehouse.secrets import DatabaseUrl, SecretRef
+from gatehouse.secrets import DatabaseUrl, RedisUrl, SecretRef
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+DURATION = re.compile(r"^\s*(?P<n>[0-9]{1,7})\s*(?P<unit>ms|s|sec|min|m|h)\s*$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 Action = Literal["read", "insert", "update", "delete"]
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"5min"``, ``"500ms"``, ``"1h"`` → seconds; the ValueError says what is accepted."""
+    match = DURATION.match(text)
+    if match is None or int(match["n"]) == 0:
+        raise ValueError(f"cannot read the duration {text!r}: write e.g. \"30s\", \"5min\", \"500ms\" or \"1h\"")
+    return int(match["n"]) * DURATION_UNITS[match["unit"]]
 
 
 class Strict(BaseModel):
@@ -167,8 +177,45 @@ class AppConfig(Strict):
         return self
 
 
+class RedisConfig(Strict):
+    """The Redis that several instances share their rate limits and cache through (none: each instance alone)."""
+
+    url: RedisUrl = Field(default=None, description="redis://host:6379/0, or 'env:VAR' naming one (with a "
+                                                       "password); none = limits and cache in this process only")
+    timeout_ms: int = Field(default=50, ge=1, le=5000,
+                            description="a Redis answer later than this counts as a failure (limits fall back "
+                                        "to this instance's share, the cache to the database)")
+    key_prefix: str = Field(default="gatehouse:", max_length=100, pattern=r"^[A-Za-z0-9:_.-]*$",
+                            description="prefix of every key gatehouse writes (several projects on one Redis)")
+
+
+class CacheConfig(Strict):
+    """The response cache of this instance (contracts opt in with ``[contracts.x] cache = "30s"``)."""
+
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=64 * 1024**3,
+                           description="bodies kept in this process, at most (least recently used go first)")
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=1, le=1024**3,
+                                 description="a response larger than this is never cached")
+    poll_ms: int = Field(default=100, ge=10, le=60_000,
+                         description="how often the data versions are read: the bound on serving an answer "
+                                     "older than a write made by someone else (SQL, another instance)")
+
+
 class ContractSettings(Strict):
     max_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on rows per response")
+    cache: str | None = Field(default=None, description='cache its reads for up to this long: "30s", "5min" '
+                                                        '(a write to its tables ends an entry at once)')
+    cache_apps: tuple[Name, ...] | None = Field(default=None, description="only these apps' reads are cached "
+                                                                          "(default: every app's)")
+    client_max_age: str | None = Field(default=None, description='let clients reuse an answer this long without '
+                                                                 'asking ("10s"); default: they revalidate (304)')
+
+    @field_validator("cache", "client_max_age")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)  # its ValueError names what is accepted
+        return value
     allow_unfiltered_writes: bool = Field(
         default=False, description="allow PATCH and DELETE with no filter (they change every row)"
     )
@@ -197,6 +244,8 @@ class ProjectConfig(Strict):
     relations: tuple[RelationConfig, ...] = ()
     contracts: dict[Name, ContractSettings] = {}
     auth: AuthConfig = AuthConfig()
+    redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
     versions: dict[Annotated[str, Field(pattern=r"^v[1-9][0-9]{0,3}$")], VersionSettings] = {}
 
     def version_settings(self, number: int) -> VersionSettings:

@@ -49,7 +49,10 @@ async def identify(request: HttpRequest, runtime: Runtime, contract: str | None 
         raise Unauthenticated("Invalid API key or token", hint="The application no longer exists.")
     labels = request.labels
     labels.app, labels.key_id, labels.subject = app.name, identity.key_id, identity.subject
-    labels.limit_headers = runtime.limiter.check(app, contract, actions)  # 429
+    limit_headers = runtime.limiter.check(app, contract, actions)  # 429
+    if not isinstance(limit_headers, dict):  # shared limits and no token at hand: one Redis call, shared
+        limit_headers = await limit_headers  # 429
+    labels.limit_headers = limit_headers
     labels.release = await runtime.in_flight.enter(app)  # 429 after a short wait
     return identity, app
 
@@ -104,10 +107,17 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     contract, version, count_mode = route.contract, route.version, route.count_mode
     labels.contract, labels.api_version = contract.name, version
     filters = row_filters(app, identity, route.readable) if app.row_filters else {}  # 403 when a claim is missing
+    filter_key = tuple(filters.items()) if filters else ()
+
+    # A cached contract's answer, while the data versions of its tables are unchanged: no database work.
+    cached = runtime.cache.consult(request, app, route, filter_key) if runtime.cache.active else None
+    if isinstance(cached, HttpResponse):  # 200/206 from the cache, or 304 for the client's own copy
+        labels.cached = True
+        return cached
 
     # The SQL of this query's shape is compiled once (query/plans.py); each request puts its values in.
     shape = shape_of(request.query_string) if count_mode not in ("planned", "estimated") else None
-    key = (route, tuple(filters.items()) if filters else (), shape.key) if shape is not None else None
+    key = (route, filter_key, shape.key) if shape is not None else None
     plan = runtime.plans.get(key) if key is not None else None
     query: ReadQuery | None
     if plan is None and shape is not None:
@@ -123,6 +133,8 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         compiled, query, columns = _compile_read(runtime, app, route, query_pairs(request.query_string),
                                                  filters)  # 400 / 416
         sql, params, offset = compiled.sql, compiled.params, query.top.offset
+    if cached is not None:  # the data versions of the contract's tables, read with its rows
+        sql, params = cached.sql(sql, params)
 
     try:  # the app's role; a pooled connection found dead is replaced and the read sent again, once
         row = await runtime.pools.read_row(app.name, contract.database, sql, params)
@@ -139,7 +151,8 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
 
     labels.rows = row[1]
     page = render.Page(row[0], row[1], offset, total, columns)
-    return render.read_response(page, route.fmt, dict(route.headers))
+    response = render.read_response(page, route.fmt, dict(route.headers))
+    return response if cached is None else cached.keep(response, row["_gh_versions"], row[1])
 
 
 async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
@@ -147,7 +160,10 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
     plan = await writing.plan_write(request, runtime, identity, app, contract_name, path_version)  # 406/404/403/413/400
     outcome = None
     if plan.statement is not None:  # else nothing to write: answered without the database
-        outcome = await writing.execute_write(runtime, app, plan, request.labels)  # 403/409/400/406: nothing kept
+        try:
+            outcome = await writing.execute_write(runtime, app, plan, request.labels)  # 403/409/400/406: nothing kept
+        finally:  # this instance's cached answers from its tables are not served again (read your own writes)
+            runtime.cache.wrote(plan.version, plan.contract.name, plan.contract.database)
     return writing.write_response(runtime.project, plan, outcome)
 
 

@@ -9,6 +9,7 @@ takes :meth:`Runtime.pinned` once and sees one generation from start to end, nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ import asyncpg
 from gatehouse.auth.failures import FailureThrottle
 from gatehouse.auth.identity import KeyRing
 from gatehouse.auth.jwt import JwtVerifier
+from gatehouse.cache.responses import ResponseCache
+from gatehouse.cache.tables import ViewLineage, read_lineage
+from gatehouse.cache.versions import DataVersions
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
@@ -36,6 +40,8 @@ from gatehouse.schema_cache import ApiSchema, build_schemas
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
+Lineages = dict[str, dict[tuple[str, str], ViewLineage]]
+"""database → (schema, view) → the base tables it reads."""
 
 
 @dataclass
@@ -56,6 +62,9 @@ class Runtime:
     """Compiled reads per query shape; they depend on ``schemas``, so both are replaced together."""
     routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
     """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
+    cache: ResponseCache = field(default_factory=lambda: ResponseCache(DataVersions(0.1), max_bytes=0,
+                                                                       max_entry_bytes=0))
+    """Answers of cached contracts, valid while their tables' data versions are unchanged."""
     follower: Follower | None = None
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
@@ -70,8 +79,19 @@ class Runtime:
     async def start(self) -> None:
         project = self.project
         self.auth_failures = FailureThrottle(project.config.server.auth_failures_per_minute)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter.from_config(project.config.redis)
+        await self.limiter.start()  # never fails because of Redis: limits fall back to this instance's share
+        shared = self.limiter.shared
+        if shared is not None:
+            self.metrics.watch_limits(lambda: {**dataclasses.asdict(shared.stats), "live": shared.live_instances,
+                                               "breaker": shared.breaker_state,
+                                               "breaker_opens": shared.breaker_opens})
         self.in_flight = InFlight(project.config.server.admission_wait_ms / 1000)
+        cache = project.config.cache
+        self.cache = ResponseCache(DataVersions(cache.poll_ms / 1000), max_bytes=cache.max_bytes,
+                                   max_entry_bytes=cache.max_entry_bytes)
+        store = self.cache.store
+        self.metrics.watch_cache(lambda: self.cache.counts, lambda: (len(store), store.size))
         self.targets = await resolve_targets(project)
         try:
             for name, target in self.targets.items():
@@ -79,11 +99,11 @@ class Runtime:
                 assert pool is not None
                 self._internal[name] = pool
             seen = await self._revisions()
-            catalog, constraints = await self._read_catalogs()
+            catalog, constraints, lineages = await self._read_catalogs()
             missing = _missing_views(project, catalog)
             if missing:
                 raise DatabaseUnavailable(f"the database does not serve {missing}: run `gatehouse apply` first")
-            self._install(project, catalog, constraints)
+            self._install(project, catalog, constraints, lineages)
             home = self.targets[project.home_database]
             self.keys = KeyRing(set(project.apps))
 
@@ -127,22 +147,27 @@ class Runtime:
                 revisions[name] = await current_revision(conn)
         return revisions
 
-    async def _read_catalogs(self) -> tuple[dict[tuple[str, str], ViewShape], dict[str, list[Constraint]]]:
+    async def _read_catalogs(self) -> tuple[dict[tuple[str, str], ViewShape], dict[str, list[Constraint]], Lineages]:
         catalog: dict[tuple[str, str], ViewShape] = {}
         constraints: dict[str, list[Constraint]] = {}
+        lineages: Lineages = {}
         for name, pool in self._internal.items():
             async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 catalog.update(await load_catalog(conn))
                 constraints[name] = await load_constraints(conn)
-        return catalog, constraints
+                lineages[name] = await read_lineage(conn)
+        return catalog, constraints, lineages
 
     def _install(self, project: Project, catalog: dict[tuple[str, str], ViewShape],
-                 constraints: dict[str, list[Constraint]]) -> None:
+                 constraints: dict[str, list[Constraint]], lineages: Lineages) -> None:
         """Serve a new generation: all of it replaced in one step (no ``await`` in between)."""
         schemas = build_schemas(project, catalog, constraints)
         self.project, self.catalog, self.schemas = project, catalog, schemas
         self.plans, self.routes = PlanCache(), PlanCache()
         self.limiter.follow()
+        for refused in self.cache.install(project, lineages):
+            log.warning("%s", refused)
+        self.cache.versions.start(self._internal)
 
     async def reload(self) -> None:
         """:meth:`_reload`, counted in the metrics by outcome."""
@@ -171,7 +196,7 @@ class Runtime:
                 log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
         if project.config.databases != current.config.databases:
             project = current
-        catalog, constraints = await self._read_catalogs()
+        catalog, constraints, lineages = await self._read_catalogs()
         chosen = next((p for p in (project, current) if not _missing_views(p, catalog)), None)
         if chosen is None:
             log.warning("the database does not serve %s: keeping the schema cache until it does",
@@ -179,7 +204,7 @@ class Runtime:
             return "kept"
         if chosen is not current and self.pools is not None:  # a new app's pool is there before its first call
             await self.pools.update(self.targets, chosen.apps, _databases_of_apps(chosen))
-        self._install(chosen, catalog, constraints)
+        self._install(chosen, catalog, constraints, lineages)
         if chosen is not current:
             await self._follow_apps(chosen)
         log.info("reloaded: %d API version(s), %d app(s)", len(chosen.versions.served), len(chosen.apps))
@@ -209,6 +234,8 @@ class Runtime:
     async def stop(self) -> None:
         if self.follower is not None:
             await self.follower.stop()
+        await self.cache.versions.stop()
+        await self.limiter.stop()
         if self.audit is not None:  # first: flush while the database is still there
             await self.audit.stop()
         if self.keys is not None:

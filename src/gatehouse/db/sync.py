@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from gatehouse.cache.tables import sync_data_versions
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db import quote_ident
 from gatehouse.db.changes import announce
@@ -285,6 +286,9 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)
+            readers = {app.name: app.role for app in project.apps.values()} | {"": project.authenticator_role}
+            for change in await sync_data_versions(conn, project, target.name, readers):
+                report.add(change)
             await conn.execute(
                 "INSERT INTO gatehouse.state (key, value) VALUES ('fingerprint', $1) "
                 "ON CONFLICT (key) DO UPDATE SET value = $1, at = now()",

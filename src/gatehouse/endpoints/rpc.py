@@ -68,9 +68,19 @@ async def invoke(runtime: Runtime, function: LogicFunction, app: App, identity: 
                  parameters: BaseModel, *, commit: bool = True,
                  before_commit: Callable[[Connection, Any], Awaitable[None]] | None = None) -> Any:
     """Call a function as ``app`` in one transaction: committed if it returns (and ``commit``), else rolled back."""
+    database = function.database or runtime.project.home_database
+    try:
+        return await _invoke(runtime, function, app, identity, version, parameters, database, commit, before_commit)
+    finally:
+        if not function.read_only:  # it may have written any table: none of this instance's cached answers
+            runtime.cache.versions.wrote_database(database)  # of this database is served before a read proves it fresh
+
+
+async def _invoke(runtime: Runtime, function: LogicFunction, app: App, identity: Identity, version: int,
+                  parameters: BaseModel, database: str, commit: bool,
+                  before_commit: Callable[[Connection, Any], Awaitable[None]] | None) -> Any:
     assert runtime.pools is not None
     project = runtime.project
-    database = function.database or project.home_database
     async with runtime.pools.connection(app.name, database) as conn:
         transaction = conn.transaction(readonly=function.read_only)
         await transaction.start()

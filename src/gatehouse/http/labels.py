@@ -33,6 +33,8 @@ class RequestLabels:
     """The contract, or ``rpc:<name>``."""
     api_version: int | None = None
     rows: int | None = None
+    cached: bool = False
+    """Answered from the response cache (or 304) without the database."""
     audited: bool = False
     """Set once a write's record committed with the write itself, so the middleware does not record it twice."""
     limit_headers: dict[str, str] | None = None
@@ -53,5 +55,5 @@ class RequestLabels:
             query = self.redacted_query if self.redacted_query is not None else redact_query(self.query_string)
         return AuditRecord(datetime.fromtimestamp(self.started, UTC), self.request_id, self.app, self.key_id,
                            self.subject, self.method, self.contract, self.api_version, query, status, self.rows,
-                           elapsed, False, False, self.client)
+                           elapsed, self.cached, False, self.client)
 

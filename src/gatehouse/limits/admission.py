@@ -13,8 +13,14 @@ Both are decided right after authentication and before any database work (``pipe
   next ones wait up to ``[server] admission_wait_ms`` for a slot, then get 429. A noisy app queues behind
   itself instead of filling the server for everybody.
 
-The limits are this process's own. Several instances that must share one limit need the shared store (Redis),
-which is not built yet: until then, give each instance its share of the limit.
+Without ``[redis]`` the limits are this process's own and :meth:`RateLimiter.check` always answers at once.
+With a shared store (:mod:`.shared`: Redis, token leases, a local share while Redis is down) several instances
+enforce one limit together; ``check`` still answers at once whenever this instance holds a token or a refusal,
+and otherwise returns a coroutine to await (one Redis round trip, shared by the requests waiting for it)::
+
+    headers = limiter.check(app, contract, actions)  # raises RateLimited (429)
+    if not isinstance(headers, dict):
+        headers = await headers  # raises RateLimited (429) too
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from gatehouse.errors import RateLimited, TooManyInFlight
 from gatehouse.limits.gcra import Decision, LocalGcra, Rate
 from gatehouse.project import App
+
+if TYPE_CHECKING:  # redis-py takes ~0.2 s to import: only a project with [redis] url pays for it
+    from gatehouse.config import RedisConfig
+    from gatehouse.limits.shared import SharedLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,24 +53,51 @@ class Policy:
         return f'"{self.name}";q={self.rate.count};w={self.rate.window}'
 
 
-class RateLimiter:
-    """The rate limits of a project's apps, checked in this process."""
+Applying = tuple[tuple[tuple[str, str], Policy], ...]
+Headers = dict[str, str]
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+
+class RateLimiter:
+    """The rate limits of a project's apps, checked in this process, or shared with other instances through
+    ``shared`` (which :meth:`start` connects and :meth:`stop` closes)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: SharedLimits | None = None) -> None:
         self._clock = clock
         self._store = LocalGcra()
-        self._policies: dict[tuple[str, str | None, tuple[str, ...]], tuple[tuple[tuple[str, str], Policy], ...]] = {}
+        self.shared = shared
+        self._policies: dict[tuple[str, str | None, tuple[str, ...]], Applying] = {}
         """Which limits apply, per app, limited contract (None for any other: the path is the caller's to
         choose, so it never grows this) and actions."""
         self._limited: dict[str, tuple[bool, frozenset[str]]] = {}
         """Per app: has it a rate of its own, and which contracts have a grant with one."""
 
+    @classmethod
+    def from_config(cls, redis: RedisConfig) -> RateLimiter:
+        """Limits shared through the Redis ``[redis] url`` names, or this process's own when it names none.
+        Raises :class:`~gatehouse.errors.ProjectError` when the URL's environment variable is not set."""
+        if redis.url is None:
+            return cls()
+        from gatehouse.limits.shared import SharedLimits
+
+        return cls(shared=SharedLimits.from_config(redis))
+
+    async def start(self) -> None:
+        """Connect the shared store and start its heartbeat (never fails because of Redis)."""
+        if self.shared is not None:
+            await self.shared.start()
+
+    async def stop(self) -> None:
+        if self.shared is not None:
+            await self.shared.stop()
+
     def follow(self) -> None:
         """A reloaded project: its limits from now on (what was used of an unchanged limit is kept)."""
         self._policies, self._limited = {}, {}
+        if self.shared is not None:
+            self.shared.follow()
 
     def _applying(self, app: App, contract: str | None,
-                  actions: tuple[str, ...]) -> tuple[tuple[tuple[str, str], Policy], ...]:
+                  actions: tuple[str, ...]) -> Applying:
         limited = self._limited.get(app.name)
         if limited is None:  # once per app: most requests of most apps need no more than this
             limited = self._limited[app.name] = (
@@ -83,44 +121,59 @@ class RateLimiter:
             found = self._policies[key] = tuple(chosen)
         return found
 
-    def check(self, app: App, contract: str | None = None, actions: tuple[str, ...] = ()) -> dict[str, str]:
+    def check(self, app: App, contract: str | None = None,
+              actions: tuple[str, ...] = ()) -> Headers | Coroutine[Any, Any, Headers]:
         """The ``RateLimit`` header fields for an admitted request (empty when no limit applies); raises
-        :class:`RateLimited` (429) for a refused one."""
+        :class:`RateLimited` (429) for a refused one. With a shared store that must be asked first, a coroutine
+        that does the same once awaited (never a Redis error: the store falls back to this instance's share)."""
         applying = self._applying(app, contract, actions)
         if not applying:
             return {}
-        decisions = self._store.check(_keyed(applying), self._clock())
-        tightest: tuple[Decision, Policy] | None = None
-        refused: tuple[Decision, Policy] | None = None
-        for decision, (_, policy) in zip(decisions, applying, strict=True):
-            if not decision.allowed and (refused is None or decision.retry_after > refused[0].retry_after):
-                refused = (decision, policy)
-            if tightest is None or decision.remaining < tightest[0].remaining:
-                tightest = (decision, policy)
-        if refused is not None:
-            decision, policy = refused
-            wait = max(1, math.ceil(decision.retry_after))
-            headers = _fields(applying, decision, policy, reset=wait)
-            headers["Retry-After"] = str(wait)
-            raise RateLimited(f"Too many requests: the limit of {policy.rate} ({policy.name}) is used up",
-                              hint=f"Retry in {wait} s.", headers=headers)
-        assert tightest is not None
-        decision, policy = tightest
-        return _fields(applying, decision, policy, reset=math.ceil(decision.reset_after))
+        shared = self.shared
+        if shared is None:
+            return _answer(applying, self._store.check(_keyed(applying), self._clock()))
+        decisions = shared.check(_keyed(applying))
+        if decisions is None:
+            return self._admit(applying, shared)
+        return _answer(applying, decisions)
+
+    @staticmethod
+    async def _admit(applying: Applying, shared: SharedLimits) -> Headers:
+        return _answer(applying, await shared.admit(_keyed(applying)))
+
+
+def _answer(applying: Applying, decisions: Sequence[Decision]) -> Headers:
+    """The fields of the tightest limit; or the 429 of the refusing limit that frees up last."""
+    tightest: tuple[Decision, Policy] | None = None
+    refused: tuple[Decision, Policy] | None = None
+    for decision, (_, policy) in zip(decisions, applying, strict=True):
+        if not decision.allowed and (refused is None or decision.retry_after > refused[0].retry_after):
+            refused = (decision, policy)
+        if tightest is None or decision.remaining < tightest[0].remaining:
+            tightest = (decision, policy)
+    if refused is not None:
+        decision, policy = refused
+        wait = max(1, math.ceil(decision.retry_after))
+        headers = _fields(applying, decision, policy, reset=wait)
+        headers["Retry-After"] = str(wait)
+        raise RateLimited(f"Too many requests: the limit of {policy.rate} ({policy.name}) is used up",
+                          hint=f"Retry in {wait} s.", headers=headers)
+    assert tightest is not None
+    decision, policy = tightest
+    return _fields(applying, decision, policy, reset=math.ceil(decision.reset_after))
 
 
 @cache
-def _keyed(applying: tuple[tuple[tuple[str, str], Policy], ...]) -> tuple[tuple[object, Rate], ...]:
+def _keyed(applying: Applying) -> tuple[tuple[object, Rate], ...]:
     return tuple((key, policy.rate) for key, policy in applying)
 
 
 @cache
-def _policy_field(applying: tuple[tuple[tuple[str, str], Policy], ...]) -> str:
+def _policy_field(applying: Applying) -> str:
     return ", ".join(p.field for _, p in applying)
 
 
-def _fields(applying: tuple[tuple[tuple[str, str], Policy], ...], decision: Decision, policy: Policy, *,
-            reset: int) -> dict[str, str]:
+def _fields(applying: Applying, decision: Decision, policy: Policy, *, reset: int) -> Headers:
     return {"RateLimit-Policy": _policy_field(applying),
             "RateLimit": f'"{policy.name}";r={decision.remaining};t={reset}'}
 

@@ -9,10 +9,10 @@ Prometheus series when ``/metrics`` is scraped (on that same thread, so a scrape
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -52,6 +52,65 @@ class _RequestCollector(Collector):
         return iter(())  # no fixed series: collect() only at scrape time
 
 
+CacheCounts = Callable[[], Mapping[tuple[str, str, str], int]]
+"""(app, contract, result) → reads with that result, as the response cache counts them."""
+
+
+class _CacheCollector(Collector):
+    """``gatehouse_cache_reads_total{app,contract,result}`` and the in-process tier's size, read at scrape."""
+
+    def __init__(self, counts: CacheCounts, size: Callable[[], tuple[int, int]]) -> None:
+        self._counts, self._size = counts, size
+
+    def collect(self) -> Iterator[Metric]:
+        reads = CounterMetricFamily("gatehouse_cache_reads", "Reads of cached contracts by result: hit, "
+                                    "revalidated (304 without the database), miss, stale (an entry older than "
+                                    "its data), bypass (not served from the cache: freshness unproven).",
+                                    labels=("app", "contract", "result"))
+        for (app, contract, result), count in sorted(self._counts().items()):
+            reads.add_metric([app, contract, result], count)
+        yield reads
+        entries, size = self._size()
+        yield GaugeMetricFamily("gatehouse_cache_entries", "Answers kept in this process.", value=entries)
+        yield GaugeMetricFamily("gatehouse_cache_bytes", "Bytes of the answers kept in this process.", value=size)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+SHARED_LIMIT_COUNTERS = {
+    "lease_calls": "Lease calls Redis answered (each grants tokens to this instance for several requests).",
+    "tokens_leased": "Tokens Redis granted this instance.",
+    "waits": "Limited requests that waited for a lease call (the others were decided without Redis).",
+    "degraded": "Decisions made by this instance's share of a limit because Redis was down or slow.",
+    "redis_errors": "Calls to Redis that failed or timed out.",
+    "breaker_opens": "Times the breaker opened (Redis left aside until a trial call succeeds).",
+}
+
+
+class _SharedLimitsCollector(Collector):
+    """The Redis-shared rate limits: calls, leases, fallbacks, the breaker (read from the store at scrape)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, float | str]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        for name, text in SHARED_LIMIT_COUNTERS.items():
+            yield CounterMetricFamily(f"gatehouse_ratelimit_{name}", text, value=float(stats[name]))
+        live = GaugeMetricFamily("gatehouse_ratelimit_live_instances", "Instances sharing the limits (from their "
+                                 "heartbeats): a local share is the limit divided by this.", value=float(stats["live"]))
+        yield live
+        state = GaugeMetricFamily("gatehouse_ratelimit_breaker_state", "1 for the breaker's current state.",
+                                  labels=("state",))
+        for name in ("closed", "open", "half_open"):
+            state.add_metric([name], 1.0 if stats["breaker"] == name else 0.0)
+        yield state
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -63,6 +122,14 @@ class Metrics:
                                 "project (a new project served), schema (the catalog read again), kept (the "
                                 "database does not serve this server's project yet), failed.", ["outcome"],
                                 registry=self.registry)
+
+    def watch_cache(self, counts: CacheCounts, size: Callable[[], tuple[int, int]]) -> None:
+        """Report the response cache's counts and size (once per server)."""
+        self.registry.register(_CacheCollector(counts, size))
+
+    def watch_limits(self, read: Callable[[], Mapping[str, float | str]]) -> None:
+        """Report the shared rate limits' counts (``read`` gives the counters, ``live`` and ``breaker``)."""
+        self.registry.register(_SharedLimitsCollector(read))
 
     def reloaded(self, outcome: str) -> None:
         self._reloads.labels(outcome).inc()
