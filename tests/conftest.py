@@ -24,6 +24,7 @@ import pytest
 from gatehouse.app import create_app
 from gatehouse.project import Project, load_project
 from gatehouse.runtime import Runtime
+from redis_server import redis_url  # noqa: F401  (the session's Redis, for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
 SHOP = REPO / "examples" / "shop"

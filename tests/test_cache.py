@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -334,3 +335,54 @@ async def _interleave(cached: Cached, steps: list[Step]) -> None:
             floor = max([n for at, n in own_done if at <= began]
                         + [n for at, n in any_done if at <= began - BOUND_S - SLACK_S], default=0)
             assert floor <= seen <= started, (who, seen, floor, started, answer.headers.get("cache-status"))
+
+
+# --- the Redis tier: what one instance read, another serves -----------------------------------------------
+
+async def test_a_second_instance_serves_what_the_first_read_from_redis(
+        make_project: ProjectFactory, serve_project: object, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHED_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEHOUSE_REDIS__URL", redis_url)
+    monkeypatch.setenv("GATEHOUSE_REDIS__KEY_PREFIX", f"test:{uuid.uuid4().hex}:")
+    project = make_project(toml=TOML, contracts=CONTRACTS, migrations={"V001__items.sql": MIGRATION})
+    keys = await prepare(project)
+    (one, first), (two, second) = await serve_project(project), await serve_project(project)  # type: ignore[operator]
+    await _until(lambda: first.cache.versions.polls > 0 and second.cache.versions.polls > 0)
+    admin = {"apikey": keys["admin"]}
+    filled = await one.get("/items?order=id", headers=admin)
+    assert filled.headers["cache-status"] == "gatehouse; fwd=miss; stored"
+    assert first.cache.shared is not None
+    await _until(lambda: not first.cache.shared._pending)  # stored in the background
+    owner = await (await resolve_targets(project))["main"].connect_owner()
+    try:
+        async with owner.transaction():  # the second instance never reaches the table for it
+            await owner.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            shared = await asyncio.wait_for(two.get("/items?order=id", headers=admin), 1)
+        assert shared.headers["cache-status"].startswith("gatehouse; hit; detail=shared")
+        assert shared.content == filled.content and shared.headers["etag"] == filled.headers["etag"]
+        assert (await two.get("/items?order=id", headers=admin)).headers["cache-status"].startswith("gatehouse; hit")
+        # a write on the first instance: the second's tier entry is of older versions, never looked up again
+        await one.patch("/items?id=eq.3", json={"n": 42}, headers=admin)
+        await asyncio.sleep(BOUND_S + SLACK_S)
+        after = await two.get("/items?order=id", headers=admin)
+        assert after.json()[2]["n"] == 42
+    finally:
+        await owner.close()
+
+
+async def test_a_redis_that_is_down_turns_the_tier_into_misses(
+        make_project: ProjectFactory, serve_project: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redis_server import free_port
+
+    monkeypatch.setenv("CACHED_JWT_SECRET", SECRET)
+    monkeypatch.setenv("GATEHOUSE_REDIS__URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    project = make_project(toml=TOML, contracts=CONTRACTS, migrations={"V001__items.sql": MIGRATION})
+    keys = await prepare(project)
+    client, runtime = await serve_project(project)  # type: ignore[operator]
+    await _until(lambda: runtime.cache.versions.polls > 0)
+    admin = {"apikey": keys["admin"]}
+    for _ in range(5):
+        answer = await client.get("/items?order=id", headers=admin)
+        assert answer.status_code == 200 and len(answer.json()) == 3
+    assert answer.headers["cache-status"].startswith("gatehouse; hit")  # memory still serves
+    assert runtime.cache.shared is not None and runtime.cache.shared.errors >= 1

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-import redis_server
 from gatehouse.config import AppConfig, Grant, Quota, RedisConfig
 from gatehouse.errors import ProjectError, RateLimited
 from gatehouse.limits.admission import RateLimiter
@@ -22,8 +21,6 @@ from gatehouse.limits.gcra import Rate
 from gatehouse.limits.shared import SharedLimits
 from gatehouse.project import App
 from redis_server import free_port, spawned_redis
-
-redis_url = redis_server.redis_url  # the fixture (until conftest.py imports it for every module)
 
 TIMEOUT_MS = 50
 SLACK_S = 0.15

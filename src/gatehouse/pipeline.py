@@ -14,6 +14,7 @@ from gatehouse import writing
 from gatehouse.access import allowed_methods, choose_version, database_refusal, row_filters
 from gatehouse.auth.failures import credential_id
 from gatehouse.auth.identity import Identity, authenticate
+from gatehouse.cache.responses import Fill
 from gatehouse.db import Connection
 from gatehouse.errors import Unauthenticated, UnknownContract
 from gatehouse.http import render
@@ -111,6 +112,8 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
 
     # A cached contract's answer, while the data versions of its tables are unchanged: no database work.
     cached = runtime.cache.consult(request, app, route, filter_key) if runtime.cache.active else None
+    if isinstance(cached, Fill) and cached.current is not None:  # not in memory: maybe in the Redis tier
+        cached = await cached.from_shared(request) or cached
     if isinstance(cached, HttpResponse):  # 200/206 from the cache, or 304 for the client's own copy
         labels.cached = True
         return cached

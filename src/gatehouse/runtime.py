@@ -88,8 +88,13 @@ class Runtime:
                                                "breaker_opens": shared.breaker_opens})
         self.in_flight = InFlight(project.config.server.admission_wait_ms / 1000)
         cache = project.config.cache
+        shared_tier = None
+        if project.config.redis.url is not None:
+            from gatehouse.cache.shared_tier import SharedTier  # (imports redis-py: only when it is used)
+
+            shared_tier = SharedTier.from_config(project.config.redis)
         self.cache = ResponseCache(DataVersions(cache.poll_ms / 1000), max_bytes=cache.max_bytes,
-                                   max_entry_bytes=cache.max_entry_bytes)
+                                   max_entry_bytes=cache.max_entry_bytes, shared=shared_tier)
         store = self.cache.store
         self.metrics.watch_cache(lambda: self.cache.counts, lambda: (len(store), store.size))
         self.targets = await resolve_targets(project)
@@ -235,6 +240,8 @@ class Runtime:
         if self.follower is not None:
             await self.follower.stop()
         await self.cache.versions.stop()
+        if self.cache.shared is not None:
+            await self.cache.shared.close()
         await self.limiter.stop()
         if self.audit is not None:  # first: flush while the database is still there
             await self.audit.stop()

@@ -28,7 +28,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from gatehouse.cache.store import Entry, EntryStore
 from gatehouse.cache.tables import SCHEMA, ViewLineage
@@ -39,6 +39,9 @@ from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.project import App, Project
 from gatehouse.query.tree import Condition
 from gatehouse.routes import ReadRoute
+
+if TYPE_CHECKING:  # redis-py takes ~0.2 s to import: only a project with [redis] url pays for it
+    from gatehouse.cache.shared_tier import SharedTier
 
 VARY = "Accept, Accept-Profile, Prefer, Range, Authorization, apikey"
 CACHEABLE_STATUS = frozenset({200, 206})
@@ -73,12 +76,27 @@ class Fill:
     """A read of a cached contract that the cache could not answer: its query reads the data versions too,
     and :meth:`keep` stores and labels its answer."""
 
-    __slots__ = ("_cache", "_digest", "_epochs", "_key", "_result", "view")
+    __slots__ = ("_cache", "_epochs", "_key", "_result", "current", "view")
 
-    def __init__(self, cache: ResponseCache, view: CachedView, key: tuple[object, ...], result: str) -> None:
+    def __init__(self, cache: ResponseCache, view: CachedView, key: tuple[object, ...], result: str,
+                 current: tuple[int, ...] | None = None) -> None:
         self._cache, self.view, self._key, self._result = cache, view, key, result
         self._epochs = cache.versions.epochs(view.tables)
-        self._digest: str | None = None
+        self.current = current
+        """The versions an entry in the Redis tier must have been read at; None when that tier is not asked."""
+
+    async def from_shared(self, request: HttpRequest) -> HttpResponse | None:
+        """The answer another instance stored for these inputs at the versions this instance knows now."""
+        cache, view, current = self._cache, self.view, self.current
+        assert cache.shared is not None and current is not None
+        app = str(self._key[0])
+        entry = await cache.shared.get(cache.etag(self._key, current), current)
+        if entry is None or cache.versions.current(view.database, view.tables) != current:
+            cache.count(app, view.label, "miss")  # (or the versions moved while Redis answered)
+            return None
+        cache.count(app, view.label, "hit")
+        cache.store.put(self._key, entry)
+        return cache.answer(request, entry, "gatehouse; hit; detail=shared")
 
     def sql(self, sql: str, params: Sequence[object]) -> tuple[str, list[object]]:
         """The read's SQL with the data versions of its tables as one more column, from the same snapshot."""
@@ -96,8 +114,11 @@ class Fill:
         headers["Cache-Control"] = view.cache_control
         headers["Vary"] = VARY
         if stored:
-            cache.store.put(self._key, Entry(response.status, tuple(headers.items()), response.body,
-                                             response.media_type, rows, read, cache.clock() + view.ttl, etag))
+            entry = Entry(response.status, tuple(headers.items()), response.body, response.media_type, rows, read,
+                          cache.clock() + view.ttl, etag)
+            cache.store.put(self._key, entry)
+            if cache.shared is not None:
+                cache.shared.put(entry, view.ttl)
         headers["Cache-Status"] = f"gatehouse; fwd={self._result}{'; stored' if stored else ''}"
         return response
 
@@ -106,8 +127,10 @@ class ResponseCache:
     """The cached contracts of the project being served, their entries, and the counts of their results."""
 
     def __init__(self, versions: DataVersions, *, max_bytes: int, max_entry_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 shared: SharedTier | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.versions = versions
+        self.shared = shared
+        """The Redis tier, when ``[redis] url`` is set."""
         self.store = EntryStore(max_bytes)
         self.max_entry_bytes = max_entry_bytes
         self.clock = clock
@@ -170,17 +193,27 @@ class ResponseCache:
                 if asked is not None and _matches(asked, entry.etag):
                     return self._count(app, view, "revalidated", self._not_modified(view, entry.etag))
                 self._count(app, view, "hit", None)
-                request.labels.rows = entry.rows
-                headers = dict(entry.headers)
-                headers["Cache-Status"] = f"gatehouse; hit; ttl={max(0, int(entry.expires - self.clock()))}"
-                return HttpResponse(entry.status, headers, entry.body, entry.media_type)
+                return self.answer(request, entry, "gatehouse; hit")
             self.store.drop(key)
             return self._count(app, view, "stale", Fill(self, view, key, "stale"))
         if asked is not None:
             etag = self.etag(key, current)
             if _matches(asked, etag):
                 return self._count(app, view, "revalidated", self._not_modified(view, etag))
+        if self.shared is not None:  # counted as a hit or a miss once Redis has answered
+            return Fill(self, view, key, "miss", current)
         return self._count(app, view, "miss", Fill(self, view, key, "miss"))
+
+    def answer(self, request: HttpRequest, entry: Entry, status: str) -> HttpResponse:
+        """An entry as the answer to ``request`` (which gets the entry's row count for the audit)."""
+        request.labels.rows = entry.rows
+        headers = dict(entry.headers)
+        headers["Cache-Status"] = f"{status}; ttl={max(0, int(entry.expires - self.clock()))}"
+        return HttpResponse(entry.status, headers, entry.body, entry.media_type)
+
+    def count(self, app: str, contract: str, result: str) -> None:
+        key = (app, contract, result)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def wrote(self, version: int, contract: str, database: str) -> None:
         """A write through this contract committed (or failed): its tables are dirty at once."""
@@ -214,8 +247,7 @@ class ResponseCache:
                                   "Cache-Status": "gatehouse; hit; detail=not-modified"})
 
     def _count(self, app: App, view: CachedView, result: str, answer: T) -> T:
-        key = (app.name, view.label, result)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.count(app.name, view.label, result)
         return answer
 
 

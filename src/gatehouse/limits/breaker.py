@@ -30,7 +30,11 @@ class Breaker:
     """Whether the shared store may be asked now; fed with the outcome of every call that was let through."""
 
     def __init__(self, clock: Callable[[], float], *, failures: int = 3, backoff_s: float = 0.5,
-                 max_backoff_s: float = 10.0, jitter: Callable[[], float] = random.random) -> None:
+                 max_backoff_s: float = 10.0, jitter: Callable[[], float] = random.random,
+                 user: str = "rate limits", fallback: str = "each instance enforces its share (1/{share}) of "
+                                                            "every limit") -> None:
+        self._user, self._fallback = user, fallback
+        """Who uses the store, and what happens without it: the two halves of the log lines."""
         self._clock = clock
         self._threshold = failures
         self._base = backoff_s
@@ -65,7 +69,7 @@ class Breaker:
 
     def succeeded(self) -> None:
         if self.state is not State.CLOSED:
-            log.warning("rate limits: the shared store answers again after %.1f s; limits are shared again",
+            log.warning("%s: the shared store answers again after %.1f s", self._user,
                         self._clock() - self._outage_began)
             self.state = State.CLOSED
             self._backoff = self._base
@@ -80,8 +84,8 @@ class Breaker:
                 return
             self.opened += 1
             self._outage_began = now
-            log.warning("rate limits: the shared store failed (%s); each instance enforces its share (1/%d) of "
-                        "every limit until it answers again", reason, share)
+            log.warning("%s: the shared store failed (%s); %s until it answers again", self._user, reason,
+                        self._fallback.format(share=share))
         elif self.state is State.HALF_OPEN:  # the trial failed: wait longer before the next one
             self._backoff = min(self._max, self._backoff * 2)
         self.state = State.OPEN
