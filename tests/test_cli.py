@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gatehouse.demo import tour
+
 GATEHOUSE = [sys.executable, "-m", "gatehouse"]
 
 
@@ -134,6 +136,17 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
         assert ('gatehouse_requests_total{app="web",contract="products",method="GET",status="200",'
                 'version="v1"} 1.0') in metrics
         assert "gatehouse_request_duration_seconds_bucket" in metrics
+        # the tour's printed commands do what they say: mobile's rate limit, the cache on products
+        shown = {what: command for what, command in tour(keys, base, admin)}
+        limited = next(command for what, command in shown.items() if "429" in what)
+        out = subprocess.run(["bash", "-c", limited], capture_output=True, text=True, timeout=60).stdout
+        assert "200" in out and "429" in out.split("\n")[0] and "ratelimit:" in out.lower(), out
+        cached = next(command for what, command in shown.items() if "cached" in what)
+        out = subprocess.run(["bash", "-c", cached], capture_output=True, text=True, timeout=60).stdout
+        lines = out.lower().split("\n")
+        assert lines[0].startswith("cache-status: gatehouse; fwd=miss; stored"), out
+        assert lines[1].startswith("cache-status: gatehouse; hit; ttl="), out
+        assert lines[2] == "304", out
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)

@@ -63,7 +63,7 @@ async def _set_up(project: Project, console: Console) -> dict[str, str]:
     return keys
 
 
-def _tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
+def tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
     web, mobile, analytics = keys["web"], keys["mobile"], keys["analytics"]
     return [
         ("web is pinned to API v1: products have id, name, price",
@@ -82,10 +82,15 @@ def _tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
          f"curl -s {base}/rpc/order_total -H 'apikey: {analytics}' -H 'Content-Type: application/json' "
          "-d '{\"order_id\": 7}'"),
         ("mobile may make 20 requests a second: beyond that, 429 with Retry-After (the RateLimit fields say "
-         "what is left)",
-         f"for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' '{base}/products?limit=1' "
-         f"-H 'apikey: {mobile}'; done; echo; curl -si '{base}/products?limit=1' -H 'apikey: {mobile}' "
-         "| grep -i '^ratelimit'"),
+         "what is left; #[1-30] makes curl send the URL 30 times at once, and is never sent)",
+         f"curl -s -o /dev/null -w '%{{http_code}} ' '{base}/products?limit=1#[1-30]' -H 'apikey: {mobile}'; "
+         f"echo; curl -si '{base}/products?limit=1' -H 'apikey: {mobile}' | grep -i '^ratelimit'"),
+        ("products are cached: the same read twice, and the second answer comes from memory (a write to the "
+         "tables behind it, through gatehouse or in SQL, ends that at once); an ETag is answered 304",
+         f"for i in 1 2; do curl -si '{base}/products?id=eq.5' -H 'apikey: {web}' | grep -i '^cache-status'; done; "
+         f"curl -s -o /dev/null -w '%{{http_code}}\\n' '{base}/products?id=eq.5' -H 'apikey: {web}' "
+         f"-H \"If-None-Match: $(curl -si '{base}/products?id=eq.5' -H 'apikey: {web}' | "
+         "sed -n 's/^etag: //Ip' | tr -d '\\r')\""),
         ("the OpenAPI 3.1 document of what this app may use (Swagger UI: open /docs in a browser)",
          f"curl -s {base}/ -H 'apikey: {mobile}' | head -c 300; echo"),
         ("no key, or a wrong one: 401 before any database work",
@@ -117,7 +122,7 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         console.print(f"[bold]{app}[/] key: ", end="")
         print(key)
     console.print()
-    for caption, command in _tour(keys, base, admin):
+    for caption, command in tour(keys, base, admin):
         console.print(f"[dim]# {caption}[/]")
         print(command)
     console.print()

@@ -155,6 +155,19 @@ def _refused(leases: Sequence[Lease], now: float) -> list[Decision]:
     return decisions
 
 
+def contended(leases: Sequence[Lease], now: float) -> list[Decision]:
+    """Refuse a request that waited several lease calls and found every token taken by the requests waiting
+    with it: the limit is used up at this moment (a 429 for about one interval), and nothing is spent. Admitting
+    it from the local share instead would add that share on top of what Redis granted everyone."""
+    decisions = []
+    for lease in leases:
+        if lease.available(now) <= 0:
+            decisions.append(Decision(False, 0, lease.interval, max(lease.interval, lease.reset_after(now))))
+        else:
+            decisions.append(Decision(True, lease.remaining(now), 0.0, lease.reset_after(now)))
+    return decisions
+
+
 def running_low(leases: Sequence[Lease], now: float) -> list[Lease]:
     """Leases of several tokens down to half of their size, with no call for more under way and no refusal to
     wait out: lease the next ones now, in the background, so that a steady stream seldom waits for Redis."""

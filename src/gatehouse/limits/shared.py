@@ -62,13 +62,13 @@ from gatehouse.config import RedisConfig
 from gatehouse.errors import ProjectError
 from gatehouse.limits.breaker import Breaker
 from gatehouse.limits.gcra import Decision, LocalGcra, Rate
-from gatehouse.limits.leases import Lease, decide, running_low
+from gatehouse.limits.leases import Lease, contended, decide, running_low
 from gatehouse.secrets import resolve_secret
 
 Limits = Sequence[tuple[object, Rate]]
 """What a request is under: ``(key, rate)`` per limit; a key is ``(app, policy)`` (any hashable works)."""
 ROUNDS = 4
-"""Lease calls a request waits for before it is decided by the local share (tokens taken by others each time)."""
+"""Lease calls a request waits for before it is refused (the tokens went to the others waiting each time)."""
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -104,7 +104,7 @@ class SharedStats:
     redis_errors: int = 0
     """Calls that failed or timed out."""
     starved: int = 0
-    """Requests that waited ``ROUNDS`` lease calls without a token and were decided by the local share."""
+    """Requests that waited ``ROUNDS`` lease calls without a token (taken by the others waiting) and were refused."""
 
 
 class SharedLimits:
@@ -230,8 +230,8 @@ class SharedLimits:
                 await asyncio.wait(pending)  # never cancels the call: others may wait for it too
                 if not all(not task.cancelled() and task.exception() is None and task.result() for task in pending):
                     return self._degraded(limits, self._clock())
-            self.stats.starved += 1
-            return self._degraded(limits, self._clock())
+            self.stats.starved += 1  # the tokens went to the others waiting: used up for now (not a fallback)
+            return contended(leases, self._clock())
         finally:
             for lease in leases:
                 lease.waiting -= 1
