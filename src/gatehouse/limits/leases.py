@@ -41,7 +41,7 @@ class Lease:
     """What this instance knows of one shared limit: its leased tokens, its refusal, Redis's last TAT."""
 
     __slots__ = ("args", "burst", "capacity", "chunks", "demand", "inflight", "interval", "key", "limited_until",
-                 "rate", "rate_est", "server_tat", "since", "tokens", "waiting", "want")
+                 "owed", "rate", "rate_est", "server_tat", "since", "tokens", "waiting", "want")
 
     def __init__(self, key: str, rate: Rate, now: float) -> None:
         self.key = key
@@ -71,6 +71,9 @@ class Lease:
         """The Redis call leasing tokens of this limit now, shared by every request that needs one."""
         self.waiting = 0
         """Requests waiting for a lease of this limit."""
+        self.owed = 0
+        """Requests this instance admitted on its own share while Redis was away, not yet told to Redis: the next
+        call moves the shared TAT forward by them, so an outage does not hand out a fresh burst afterwards."""
 
     def available(self, now: float) -> int:
         """Tokens that may still be spent (expired leases are dropped: never spent late)."""

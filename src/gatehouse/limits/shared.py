@@ -32,9 +32,10 @@ lease_ttl`` (a fifth of a second's worth with the default 0.2 s). Leases are at 
 tokens (plus the requests already waiting, which spend theirs at once), so the instances together hold at most
 half of the burst, and a limit too small for that leases one token at a time: exact GCRA, up to the round trip.
 Tokens that expire unspent are lost (under-admission, not over). While the breaker is open, each instance admits at most
-``burst/live + rate/live x w``, together ``burst + rate x w`` when the live count is right; a window that spans
-the switch may see both (what Redis leased and the local shares), and the local decisions are not written back
-to Redis.
+``burst/live + rate/live x w``, together ``burst + rate x w`` when the live count is right. What an instance
+admitted on its own share is *owed*: its next call to Redis moves the shared TAT forward by that many
+requests first, so the limit does not hand out a fresh burst when Redis is back; a window that spans the
+switch may still see both a lease and the local share, up to one burst more.
 
 Counters for Prometheus are in :attr:`SharedLimits.stats` (plus :attr:`SharedLimits.breaker_state`,
 ``breaker_opens`` and ``live_instances``).
@@ -260,9 +261,12 @@ class SharedLimits:
     def _degraded(self, limits: Limits, now: float) -> list[Decision]:
         self.stats.degraded += 1
         live = self.live_instances
-        if live > 1:
-            limits = [(key, self._share(rate, live)) for key, rate in limits]
-        return self._fallback.check(limits, now)
+        shares = [(key, self._share(rate, live)) for key, rate in limits] if live > 1 else limits
+        decisions = self._fallback.check(shares, now)
+        if all(decision.allowed for decision in decisions):  # admitted: owed to Redis when it is back
+            for lease in self._leases_of(limits, now):
+                lease.owed += 1
+        return decisions
 
     def _share(self, rate: Rate, live: int) -> Rate:
         """This instance's part of ``rate``: the same count over ``live`` times the window, burst ÷ live."""
@@ -288,9 +292,10 @@ class SharedLimits:
             now = self._clock()
             keys: list[str] = []
             args: list[str] = []
-            for lease in leases:
+            owed = [lease.owed for lease in leases]
+            for lease, paying in zip(leases, owed, strict=True):
                 keys.append(lease.key)
-                args.extend((*lease.args, str(lease.size(now, self._horizon, self.live_instances))))
+                args.extend((*lease.args, str(lease.size(now, self._horizon, self.live_instances)), str(paying)))
             sent = self._clock()
             reply = await self._call(GCRA, keys, args, trial=trial)
             if reply is None:
@@ -305,6 +310,8 @@ class SharedLimits:
                 self._breaker.failed("unexpected reply", timeout=False, share=self.live_instances)
                 return False
             self.stats.lease_calls += 1
+            for lease, paid in zip(leases, owed, strict=True):
+                lease.owed -= paid
             for lease, (granted, _, retry_us, reset_us) in zip(leases, answers, strict=True):
                 lease.leased(granted, retry_us, reset_us, sent, received, self._ttl)
                 self.stats.tokens_leased += granted
