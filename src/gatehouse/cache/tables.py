@@ -190,7 +190,13 @@ async def sync_data_versions(conn: asyncpg.Connection, project: Project, databas
             changes.append(f"removed the data-version trigger from {name} (no cached contract reads it)")
     for relid, name in sorted(wanted.items(), key=lambda item: item[1]):
         if relid not in existing:
-            await conn.execute(f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {name} "
-                               f"FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.bump()")
+            try:
+                async with conn.transaction():  # a savepoint: one table refused leaves the rest of apply alone
+                    await conn.execute(f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "
+                                       f"ON {name} FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.bump()")
+            except asyncpg.InsufficientPrivilegeError:
+                changes.append(f"could not add a data-version trigger to {name}: only its owner may; the contracts "
+                               "reading it stay uncached until `gatehouse apply` runs as that owner")
+                continue
             changes.append(f"added a data-version trigger to {name} (read by a cached contract)")
     return changes
