@@ -84,6 +84,14 @@ class ServerConfig(Strict):
                                           description="failed authentications per client address per minute")
     admission_wait_ms: int = Field(default=200, ge=0, le=60_000,
                                    description="how long a request waits for one of its app's max_in_flight slots")
+    fair_sharing: bool = Field(default=True, description="serve the apps by turns once max_active requests are "
+                               "being answered (limits/fair.py); false: first come, first served")
+    max_active: int | None = Field(default=None, ge=1, le=100_000,
+                                   description="requests being answered at once, all apps together; the next ones "
+                                               "queue per app and are served by turns (an app under its share goes "
+                                               "at once); default: twice the largest app pool_size")
+    max_queued: int = Field(default=1000, ge=1, le=1_000_000,
+                            description="requests of one app queued for a turn (429 beyond)")
     max_connections: int = Field(default=4096, ge=1, le=1_000_000, description="open connections per port")
     max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576,
                                   description="request line and headers of one request (431 beyond)")
@@ -125,6 +133,8 @@ class Quota(Strict):
                               description="requests admitted at once after a quiet spell (default: the rate's count)")
     max_in_flight: int | None = Field(default=None, ge=1, le=100_000,
                                       description="this app's requests answered at once; more wait, then 429")
+    weight: int = Field(default=1, ge=1, le=1000,
+                        description="this app's share of the server relative to other apps', when requests queue")
 
     @field_validator("rate")
     @classmethod

@@ -55,6 +55,8 @@ async def identify(request: HttpRequest, runtime: Runtime, contract: str | None 
         limit_headers = await limit_headers  # 429
     labels.limit_headers = limit_headers
     labels.release = await runtime.in_flight.enter(app)  # 429 after a short wait
+    release = runtime.fair.enter(app)  # a work slot: at once while one is free or the app is under its share
+    labels.release_work = release if release is not None else await runtime.fair.wait(app)  # by turns
     return identity, app
 
 

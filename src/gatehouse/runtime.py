@@ -31,6 +31,7 @@ from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
+from gatehouse.limits.fair import FairShare
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project, load_project
@@ -56,6 +57,8 @@ class Runtime:
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(30))
     limiter: RateLimiter = field(default_factory=RateLimiter)
     in_flight: InFlight = field(default_factory=lambda: InFlight(0.2))
+    fair: FairShare = field(default_factory=FairShare.off)
+    """The work slots all apps share, by turns (limits/fair.py)."""
     catalog: dict[tuple[str, str], ViewShape] = field(default_factory=dict)
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
     plans: PlanCache[ReadPlan] = field(default_factory=PlanCache)
@@ -87,6 +90,8 @@ class Runtime:
                                                "breaker": shared.breaker_state,
                                                "breaker_opens": shared.breaker_opens})
         self.in_flight = InFlight(project.config.server.admission_wait_ms / 1000)
+        self.fair = FairShare.for_project(project)
+        self.metrics.watch_work(lambda: (self.fair.active, self.fair.queued, self.fair.waited))
         cache = project.config.cache
         shared_tier = None
         if project.config.redis.url is not None:

@@ -41,6 +41,8 @@ class RequestLabels:
     """The ``RateLimit`` fields of an app under a rate limit: on every answer, success or error."""
     release: Callable[[], None] | None = None
     """Gives back the app's in-flight slot, once the answer is made."""
+    release_work: Callable[[], None] | None = None
+    """Gives back the request's work slot (``limits/fair.py``), once the answer is made."""
 
     @property
     def version(self) -> str:

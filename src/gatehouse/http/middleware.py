@@ -69,6 +69,8 @@ class RequestGuard:
         finally:
             if labels.release is not None:
                 labels.release()
+            if labels.release_work is not None:
+                labels.release_work()
         if labels.limit_headers:
             for name, value in labels.limit_headers.items():
                 response.headers.setdefault(name, value)

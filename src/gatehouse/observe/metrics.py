@@ -111,6 +111,22 @@ class _SharedLimitsCollector(Collector):
         return iter(())
 
 
+class _WorkSlotsCollector(Collector):
+    """Fair sharing (``limits/fair.py``): requests being answered, queued for a turn, and how many waited."""
+
+    def __init__(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        active, queued, waited = self._read()
+        yield GaugeMetricFamily("gatehouse_work_active", "Requests being answered now (all apps).", value=active)
+        yield GaugeMetricFamily("gatehouse_work_queued", "Requests waiting for their app's turn.", value=queued)
+        yield CounterMetricFamily("gatehouse_work_waits", "Requests that waited for a turn.", value=waited)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -130,6 +146,10 @@ class Metrics:
     def watch_limits(self, read: Callable[[], Mapping[str, float | str]]) -> None:
         """Report the shared rate limits' counts (``read`` gives the counters, ``live`` and ``breaker``)."""
         self.registry.register(_SharedLimitsCollector(read))
+
+    def watch_work(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        """Report the work slots: (active, queued, waited so far)."""
+        self.registry.register(_WorkSlotsCollector(read))
 
     def reloaded(self, outcome: str) -> None:
         self._reloads.labels(outcome).inc()
