@@ -154,13 +154,14 @@ async def test_a_second_read_is_a_hit_with_the_same_answer_and_tag(cached: Cache
     assert 'gatehouse_cache_reads_total{app="admin",contract="items.v1",result="hit"} 2.0' in scraped
 
     async def audited() -> list[asyncpg.Record]:
-        return await cached.owner.fetch("SELECT cached, rows FROM gatehouse.audit WHERE app = 'admin' "
+        return await cached.owner.fetch("SELECT cached, rows, query FROM gatehouse.audit WHERE app = 'admin' "
                                         "AND target = 'items' ORDER BY at")
 
     deadline = time.monotonic() + 5
     while len(rows := await audited()) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert [(r["cached"], r["rows"]) for r in rows] == [(False, 3), (True, 3), (True, 3)]
+    assert {r["query"] for r in rows} == {"select=id,tenant,name,n&order=id"}  # a hit is audited like its fill
 
 
 async def test_hits_and_not_modified_never_touch_the_database(cached: Cached) -> None:

@@ -157,7 +157,11 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     labels.rows = row[1]
     page = render.Page(row[0], row[1], offset, total, columns)
     response = render.read_response(page, route.fmt, dict(route.headers))
-    return response if cached is None else cached.keep(response, row["_gh_versions"], row[1])
+    if cached is None:
+        return response
+    if labels.redacted_query is None:  # (a plan made for this request alone does not carry it)
+        labels.redacted_query = redact_query(request.query_string)
+    return cached.keep(response, row["_gh_versions"], row[1], labels.redacted_query)
 
 
 async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:

@@ -102,7 +102,8 @@ class Fill:
         """The read's SQL with the data versions of its tables as one more column, from the same snapshot."""
         return self._cache.versioned_sql(sql, len(params) + 1), [*params, list(self.view.relids)]
 
-    def keep(self, response: HttpResponse, versions: list[int], rows: int | None) -> HttpResponse:
+    def keep(self, response: HttpResponse, versions: list[int], rows: int | None,
+             redacted_query: str | None) -> HttpResponse:
         """Label the answer (ETag, Cache-Status, Cache-Control) and store it if it may be served again."""
         cache, view = self._cache, self.view
         read = tuple(versions)
@@ -114,8 +115,8 @@ class Fill:
         headers["Cache-Control"] = view.cache_control
         headers["Vary"] = VARY
         if stored:
-            entry = Entry(response.status, tuple(headers.items()), response.body, response.media_type, rows, read,
-                          cache.clock() + view.ttl, etag)
+            entry = Entry(response.status, tuple(headers.items()), response.body, response.media_type, rows,
+                          redacted_query, read, cache.clock() + view.ttl, etag)
             cache.store.put(self._key, entry)
             if cache.shared is not None:
                 cache.shared.put(entry, view.ttl)
@@ -206,7 +207,8 @@ class ResponseCache:
 
     def answer(self, request: HttpRequest, entry: Entry, status: str) -> HttpResponse:
         """An entry as the answer to ``request`` (which gets the entry's row count for the audit)."""
-        request.labels.rows = entry.rows
+        labels = request.labels
+        labels.rows, labels.redacted_query = entry.rows, entry.redacted_query
         headers = dict(entry.headers)
         headers["Cache-Status"] = f"{status}; ttl={max(0, int(entry.expires - self.clock()))}"
         return HttpResponse(entry.status, headers, entry.body, entry.media_type)

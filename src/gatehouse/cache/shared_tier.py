@@ -66,7 +66,7 @@ class SharedTier:
             return None
         try:
             meta, _, body = raw.partition(b"\n")
-            status, headers, media_type, rows, expires = orjson.loads(meta)
+            status, headers, media_type, rows, redacted, expires = orjson.loads(meta)
         except ValueError:
             self.misses += 1
             return None
@@ -75,12 +75,13 @@ class SharedTier:
             self.misses += 1
             return None
         self.hits += 1
-        return Entry(status, tuple((str(n), str(v)) for n, v in headers), body, media_type, rows, versions,
+        return Entry(status, tuple((str(n), str(v)) for n, v in headers), body, media_type, rows, redacted, versions,
                      self._clock() + left, tag)
 
     def put(self, entry: Entry, ttl: float) -> None:
         """Store ``entry`` under its tag for ``ttl`` seconds, in the background."""
-        meta = orjson.dumps([entry.status, entry.headers, entry.media_type, entry.rows, time.time() + ttl])
+        meta = orjson.dumps([entry.status, entry.headers, entry.media_type, entry.rows, entry.redacted_query,
+                             time.time() + ttl])
         task = asyncio.get_running_loop().create_task(
             self._store(self._prefix + entry.etag, meta + b"\n" + entry.body, max(1, int(ttl * 1000))))
         self._pending.add(task)

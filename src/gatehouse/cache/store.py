@@ -19,6 +19,8 @@ class Entry:
     body: bytes
     media_type: str | None
     rows: int | None
+    redacted_query: str | None
+    """The audit's form of the query (values masked), worked out once at the fill instead of on every hit."""
     versions: tuple[int, ...]
     """The data versions of its tables, read in the same snapshot as its rows."""
     expires: float
