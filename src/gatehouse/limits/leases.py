@@ -161,7 +161,9 @@ def _refused(leases: Sequence[Lease], now: float) -> list[Decision]:
 def contended(leases: Sequence[Lease], now: float) -> list[Decision]:
     """Refuse a request that waited several lease calls and found every token taken by the requests waiting
     with it: the limit is used up at this moment (a 429 for about one interval), and nothing is spent. Admitting
-    it from the local share instead would add that share on top of what Redis granted everyone."""
+    it from the local share instead would add that share on top of what Redis granted everyone. Only for a
+    request :func:`decide` could not admit (at least one lease is short): the others' "allowed" says only that
+    they did not refuse it."""
     decisions = []
     for lease in leases:
         if lease.available(now) <= 0:

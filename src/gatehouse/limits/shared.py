@@ -231,8 +231,12 @@ class SharedLimits:
                 await asyncio.wait(pending)  # never cancels the call: others may wait for it too
                 if not all(not task.cancelled() and task.exception() is None and task.result() for task in pending):
                     return self._degraded(limits, self._clock())
+            now = self._clock()
+            decided = decide(leases, now)  # the last call's tokens, if any are still here
+            if decided is not None:
+                return decided
             self.stats.starved += 1  # the tokens went to the others waiting: used up for now (not a fallback)
-            return contended(leases, self._clock())
+            return contended(leases, now)
         finally:
             for lease in leases:
                 lease.waiting -= 1
