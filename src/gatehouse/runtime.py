@@ -109,7 +109,7 @@ class Runtime:
                 assert pool is not None
                 self._internal[name] = pool
             seen = await self._revisions()
-            catalog, constraints, lineages = await self._read_catalogs()
+            catalog, constraints, lineages = await self._read_catalogs(lineage=_caches(project))
             missing = _missing_views(project, catalog)
             if missing:
                 raise DatabaseUnavailable(f"the database does not serve {missing}: run `gatehouse apply` first")
@@ -157,7 +157,10 @@ class Runtime:
                 revisions[name] = await current_revision(conn)
         return revisions
 
-    async def _read_catalogs(self) -> tuple[dict[tuple[str, str], ViewShape], dict[str, list[Constraint]], Lineages]:
+    async def _read_catalogs(self, *, lineage: bool) -> tuple[dict[tuple[str, str], ViewShape],
+                                                              dict[str, list[Constraint]], Lineages]:
+        """The views, constraints and (when a contract is cached: it costs two recursive catalog queries per
+        database) the base tables each view reads."""
         catalog: dict[tuple[str, str], ViewShape] = {}
         constraints: dict[str, list[Constraint]] = {}
         lineages: Lineages = {}
@@ -165,7 +168,8 @@ class Runtime:
             async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 catalog.update(await load_catalog(conn))
                 constraints[name] = await load_constraints(conn)
-                lineages[name] = await read_lineage(conn)
+                if lineage:
+                    lineages[name] = await read_lineage(conn)
         return catalog, constraints, lineages
 
     def _install(self, project: Project, catalog: dict[tuple[str, str], ViewShape],
@@ -206,7 +210,7 @@ class Runtime:
                 log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
         if project.config.databases != current.config.databases:
             project = current
-        catalog, constraints, lineages = await self._read_catalogs()
+        catalog, constraints, lineages = await self._read_catalogs(lineage=_caches(project) or _caches(current))
         chosen = next((p for p in (project, current) if not _missing_views(p, catalog)), None)
         if chosen is None:
             log.warning("the database does not serve %s: keeping the schema cache until it does",
@@ -318,6 +322,11 @@ def _missing_views(project: Project, catalog: Mapping[tuple[str, str], ViewShape
     missing = [f"{schema_name(n)}.{c.name}" for n, c in project.versions.views()
                if (schema_name(n), c.name) not in catalog]
     return f"{', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''}" if missing else ""
+
+
+def _caches(project: Project) -> bool:
+    """Does any contract of the project have a ``cache`` setting?"""
+    return any(settings.cache for settings in project.config.contracts.values())
 
 
 def _databases_of_apps(project: Project) -> dict[str, set[str]]:

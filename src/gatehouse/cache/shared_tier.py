@@ -23,13 +23,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio import BlockingConnectionPool
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from gatehouse.cache.store import Entry
 from gatehouse.config import RedisConfig
 from gatehouse.limits.breaker import Breaker
+from gatehouse.redis_connection import open_redis
 from gatehouse.secrets import resolve_secret
 
 log = logging.getLogger(__name__)
@@ -44,10 +42,7 @@ class SharedTier:
         self._prefix = f"{key_prefix}cache:"
         self._clock = clock
         self._breaker = Breaker(clock, user="response cache", fallback="reads that miss in memory go to the database")
-        pool = BlockingConnectionPool.from_url(url, max_connections=16, timeout=self._timeout,
-                                               socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-                                               retry=Retry(NoBackoff(), 0))
-        self._client: aioredis.Redis | None = aioredis.Redis(connection_pool=pool)
+        self._client: aioredis.Redis | None = open_redis(url, self._timeout)
         self._pending: set[asyncio.Task[None]] = set()
         self.hits = self.misses = self.errors = 0
 
@@ -100,7 +95,7 @@ class SharedTier:
                 reply = await run(*command)
         except Exception as error:  # Redis slow or down: the database answers instead
             self.errors += 1
-            self._breaker.failed(type(error).__name__, timeout=isinstance(error, TimeoutError), share=1)
+            self._breaker.failed(type(error).__name__, timeout=isinstance(error, TimeoutError))
             return None
         self._breaker.succeeded()
         return reply

@@ -75,7 +75,7 @@ class Breaker:
             self._backoff = self._base
         self._failed = 0
 
-    def failed(self, reason: str, *, timeout: bool, share: int) -> None:
+    def failed(self, reason: str, *, timeout: bool, share: int = 1) -> None:
         """A call failed (``reason`` names the error's class, never its text: it may hold an address)."""
         self._failed += 1
         now = self._clock()

@@ -53,17 +53,14 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from gatehouse.config import RedisConfig
-from gatehouse.errors import ProjectError
 from gatehouse.limits.breaker import Breaker
 from gatehouse.limits.gcra import Decision, LocalGcra, Rate
 from gatehouse.limits.leases import Lease, contended, decide, running_low
+from gatehouse.redis_connection import open_redis
 from gatehouse.secrets import resolve_secret
 
 Limits = Sequence[tuple[object, Rate]]
@@ -156,15 +153,7 @@ class SharedLimits:
     async def start(self) -> None:
         """Connect lazily and say this instance is alive (once now, bounded by the timeout, then every
         ``heartbeat_s`` in the background). Never fails because of Redis: the limits then start local."""
-        timeout = self._timeout
-        try:
-            pool = BlockingConnectionPool.from_url(
-                self._url, max_connections=16, timeout=timeout, socket_timeout=timeout,
-                socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-        except ValueError:
-            raise ProjectError("[redis] url is not a Redis URL",
-                               hint="write redis://host:6379/0 (rediss:// for TLS), or env:VAR naming one") from None
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = open_redis(self._url, self._timeout)
         await self._beat()
         self._beating = asyncio.get_running_loop().create_task(self._heartbeat())
 
