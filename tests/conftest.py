@@ -25,6 +25,7 @@ from gatehouse.app import create_app
 from gatehouse.project import Project, load_project
 from gatehouse.runtime import Runtime
 from redis_server import redis_url  # noqa: F401  (the session's Redis, for every test module)
+from replica_cluster import _replica_pair, replica_cluster  # noqa: F401  (a primary and its streaming replica)
 
 REPO = Path(__file__).resolve().parents[1]
 SHOP = REPO / "examples" / "shop"

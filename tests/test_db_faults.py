@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +33,7 @@ from gatehouse.db.faults import KEEPALIVE_IDLE_S, USER_TIMEOUT_MS
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.project import Project
 from gatehouse.runtime import Runtime
+from replica_cluster import Cluster, free_port, postgres_bin, private_root
 
 TOML = """
 [project]
@@ -421,94 +418,19 @@ async def test_connections_age_out_and_requests_keep_working(
 # --- a database that is stopped and started again ---------------------------------------------------
 
 
-@dataclass
-class Cluster:
-    """A PostgreSQL cluster of this test's own, in a temporary folder, on a free port of 127.0.0.1."""
-
-    bin: Path
-    root: Path
-    port: int
-    run_as: list[str]
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def _run(self, *args: str) -> None:
-        done = subprocess.run([*self.run_as, *args], capture_output=True, text=True, timeout=120, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{args[0]} failed: {done.stdout}{done.stderr}")
-
-    def init(self) -> None:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--locale=C", "--no-sync")
-
-    def start_now(self) -> None:
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c full_page_writes=off -c max_connections=40")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
-                  "-w", "-t", "60", "start")
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.start_now)
-
-    async def stop(self, mode: str = "immediate") -> None:
-        await asyncio.to_thread(self._run, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
-                                "stop")
-
-    async def create_database(self, name: str) -> None:
-        conn = await asyncpg.connect(self.url())
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-
-def _postgres_bin() -> Path | None:
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
-            return candidate
-    try:
-        import pgserver
-    except ImportError:
-        return None
-    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
-    return bundled if (bundled / "initdb").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    binaries = _postgres_bin()
+    binaries = postgres_bin()
     if binaries is None:
         pytest.skip("no PostgreSQL binaries to start a private cluster with")
-    run_as: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="gh-faults-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(root)
-            pytest.skip("running as root, and there is no postgres user to run a cluster as")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    private = Cluster(binaries, root, _free_port(), run_as)
+    root, run_as = private_root("gh-faults-")
+    private = Cluster(binaries, root, free_port(), run_as)
     try:
         private.init()
         private.start_now()
         yield private
     finally:
-        subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(private.data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60, check=False)
+        private.stop_now()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -116,7 +116,10 @@ class AdminApp:
         if request.path == "/ready":
             report = await self.runtime.readiness()
             ok = bool(report) and all(value == "ok" for value in report.values())
-            body = orjson.dumps({"status": "ready" if ok else "not ready", "databases": report})
+            answer: dict[str, object] = {"status": "ready" if ok else "not ready", "databases": report}
+            if self.runtime.replicas:  # shown, never a reason to be not ready: reads fall back to the primary
+                answer["replicas"] = self.runtime.replicas.report()
+            body = orjson.dumps(answer)
             return json_response(body, 200 if ok else 503)
         metrics = self.runtime.metrics
         return HttpResponse(200, {}, metrics.render(), metrics.content_type)

@@ -61,6 +61,13 @@ class DatabaseConfig(Strict):
     )
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300,
                                      description="how long to wait for the server to answer a login")
+    replicas: tuple[DatabaseUrl, ...] = Field(
+        default=(), max_length=16,
+        description="streaming replicas of this database (URLs as for url), named r1, r2... in this order; "
+                    "apps whose reads allow it are served by them while they are fresh enough")
+    replica_check_ms: int = Field(default=200, ge=20, le=60_000,
+                                  description="how often the primary's heartbeat is written and each replica's "
+                                              "lag is read")
 
 
 class ServerConfig(Strict):
@@ -144,6 +151,27 @@ class Quota(Strict):
         return value
 
 
+class ReadRouting(Strict):
+    """Where an app's reads may go (``reads = { from = "replica", max_staleness = "10s" }``); writes, logic
+    and cached contracts' reads always go to the primary."""
+
+    source: Literal["primary", "replica", "replica_only"] = Field(
+        default="primary", alias="from",
+        description="primary; replica (a fresh enough replica, else the primary); replica_only (else 503)")
+    max_staleness: str = Field(default="10s", description='how old the data of a replica read may be: "10s", '
+                                                          '"500ms" (at least twice replica_check_ms)')
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def max_staleness_s(self) -> float:
+        return parse_duration(self.max_staleness)
+
+
 class Grant(Strict):
     contract: Name
     actions: tuple[Action, ...] = ("read",)
@@ -153,6 +181,8 @@ class Grant(Strict):
     )
     rate: str | None = Field(default=None, description='a limit of its own for these actions on this contract: "5/s"')
     burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    reads: ReadRouting | None = Field(default=None, description="where reads of this contract go (default: "
+                                                                "the app's reads)")
 
     @field_validator("rate")
     @classmethod
@@ -176,6 +206,7 @@ class AppConfig(Strict):
     grants: tuple[Grant, ...] = ()
     functions: tuple[Name, ...] = Field(default=(), description="logic functions (logic/*.py) this app may call")
     require_user: bool = Field(default=False, description="also require a user's JWT besides the app's key")
+    reads: ReadRouting = Field(default=ReadRouting(), description="where this app's reads may go")
 
     @model_validator(mode="after")
     def _one_grant_per_contract(self) -> AppConfig:

@@ -145,6 +145,10 @@ class InvalidUrlEncoding(RefusedRequest):
     """The URL (path or query string) is not UTF-8 once percent-decoded: refused rather than guessed."""
 
 
+class InvalidConsistencyToken(RefusedRequest):
+    """A ``Gatehouse-Consistency`` header that is not what a write's answer gave."""
+
+
 class ApiKeyInUrl(RefusedRequest):
     """``?apikey=``: URLs end up in logs and browser history."""
 
@@ -499,6 +503,13 @@ class AuditUnavailable(ServiceUnavailable):
 
     def __init__(self) -> None:
         super().__init__("The audit trail is unavailable", hint="Requests resume when it is back; retry shortly.")
+
+
+class NoFreshReplica(ServiceUnavailable):
+    """An app whose reads go to replicas only (``reads.from = "replica_only"``) and no replica is fresh enough,
+    reachable and caught up with the caller's last write."""
+
+    code = "GH503R"
 
 
 class PoolTimeout(ApiError):

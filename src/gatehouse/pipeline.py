@@ -7,6 +7,8 @@ one that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 import orjson
 
@@ -15,8 +17,9 @@ from gatehouse.access import allowed_methods, choose_version, database_refusal, 
 from gatehouse.auth.failures import credential_id
 from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.cache.responses import Fill
-from gatehouse.db import Connection
-from gatehouse.errors import Unauthenticated, UnknownContract
+from gatehouse.db import Connection, consistency
+from gatehouse.db.replicas import AGE_HEADER, SOURCE_HEADER
+from gatehouse.errors import NoFreshReplica, Unauthenticated, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.observe.audit import AuditUnavailable
@@ -26,7 +29,7 @@ from gatehouse.query.grammar import parse_pairs, query_pairs
 from gatehouse.query.plans import ReadPlan, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.query.tree import Condition, Level, ReadQuery
-from gatehouse.routes import ReadRoute, read_route
+from gatehouse.routes import ReadRoute, ReplicaPolicy, read_route
 from gatehouse.runtime import Runtime
 
 WRITE_ACTIONS = writing.WRITE_ACTIONS
@@ -142,7 +145,11 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         sql, params = cached.sql(sql, params)
 
     try:  # the app's role; a pooled connection found dead is replaced and the read sent again, once
-        row = await runtime.pools.read_row(app.name, contract.database, sql, params)
+        # A replica within the app's staleness bound that has the caller's last write, else the primary.
+        replica = await _read_replica(request, runtime, app, contract.database, route.replicas, sql, params) \
+            if route.replicas is not None and cached is None else None  # (a cache fill reads the primary's versions)
+        row = replica[0] if replica is not None else \
+            await runtime.pools.read_row(app.name, contract.database, sql, params)
         assert row is not None  # an aggregate always returns one row
         total: int | None = row[2] if count_mode == "exact" else None
         if count_mode in ("planned", "estimated") and query is not None:
@@ -157,11 +164,40 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     labels.rows = row[1]
     page = render.Page(row[0], row[1], offset, total, columns)
     response = render.read_response(page, route.fmt, dict(route.headers))
+    if runtime.replicas.has(contract.database):  # how old the data may be: a replica's bound, or the primary's 0
+        labels.replica = replica is not None
+        response.headers.update(replica[1] if replica is not None else PRIMARY_SOURCE)
     if cached is None:
         return response
     if labels.redacted_query is None:  # (a plan made for this request alone does not carry it)
         labels.redacted_query = redact_query(request.query_string)
     return cached.keep(response, row["_gh_versions"], row[1], labels.redacted_query)
+
+
+PRIMARY_SOURCE = {SOURCE_HEADER: "primary", AGE_HEADER: "0"}
+
+
+async def _read_replica(request: HttpRequest, runtime: Runtime, app: App, database: str, policy: ReplicaPolicy,
+                        sql: str, params: Sequence[object]) -> tuple[asyncpg.Record, dict[str, str]] | None:
+    """The read's row from a replica the policy allows, with the headers saying which and how old its data may
+    be; None when the primary must answer (none fresh enough, none with the caller's last write, or the replica
+    failed: it is then left out for a moment). 503 instead for an app kept off the primary."""
+    replicas = runtime.replicas
+    after = consistency.after_write(request.headers.get(consistency.REQUEST_HEADER), database)  # 400
+    own = replicas.own_write(app.name, database, policy.max_staleness_s)  # (callers that do not echo the token)
+    if own is not None and (after is None or own > after):
+        after = own
+    chosen = replicas.choose(app, database, policy.max_staleness_s)
+    if chosen is not None:
+        replica, age = chosen
+        row = await replicas.read_row(replica, app, sql, params, after)
+        if row is not None:
+            return row, {SOURCE_HEADER: replica.name, AGE_HEADER: f"{age:.3f}"}
+    if policy.only:
+        raise NoFreshReplica("No replica can answer this read now",
+                             details="none is reachable, within the app's max_staleness and caught up with the "
+                                     "caller's last write", hint="Retry shortly.", headers={"Retry-After": "1"})
+    return None
 
 
 async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:
@@ -173,7 +209,12 @@ async def write(request: HttpRequest, runtime: Runtime, contract_name: str, path
             outcome = await writing.execute_write(runtime, app, plan, request.labels)  # 403/409/400/406: nothing kept
         finally:  # this instance's cached answers from its tables are not served again (read your own writes)
             runtime.cache.wrote(plan.version, plan.contract.name, plan.contract.database)
-    return writing.write_response(runtime.project, plan, outcome)
+    response = writing.write_response(runtime.project, plan, outcome)
+    database = plan.contract.database
+    if outcome is not None and outcome.xid is not None and not plan.rollback and runtime.replicas.has(database):
+        runtime.replicas.wrote(app.name, database, outcome.xid)  # read your writes, with or without the token
+        response.headers[consistency.HEADER] = consistency.token(database, outcome.xid)
+    return response
 
 
 async def options(request: HttpRequest, runtime: Runtime, contract_name: str, path_version: int | None) -> HttpResponse:

@@ -27,12 +27,15 @@ from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
 from gatehouse.db.changes import current_revision
 from gatehouse.db.faults import is_dead
+from gatehouse.db.headroom import read_headroom
+from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.limits.fair import FairShare
 from gatehouse.observe.audit import AuditWriter
+from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project, load_project
 from gatehouse.query.plans import PlanCache, ReadPlan
@@ -68,6 +71,8 @@ class Runtime:
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(DataVersions(0.1), max_bytes=0,
                                                                        max_entry_bytes=0))
     """Answers of cached contracts, valid while their tables' data versions are unchanged."""
+    replicas: ReplicaSet = field(default_factory=ReplicaSet.none)
+    """The databases' streaming replicas, their lag and their per-app pools (db/replicas.py)."""
     follower: Follower | None = None
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
@@ -128,10 +133,14 @@ class Runtime:
             self.audit = self._audit_writer(home)
             self.audit.start()
             server = project.config.server
-            self.pools = AppPools(PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000,
-                                              max_idle_s=server.pool_max_idle_s,
-                                              max_lifetime_s=server.pool_max_lifetime_s))
+            options = PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000, max_idle_s=server.pool_max_idle_s,
+                                  max_lifetime_s=server.pool_max_lifetime_s)
+            self.pools = AppPools(options)
             await self.pools.open(self.targets, project.apps, _databases_of_apps(project))
+            self.replicas = ReplicaSet.for_project(project, self.targets, options)
+            await self.replicas.start(self._internal)
+            await self._check_headroom(project)
+            self.metrics.watch_databases(self._pool_readings, lambda: self.replicas.readings()[0])
             self.follower = Follower({name: self._listen_to(target) for name, target in self.targets.items()},
                                      self._revisions, self.reload)
             await self.follower.start(seen)
@@ -143,6 +152,23 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
+
+    def _pool_readings(self) -> list[PoolReading]:
+        return [*(self.pools.readings() if self.pools is not None else ()), *self.replicas.readings()[1]]
+
+    async def _check_headroom(self, project: Project) -> None:
+        """Warn when the pools this instance may open do not fit a database server's ``max_connections``."""
+        databases = _databases_of_apps(project)
+        for name, pool in self._internal.items():
+            wanted = sum(app.config.quota.pool_size for app in project.apps.values() if name in databases[app.name])
+            try:
+                async with pool.acquire() as conn:
+                    warning = (await read_headroom(conn, wanted)).warning(f"database {name}")
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.debug("could not read the connection budget of %s: %s", name, type(exc).__name__)
+                continue
+            if warning is not None:
+                log.warning("%s", warning)
 
     def _listen_to(self, target: DatabaseTarget) -> Callable[[], Awaitable[asyncpg.Connection]]:
         async def listen() -> asyncpg.Connection:
@@ -258,6 +284,7 @@ class Runtime:
             await self.keys.stop()
         if self.tokens is not None:
             await self.tokens.stop()
+        await self.replicas.stop()
         if self.pools is not None:
             await self.pools.close()
         await asyncio.gather(*(p.close() for p in self._internal.values()), return_exceptions=True)

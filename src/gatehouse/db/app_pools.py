@@ -20,6 +20,7 @@ from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
 from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
 from gatehouse.db.targets import DatabaseTarget
+from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.project import App
 
 CONNECT_TIMEOUT_MAX_S = 10.0
@@ -45,7 +46,8 @@ class PoolOptions:
         return min(database_s or CONNECT_TIMEOUT_MAX_S, max(self.acquire_timeout_s, 1.0))
 
 
-async def open_app_pool(target: DatabaseTarget, app: App, options: PoolOptions) -> AppPool:
+def app_pool(target: DatabaseTarget, app: App, options: PoolOptions) -> AppPool:
+    """The app's pool on ``target``, with no connection opened yet."""
     quota = app.config.quota
     settings = {
         "role": app.role,
@@ -60,8 +62,12 @@ async def open_app_pool(target: DatabaseTarget, app: App, options: PoolOptions) 
         watch_peer(conn)
         return conn
 
-    pool = AppPool(connect, quota.pool_size, options.acquire_timeout_s, max_idle_s=options.max_idle_s,
+    return AppPool(connect, quota.pool_size, options.acquire_timeout_s, max_idle_s=options.max_idle_s,
                    max_lifetime_s=options.max_lifetime_s, name=f"{app.name}/{target.name}")
+
+
+async def open_app_pool(target: DatabaseTarget, app: App, options: PoolOptions) -> AppPool:
+    pool = app_pool(target, app, options)
     await pool.open(min_size=MIN_SIZE)
     return pool
 
@@ -129,6 +135,11 @@ class AppPools:
         with contextlib.suppress(Exception):
             await asyncio.gather(*(pool.close() for pool in [*self._pools.values(), *retiring]))
         self._pools.clear()
+
+    def readings(self) -> list[PoolReading]:
+        """Each pool's connections now, for ``/metrics``."""
+        return [PoolReading(app, db, "primary", p.size, p.in_use, p.idle, p.waiting)
+                for (app, db), p in sorted(self._pools.items())]
 
     def pool(self, app: str, database: str) -> AppPool:
         return self._pools[(app, database)]

@@ -98,6 +98,11 @@ class AppPool:
         return len(self._idle)
 
     @property
+    def waiting(self) -> int:
+        """Requests waiting for one of its connections."""
+        return len(self._waiters)
+
+    @property
     def opened(self) -> int:
         return self._opened
 

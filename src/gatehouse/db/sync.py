@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS gatehouse.keys (
     revoked_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS keys_app_idx ON gatehouse.keys (app);
+CREATE TABLE IF NOT EXISTS gatehouse.heartbeat (
+    instance  text PRIMARY KEY,
+    seq       bigint NOT NULL,
+    at        timestamptz NOT NULL
+);
 """
 
 
@@ -135,6 +140,7 @@ async def _sync_roles(conn: asyncpg.Connection, project: Project, target: Databa
     await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {auth}")
     await conn.execute(f"GRANT SELECT ON gatehouse.keys, gatehouse.state, gatehouse.views TO {auth}")
     await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {auth}")  # the batched audit of reads
+    await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON gatehouse.heartbeat TO {auth}")  # replica lag
     for role in sorted(wanted_roles):  # a write's record is inserted in the write's own transaction
         await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {quote_ident(role)}")
         await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {quote_ident(role)}")

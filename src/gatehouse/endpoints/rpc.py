@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from gatehouse.access import choose_version
 from gatehouse.auth.identity import Identity
-from gatehouse.db import Connection, rollback_quietly
+from gatehouse.db import Connection, consistency, rollback_quietly
 from gatehouse.db.faults import is_dead
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.errors import (
@@ -139,14 +139,21 @@ async def call_rpc(request: HttpRequest, runtime: Runtime, name: str) -> HttpRes
         raise _arguments_error(exc) from None
 
     labels = request.labels
+    database = function.database or project.home_database
+    written: list[int] = []  # the transaction's id, for read-your-writes on replicas
 
     async def record(conn: Connection, result: Any) -> None:  # a writing function's record commits with it
         await audit_in_transaction(conn, labels.audit_record(204 if result is None else 200,
                                                              keep_values=project.config.server.audit_query_values))
+        if runtime.replicas.has(database):
+            written.append(int(await conn.fetchval("SELECT pg_current_xact_id()::text")))
 
     result = await invoke(runtime, function, app, identity, version, parameters,
                           before_commit=None if function.read_only else record)
     labels.audited = not function.read_only
-    if result is None:
-        return HttpResponse(204)
-    return HttpResponse(200, {}, function.result.dump_json(result), JSON)  # for HEAD the server sends no body
+    response = HttpResponse(204) if result is None else \
+        HttpResponse(200, {}, function.result.dump_json(result), JSON)  # for HEAD the server sends no body
+    if written:
+        runtime.replicas.wrote(app.name, database, written[0])
+        response.headers[consistency.HEADER] = consistency.token(database, written[0])
+    return response

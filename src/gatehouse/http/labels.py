@@ -35,6 +35,8 @@ class RequestLabels:
     rows: int | None = None
     cached: bool = False
     """Answered from the response cache (or 304) without the database."""
+    replica: bool = False
+    """Answered by a replica (read from it), not the primary."""
     audited: bool = False
     """Set once a write's record committed with the write itself, so the middleware does not record it twice."""
     limit_headers: dict[str, str] | None = None
@@ -57,5 +59,5 @@ class RequestLabels:
             query = self.redacted_query if self.redacted_query is not None else redact_query(self.query_string)
         return AuditRecord(datetime.fromtimestamp(self.started, UTC), self.request_id, self.app, self.key_id,
                            self.subject, self.method, self.contract, self.api_version, query, status, self.rows,
-                           elapsed, self.cached, False, self.client)
+                           elapsed, self.cached, self.replica, self.client)
 

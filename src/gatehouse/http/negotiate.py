@@ -42,8 +42,12 @@ PREFERENCE_VALUES = {
     "missing": {"default", "null"},
     "handling": {"lenient", "strict"},
     "tx": {"commit", "rollback"},
+    "read-from": {"primary"},
 }
-APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected")
+APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected", "read-from",
+                 "max-staleness")
+MAX_STALENESS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
+"""``Prefer: max-staleness=<seconds>``: how old a replica's data this read accepts (at most the app's bound)."""
 
 
 @functools.lru_cache(maxsize=256)  # clients send a handful of Accept headers, over and over
@@ -107,7 +111,8 @@ def parse_prefer(header: str | None) -> Preferences:
                 continue
             name, _, value = token.partition("=")
             name, value = name.strip().lower(), value.strip()
-            counted = name == "max-affected" and re.fullmatch(r"[0-9]{1,9}", value) is not None
+            counted = (name == "max-affected" and re.fullmatch(r"[0-9]{1,9}", value) is not None) or (
+                name == "max-staleness" and MAX_STALENESS.fullmatch(value) is not None)
             valid = value in PREFERENCE_VALUES.get(name, ()) or counted
             if not valid:
                 prefs.invalid.append(token)

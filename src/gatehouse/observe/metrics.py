@@ -9,18 +9,22 @@ Prometheus series when ``/metrics`` is scraped (on that same thread, so a scrape
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from gatehouse.observe.db_metrics import DatabaseCollector, PoolReading, ReplicaReading
+
 LABELS = ("app", "contract", "version", "method", "status")
 METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"})
 """Methods recorded by name; any other is recorded as ``OTHER`` (a client cannot grow the series without bound)."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SUM = len(LATENCY_BUCKETS) + 1
+SLOW_FROM = LATENCY_BUCKETS.index(1.0) + 1
+"""Index of the first bucket above one second: what ``gatehouse_slow_requests_total`` counts."""
 """Index of the sum of seconds in a series; before it, one count per bucket and the last for ``+Inf``."""
 
 SeriesKey = tuple[str, str, int, str, int]
@@ -37,7 +41,9 @@ class _RequestCollector(Collector):
         requests = CounterMetricFamily("gatehouse_requests", "Requests answered on the data port.", labels=LABELS)
         latency = HistogramMetricFamily("gatehouse_request_duration_seconds",
                                         "Time to answer a request on the data port.", labels=LABELS)
+        slow: dict[str, float] = {}
         for (app, contract, version, method, status), counts in sorted(self._series.items()):
+            slow[app] = slow.get(app, 0.0) + sum(counts[SLOW_FROM:_SUM])
             labels = [app, contract, f"v{version}" if version else "", method, str(status)]
             cumulative, buckets = 0.0, []
             for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=False):
@@ -47,6 +53,12 @@ class _RequestCollector(Collector):
             latency.add_metric(labels, buckets, counts[_SUM])
         yield requests
         yield latency
+        slow_family = CounterMetricFamily("gatehouse_slow_requests", f"Requests of each app that took longer than "
+                                          f"{LATENCY_BUCKETS[SLOW_FROM - 1]:g} s (one statement each, but for "
+                                          "logic functions).", labels=["app"])
+        for app, count in sorted(slow.items()):
+            slow_family.add_metric([app], count)
+        yield slow_family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no fixed series: collect() only at scrape time
@@ -150,6 +162,11 @@ class Metrics:
     def watch_work(self, read: Callable[[], tuple[int, int, int]]) -> None:
         """Report the work slots: (active, queued, waited so far)."""
         self.registry.register(_WorkSlotsCollector(read))
+
+    def watch_databases(self, pools: Callable[[], Iterable[PoolReading]],
+                        replicas: Callable[[], Iterable[ReplicaReading]]) -> None:
+        """Report every pool's connections and every replica's lag (``observe/db_metrics.py``)."""
+        self.registry.register(DatabaseCollector(pools, replicas))
 
     def reloaded(self, outcome: str) -> None:
         self._reloads.labels(outcome).inc()

@@ -76,12 +76,16 @@ class WriteOutcome:
     """Written rows that fall outside the app's row filter."""
     hidden: int
     """Rows a merging upsert skipped because the row they conflict with is outside the app's row filter."""
+    xid: int | None = None
+    """The writing transaction's id (None when nothing was written): the read-your-writes token of
+    :mod:`gatehouse.db.consistency`."""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | None) -> WriteOutcome:
         assert row is not None  # the tail is one row of aggregates
+        xid = row["xid"]
         return cls(row["representation"], row["written"], row["first_key"], row["existing"], row["outside"],
-                   row["hidden"])
+                   row["hidden"], int(xid) if xid is not None else None)
 
     def check_row_filter(self, contract: str) -> None:
         """403 (code 42501, as PostgreSQL and PostgREST answer under row-level security) when the write reached
@@ -150,7 +154,10 @@ class WriteCompiler:
         violations = self.reader.row_filter_violations(self.contract, WRITTEN)
         also = "".join(f", {cte}" for cte in self.also)
         return (f"{also} SELECT {body} AS representation, (SELECT count(*) FROM {WRITTEN}) AS written, "
-                f"{location} AS first_key, {existing} AS existing, {violations} AS outside, {hidden} AS hidden")
+                f"{location} AS first_key, {existing} AS existing, {violations} AS outside, {hidden} AS hidden, "
+                # after the write has run (the count reads every written row): its transaction's id, if any
+                f"CASE WHEN (SELECT count(*) FROM {WRITTEN}) >= 0 THEN pg_current_xact_id_if_assigned()::text END "
+                "AS xid")
 
     def insert(self, query: ReadQuery, payload: Payload, options: InsertOptions,
                key: tuple[str, ...]) -> CompiledQuery:
