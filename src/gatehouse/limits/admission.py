@@ -30,7 +30,6 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from gatehouse.errors import RateLimited, TooManyInFlight
@@ -53,7 +52,23 @@ class Policy:
         return f'"{self.name}";q={self.rate.count};w={self.rate.window}'
 
 
-Applying = tuple[tuple[tuple[str, str], Policy], ...]
+class Applying:
+    """The limits that apply to one (app, contract, actions), with what every check of them needs worked out
+    once: the keys and rates the store takes, and the ``RateLimit-Policy`` field. Compared and hashed by
+    identity (a frozen dataclass would hash its nested dataclasses in Python on every request)."""
+
+    __slots__ = ("keyed", "policies", "policy_field")
+
+    def __init__(self, policies: Sequence[tuple[tuple[str, str], Policy]]) -> None:
+        self.policies = tuple(policies)
+        self.keyed: tuple[tuple[object, Rate], ...] = tuple((key, policy.rate) for key, policy in policies)
+        self.policy_field = ", ".join(policy.field for _, policy in policies)
+
+    def __bool__(self) -> bool:
+        return bool(self.policies)
+
+
+NO_LIMITS = Applying(())
 Headers = dict[str, str]
 
 
@@ -105,7 +120,7 @@ class RateLimiter:
                 frozenset(grant.contract for grant in app.config.grants if grant.rate is not None))
         if contract not in limited[1]:
             if not limited[0]:
-                return ()
+                return NO_LIMITS
             contract = None
         key = (app.name, contract, actions)
         found = self._policies.get(key)
@@ -118,7 +133,7 @@ class RateLimiter:
                 if grant.rate is not None and grant.contract == contract and set(actions) & set(grant.actions):
                     name = f"{grant.contract}:{'+'.join(grant.actions)}"
                     chosen.append(((app.name, name), Policy(name, Rate.parse(grant.rate, grant.burst))))
-            found = self._policies[key] = tuple(chosen)
+            found = self._policies[key] = Applying(chosen)
         return found
 
     def check(self, app: App, contract: str | None = None,
@@ -131,22 +146,22 @@ class RateLimiter:
             return {}
         shared = self.shared
         if shared is None:
-            return _answer(applying, self._store.check(_keyed(applying), self._clock()))
-        decisions = shared.check(_keyed(applying))
+            return _answer(applying, self._store.check(applying.keyed, self._clock()))
+        decisions = shared.check(applying.keyed)
         if decisions is None:
             return self._admit(applying, shared)
         return _answer(applying, decisions)
 
     @staticmethod
     async def _admit(applying: Applying, shared: SharedLimits) -> Headers:
-        return _answer(applying, await shared.admit(_keyed(applying)))
+        return _answer(applying, await shared.admit(applying.keyed))
 
 
 def _answer(applying: Applying, decisions: Sequence[Decision]) -> Headers:
     """The fields of the tightest limit; or the 429 of the refusing limit that frees up last."""
     tightest: tuple[Decision, Policy] | None = None
     refused: tuple[Decision, Policy] | None = None
-    for decision, (_, policy) in zip(decisions, applying, strict=True):
+    for decision, (_, policy) in zip(decisions, applying.policies, strict=True):
         if not decision.allowed and (refused is None or decision.retry_after > refused[0].retry_after):
             refused = (decision, policy)
         if tightest is None or decision.remaining < tightest[0].remaining:
@@ -163,18 +178,8 @@ def _answer(applying: Applying, decisions: Sequence[Decision]) -> Headers:
     return _fields(applying, decision, policy, reset=math.ceil(decision.reset_after))
 
 
-@cache
-def _keyed(applying: Applying) -> tuple[tuple[object, Rate], ...]:
-    return tuple((key, policy.rate) for key, policy in applying)
-
-
-@cache
-def _policy_field(applying: Applying) -> str:
-    return ", ".join(p.field for _, p in applying)
-
-
 def _fields(applying: Applying, decision: Decision, policy: Policy, *, reset: int) -> Headers:
-    return {"RateLimit-Policy": _policy_field(applying),
+    return {"RateLimit-Policy": applying.policy_field,
             "RateLimit": f'"{policy.name}";r={decision.remaining};t={reset}'}
 
 
