@@ -265,10 +265,15 @@ class ReplicaSet:
         """The app's pool on ``replica`` (opened on first use; a changed quota gets a new one)."""
         pool = replica.pools.get(app.name)
         quota = app.config.quota
-        if pool is None or self._pool_quotas.get((replica, app.name)) != quota:
-            if pool is not None:  # a reload changed the quota: the old pool ends once its reads are done
+        known = self._pool_quotas.get((replica, app.name))
+        if pool is not None and known is not quota:  # (identity first: comparing two quotas is slow)
+            if known == quota:
+                self._pool_quotas[(replica, app.name)] = quota
+            else:  # a reload changed the quota: the old pool ends once its reads are done
                 self._closing.add(task := asyncio.get_running_loop().create_task(pool.close()))
                 task.add_done_callback(self._closing.discard)
+                pool = None
+        if pool is None:
             pool = replica.pools[app.name] = app_pool(replica.target, app, self._options)
             self._pool_quotas[(replica, app.name)] = quota
         return pool
