@@ -140,7 +140,8 @@ class Runtime:
             self.replicas = ReplicaSet.for_project(project, self.targets, options)
             await self.replicas.start(self._internal)
             await self._check_headroom(project)
-            self.metrics.watch_databases(self._pool_readings, lambda: self.replicas.readings()[0])
+            self.metrics.watch_databases(self._pool_readings, lambda: self.replicas.readings()[0],
+                                         self.replicas.fallback_readings)
             self.follower = Follower({name: self._listen_to(target) for name, target in self.targets.items()},
                                      self._revisions, self.reload)
             await self.follower.start(seen)

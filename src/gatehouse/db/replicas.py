@@ -143,6 +143,10 @@ class ReplicaSet:
         self._checkers: dict[Replica, asyncpg.Connection] = {}
         self._pool_quotas: dict[tuple[Replica, str], object] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.fallbacks: dict[tuple[str, str], int] = {}
+        """(database, reason) → reads that could go to a replica and went to the primary: ``none fresh`` (no
+        replica reachable, caught up and within the bound), ``lacks the write`` (the caller's last write not
+        there yet), ``failed`` (the replica failed the read)."""
 
     @classmethod
     def none(cls) -> ReplicaSet:
@@ -259,7 +263,14 @@ class ReplicaSet:
             free = pool.size - pool.in_use
             if best is None or free > best[0]:
                 best = (free, replica, age)
-        return None if best is None else (best[1], best[2])
+        if best is None:
+            self._fell_back(database, "none fresh")
+            return None
+        return best[1], best[2]
+
+    def _fell_back(self, database: str, reason: str) -> None:
+        key = (database, reason)
+        self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
 
     def pool(self, replica: Replica, app: App) -> AppPool:
         """The app's pool on ``replica`` (opened on first use; a changed quota gets a new one)."""
@@ -305,11 +316,14 @@ class ReplicaSet:
                 raise
             replica.failures += 1
             replica.ejected_until = time.monotonic() + EJECT_S
+            self._fell_back(replica.database, "failed")
             log.warning("replica %s of %s failed a read (%s); reading from the primary", replica.name,
                         replica.database, getattr(exc, "sqlstate", None) or type(exc).__name__)
             return None
         if row is not None:
             replica.reads += 1
+        else:
+            self._fell_back(replica.database, "lacks the write")
         return row
 
     # -- reporting ------------------------------------------------------------------------------------------
@@ -318,6 +332,9 @@ class ReplicaSet:
         """(database, replica) → how old its data may be now (seconds), None when it is not usable."""
         now = time.monotonic()
         return {(r.database, r.name): r.staleness(now) for rs in self.by_database.values() for r in rs}
+
+    def fallback_readings(self) -> list[tuple[str, str, int]]:
+        return [(database, reason, count) for (database, reason), count in sorted(self.fallbacks.items())]
 
     def readings(self) -> tuple[list[ReplicaReading], list[PoolReading]]:
         """Each replica's lag and counts, and each app's pool on it, for ``/metrics``."""

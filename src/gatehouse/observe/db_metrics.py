@@ -9,7 +9,8 @@ Read at scrape time from the pools and the replica monitor (no work on the reque
   (how old its data may be, by the primary's heartbeat: what routing uses; absent while it is not usable),
   ``gatehouse_replica_replay_lag_seconds`` (``now() - pg_last_xact_replay_timestamp()`` on it: overstates the lag
   of an idle primary), ``gatehouse_replica_reads_total`` and ``gatehouse_replica_failures_total`` (reads it
-  failed for a reason of its own, then answered by the primary).
+  failed for a reason of its own, then answered by the primary), ``gatehouse_replica_fallbacks_total{database,
+  reason}`` (reads that could have gone to a replica and were answered by the primary, and why).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class ReplicaReading(NamedTuple):
 
 
 class DatabaseCollector(Collector):
-    def __init__(self, pools: Callable[[], Iterable[PoolReading]],
-                 replicas: Callable[[], Iterable[ReplicaReading]]) -> None:
+    def __init__(self, pools: Callable[[], Iterable[PoolReading]], replicas: Callable[[], Iterable[ReplicaReading]],
+                 fallbacks: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self._pools = pools
         self._replicas = replicas
+        self._fallbacks = fallbacks
 
     def collect(self) -> Iterator[Metric]:
         where = ["app", "database", "server"]
@@ -79,7 +81,12 @@ class DatabaseCollector(Collector):
                 replay.add_metric(labels, replica.replay_lag_s)
             reads.add_metric(labels, replica.reads)
             failures.add_metric(labels, replica.failures)
-        yield from (up, lag, replay, reads, failures)
+        fallbacks = CounterMetricFamily("gatehouse_replica_fallbacks", "Reads an app let go to a replica that the "
+                                        "primary answered, by reason: none fresh, lacks the write, failed.",
+                                        labels=["database", "reason"])
+        for database, reason, count in self._fallbacks():
+            fallbacks.add_metric([database, reason], count)
+        yield from (up, lag, replay, reads, failures, fallbacks)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no fixed series: collect() only at scrape time

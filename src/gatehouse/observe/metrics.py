@@ -164,9 +164,10 @@ class Metrics:
         self.registry.register(_WorkSlotsCollector(read))
 
     def watch_databases(self, pools: Callable[[], Iterable[PoolReading]],
-                        replicas: Callable[[], Iterable[ReplicaReading]]) -> None:
+                        replicas: Callable[[], Iterable[ReplicaReading]],
+                        fallbacks: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Report every pool's connections and every replica's lag (``observe/db_metrics.py``)."""
-        self.registry.register(DatabaseCollector(pools, replicas))
+        self.registry.register(DatabaseCollector(pools, replicas, fallbacks))
 
     def reloaded(self, outcome: str) -> None:
         self._reloads.labels(outcome).inc()
