@@ -7,6 +7,7 @@ lag on demand with ``pg_wal_replay_pause()`` or ``recovery_min_apply_delay``.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -267,3 +268,18 @@ def test_which_replica_errors_send_the_read_to_the_primary() -> None:
     assert should_retry_on_primary(ConnectionResetError())
     assert not should_retry_on_primary(error("57014"))  # the app's own statement timeout
     assert not should_retry_on_primary(error("22P02"))  # the read's own mistake: the primary would refuse too
+
+
+async def test_pools_that_do_not_fit_max_connections_are_reported_at_start(
+        make_project: ProjectFactory, serve_project: Callable[..., Awaitable], server_uri: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    limit = int(str(await _sql(server_uri, "SELECT current_setting('max_connections')")))
+    toml = TOML.replace("replica_check_ms = 50\n", "").replace('reads = { from = "replica_only", '
+                                                                'max_staleness = "1s" }\n', "")
+    toml = re.sub(r"pool_size = [0-9]+", "pool_size = 200", toml)  # 1,000 in all: more than any test server takes
+    project = make_project(toml=toml, migrations={"V001__items.sql": MIGRATION}, contracts=CONTRACTS)
+    await prepare(project)
+    with caplog.at_level("WARNING", logger="gatehouse.runtime"):
+        await serve_project(project)
+    warning = next(r.getMessage() for r in caplog.records if "max_connections" in r.getMessage())
+    assert f"max_connections is {limit}" in warning and "instance(s) like this fit" in warning
