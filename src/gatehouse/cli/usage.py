@@ -85,3 +85,6 @@ def versions(
     for row in version_table_rows(usage, served=served):
         table.add_row(status(int(row[0][1:])), *row)
     out.print(table)
+    from gatehouse.cli.access import print_direct_access
+
+    print_direct_access(project)  # BI's direct SQL roles (docs/direct-access.md): their version and use

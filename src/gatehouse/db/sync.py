@@ -25,6 +25,7 @@ from gatehouse.cache.tables import sync_data_versions
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db import quote_ident
 from gatehouse.db.changes import announce
+from gatehouse.db.direct_access import sync_direct_access
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
@@ -292,6 +293,8 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)
+            for change in await sync_direct_access(conn, project, target.name):  # BI tools' SQL roles
+                report.add(change)
             readers = {app.name: app.role for app in project.apps.values()} | {"": project.authenticator_role}
             for change in await sync_data_versions(conn, project, target.name, readers):
                 report.add(change)
