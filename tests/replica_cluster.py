@@ -27,6 +27,13 @@ import pytest
 _OPTIONS = "-c fsync=off -c full_page_writes=off -c max_connections=60"
 
 
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it under CI (``CI=true``), where every service a test needs must be there."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"needed under CI: {reason}")
+    pytest.skip(reason)
+
+
 def postgres_bin() -> Path | None:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
@@ -110,7 +117,7 @@ def private_root(prefix: str) -> tuple[Path, list[str]]:
         user = pwd.getpwnam("postgres")
     except KeyError:
         shutil.rmtree(root)
-        pytest.skip("running as root, and there is no postgres user to run a cluster as")
+        unavailable("running as root, and there is no postgres user to run a cluster as")
     os.chown(root, user.pw_uid, user.pw_gid)
     return root, ["runuser", "-u", "postgres", "--"]
 
@@ -199,7 +206,8 @@ class ReplicaPair:
 def make_pair() -> Iterator[ReplicaPair]:
     binaries = postgres_bin()
     if binaries is None:
-        pytest.skip("no PostgreSQL binaries to start a primary and a replica with")
+        unavailable("no PostgreSQL binaries to start a primary and a replica with")
+        return
     root, run_as = private_root("gh-replica-")
     primary = Cluster(binaries, root, free_port(), run_as, "primary",
                       "-c wal_level=replica -c max_wal_senders=8 -c max_replication_slots=8")

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ProjectFactory, prepare
 from gatehouse import operations
-from gatehouse.db import direct_access
+from gatehouse.db import direct_access, direct_access_plan, direct_access_report
 from gatehouse.db.targets import resolve_targets
 from gatehouse.project import Project, load_project
 from replica_cluster import Cluster, ReplicaPair, free_port, postgres_bin, private_root
@@ -156,7 +156,7 @@ async def test_a_bi_role_reads_its_views_and_nothing_else(acc: Project) -> None:
     # PostgreSQL's own privilege checks: exactly its view, nowhere to create anything
     conn = await owner(acc)
     try:
-        reach = await direct_access.exposure(conn, role)
+        reach = await direct_access_report.exposure(conn, role)
     finally:
         await conn.close()
     assert reach["relations"] == ["api_v2.things"]
@@ -174,7 +174,7 @@ async def test_an_app_that_writes_gets_reads_only(acc: Project) -> None:
     conn = await owner(acc)
     try:
         assert await conn.fetchval("SELECT count(*) FROM things") == 3
-        reach = await direct_access.exposure(conn, f"{acc.role_prefix}sql_writer")
+        reach = await direct_access_report.exposure(conn, f"{acc.role_prefix}sql_writer")
     finally:
         await conn.close()
     assert reach["relations"] == ["api_v1.things"]  # not the sequence the app role may use to insert
@@ -403,7 +403,7 @@ async def test_on_a_streaming_replica_it_reads_views_only_and_revoke_ends_its_se
     assert "canceling statement due to statement timeout" in slow.stderr  # its settings replicate with it
 
     live = await asyncpg.connect(url)
-    [listed] = await direct_access.list_access(project)
+    [listed] = await direct_access_report.list_access(project)
     assert listed.connections == 1 and listed.unreachable == ()  # counted on the replica
     await replica_cluster.pause_replay()  # the replica cannot learn of the revocation yet
     try:
@@ -511,11 +511,11 @@ async def test_embedded_databases_get_a_socket_connection_string(embedded_projec
 
 
 def test_urls_keep_the_server_and_drop_the_owner() -> None:
-    url = direct_access.login_url("postgresql://owner:pw@db.internal:6432/shop?sslmode=require&passfile=/x&sslkey=/k"
+    url = direct_access_plan.login_url("postgresql://owner:pw@db.internal:6432/shop?sslmode=require&passfile=/x&sslkey=/k"
                                   "&options=-c%20statement_timeout%3D0",
                                   "gh_p_sql_bi", "abc-_9")
     assert url == "postgresql://gh_p_sql_bi:abc-_9@db.internal:6432/shop?sslmode=require"
-    socket_url = direct_access.login_url("postgresql://postgres:@/shop?host=/tmp/pg.sock", "r", "p")
+    socket_url = direct_access_plan.login_url("postgresql://postgres:@/shop?host=/tmp/pg.sock", "r", "p")
     assert socket_url == "postgresql://r:p@/shop?host=/tmp/pg.sock"
 
 
@@ -532,7 +532,7 @@ def test_role_names_stay_clear_of_app_roles(tmp_path: Path) -> None:
     for name, sql in CONTRACTS.items():
         (tmp_path / "contracts" / name).write_text(sql)
     project = load_project(tmp_path)
-    name = direct_access.role_name(project, "app_x", "main")
+    name = direct_access_plan.role_name(project, "app_x", "main")
     assert not name.startswith(f"{project.role_prefix}app_")  # apply drops stale roles with that prefix
-    plan = direct_access.plan_access(project, "bi", "main")
+    plan = direct_access_plan.plan_access(project, "bi", "main")
     assert (plan.role, plan.schema, plan.views, plan.connection_limit) == ("gh_acc_sql_bi", "api_v2", ("things",), 2)

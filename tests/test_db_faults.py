@@ -33,7 +33,7 @@ from gatehouse.db.faults import KEEPALIVE_IDLE_S, USER_TIMEOUT_MS
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.project import Project
 from gatehouse.runtime import Runtime
-from replica_cluster import Cluster, free_port, postgres_bin, private_root
+from replica_cluster import Cluster, free_port, postgres_bin, private_root, unavailable
 
 TOML = """
 [project]
@@ -422,7 +422,8 @@ async def test_connections_age_out_and_requests_keep_working(
 def cluster() -> Iterator[Cluster]:
     binaries = postgres_bin()
     if binaries is None:
-        pytest.skip("no PostgreSQL binaries to start a private cluster with")
+        unavailable("no PostgreSQL binaries to start a private cluster with")
+        return
     root, run_as = private_root("gh-faults-")
     private = Cluster(binaries, root, free_port(), run_as)
     try:

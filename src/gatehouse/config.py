@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gatehouse.auth.jwt import AuthConfig
+from gatehouse.config_alerts import AlertsConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import Rate
@@ -288,6 +289,7 @@ class ProjectConfig(Strict):
     redis: RedisConfig = RedisConfig()
     cache: CacheConfig = CacheConfig()
     versions: dict[Annotated[str, Field(pattern=r"^v[1-9][0-9]{0,3}$")], VersionSettings] = {}
+    alerts: AlertsConfig = AlertsConfig()
 
     def version_settings(self, number: int) -> VersionSettings:
         return self.versions.get(f"v{number}", VersionSettings())

@@ -34,6 +34,7 @@ from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.limits.fair import FairShare
+from gatehouse.observe.alerts import AlertEvaluator
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.observe.metrics import Metrics
@@ -74,6 +75,8 @@ class Runtime:
     replicas: ReplicaSet = field(default_factory=ReplicaSet.none)
     """The databases' streaming replicas, their lag and their per-app pools (db/replicas.py)."""
     follower: Follower | None = None
+    alerts: AlertEvaluator | None = None
+    """The ``[alerts]`` rules, evaluated in the background (observe/alerts.py); None without rules."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
     def pinned(self) -> Runtime:
@@ -145,6 +148,9 @@ class Runtime:
             self.follower = Follower({name: self._listen_to(target) for name, target in self.targets.items()},
                                      self._revisions, self.reload)
             await self.follower.start(seen)
+            self.alerts = AlertEvaluator.for_runtime(self)  # ProjectError when a webhook's variable is not set
+            if self.alerts is not None:
+                await self.alerts.start()
         except asyncpg.InvalidAuthorizationSpecificationError:
             await self.stop()
             raise DatabaseUnavailable(
@@ -159,12 +165,10 @@ class Runtime:
 
     async def _check_headroom(self, project: Project) -> None:
         """Warn when the pools this instance may open do not fit a database server's ``max_connections``."""
-        databases = _databases_of_apps(project)
         for name, pool in self._internal.items():
-            wanted = sum(app.config.quota.pool_size for app in project.apps.values() if name in databases[app.name])
             try:
                 async with pool.acquire() as conn:
-                    warning = (await read_headroom(conn, wanted)).warning(f"database {name}")
+                    warning = (await read_headroom(conn, project, name)).warning(f"database {name}")
             except (OSError, asyncpg.PostgresError) as exc:
                 log.debug("could not read the connection budget of %s: %s", name, type(exc).__name__)
                 continue
@@ -225,14 +229,14 @@ class Runtime:
         The project folder is read again; if it does not load, or the databases do not serve it (this
         server's copy is older or newer than what was applied), the project served so far is kept, with the
         catalog read again (a migration may have changed a column's type). Settings that shape the server
-        itself (``[server]``, ``[databases]``, ``[auth]``) take effect at the next start."""
+        itself (``[server]``, ``[databases]``, ``[auth]``, ``[alerts]``) take effect at the next start."""
         current = self.project
         try:
             project = await asyncio.to_thread(load_project, current.root)
         except ProjectError as exc:
             log.warning("the project folder does not load, so it is not reloaded: %s", exc)
             project = current
-        for section in ("server", "databases", "auth"):
+        for section in ("server", "databases", "auth", "alerts"):
             if getattr(project.config, section) != getattr(current.config, section):
                 log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
         if project.config.databases != current.config.databases:
@@ -273,6 +277,9 @@ class Runtime:
         return AuditWriter(connect, self.project.state_dir / "audit-spool.jsonl")
 
     async def stop(self) -> None:
+        if self.alerts is not None:
+            await self.alerts.stop()
+            self.alerts = None
         if self.follower is not None:
             await self.follower.stop()
         await self.cache.versions.stop()

@@ -1,5 +1,5 @@
 """``gatehouse access``: direct SQL access for BI tools (create, list, revoke); the work is in
-:mod:`gatehouse.db.direct_access`."""
+:mod:`gatehouse.db.direct_access` (and its ``_plan`` and ``_report`` modules)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from gatehouse.cli.common import fail, out, project_here, run
-from gatehouse.db import direct_access
+from gatehouse.db import direct_access, direct_access_plan, direct_access_report
 from gatehouse.project import Project
 
 access_app = typer.Typer(
@@ -68,7 +68,7 @@ def access_create(
         out.print(f"  reads           {', '.join(f'{plan.schema}.{v}' for v in plan.views)}", highlight=False)
         out.print(f"  limits          {plan.connection_limit} connection(s), statement_timeout "
                   f"{plan.statement_timeout_ms} ms, idle in transaction "
-                  f"{direct_access.IDLE_IN_TRANSACTION_MS // 1000} s, read-only", highlight=False)
+                  f"{direct_access_plan.IDLE_IN_TRANSACTION_MS // 1000} s, read-only", highlight=False)
         out.print(f"  connects to     {access.server}", highlight=False)
         print(access.url)
         for note in access.notes:
@@ -77,7 +77,7 @@ def access_create(
         out.print("[dim]Store it now: the password cannot be shown again (the database keeps only a SCRAM hash).[/]")
 
 
-def _rows(roles: list[direct_access.AccessRole]) -> list[dict[str, Any]]:
+def _rows(roles: list[direct_access_report.AccessRole]) -> list[dict[str, Any]]:
     return [{"app": r.app, "database": r.database, "role": r.role,
              "created": r.created.isoformat(timespec="seconds") if r.created else None,
              "connection_limit": r.connection_limit, "connections": r.connections,
@@ -97,7 +97,7 @@ def access_list(
     if output not in ("table", "json"):
         raise fail("--format is table or json")
     project = project_here()
-    roles = run(direct_access.list_access(project, app_name))
+    roles = run(direct_access_report.list_access(project, app_name))
     if output == "json":
         print(json.dumps(_rows(roles), indent=2))
         return
@@ -130,7 +130,7 @@ def access_revoke(
 def print_direct_access(project: Project) -> None:
     """``gatehouse versions``' short section: each access role, its API version and its use (nothing when there
     is no access role)."""
-    roles = run(direct_access.list_access(project))
+    roles = run(direct_access_report.list_access(project))
     if not roles:
         return
     table = _table("app", "database", "role", "search path", "connections now", "last activity", "statements",

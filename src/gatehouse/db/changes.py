@@ -14,6 +14,13 @@ import uuid
 from gatehouse.db import Connection
 
 CHANNEL = "gatehouse_reload"
+APPLY_LOCK_KEY = 0x6761746568  # "gateh": one apply at a time per database
+
+
+async def lock_for_apply(conn: Connection) -> None:
+    """``apply``'s advisory lock, until the caller's transaction ends: whatever else changes what ``apply``
+    manages (roles, grants) takes it too, so that neither sees the other halfway."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", APPLY_LOCK_KEY)
 
 
 async def announce(conn: Connection, why: str) -> str:

@@ -1,7 +1,7 @@
 """Connection math: can the server take every pool gatehouse may open on it?
 
-Each instance opens, per database server, at most the sum of its apps' ``pool_size`` (plus a few of its own:
-the internal pool, the key and reload listeners, the audit writer, the replica checker). Several instances
+Each instance opens, per database, at most the sum of its apps' ``pool_size`` (plus a few of its own: the
+catalog pool and the reload listener; in the home database the key listener and the audit writer too). Several instances
 multiply that. PostgreSQL refuses logins beyond ``max_connections`` minus the slots reserved for superusers,
 and a refused login in the middle of a traffic peak is an outage, so the sum is checked at start and a
 clear warning says how many instances like this one fit.
@@ -12,13 +12,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gatehouse.db import Connection
+from gatehouse.project import Project
 
-OWN_CONNECTIONS = 6
-"""What an instance opens besides the app pools, at most, on one server."""
+OWN_PER_DATABASE = 3
+"""An instance's own connections to each database: its catalog pool (2) and the listener that hears ``apply``."""
+OWN_HOME = 2
+"""More in the home database: the key listener and the audit writer."""
+
+
+def apps_by_database(project: Project) -> dict[str, list[str]]:
+    """database → the apps that have a pool on it (a grant on one of its contracts, or a logic function there)."""
+    result: dict[str, list[str]] = {name: [] for name in project.config.databases}
+    for app in project.apps.values():
+        databases = {project.database_of(g.contract) for g in app.config.grants}
+        databases |= {project.functions[f].database or project.home_database for f in app.config.functions
+                      if f in project.functions}
+        for database in databases:
+            if database in result:
+                result[database].append(app.name)
+    return result
+
+
+def pools_needed(project: Project, databases: list[str]) -> tuple[int, int, dict[str, int]]:
+    """(app pools, gatehouse's own connections, pool size per app) of one instance over these databases."""
+    using = apps_by_database(project)
+    per_app: dict[str, int] = {}
+    for database in databases:
+        for name in using.get(database, []):
+            per_app[name] = per_app.get(name, 0) + project.apps[name].config.quota.pool_size
+    own = OWN_PER_DATABASE * len(databases) + (OWN_HOME if project.home_database in databases else 0)
+    return sum(per_app.values()), own, per_app
+
+
 BUDGET = """
 SELECT current_setting('max_connections')::int AS max_connections,
        current_setting('superuser_reserved_connections')::int
-       + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved,
+       + coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int AS reserved,
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'
             AND coalesce(application_name, '') NOT LIKE 'gatehouse/%')::int AS others
 """
@@ -47,7 +76,9 @@ class Headroom:
                 "apps' pool_size, or put a pooler in front")
 
 
-async def read_headroom(conn: Connection, app_connections: int) -> Headroom:
+async def read_headroom(conn: Connection, project: Project, database: str) -> Headroom:
+    """The budget of ``database``'s server against this instance's connections to that database."""
     row = await conn.fetchrow(BUDGET)
     assert row is not None
-    return Headroom(row["max_connections"], row["reserved"], row["others"], app_connections + OWN_CONNECTIONS)
+    pools, own, _ = pools_needed(project, [database])
+    return Headroom(row["max_connections"], row["reserved"], row["others"], pools + own)

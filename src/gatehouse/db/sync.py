@@ -24,14 +24,13 @@ import asyncpg
 from gatehouse.cache.tables import sync_data_versions
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db import quote_ident
-from gatehouse.db.changes import announce
+from gatehouse.db.changes import announce, lock_for_apply
 from gatehouse.db.direct_access import sync_direct_access
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
 
 ACTION_PRIVILEGE = {"read": "SELECT", "insert": "INSERT", "update": "UPDATE", "delete": "DELETE"}
-APPLY_LOCK_KEY = 0x6761746568  # "gateh": one apply at a time per database
 
 BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS gatehouse;
@@ -284,7 +283,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
     conn = await target.connect_owner()
     try:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPLY_LOCK_KEY)
+            await lock_for_apply(conn)
             had_schema = await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = 'gatehouse'")
             await bootstrap(conn)
             if not had_schema:
