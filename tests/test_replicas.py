@@ -220,7 +220,7 @@ async def test_replica_only_is_503_when_no_replica_is_fresh(served: Served, repl
     await replica_cluster.pause_replay()
     await _until(lambda: (served.runtime.replicas.lags()[("main", "r1")] or 9) > 1.0)
     refused = await bi.get("/items")
-    assert refused.status_code == 503 and refused.json()["code"] == "GH503R"
+    assert refused.status_code == 503 and refused.json()["code"] == "GH520"
     assert refused.headers["retry-after"] == "1"
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_alerts import AlertsConfig
+from gatehouse.config_events import EventsSettings, SinkConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import Rate
@@ -290,6 +291,8 @@ class ProjectConfig(Strict):
     cache: CacheConfig = CacheConfig()
     versions: dict[Annotated[str, Field(pattern=r"^v[1-9][0-9]{0,3}$")], VersionSettings] = {}
     alerts: AlertsConfig = AlertsConfig()
+    events: dict[Name, EventsSettings] = Field(default={}, description="contracts whose changes are published")
+    sinks: dict[Name, SinkConfig] = Field(default={}, description="brokers and webhooks events are relayed to")
 
     def version_settings(self, number: int) -> VersionSettings:
         return self.versions.get(f"v{number}", VersionSettings())

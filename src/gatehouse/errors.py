@@ -509,7 +509,7 @@ class NoFreshReplica(ServiceUnavailable):
     """An app whose reads go to replicas only (``reads.from = "replica_only"``) and no replica is fresh enough,
     reachable and caught up with the caller's last write."""
 
-    code = "GH503R"
+    code = "GH520"
 
 
 class PoolTimeout(ApiError):

@@ -58,11 +58,25 @@ def _redis_reference_or_url_without_password(value: str | None) -> str | None:
     return value
 
 
+def _endpoint_reference_or_url_without_password(value: str | None) -> str | None:
+    if value is None or value.startswith(ENV):
+        return value
+    if "://" not in value:
+        raise ValueError('must be a URL (nats://HOST:4222, amqp://HOST:5672/, redis://HOST:6379/0, '
+                         'https://...) or "env:VARIABLE"')
+    if url_has_password(value):
+        raise ValueError("holds a password, and passwords are never written in the file: write url = "
+                         '"env:VARIABLE" and set VARIABLE to the URL in the environment')
+    return value
+
+
 SecretRef = Annotated[str | None, AfterValidator(_is_reference)]
 """A setting that may only name an environment variable."""
 
 DatabaseUrl = Annotated[str | None, AfterValidator(_reference_or_url_without_password)]
 RedisUrl = Annotated[str | None, AfterValidator(_redis_reference_or_url_without_password)]
+EndpointUrl = Annotated[str | None, AfterValidator(_endpoint_reference_or_url_without_password)]
+"""A broker's or webhook receiver's URL, under the same rule."""
 """A database URL: ``"env:VAR"``, or a literal URL that has no password in it."""
 
 
