@@ -235,6 +235,8 @@ SQL_WORDS = {
     "character", "varying", "integer", "double", "precision",
     # the names of a write's tail (query/writes.py WriteOutcome)
     "representation", "written", "first_key", "existing", "outside", "hidden",
+    # and its transaction's id, the read-your-writes token (db/consistency.py)
+    "CASE", "WHEN", "THEN", "END", "pg_current_xact_id_if_assigned", "xid",
 }
 OUR_ALIAS = re.compile(r"^_gh_[a-z0-9_]*$")
 SQL_TOKEN = re.compile(  # a quoted name, a string, a placeholder, a word, digits, spaces, one operator character
