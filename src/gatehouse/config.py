@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_alerts import AlertsConfig
-from gatehouse.config_events import EventsSettings, SinkConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
+from gatehouse.config_events import EventsSettings, SinkConfig
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import Rate
 from gatehouse.secrets import DatabaseUrl, RedisUrl, SecretRef
