@@ -1,4 +1,4 @@
-"""Private PostgreSQL clusters for tests that stop servers or need streaming replication.
+"""Private PostgreSQL servers for tests that stop them, need streaming replication or check passwords.
 
 The machine's shared server refuses replication connections (and must never be stopped by a test), so a test
 that needs either makes its own: :class:`Cluster` is one server in a temporary folder on a free port of
@@ -223,6 +223,40 @@ def make_pair() -> Iterator[ReplicaPair]:
         replica.stop_now()
         primary.stop_now()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def password_server(password: str, prefix: str = "gh-pw-") -> Iterator[str]:
+    """A private PostgreSQL (the pgserver wheel's binaries) on 127.0.0.1 that checks passwords (scram-sha-256:
+    the machine's trusts every local login); yields ``host:port``, user ``postgres`` with ``password``."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_user_exists
+
+    from gatehouse.db import embedded
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    user = None
+    if os.geteuid() == 0:  # PostgreSQL will not run as root
+        account = ensure_user_exists(embedded.SERVER_ACCOUNT)
+        assert account is not None
+        user = account.pw_name
+        os.chown(folder, account.pw_uid, account.pw_gid)
+    (folder / "pw").write_text(password)
+    port = free_port()
+    data = folder / "data"
+    with (folder / "out").open("w") as out:  # a file, not a pipe: the server would keep a pipe open
+        def pg(*args: str) -> None:
+            subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], user=user, stdout=out, stderr=out,
+                           check=True, timeout=90)
+
+        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}",
+           "-E", "UTF8")
+        pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
+           "start")
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from gatehouse.observe.doctor import Options, Report, Result, result_lines, stat
 from gatehouse.observe.doctor_plan import diagnose
 from gatehouse.project import Project, load_project
 from replica_cluster import Cluster, ReplicaPair, free_port, postgres_bin, private_root
+from replica_cluster import password_server as private_password_server
 
 TOML = """
 [project]
@@ -625,38 +625,8 @@ async def test_pg_stat_statements_installed_but_not_loaded_falls_back_to_samples
 
 @pytest.fixture(scope="module")
 def password_server() -> Iterator[str]:
-    """A private PostgreSQL on 127.0.0.1 that checks passwords (the machine's trusts every local login)."""
-    from pgserver._commands import POSTGRES_BIN_PATH
-    from pgserver.utils import ensure_user_exists
-
-    from gatehouse.db import embedded
-
-    folder = Path(tempfile.mkdtemp(prefix="gatehouse-doctor-pw-"))
-    user = None
-    if os.geteuid() == 0:  # PostgreSQL will not run as root
-        account = ensure_user_exists(embedded.SERVER_ACCOUNT)
-        assert account is not None
-        user = account.pw_name
-        os.chown(folder, account.pw_uid, account.pw_gid)
-    (folder / "pw").write_text(PASSWORD)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    data = folder / "data"
-    with (folder / "out").open("w") as out:
-        def pg(*args: str) -> None:
-            subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], user=user, stdout=out, stderr=out,
-                           check=True, timeout=90)
-
-        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}",
-           "-E", "UTF8")
-        pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
-           "start")
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
-    shutil.rmtree(folder, ignore_errors=True)
+    """A private PostgreSQL on 127.0.0.1 that checks passwords."""
+    yield from private_password_server(PASSWORD, "gatehouse-doctor-pw-")
 
 
 def test_a_wrong_authenticator_password_fails_naming_the_role_and_the_variable(

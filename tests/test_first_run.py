@@ -24,6 +24,7 @@ from gatehouse.contracts.lockfile import update_lock, write_lock
 from gatehouse.contracts.signature import project_signatures
 from gatehouse.db import embedded
 from gatehouse.errors import DatabaseUnavailable
+from replica_cluster import password_server as private_password_server
 
 as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                              reason="the server account and folder permissions matter only when run as root")
@@ -169,34 +170,8 @@ def test_closed_folder_follows_the_server_accounts_rights(open_folder: Path) -> 
 
 @pytest.fixture(scope="module")
 def password_server() -> Iterator[str]:
-    """A private PostgreSQL on 127.0.0.1 that checks passwords (the machine's trusts every user)."""
-    from pgserver._commands import POSTGRES_BIN_PATH
-    from pgserver.utils import ensure_user_exists
-
-    folder = Path(tempfile.mkdtemp(prefix="gatehouse-pw-"))
-    user = None
-    if os.geteuid() == 0:  # PostgreSQL will not run as root
-        account = ensure_user_exists(embedded.SERVER_ACCOUNT)
-        assert account is not None
-        user = account.pw_name
-        os.chown(folder, account.pw_uid, account.pw_gid)
-    (folder / "pw").write_text(PASSWORD)
-    port = closed_port()
-    data = folder / "data"
-    with (folder / "out").open("w") as out:  # a file, not a pipe: the server would keep a pipe open
-        def pg(*args: str) -> None:
-            subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], user=user, stdout=out, stderr=out,
-                           check=True, timeout=90)
-
-        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}",
-           "-E", "UTF8")
-        pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}",
-           "start")
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
-    shutil.rmtree(folder, ignore_errors=True)
+    """A private PostgreSQL on 127.0.0.1 that checks passwords."""
+    yield from private_password_server(PASSWORD, "gatehouse-pw-")
 
 
 COMMANDS = [("migrate",), ("apply",), ("check", "--format", "json"), ("serve",), ("keys", "list"),

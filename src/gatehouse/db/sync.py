@@ -27,6 +27,8 @@ from gatehouse.db import quote_ident
 from gatehouse.db.changes import announce, lock_for_apply
 from gatehouse.db.direct_access import sync_direct_access
 from gatehouse.db.targets import DatabaseTarget
+from gatehouse.events.capture import sync_event_capture
+from gatehouse.events.mirror_tables import sync_mirrors
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
 
@@ -98,7 +100,7 @@ def desired_privileges(project: Project, database: str) -> set[tuple[str, str, s
         if contract.database != database:
             continue
         for app in project.apps.values():
-            for action in app.grant_for(contract.name):
+            for action in app.grant_for(contract.name) & ACTION_PRIVILEGE.keys():  # ("events": no privilege)
                 wanted.add((app.role, schema_name(number), contract.name, ACTION_PRIVILEGE[action]))
     return wanted
 
@@ -195,19 +197,22 @@ async def _sync_views(conn: asyncpg.Connection, project: Project, database: str,
         report.add(f"{'re-created' if replaced else 'created'} view {schema}.{view} ({contract.label})")
 
 
+VIEW_PRIVILEGES = r"""
+SELECT g.rolname AS grantee, n.nspname AS schema, c.relname AS view, a.privilege_type AS privilege
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL aclexplode(c.relacl) a
+JOIN pg_roles g ON g.oid = a.grantee
+WHERE n.nspname ~ '^api_v[0-9]+$' AND g.rolname LIKE $1
+"""
+"""(grantee, schema, view, privilege) of every privilege on an API view held by a role LIKE ``$1``."""
+
+
 async def _sync_privileges(conn: asyncpg.Connection, project: Project, database: str,
                            report: ApplyReport) -> None:
     pattern = app_role_pattern(project)
-    actual = {(r["grantee"], r["schema"], r["view"], r["privilege"]) for r in await conn.fetch(
-        r"""
-        SELECT g.rolname AS grantee, n.nspname AS schema, c.relname AS view, a.privilege_type AS privilege
-        FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        CROSS JOIN LATERAL aclexplode(c.relacl) a
-        JOIN pg_roles g ON g.oid = a.grantee
-        WHERE n.nspname ~ '^api_v[0-9]+$' AND g.rolname LIKE $1
-        """, pattern,
-    )}
+    actual = {(r["grantee"], r["schema"], r["view"], r["privilege"])
+              for r in await conn.fetch(VIEW_PRIVILEGES, pattern)}
     wanted = desired_privileges(project, database)
     for role, schema, view, privilege in sorted(actual - wanted):
         await conn.execute(f"REVOKE {privilege} ON {qualified(schema, view)} FROM {quote_ident(role)}")
@@ -289,9 +294,11 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             if not had_schema:
                 report.add("created schema gatehouse")
             await _sync_roles(conn, project, target, report)
+            report.changes.extend(await sync_mirrors(conn, project, target.name))  # before views over them
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)
+            report.changes.extend(await sync_event_capture(conn, project, target.name, project.authenticator_role))
             for change in await sync_direct_access(conn, project, target.name):  # BI tools' SQL roles
                 report.add(change)
             readers = {app.name: app.role for app in project.apps.values()} | {"": project.authenticator_role}

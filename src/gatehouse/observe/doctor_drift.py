@@ -15,6 +15,7 @@ import asyncpg
 from gatehouse.contracts.versions import schema_name
 from gatehouse.db.sync import (
     SEQUENCES_BEHIND_VIEW,
+    VIEW_PRIVILEGES,
     app_role_pattern,
     desired_privileges,
     project_fingerprint,
@@ -28,14 +29,6 @@ LIVE_VIEWS = r"""
 SELECT n.nspname AS schema, c.relname AS view
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname ~ '^api_v[0-9]+$'
-"""
-VIEW_PRIVILEGES = r"""
-SELECT g.rolname AS grantee, n.nspname AS schema, c.relname AS view, a.privilege_type AS privilege
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-CROSS JOIN LATERAL aclexplode(c.relacl) a
-JOIN pg_roles g ON g.oid = a.grantee
-WHERE n.nspname ~ '^api_v[0-9]+$' AND g.rolname LIKE $1
 """
 SCHEMA_USAGE = r"""
 SELECT g.rolname AS grantee, n.nspname AS schema
