@@ -172,6 +172,21 @@ class UnfilteredWrite(RefusedRequest):
 # --- 400/404: names of contracts, columns, relations and functions (the schema cache) ---------------
 
 
+class NotComposable(RefusedRequest):
+    """An embed into another database where no query can stand in for the JOIN it would need: ordering the parent
+    by one of its columns, a write's ``return=representation``, a logic function's read (``query/compose.py``
+    composes the reads of the data port), or an app whose reads are ``replica_only`` (composed reads use the
+    primaries)."""
+
+
+class CompositionTooDeep(RefusedRequest):
+    """More embeds across databases, one inside another, than a read composes (``query/compose.py``)."""
+
+
+class CompositionTooWide(RefusedRequest):
+    """An embed across databases would send more keys than a read may: the page's, or an ``!inner``'s."""
+
+
 class UnknownContract(ApiError):
     """No such contract in this version, or the calling app may not see it: the two look the same."""
 

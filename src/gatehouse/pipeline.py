@@ -10,25 +10,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import asyncpg
-import orjson
 
-from gatehouse import writing
+from gatehouse import composed_read, writing
 from gatehouse.access import allowed_methods, choose_version, database_refusal, row_filters
 from gatehouse.auth.failures import credential_id
 from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.cache.responses import Fill
-from gatehouse.db import Connection, consistency
-from gatehouse.db.replicas import AGE_HEADER, SOURCE_HEADER
+from gatehouse.db import consistency
+from gatehouse.db.replicas import AGE_HEADER, PRIMARY_SOURCE, SOURCE_HEADER
 from gatehouse.errors import NoFreshReplica, Unauthenticated, UnknownContract
 from gatehouse.http import render
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.observe.audit import AuditUnavailable
 from gatehouse.observe.redact import redact_query
 from gatehouse.project import App
+from gatehouse.query import compose
 from gatehouse.query.grammar import parse_pairs, query_pairs
 from gatehouse.query.plans import ReadPlan, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Condition, Level, ReadQuery
+from gatehouse.query.tree import Condition, ReadQuery
+from gatehouse.read_steps import estimated_count, intersect_range
 from gatehouse.routes import ReadRoute, ReplicaPolicy, read_route
 from gatehouse.runtime import Runtime
 
@@ -63,38 +64,10 @@ async def identify(request: HttpRequest, runtime: Runtime, contract: str | None 
     return identity, app
 
 
-def _intersect_range(level: Level, requested: tuple[int, int | None] | None) -> None:
-    """The Range header and limit/offset both apply: keep the rows inside both."""
-    if requested is None:
-        return
-    first, length = requested
-    start = max(level.offset, first)
-    ends = [end for end in (
-        None if level.limit is None else level.offset + level.limit,
-        None if length is None else first + length,
-    ) if end is not None]
-    level.offset = start
-    if ends:
-        level.limit = max(0, min(ends) - start)
-
-
-async def _estimated_count(conn: Connection, rows: CompiledQuery, *, exact_up_to: int) -> int:
-    """``count=estimated``: exact while there are at most ``exact_up_to`` rows, else the planner's estimate
-    (``count=planned`` is ``exact_up_to=0``)."""
-    if exact_up_to > 0:
-        limit = f"${len(rows.params) + 1}"
-        counted = await conn.fetchval(f"SELECT count(*) FROM ({rows.sql} LIMIT {limit}) AS _gh_n",
-                                      *rows.params, exact_up_to + 1)
-        if counted <= exact_up_to:
-            return int(counted)
-    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {rows.sql}", *rows.params)
-    return int(orjson.loads(plan)[0]["Plan"]["Plan Rows"])
-
-
 def _compile_read(runtime: Runtime, app: App, route: ReadRoute, pairs: list[tuple[str, str]],
                   filters: dict[str, tuple[Condition, ...]]) -> tuple[CompiledQuery, ReadQuery, tuple[str, ...]]:
     query = parse_pairs(pairs)  # 400
-    _intersect_range(query.top, route.requested)  # 416
+    intersect_range(query.top, route.requested)  # 416
     name = route.contract.name
     compiler = ReadCompiler(runtime.schemas[route.version], route.readable, runtime.project.max_rows(app, name),
                             filters)
@@ -114,6 +87,10 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     labels.contract, labels.api_version = contract.name, version
     filters = row_filters(app, identity, route.readable) if app.row_filters else {}  # 403 when a claim is missing
     filter_key = tuple(filters.items()) if filters else ()
+
+    # Embeds into contracts of other databases: composed, one query per database and level (query/compose.py).
+    if compose.crosses_databases(runtime.schemas[version], contract.name, request.query_string):
+        return await composed_read.read(request, runtime, app, route, filters)  # 400 / 416
 
     # A cached contract's answer, while the data versions of its tables are unchanged: no database work.
     cached = runtime.cache.consult(request, app, route, filter_key) if runtime.cache.active else None
@@ -157,7 +134,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
             rows = ReadCompiler(runtime.schemas[version], route.readable, max_rows, filters).filtered(
                 contract.name, query)
             async with runtime.pools.connection(app.name, contract.database) as conn:
-                total = await _estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
+                total = await estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
     except asyncpg.PostgresError as exc:
         raise database_refusal(exc, project, contract.columns, filters) from None
 
@@ -172,9 +149,6 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     if labels.redacted_query is None:  # (a plan made for this request alone does not carry it)
         labels.redacted_query = redact_query(request.query_string)
     return cached.keep(response, row["_gh_versions"], row[1], labels.redacted_query)
-
-
-PRIMARY_SOURCE = {SOURCE_HEADER: "primary", AGE_HEADER: "0"}
 
 
 async def _read_replica(request: HttpRequest, runtime: Runtime, app: App, database: str, policy: ReplicaPolicy,

@@ -39,6 +39,7 @@ from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.observe.metrics import Metrics
 from gatehouse.project import Project, load_project
+from gatehouse.query.compose import ComposedPlan
 from gatehouse.query.plans import PlanCache, ReadPlan
 from gatehouse.routes import ReadRoute
 from gatehouse.schema_cache import ApiSchema, build_schemas
@@ -67,6 +68,8 @@ class Runtime:
     schemas: dict[int, ApiSchema] = field(default_factory=dict)
     plans: PlanCache[ReadPlan] = field(default_factory=PlanCache)
     """Compiled reads per query shape; they depend on ``schemas``, so both are replaced together."""
+    composed: PlanCache[ComposedPlan] = field(default_factory=PlanCache)
+    """Reads with embeds across databases (query/compose.py), per query shape; replaced with ``schemas`` too."""
     routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
     """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(DataVersions(0.1), max_bytes=0,
@@ -208,7 +211,7 @@ class Runtime:
         """Serve a new generation: all of it replaced in one step (no ``await`` in between)."""
         schemas = build_schemas(project, catalog, constraints)
         self.project, self.catalog, self.schemas = project, catalog, schemas
-        self.plans, self.routes = PlanCache(), PlanCache()
+        self.plans, self.routes, self.composed = PlanCache(), PlanCache(), PlanCache()
         self.limiter.follow()
         for refused in self.cache.install(project, lineages):
             log.warning("%s", refused)

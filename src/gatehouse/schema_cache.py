@@ -24,6 +24,10 @@ class ApiSchema:
     relations: dict[str, list[Relation]] = field(default_factory=dict)
     keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
     descriptions: dict[str, str] = field(default_factory=dict)
+    databases: dict[str, str] = field(default_factory=dict)
+    """contract name → the database that serves it."""
+    crosses: bool = False
+    """Some relation links contracts of two databases: embeds along it are composed (``query/compose.py``)."""
 
     def relations_from(self, contract: str) -> list[Relation]:
         return self.relations.get(contract, [])
@@ -40,7 +44,8 @@ def declared_relations(project: Project) -> list[DeclaredRelation]:
 
 def build_schemas(project: Project, catalog: Mapping[tuple[str, str], ViewShape],
                   constraints: Mapping[str, Iterable[Constraint]]) -> dict[int, ApiSchema]:
-    """One :class:`ApiSchema` per API version; relations only link contracts of the same database."""
+    """One :class:`ApiSchema` per API version. Relations from foreign keys link contracts of one database;
+    ``[[relations]]`` may also link two databases (no JOIN there: such embeds are composed, ``query/compose.py``)."""
     lineages: dict[str, dict[str, SourceColumn]] = {c.label: column_sources(c.sql) for c in project.contracts}
     declared = declared_relations(project)
     schemas: dict[int, ApiSchema] = {}
@@ -53,6 +58,13 @@ def build_schemas(project: Project, catalog: Mapping[tuple[str, str], ViewShape]
             found = list(constraints.get(database, ()))
             relations.update(build_relations(local, lineages, found, declared))
             keys.update(contract_keys(local, lineages, found))
+        databases = {name: c.database for name, c in served.items()}
+        across = [d for d in declared if d.source in databases and d.target in databases
+                  and databases[d.source] != databases[d.target]]
+        composed = build_relations(served.values(), lineages, (), across)  # (only the declared ones: no keys)
+        for name, found_across in composed.items():
+            relations.setdefault(name, []).extend(found_across)
         schemas[number] = ApiSchema(number, shapes, relations, keys,
-                                    {name: c.description for name, c in served.items()})
+                                    {name: c.description for name, c in served.items()}, databases,
+                                    any(composed.values()))
     return schemas

@@ -49,6 +49,7 @@ SOURCE_HEADER = "Gatehouse-Source"
 """On every read of a database with replicas: ``primary``, or the replica's name (``r1``)."""
 AGE_HEADER = "Gatehouse-Data-Age"
 """How old the answer's data may be, in seconds: the replica's bound when it was chosen, 0 on the primary."""
+PRIMARY_SOURCE = {SOURCE_HEADER: "primary", AGE_HEADER: "0"}
 EJECT_S = 5.0
 """How long a replica whose read failed for a reason of its own is left out."""
 CHECK_TIMEOUT_S = 1.0

@@ -27,7 +27,7 @@ MAX_PLANS = 2048
 T = TypeVar("T")
 
 
-def _marker(index: int) -> str:
+def value_marker(index: int) -> str:
     return f"\x00gatehouse-value-{index}\x00"  # a client's value never holds NUL: PostgreSQL refuses it in text
 
 
@@ -45,7 +45,7 @@ class Shape:
         taken = 0
         for name, value in self.key:
             if value.startswith("\x00"):
-                pairs.append((name, f"{value[1:]}.{_marker(taken)}"))
+                pairs.append((name, f"{value[1:]}.{value_marker(taken)}"))
                 taken += 1
             else:
                 pairs.append((name, value))
@@ -91,7 +91,7 @@ class ReadPlan:
         cleanly (then the request is compiled from its own values, and nothing is cached)."""
         slots: list[tuple[int, int]] = []
         for index in range(value_count):
-            marker = _marker(index)
+            marker = value_marker(index)
             positions = [i for i, param in enumerate(compiled.params) if param == marker]
             if len(positions) != 1 or marker in compiled.sql:
                 return None

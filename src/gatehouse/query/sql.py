@@ -12,13 +12,20 @@ PostgreSQL's own input functions.
 Embeds are correlated scalar subqueries in the select list: ``row_to_json`` for to-one (``null`` when
 missing), ``json_agg`` for to-many (``[]`` when empty). ``!inner`` and ``rel=not.is.null`` become
 ``EXISTS`` on the parent; ``rel=is.null`` becomes ``NOT EXISTS``.
+
+An embed into a contract of another database cannot be a subquery: with a :class:`CrossDatabase` set
+(``query/compose.py``), the compiler puts a marker holding the parent's key where the embed goes, and a
+key-set test (``key = ANY($n)``, the set read from the other database first) where its ``EXISTS`` would go;
+:meth:`ReadCompiler.batch` and :meth:`ReadCompiler.keyset` compile the other database's side. Without one,
+such an embed is refused (:class:`NotComposable`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gatehouse.contracts.relations import Relation
 from gatehouse.db import quote_ident
@@ -28,6 +35,7 @@ from gatehouse.errors import (
     DuplicateOutputName,
     InvalidEmbedFilter,
     JsonPathOnNonJsonColumn,
+    NotComposable,
     NotEmbedded,
     QueryParseError,
     RelatedOrderNotToOne,
@@ -89,6 +97,19 @@ class _Scope:
     path: tuple[str, ...]
 
 
+class CrossDatabase(Protocol):
+    """What a compiler puts in place of an embed into another database (``query/compose.py`` implements it)."""
+
+    def link(self, parent: tuple[str, tuple[str, ...]], item: EmbedItem, relation: Relation) -> object:
+        """A parameter that will hold the marker (text) of the embed of ``item`` under ``parent`` (its contract
+        and embed path): the embed's JSON will take the place of the marker and key in the parent's JSON."""
+        ...
+
+    def keys(self, parent: tuple[str, tuple[str, ...]], item: EmbedItem, relation: Relation) -> object:
+        """A parameter that will hold the keys (as text) for which the embed has rows, for its ``EXISTS``."""
+        ...
+
+
 class ReadCompiler:
     """Compiles reads of one app in one API version; embeds only reach contracts in ``readable``."""
 
@@ -103,6 +124,8 @@ class ReadCompiler:
         self._aliases = 0
         self._used_levels: set[tuple[str, ...]] = set()
         self.output_names: list[str] = []
+        self.across: CrossDatabase | None = None
+        """Set by ``query/compose.py``: embeds into other databases are composed, not refused."""
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -115,7 +138,8 @@ class ReadCompiler:
         where = self._where(scope, level, query)
         from_clause = f"{self._view(scope)} AS {scope.alias}"
         inner = f"SELECT {projection} FROM {from_clause}{where}{self._order(scope, level)}{self._limit(level)}"
-        self._check_levels(query)
+        if self.across is None:  # (a composed read checks them once every statement of it is compiled)
+            self.check_levels(query)
         total = f", (SELECT count(*) FROM {from_clause}{where})" if exact_count else ""
         sql = f"SELECT coalesce(json_agg(_gh_row), '[]')::text, count(*){total} FROM ({inner}) AS _gh_row"
         return CompiledQuery(sql, self.params)
@@ -125,6 +149,30 @@ class ReadCompiler:
         scope = self._scope(contract, ())
         where = self._where(scope, query.top, query)
         return CompiledQuery(f"SELECT 1 FROM {self._view(scope)} AS {scope.alias}{where}", self.params)
+
+    def batch(self, parent: tuple[str, tuple[str, ...]], item: EmbedItem, query: ReadQuery,
+              keys: object) -> CompiledQuery:
+        """An embed into this database for a batch of its parents' keys (``keys``, bound first: a text array):
+        its JSON text for each key, in the keys' order, as an array of text. Each key's embed is the very
+        subquery a same-database embed is, joined to the key instead of to the parent's column."""
+        bound = self.bind(keys)
+        embed = self._embed(self._scope(*parent), item, query, key="_gh_k.v")
+        return CompiledQuery(f"SELECT coalesce(array_agg(({embed})::text ORDER BY _gh_k.n), '{{}}') "
+                             f"FROM unnest({bound}::text[]) WITH ORDINALITY AS _gh_k(v, n)", self.params)
+
+    def keyset(self, parent: tuple[str, tuple[str, ...]], item: EmbedItem, query: ReadQuery,
+               bound: int) -> CompiledQuery:
+        """The distinct keys (as text) for which the embed of ``item`` has rows, with its filters and the app's
+        row filter: what its parent's ``EXISTS`` tests (``!inner``, ``rel=not.is.null``). At most ``bound``."""
+        scope = self._scope(*parent)
+        relation = self._relation(scope, item)
+        child = self._scope(relation.target, (*scope.path, item.output_name))
+        level = self._embed_level(query, child.path, item.relation)
+        key = self._column(child, self._single(relation)[1])
+        where = self._where(child, level, query, extra=[f"{key} IS NOT NULL"], nested=False)
+        return CompiledQuery(f"SELECT coalesce(array_agg(_gh_v), '{{}}') FROM (SELECT DISTINCT {key}::text AS _gh_v "
+                             f"FROM {self._view(child)} AS {child.alias}{where} LIMIT {self.bind(bound)}) AS _gh_s",
+                             self.params)
 
     def root(self, contract: str) -> _Scope:
         return self._scope(contract, ())
@@ -276,12 +324,21 @@ class ReadCompiler:
                 return query.levels[candidate]
         return Level()
 
-    def _embed(self, parent: _Scope, item: EmbedItem, query: ReadQuery) -> str:
+    def _embed(self, parent: _Scope, item: EmbedItem, query: ReadQuery, *, key: str | None = None) -> str:
+        """The embed as a subquery joined to the parent's row, or (``key``) to a key given as text."""
         relation = self._relation(parent, item)
+        if key is None and self._crosses(relation):
+            across = self._across(relation)
+            marker = self.bind(across.link((parent.contract, parent.path), item, relation))
+            return f"({marker}::text || coalesce(':' || {self._column(parent, self._single(relation)[0])}::text, ''))"
         child = self._scope(relation.target, (*parent.path, item.output_name))
         level = self._embed_level(query, child.path, item.relation)
         projection = self._projection(child, item.items, query)
-        join = self._join(parent, child, relation)
+        if key is None:
+            join = self._join(parent, child, relation)
+        else:
+            column = self._single(relation)[1]
+            join = f"{self._column(child, column)} = {key}::{child.shape.columns[column]}"
         where = self._where(child, level, query, extra=[join])
         body = f"SELECT {projection} FROM {self._view(child)} AS {child.alias}{where}"
         if relation.to_one:
@@ -290,12 +347,38 @@ class ReadCompiler:
         return f"(SELECT coalesce(json_agg(_gh_r), '[]') FROM ({body}) AS _gh_r)"
 
     def _exists(self, parent: _Scope, item: EmbedItem, query: ReadQuery) -> str:
-        """EXISTS over an embed's filtered rows: for !inner and rel=not.is.null."""
+        """EXISTS over an embed's filtered rows: for !inner and rel=not.is.null. For an embed into another
+        database: whether the parent's key is among those the other side has rows for."""
         relation = self._relation(parent, item)
+        if self._crosses(relation):
+            keys = self.bind(self._across(relation).keys((parent.contract, parent.path), item, relation))
+            column = self._single(relation)[0]
+            key_type = parent.shape.columns[column]
+            return f"(({self._column(parent, column)} = ANY({keys}::text[]::{key_type}[])) IS TRUE)"
         child = self._scope(relation.target, (*parent.path, item.output_name))
         level = self._embed_level(query, child.path, item.relation)
         where = self._where(child, level, query, extra=[self._join(parent, child, relation)], nested=False)
         return f"EXISTS (SELECT 1 FROM {self._view(child)} AS {child.alias}{where})"
+
+    def _crosses(self, relation: Relation) -> bool:
+        """Does the relation lead into another database (no JOIN possible)?"""
+        databases = self.schema.databases
+        return databases.get(relation.source) != databases.get(relation.target)
+
+    def _across(self, relation: Relation) -> CrossDatabase:
+        if self.across is None:
+            raise NotComposable(f"'{relation.target}' is served from another database than '{relation.source}': "
+                                "it can be embedded only in a read's select",
+                                hint=f"Read '{relation.target}' with a request of its own.")
+        return self.across
+
+    @staticmethod
+    def _single(relation: Relation) -> tuple[str, str]:
+        """The one column on each side of a relation across databases (``[[relations]]`` name one each)."""
+        if len(relation.source_columns) != 1:
+            raise NotComposable(f"'{relation.source}' and '{relation.target}' are linked by several columns "
+                                "across databases", hint="Declare the link with [[relations]] on one column.")
+        return relation.source_columns[0], relation.target_columns[0]
 
     # -- where -------------------------------------------------------------------------------------------
 
@@ -378,6 +461,11 @@ class ReadCompiler:
         else:
             item = EmbedItem(term.relation)
             relation = self._relation(scope, item)
+            if self._crosses(relation):
+                raise NotComposable(f"A related order on '{term.relation}' is not possible",
+                                    details=f"'{term.relation}' is served from another database than "
+                                            f"'{scope.contract}': rows cannot be ordered by its columns",
+                                    hint=f"Order by columns of '{scope.contract}', or sort the answer yourself.")
             if not relation.to_one:
                 raise RelatedOrderNotToOne(f"A related order on '{term.relation}' is not possible",
                                            details="Only to-one embedded resources can order their parent")
@@ -392,9 +480,17 @@ class ReadCompiler:
         limit = self.max_rows if level.limit is None else min(level.limit, self.max_rows)
         return f" LIMIT {self.bind(limit)} OFFSET {self.bind(level.offset)}"
 
-    def _check_levels(self, query: ReadQuery) -> None:
+    @property
+    def levels_used(self) -> frozenset[tuple[str, ...]]:
+        """The embed paths whose filters, order and limit this compiler took."""
+        return frozenset(self._used_levels)
+
+    def check_levels(self, query: ReadQuery, used: Iterable[tuple[str, ...]] = ()) -> None:
+        """NotEmbedded for a level's filter, order or limit that no embed took (``used``: the levels that the
+        other statements of a composed read took)."""
+        taken = self._used_levels.union(used)
         for path, level in query.levels.items():
-            if path and path not in self._used_levels and (level.where or level.order or level.limit is not None
-                                                             or level.offset):
+            if path and path not in taken and (level.where or level.order or level.limit is not None
+                                               or level.offset):
                 raise NotEmbedded(f"'{path[-1]}' is not an embedded resource in this request",
                                   hint=f"Verify that '{path[-1]}' is included in the 'select' query parameter.")
