@@ -14,6 +14,7 @@ import orjson
 
 from gatehouse import pipeline
 from gatehouse.endpoints.docs import STATIC_PATH, docs_endpoint, static_file
+from gatehouse.endpoints.events import EVENTS_PATH, events_feed
 from gatehouse.endpoints.openapi import openapi_endpoint
 from gatehouse.endpoints.rpc import call_rpc
 from gatehouse.errors import InvalidPath, InvalidUrlEncoding, MethodNotAllowed
@@ -68,6 +69,8 @@ class DataApp:
             if method not in RPC_METHODS:
                 raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=RPC_METHODS)
             return await call_rpc(request, runtime, rpc.group(1))
+        if (feed := EVENTS_PATH.match(path)) is not None:  # GET /events/<contract>: the change events feed
+            return await events_feed(request, runtime, feed.group(1))
         raise InvalidPath("Invalid path specified in request URL")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -33,7 +33,7 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 DURATION = re.compile(r"^\s*(?P<n>[0-9]{1,7})\s*(?P<unit>ms|s|sec|min|m|h)\s*$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
-Action = Literal["read", "insert", "update", "delete"]
+Action = Literal["read", "insert", "update", "delete", "events"]
 
 
 def parse_duration(text: str) -> float:

@@ -169,7 +169,13 @@ class UnfilteredWrite(RefusedRequest):
     """``PATCH`` or ``DELETE`` without a filter, on a contract that does not allow unfiltered writes."""
 
 
-# --- 400/404: names of contracts, columns, relations and functions (the schema cache) ---------------
+class InvalidEventPosition(RefusedRequest):
+    """``GET /events/<contract>?after=`` with something that is not a position the feed gave (``Gatehouse-Next``)
+    or ``now``."""
+
+
+class InvalidFeedParameter(RefusedRequest):
+    """A query parameter of the events feed that it does not take, given twice, or out of its range."""
 
 
 class NotComposable(RefusedRequest):
@@ -185,6 +191,9 @@ class CompositionTooDeep(RefusedRequest):
 
 class CompositionTooWide(RefusedRequest):
     """An embed across databases would send more keys than a read may: the page's, or an ``!inner``'s."""
+
+
+# --- 400/404: names of contracts, columns, relations and functions (the schema cache) ---------------
 
 
 class UnknownContract(ApiError):
@@ -431,6 +440,11 @@ class WriteOutsideFilter(PermissionDenied):
 
 class HiddenRowConflict(PermissionDenied):
     """A merging upsert meets rows outside the app's row filter, which it may not overwrite."""
+
+
+class FilteredEventsRefused(PermissionDenied):
+    """The events feed of a contract on which the app's grant has a row filter: events are not filtered by row,
+    so they would show the app rows its filter hides."""
 
 
 @abstract

@@ -31,6 +31,7 @@ from gatehouse.db.headroom import read_headroom
 from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
+from gatehouse.events.outbox_metrics import OutboxCollector
 from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.limits.fair import FairShare
@@ -119,6 +120,8 @@ class Runtime:
                 pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=2)
                 assert pool is not None
                 self._internal[name] = pool
+            if project.config.events:  # events waiting, per database
+                self.metrics.registry.register(OutboxCollector(self._internal))
             seen = await self._revisions()
             catalog, constraints, lineages = await self._read_catalogs(lineage=_caches(project))
             missing = _missing_views(project, catalog)

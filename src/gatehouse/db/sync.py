@@ -27,6 +27,7 @@ from gatehouse.db import quote_ident
 from gatehouse.db.changes import announce, lock_for_apply
 from gatehouse.db.direct_access import sync_direct_access
 from gatehouse.db.targets import DatabaseTarget
+from gatehouse.events.capture import sync_event_capture
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
 
@@ -295,6 +296,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)
+            report.changes.extend(await sync_event_capture(conn, project, target.name, project.authenticator_role))
             for change in await sync_direct_access(conn, project, target.name):  # BI tools' SQL roles
                 report.add(change)
             readers = {app.name: app.role for app in project.apps.values()} | {"": project.authenticator_role}

@@ -7,12 +7,11 @@ later without changing anything that produces events, plus gatehouse's own: ``se
 
 **Reading it in order without losing anything.** ``seq`` is handed out when a row is inserted, not when its
 transaction commits, so "everything after seq N" would skip a row whose transaction took a lower number and
-committed later. Readers therefore go by ``(txid, seq)`` and only read rows of transactions that are
-complete in their snapshot (``txid`` below the snapshot's ``xmin``): a transaction still running holds
-``xmin`` at or below its own id, so nothing after it is read before it is either committed (then read in
-order) or rolled back (then its rows never existed). The position ``(txid, seq)`` only grows, which makes it a
-cursor for the HTTP feed, for each sink's relay, and for mirrors. A long transaction holds readers back until
-it ends: they wait, they never skip.
+committed later. Readers therefore go by ``(txid, seq)`` and only read rows below the first transaction that
+is still running in their snapshot and may write this database (:data:`READ_AFTER`): nothing after it is read
+before it is either committed (then read in order) or rolled back (then its rows never existed). The position
+``(txid, seq)`` only grows, which makes it a cursor for the HTTP feed, for each sink's relay, and for mirrors.
+A long transaction in this database holds readers back until it ends: they wait, they never skip.
 
 Transaction ids follow the order transactions *started writing*, not the order they committed. For two writes
 of one row that is the same order (the second writer waits for the first's commit), except when the second
@@ -41,25 +40,53 @@ CREATE TABLE IF NOT EXISTS gatehouse.outbox (
     payload           jsonb,
     contract_version  integer NOT NULL,
     txid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    created_at        timestamptz NOT NULL DEFAULT now()
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    aggregate_version bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_position_idx ON gatehouse.outbox (txid, seq);
 """
 """``aggregatetype`` is the contract's name; ``aggregateid`` its key (the value as text, a JSON array for a
 key of several columns); ``type`` is ``created``, ``updated`` or ``deleted``; ``payload`` the row as the
-contract version shows it (for ``deleted``, as it was)."""
+contract version shows it (for ``deleted``, as it was); ``aggregate_version`` counts the aggregate's events, 1, 2,
+3... in the order their transactions committed (0: a row not written by gatehouse's capture, see
+:mod:`gatehouse.events.capture_sql`)."""
 
 EVENT_TYPES = ("created", "updated", "deleted")
 
+
+async def ensure_outbox(conn: Connection) -> bool:
+    """Create the outbox if it is not there; True when it was created. (Running :data:`OUTBOX_DDL` on an existing
+    outbox is not harmless: its ``CREATE INDEX IF NOT EXISTS`` locks the table before it looks, so it waits for
+    every open transaction that wrote an event, and every writer waits behind it until the caller commits.)"""
+    if await conn.fetchval("SELECT to_regclass('gatehouse.outbox_position_idx') IS NOT NULL"):
+        return False
+    created = bool(await conn.fetchval("SELECT to_regclass('gatehouse.outbox') IS NULL"))
+    await conn.execute(OUTBOX_DDL)
+    return created
+
 READ_AFTER = """
+WITH snapshot AS (SELECT pg_current_snapshot() AS s),
+elsewhere AS (  -- transactions of other databases: they cannot write this outbox
+    SELECT backend_xid FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND datname <> current_database()
+),
+bound AS (
+    SELECT coalesce((SELECT min(x) FROM snapshot, pg_snapshot_xip(s) AS x
+                     WHERE xid(x) NOT IN (SELECT backend_xid FROM elsewhere)),
+                    (SELECT pg_snapshot_xmax(s) FROM snapshot)) AS below
+)
 SELECT seq, id::text AS id, aggregatetype, aggregateid, type, payload::text AS payload, contract_version,
-       txid::text AS txid, created_at
+       txid::text AS txid, created_at, aggregate_version
 FROM gatehouse.outbox
-WHERE (txid, seq) > ($1::text::xid8, $2) AND txid < pg_snapshot_xmin(pg_current_snapshot())
+WHERE (txid, seq) > ($1::text::xid8, $2) AND txid < (SELECT below FROM bound)
   AND ($4::text[] IS NULL OR aggregatetype = ANY($4))
 ORDER BY txid, seq
 LIMIT $3
 """
+"""Rows after the position, up to the first transaction still running in this snapshot that may be this
+database's: a transaction of another database (known by ``pg_stat_activity``, which shows other roles'
+``backend_xid`` only to ``pg_read_all_stats``; without it every running transaction counts) never holds the
+outbox back. One that ends between the snapshot and the look at ``pg_stat_activity`` is not found there and so
+counts: the bound errs only towards waiting."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -98,12 +125,14 @@ class Event:
     version: int
     position: Position
     created_at: datetime
+    aggregate_version: int = 0
+    """This aggregate's events counted in commit order (1, 2, ...): what a consumer keeping state guards on."""
 
     def as_json(self) -> dict[str, Any]:
         """The event as sinks and the HTTP feed deliver it (Debezium's names next to gatehouse's)."""
         return {"id": self.id, "aggregatetype": self.contract, "aggregateid": self.key, "type": self.type,
                 "contract": self.contract, "version": self.version, "position": self.position.text(),
-                "created_at": self.created_at.isoformat(),
+                "created_at": self.created_at.isoformat(), "aggregate_version": self.aggregate_version,
                 "payload": orjson.Fragment(self.payload) if self.payload is not None else None}
 
 
@@ -113,4 +142,5 @@ async def read_after(conn: Connection, after: Position, limit: int,
     transactions complete in this statement's snapshot."""
     rows = await conn.fetch(READ_AFTER, str(after.txid), after.seq, limit, contracts)
     return [Event(r["seq"], r["id"], r["aggregatetype"], r["aggregateid"], r["type"], r["payload"],
-                  r["contract_version"], Position(int(r["txid"]), r["seq"]), r["created_at"]) for r in rows]
+                  r["contract_version"], Position(int(r["txid"]), r["seq"]), r["created_at"], r["aggregate_version"])
+            for r in rows]
