@@ -48,6 +48,12 @@ class SinkConfig(_Strict):
     timeout_ms: int = Field(default=5000, ge=10, le=600_000, description="a publish not acknowledged by then "
                                                                           "counts as failed (retried)")
 
+    stream: str = Field(default="GATEHOUSE", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                        description="NATS: the JetStream stream the subjects belong to (created, with the subject's "
+                                    "placeholders as wildcards, when it does not exist)")
+    retry_max_s: float = Field(default=30.0, gt=0, le=3600, description="the longest wait between two attempts "
+                               "of a failed publish (the wait doubles from 0.1 s; a publish is never skipped)")
+
     @field_validator("subject")
     @classmethod
     def _placeholders(cls, value: str) -> str:

@@ -32,6 +32,7 @@ from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.events.outbox_metrics import OutboxCollector
+from gatehouse.events.relay import Relays
 from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.limits.fair import FairShare
@@ -79,6 +80,8 @@ class Runtime:
     replicas: ReplicaSet = field(default_factory=ReplicaSet.none)
     """The databases' streaming replicas, their lag and their per-app pools (db/replicas.py)."""
     follower: Follower | None = None
+    relays: Relays | None = None
+    """The event relays, one per (database, sink) (events/relay.py); None without sinks."""
     alerts: AlertEvaluator | None = None
     """The ``[alerts]`` rules, evaluated in the background (observe/alerts.py); None without rules."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
@@ -154,6 +157,9 @@ class Runtime:
             self.follower = Follower({name: self._listen_to(target) for name, target in self.targets.items()},
                                      self._revisions, self.reload)
             await self.follower.start(seen)
+            self.relays = Relays.for_runtime(self)  # ProjectError when a sink's url or secret variable is not set
+            if self.relays is not None:
+                await self.relays.start()
             self.alerts = AlertEvaluator.for_runtime(self)  # ProjectError when a webhook's variable is not set
             if self.alerts is not None:
                 await self.alerts.start()
@@ -235,14 +241,15 @@ class Runtime:
         The project folder is read again; if it does not load, or the databases do not serve it (this
         server's copy is older or newer than what was applied), the project served so far is kept, with the
         catalog read again (a migration may have changed a column's type). Settings that shape the server
-        itself (``[server]``, ``[databases]``, ``[auth]``, ``[alerts]``) take effect at the next start."""
+        itself (``[server]``, ``[databases]``, ``[auth]``, ``[alerts]``, ``[events]``, ``[sinks]``) take effect at
+        the next start (events also need ``apply`` for their triggers)."""
         current = self.project
         try:
             project = await asyncio.to_thread(load_project, current.root)
         except ProjectError as exc:
             log.warning("the project folder does not load, so it is not reloaded: %s", exc)
             project = current
-        for section in ("server", "databases", "auth", "alerts"):
+        for section in ("server", "databases", "auth", "alerts", "events", "sinks"):
             if getattr(project.config, section) != getattr(current.config, section):
                 log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
         if project.config.databases != current.config.databases:
@@ -286,6 +293,9 @@ class Runtime:
         if self.alerts is not None:
             await self.alerts.stop()
             self.alerts = None
+        if self.relays is not None:
+            await self.relays.stop()
+            self.relays = None
         if self.follower is not None:
             await self.follower.stop()
         await self.cache.versions.stop()
