@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_alerts import AlertsConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
-from gatehouse.config_events import EventsSettings, SinkConfig
+from gatehouse.config_events import EventsSettings, MirrorConfig, SinkConfig
 from gatehouse.errors import ProjectError
 from gatehouse.limits.gcra import Rate
 from gatehouse.secrets import DatabaseUrl, RedisUrl, SecretRef
@@ -293,6 +293,7 @@ class ProjectConfig(Strict):
     alerts: AlertsConfig = AlertsConfig()
     events: dict[Name, EventsSettings] = Field(default={}, description="contracts whose changes are published")
     sinks: dict[Name, SinkConfig] = Field(default={}, description="brokers and webhooks events are relayed to")
+    mirrors: dict[Name, MirrorConfig] = Field(default={}, description="local read copies of evented contracts")
 
     def version_settings(self, number: int) -> VersionSettings:
         return self.versions.get(f"v{number}", VersionSettings())

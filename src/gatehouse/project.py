@@ -14,6 +14,7 @@ from gatehouse.config import AppConfig, ProjectConfig, load_config
 from gatehouse.contracts.model import ContractVersion, load_contract_file
 from gatehouse.contracts.versions import ApiVersions, carry_forward
 from gatehouse.errors import ApiError, ProjectError
+from gatehouse.events.mirror_plan import check_mirrors
 from gatehouse.logic.registry import LogicFunction, load_logic
 from gatehouse.query.row_filters import columns_of, parse_row_filter
 from gatehouse.query.tree import Condition
@@ -222,6 +223,7 @@ def load_project(root: Path) -> Project:
     versions = carry_forward(contracts, config.retired_versions)
     _check_apps(config, versions, str(config_path))
     _check_relations(config, contracts, str(config_path))
+    check_mirrors(config, contracts, versions, str(config_path))
     functions = load_logic(root, f"gatehouse_logic_{config.project.name}")
     for name, app_config in config.apps.items():
         for granted in app_config.functions:

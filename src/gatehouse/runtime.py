@@ -31,6 +31,7 @@ from gatehouse.db.headroom import read_headroom
 from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
+from gatehouse.events.mirror_runner import MirrorRunner
 from gatehouse.events.outbox_metrics import OutboxCollector
 from gatehouse.events.relay import Relays
 from gatehouse.follow import Follower, Revisions
@@ -80,6 +81,8 @@ class Runtime:
     replicas: ReplicaSet = field(default_factory=ReplicaSet.none)
     """The databases' streaming replicas, their lag and their per-app pools (db/replicas.py)."""
     follower: Follower | None = None
+    mirrors: MirrorRunner | None = None
+    """The local read copies kept from other contracts' events (events/mirror_runner.py); None without any."""
     relays: Relays | None = None
     """The event relays, one per (database, sink) (events/relay.py); None without sinks."""
     alerts: AlertEvaluator | None = None
@@ -160,6 +163,9 @@ class Runtime:
             self.relays = Relays.for_runtime(self)  # ProjectError when a sink's url or secret variable is not set
             if self.relays is not None:
                 await self.relays.start()
+            self.mirrors = MirrorRunner.for_project(project, self.targets)
+            if self.mirrors is not None:
+                await self.mirrors.start()
             self.alerts = AlertEvaluator.for_runtime(self)  # ProjectError when a webhook's variable is not set
             if self.alerts is not None:
                 await self.alerts.start()
@@ -241,15 +247,15 @@ class Runtime:
         The project folder is read again; if it does not load, or the databases do not serve it (this
         server's copy is older or newer than what was applied), the project served so far is kept, with the
         catalog read again (a migration may have changed a column's type). Settings that shape the server
-        itself (``[server]``, ``[databases]``, ``[auth]``, ``[alerts]``, ``[events]``, ``[sinks]``) take effect at
-        the next start (events also need ``apply`` for their triggers)."""
+        itself (``[server]``, ``[databases]``, ``[auth]``, ``[alerts]``, ``[events]``, ``[sinks]``, ``[mirrors]``)
+        take effect at the next start (events and mirrors also need ``apply``)."""
         current = self.project
         try:
             project = await asyncio.to_thread(load_project, current.root)
         except ProjectError as exc:
             log.warning("the project folder does not load, so it is not reloaded: %s", exc)
             project = current
-        for section in ("server", "databases", "auth", "alerts", "events", "sinks"):
+        for section in ("server", "databases", "auth", "alerts", "events", "sinks", "mirrors"):
             if getattr(project.config, section) != getattr(current.config, section):
                 log.warning("[%s] changed in gatehouse.toml: it takes effect when the server restarts", section)
         if project.config.databases != current.config.databases:
@@ -293,6 +299,9 @@ class Runtime:
         if self.alerts is not None:
             await self.alerts.stop()
             self.alerts = None
+        if self.mirrors is not None:
+            await self.mirrors.stop()
+            self.mirrors = None
         if self.relays is not None:
             await self.relays.stop()
             self.relays = None

@@ -212,6 +212,9 @@ async def live_signatures(conn: Connection, project: Project, database: str) -> 
     await transaction.start()
     try:
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        from gatehouse.events.mirror_tables import stand_in_mirror_tables  # (it imports the project's model)
+
+        await stand_in_mirror_tables(conn, project, database)  # contracts over mirrors compile before apply
         promises = await nullable_promises(conn, contracts)
         results.promises.update(promises)
         for index, contract in enumerate(contracts):

@@ -28,6 +28,7 @@ from gatehouse.db.changes import announce, lock_for_apply
 from gatehouse.db.direct_access import sync_direct_access
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.events.capture import sync_event_capture
+from gatehouse.events.mirror_tables import sync_mirrors
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
 
@@ -293,6 +294,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             if not had_schema:
                 report.add("created schema gatehouse")
             await _sync_roles(conn, project, target, report)
+            report.changes.extend(await sync_mirrors(conn, project, target.name))  # before views over them
             await _sync_views(conn, project, target.name, report)
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)

@@ -42,7 +42,7 @@ from gatehouse.errors import (
     UnknownContract,
 )
 from gatehouse.events.feed_watch import watch_for
-from gatehouse.events.outbox import START, Event, Position, read_after
+from gatehouse.events.outbox import COMPLETE_BELOW, START, Event, Position, read_after
 from gatehouse.http.exchange import JSON, HttpRequest, HttpResponse
 from gatehouse.observe.audit import AuditUnavailable
 from gatehouse.pipeline import identify
@@ -102,9 +102,10 @@ def _number(seen: dict[str, str], name: str, default: float, low: float, high: f
 
 
 async def _now(conn: Connection) -> Position:
-    """The position before every event not yet readable: events of transactions that end from now on."""
-    xmin = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
-    return Position(xmin - 1, LAST_SEQ)
+    """The position before every event not yet readable: events of transactions that end from now on (by the
+    bound the reads themselves use: a transaction of another database does not hold it back)."""
+    below = int(await conn.fetchval(COMPLETE_BELOW + "SELECT below::text FROM bound"))
+    return Position(below - 1, LAST_SEQ)
 
 
 async def _read(pool: asyncpg.Pool, timeout_s: float, after: Position | None, limit: int,

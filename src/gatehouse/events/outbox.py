@@ -64,7 +64,8 @@ async def ensure_outbox(conn: Connection) -> bool:
     await conn.execute(OUTBOX_DDL)
     return created
 
-READ_AFTER = """
+
+COMPLETE_BELOW = """
 WITH snapshot AS (SELECT pg_current_snapshot() AS s),
 elsewhere AS (  -- transactions of other databases: they cannot write this outbox
     SELECT backend_xid FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND datname <> current_database()
@@ -74,6 +75,11 @@ bound AS (
                      WHERE xid(x) NOT IN (SELECT backend_xid FROM elsewhere)),
                     (SELECT pg_snapshot_xmax(s) FROM snapshot)) AS below
 )
+"""
+"""The ``WITH`` that gives ``(SELECT below FROM bound)``: the first transaction still running in this snapshot that
+may be this database's. Outbox rows below it are final: committed (or rolled back) before the snapshot."""
+
+READ_AFTER = COMPLETE_BELOW + """
 SELECT seq, id::text AS id, aggregatetype, aggregateid, type, payload::text AS payload, contract_version,
        txid::text AS txid, created_at, aggregate_version
 FROM gatehouse.outbox

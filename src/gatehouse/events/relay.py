@@ -39,6 +39,8 @@ from prometheus_client.registry import CollectorRegistry
 from gatehouse.config_events import SinkConfig
 from gatehouse.errors import ProjectError
 from gatehouse.events import relay_store as store
+from gatehouse.events.mirror_plan import plan_mirrors
+from gatehouse.events.mirrors import MIRROR_SINK
 from gatehouse.events.outbox import Event, Position, read_after
 from gatehouse.events.relay_metrics import RelayCollector, SinkStats
 from gatehouse.events.sinks import Published, Sink, open_sink
@@ -272,6 +274,8 @@ class Relays:
                     relays.append(Relay(database, open_sink(name, sink_config, database), sink_config, contracts,
                                         connect))
             pairs = [(name, contract) for name, contracts in sinks.items() for contract in contracts]
+            pairs += [(MIRROR_SINK + p.name, p.source.name) for p in plan_mirrors(project)
+                      if p.source_database == database]  # (a mirror's position is kept like a sink's)
             cleaners.append(Cleaner(database, connect, pairs,
                                     [name for name, sink in config.sinks.items() if sink.kind == "webhook"]))
         if not cleaners:
