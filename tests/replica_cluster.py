@@ -122,6 +122,23 @@ def private_root(prefix: str) -> tuple[Path, list[str]]:
     return root, ["runuser", "-u", "postgres", "--"]
 
 
+def private_cluster(prefix: str) -> Iterator[Cluster]:
+    """A started private cluster, stopped and removed afterwards (for a fixture to ``yield from``)."""
+    binaries = postgres_bin()
+    if binaries is None:
+        unavailable("no PostgreSQL binaries to start a private cluster with")
+        return
+    root, run_as = private_root(prefix)
+    private = Cluster(binaries, root, free_port(), run_as)
+    try:
+        private.init()
+        private.start_now()
+        yield private
+    finally:
+        private.stop_now()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @dataclass
 class ReplicaPair:
     """A primary and its streaming replica (hot standby, physical slot ``r1``)."""

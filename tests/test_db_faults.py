@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import struct
 import time
@@ -33,7 +32,7 @@ from gatehouse.db.faults import KEEPALIVE_IDLE_S, USER_TIMEOUT_MS
 from gatehouse.db.sqlstate import api_error_from_postgres
 from gatehouse.project import Project
 from gatehouse.runtime import Runtime
-from replica_cluster import Cluster, free_port, postgres_bin, private_root, unavailable
+from replica_cluster import Cluster, private_cluster
 
 TOML = """
 [project]
@@ -420,19 +419,7 @@ async def test_connections_age_out_and_requests_keep_working(
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    binaries = postgres_bin()
-    if binaries is None:
-        unavailable("no PostgreSQL binaries to start a private cluster with")
-        return
-    root, run_as = private_root("gh-faults-")
-    private = Cluster(binaries, root, free_port(), run_as)
-    try:
-        private.init()
-        private.start_now()
-        yield private
-    finally:
-        private.stop_now()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from private_cluster("gh-faults-")
 
 
 @asynccontextmanager

@@ -43,7 +43,8 @@ from gatehouse.events.outbox import OUTBOX_DDL
 from gatehouse.events.relay import Cleaner, Relays, routes
 from gatehouse.events.sinks import Subjects
 from gatehouse.project import Project
-from replica_cluster import Cluster, free_port, postgres_bin, private_root, unavailable
+from replica_cluster import Cluster, free_port, private_cluster, unavailable
+from webhook_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[1]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -171,57 +172,6 @@ class Proxy:
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
         self.writers -= {writer, up_writer}
-
-
-class Receiver:
-    """A webhook receiver (HTTP/1.1 keep-alive): answers each POST with the next of ``statuses`` (then 200)."""
-
-    def __init__(self, statuses: Sequence[int] = ()) -> None:
-        self.statuses = list(statuses)
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-        self.answered: list[int] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/events"
-
-    async def __aenter__(self) -> Receiver:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [e for _, body in self.posts for e in orjson.loads(body)["events"]]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status = self.statuses.pop(0) if self.statuses else 200
-                if status < 300:
-                    self.posts.append((headers, body))
-                self.answered.append(status)
-                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)
 
 
 # --- a project with events, and reading what the brokers got ---------------------------------------------------
@@ -516,7 +466,7 @@ async def test_every_event_reaches_every_sink_once_and_in_order_per_aggregate(
             await drop_stream(nats_url, setup.stream)
 
         secret = b"s3cret-hook"
-        for headers, body in hook.posts:
+        for headers, body in ((p.headers, p.body) for p in hook.received):
             assert verify_signature(secret, headers["gatehouse-signature"], body)
             assert int(headers["gatehouse-events"]) == len(orjson.loads(body)["events"]) <= 100
         event = hook.events()[0]
@@ -697,19 +647,7 @@ async def _enough(read: Callable[[], Awaitable[list[dict[str, Any]]]], n: int) -
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    binaries = postgres_bin()
-    if binaries is None:
-        unavailable("no PostgreSQL binaries to start a private cluster with")
-        return
-    root, run_as = private_root("gh-relay-")
-    private = Cluster(binaries, root, free_port(), run_as)
-    try:
-        private.init()
-        private.start_now()
-        yield private
-    finally:
-        private.stop_now()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from private_cluster("gh-relay-")
 
 
 async def test_postgres_restarted_under_the_relay_loses_nothing(
