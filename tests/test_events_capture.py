@@ -50,6 +50,9 @@ grants = [{ contract = "customers", actions = ["read"] }]
 [apps.tenant]
 grants = [{ contract = "orders", actions = ["read", "events"], filter = "status=eq.placed" }]
 
+[apps.listener]
+grants = [{ contract = "orders", actions = ["events"] }]
+
 [events.orders]
 version = 1
 
@@ -402,6 +405,13 @@ async def test_the_feed_is_granted_like_a_contract(evented: Evented) -> None:
     assert (await client.post("/events/orders", headers={"apikey": keys["writer"]})).status_code == 405
     reads = await client.get("/v1/orders", headers={"apikey": keys["reader"]})
     assert reads.status_code == 200  # ("events" is no privilege of the database role)
+
+    # A grant of the feed alone: the events, not the rows, and no path in its OpenAPI document.
+    assert (await feed(client, keys["listener"])).status_code == 200
+    refused = await client.get("/v1/orders", headers={"apikey": keys["listener"]})
+    assert (refused.status_code, refused.json()["code"]) == (403, "42501"), refused.text
+    document = (await client.get("/", headers={"apikey": keys["listener"]})).json()
+    assert "/orders" not in document["paths"]
 
 
 @pytest.mark.parametrize("query", [

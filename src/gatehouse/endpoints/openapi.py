@@ -244,11 +244,15 @@ def _function_item(function: LogicFunction) -> Schema:
     return item
 
 
+EVENTS_ONLY = frozenset({"events"})
+
+
 def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tuple[str, str], ViewShape],
                   server_url: str) -> dict[str, Any]:
     """The document for ``app`` in API ``version``: only its granted contracts, sorted by name."""
     served = project.versions.served.get(version, {})
-    visible = [(served[name], app.grant_for(name)) for name in sorted(served) if app.grant_for(name)]
+    visible = [(served[name], actions) for name in sorted(served)
+               if (actions := app.grant_for(name) - EVENTS_ONLY)]  # (a feed's grant is not a path of the API)
     schemas: dict[str, Schema] = {}
     paths: dict[str, Schema] = {}
     tags: list[Schema] = []
