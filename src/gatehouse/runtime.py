@@ -178,6 +178,11 @@ class Runtime:
             await self.stop()
             raise
 
+    def internal_pool(self, database: str) -> asyncpg.Pool:
+        """gatehouse's own small pool on ``database`` (the authenticator, no app role): the catalog, readiness,
+        the events feed's reads of the outbox."""
+        return self._internal[database]
+
     def _pool_readings(self) -> list[PoolReading]:
         return [*(self.pools.readings() if self.pools is not None else ()), *self.replicas.readings()[1]]
 

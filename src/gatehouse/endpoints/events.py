@@ -149,7 +149,7 @@ async def events_feed(request: HttpRequest, runtime: Runtime, name: str) -> Http
                                     hint="Grant 'events' only where the grant has no filter.")
     after, limit, wait = parse_query(request.query_string)  # 400
 
-    pool = runtime._internal[database]
+    pool = runtime.internal_pool(database)
     timeout_s = project.config.server.pool_timeout_ms / 1000
     position, events = await _read(pool, timeout_s, after, limit, name)
     if not events and wait > 0:
