@@ -42,9 +42,8 @@ from gatehouse.errors import (
     RelationshipNotFound,
     UndefinedColumn,
 )
-from gatehouse.query.row_filters import claim_does_not_fit
+from gatehouse.query.operators import operation
 from gatehouse.query.tree import (
-    ClaimValue,
     ColumnItem,
     Condition,
     EmbedItem,
@@ -57,28 +56,10 @@ from gatehouse.query.tree import (
     SelectItem,
     StarItem,
 )
-from gatehouse.query.values import certainly_refused
 from gatehouse.schema_cache import ApiSchema
 
-SQL_OPERATORS = {
-    "eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "like": "LIKE", "ilike": "ILIKE",
-    "match": "~", "imatch": "~*", "isdistinct": "IS DISTINCT FROM", "cs": "@>", "cd": "<@", "ov": "&&",
-    "sl": "<<", "sr": ">>", "nxr": "&<", "nxl": "&>", "adj": "-|-",
-}
-TEXT_OPERATORS = frozenset({"like", "ilike", "match", "imatch"})
-TSQUERY = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phraseto_tsquery",
-           "wfts": "websearch_to_tsquery"}
 JSON_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²" and "١٢"
-IS_SQL = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
-COMPARISON_OPERATORS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte", "isdistinct"})
-"""The operators whose value is cast to the column's own type (``in`` casts each item)."""
 JSON_TYPES = frozenset({"json", "jsonb"})
-
-
-def _check_claim(value: object, column_type: str) -> None:
-    """403 before any SQL when a row filter's claim certainly cannot be a value of the column's type."""
-    if isinstance(value, ClaimValue) and certainly_refused(value, column_type):
-        raise claim_does_not_fit(value)
 
 
 @dataclass(slots=True)
@@ -422,30 +403,8 @@ class ReadCompiler:
             exists = self._exists(scope, embeds[name], query)
             return exists if flt.negated else f"NOT {exists}"
         column, column_type = self._field(scope, flt.field)
-        sql = self._operation(column, column_type, flt)
+        sql = operation(column, column_type, flt, self.bind)
         return f"NOT ({sql})" if flt.negated else sql
-
-    def _operation(self, column: str, column_type: str, flt: Filter) -> str:
-        op = flt.operator
-        if op == "is":
-            return f"{column} IS {IS_SQL[str(flt.value)]}"
-        if op == "in":
-            for item in flt.value:
-                _check_claim(item, column_type)
-            return f"{column} = ANY({self.bind(list(flt.value))}::text[]::{column_type}[])"
-        if op in COMPARISON_OPERATORS and not flt.quantifier:
-            _check_claim(flt.value, column_type)
-        value = str(flt.value)
-        if op in TSQUERY:
-            vector = column if column_type == "tsvector" else (
-                f"to_tsvector({self.bind(flt.language)}::regconfig, {column})" if flt.language
-                else f"to_tsvector({column})")
-            language = f"{self.bind(flt.language)}::regconfig, " if flt.language else ""
-            return f"{vector} @@ {TSQUERY[op]}({language}{self.bind(value)})"
-        target = "text" if op in TEXT_OPERATORS else column_type
-        if flt.quantifier:
-            return f"{column} {SQL_OPERATORS[op]} {flt.quantifier.upper()}({self.bind(value)}::text::{target}[])"
-        return f"{column} {SQL_OPERATORS[op]} {self.bind(value)}::text::{target}"
 
     # -- order, limit -----------------------------------------------------------------------------------
 
