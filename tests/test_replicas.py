@@ -283,3 +283,16 @@ async def test_pools_that_do_not_fit_max_connections_are_reported_at_start(
         await serve_project(project)
     warning = next(r.getMessage() for r in caplog.records if "max_connections" in r.getMessage())
     assert f"max_connections is {limit}" in warning and "instance(s) like this fit" in warning
+
+
+async def test_replicas_before_apply_made_their_heartbeat_are_a_clear_error(served: Served) -> None:
+    """A project that gained replicas without `apply` since: serve says what to run, not a traceback."""
+    from gatehouse.errors import DatabaseUnavailable
+
+    await _sql(served.primary_url, "ALTER TABLE gatehouse.heartbeat RENAME TO heartbeat_gone")
+    try:
+        runtime = Runtime(served.runtime.project)
+        with pytest.raises(DatabaseUnavailable, match="run `gatehouse apply`"):
+            await runtime.start()
+    finally:
+        await _sql(served.primary_url, "ALTER TABLE gatehouse.heartbeat_gone RENAME TO heartbeat")

@@ -39,7 +39,7 @@ import asyncpg
 from gatehouse.db.app_pools import PoolOptions, app_pool
 from gatehouse.db.pools import AppPool
 from gatehouse.db.targets import DatabaseTarget
-from gatehouse.errors import ApiError
+from gatehouse.errors import ApiError, DatabaseUnavailable
 from gatehouse.observe.db_metrics import PoolReading, ReplicaReading
 from gatehouse.project import App, Project
 from gatehouse.secrets import resolve_secret, source_of
@@ -169,7 +169,11 @@ class ReplicaSet:
         """Measure every replica once (so the first reads can use them), then every ``replica_check_ms``."""
         for database in self.by_database:
             async with primaries[database].acquire() as conn:  # rows of instances long gone
-                await conn.execute("DELETE FROM gatehouse.heartbeat WHERE at < now() - interval '1 day'")
+                try:
+                    await conn.execute("DELETE FROM gatehouse.heartbeat WHERE at < now() - interval '1 day'")
+                except asyncpg.UndefinedTableError:
+                    raise DatabaseUnavailable(f"database {database} has replicas but no gatehouse.heartbeat, which "
+                                              "measures their lag: run `gatehouse apply`") from None
             await self._check(database, primaries[database])
             task = asyncio.get_running_loop().create_task(self._watch(database, primaries[database]),
                                                           name=f"gatehouse-replicas-{database}")
