@@ -23,16 +23,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-GATEHOUSE = str(REPO / ".venv" / "bin" / "gatehouse")
+from serving import GATEHOUSE, REPO, cpu_seconds
+from serving import serve as serve_project
+
 WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 SERVER = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -60,11 +59,6 @@ OPERATIONS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def database_url(name: str) -> str:
@@ -96,9 +90,6 @@ def make_project(folder: Path, name: str, databases: dict[str, str]) -> tuple[Pa
     return root, env
 
 
-def server_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(port: int, key: str, operation: str, seconds: int) -> tuple[float, float, float]:
@@ -120,18 +111,8 @@ def serve(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int
                          text=True).stdout.strip()
     for url in (v for k, v in env.items() if k.startswith("GATEHOUSE_DATABASES__")):
         subprocess.run(["psql", url, "-qc", "VACUUM ANALYZE"], check=True)
-    port, admin = free_port(), free_port()
-    server = subprocess.Popen([*gh, "serve", "--port", str(port), "--admin-port", str(admin), "--log-level",
-                               "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1):
-                return server, port, key
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit("gatehouse did not become ready") from None
-            time.sleep(0.2)
+    server, port, _ = serve_project(root, env)
+    return server, port, key
 
 
 def check_same(ports: dict[str, tuple[int, str]]) -> None:
@@ -168,9 +149,9 @@ def main() -> None:
                 for name in order:
                     port, key = ports[name]
                     wrk(port, key, operation, 2)
-                    before = server_cpu(servers[name].pid)
+                    before = cpu_seconds(servers[name].pid)
                     rps, p50, p99 = wrk(port, key, operation, options.seconds)
-                    cpu_us = (server_cpu(servers[name].pid) - before) / (rps * options.seconds) * 1e6
+                    cpu_us = (cpu_seconds(servers[name].pid) - before) / (rps * options.seconds) * 1e6
                     results.setdefault((operation, name), []).append((rps, p50, p99, cpu_us))
                     print(f"round {round_number + 1} {operation:8} {name:7} {rps:8,.0f} req/s  p50 {p50:.2f} ms  "
                           f"p99 {p99:.2f} ms  server CPU {cpu_us:.0f} µs/req", flush=True)

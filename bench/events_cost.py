@@ -20,25 +20,16 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-GATEHOUSE = str(REPO / ".venv" / "bin" / "gatehouse")
+from serving import GATEHOUSE, REPO, serve
+
 WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 DB = "gatehouse_bench_events"
 PG = "postgresql://postgres@127.0.0.1:5432"
 EVENTS = "\n[events.orders]\nversion = 1\n"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def psql(sql: str) -> None:
@@ -51,20 +42,8 @@ def configure(project: Path, base: str, events: bool, env: dict[str, str]) -> No
 
 
 def inserts_per_second(project: Path, key: str, seconds: int, env: dict[str, str]) -> tuple[float, float]:
-    port, admin = free_port(), free_port()
-    server = subprocess.Popen([GATEHOUSE, "--project", str(project), "serve", "--port", str(port), "--admin-port",
-                               str(admin), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server, port, _ = serve(project, env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("gatehouse did not become ready") from None
-                time.sleep(0.2)
         args = ["wrk", "-t1", "-c16", "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}", "--", "/orders", "1", "100",
                 f"apikey:{key}", "Content-Type: application/json", "method=POST",
                 'body={"user_id": %d, "status": "placed"}']

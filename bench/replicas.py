@@ -18,30 +18,28 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from serving import (  # noqa: E402  (bench/, next to this script)
+    GATEHOUSE,
+    cpu_seconds,
+    serve,
+)
+
 from replica_cluster import make_pair  # noqa: E402  (the tests' primary-and-replica maker)
 
-GATEHOUSE = str(REPO / ".venv" / "bin" / "gatehouse")
 WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def project_folder(folder: Path) -> Path:
@@ -58,9 +56,6 @@ def project_folder(folder: Path) -> Path:
     return project
 
 
-def server_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(port: int, key: str, seconds: int) -> tuple[float, float, float]:
@@ -93,27 +88,16 @@ def main() -> None:
             subprocess.run([*gh, *command], env=env, check=True, capture_output=True)
         keys = {app: subprocess.run([*gh, "keys", "create", app, "--quiet"], env=env, check=True,
                                     capture_output=True, text=True).stdout.strip() for app in ("direct", "replicated")}
-        port, admin = free_port(), free_port()
-        server = subprocess.Popen([*gh, "serve", "--port", str(port), "--admin-port", str(admin), "--log-level",
-                                   "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("gatehouse did not become ready") from None
-                time.sleep(0.2)
+        server, port, _ = serve(project, env)
         time.sleep(1)
         results: dict[str, list[tuple[float, float, float, float]]] = {"direct": [], "replicated": []}
         for round_number in range(options.rounds):
             order = ["direct", "replicated"] if round_number % 2 == 0 else ["replicated", "direct"]
             for app in order:
                 wrk(port, keys[app], 2)
-                before = server_cpu(server.pid)
+                before = cpu_seconds(server.pid)
                 rps, p50, p99 = wrk(port, keys[app], options.seconds)
-                cpu_us = (server_cpu(server.pid) - before) / (rps * options.seconds) * 1e6
+                cpu_us = (cpu_seconds(server.pid) - before) / (rps * options.seconds) * 1e6
                 results[app].append((rps, p50, p99, cpu_us))
                 print(f"round {round_number + 1} {app:10} {rps:9,.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
                       f"server CPU {cpu_us:.0f} µs/req", flush=True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from serving import cpu_seconds
 
 BODY = b'[{"id":1,"name":"Widget","price":10}]'
 
@@ -52,9 +52,6 @@ def serve(port: int, work_us: float) -> None:
         runner.run(run())
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(work_us: float, seconds: int) -> tuple[float, float]:

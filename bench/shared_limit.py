@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,17 +23,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-GATEHOUSE = str(REPO / ".venv" / "bin" / "gatehouse")
+from serving import GATEHOUSE, REPO, serve
+
 DB = "gatehouse_bench_shared"
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def psql(sql: str) -> None:
@@ -57,21 +51,6 @@ def prepare(folder: Path, rate: int, burst: int, env: dict[str, str]) -> str:
     return key
 
 
-def serve(project: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, int]:
-    port, admin = free_port(), free_port()
-    server = subprocess.Popen([GATEHOUSE, "--project", str(project), "serve", "--port", str(port), "--admin-port",
-                               str(admin), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as answer:
-                if answer.status == 200:
-                    return server, port, admin
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("gatehouse did not become ready")
 
 
 def _counters(admin: int) -> dict[str, float]:
