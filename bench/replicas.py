@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from gatehouse.demo import copy_shop
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from serving import (  # noqa: E402  (bench/, next to this script)
@@ -44,7 +46,7 @@ WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 
 def project_folder(folder: Path) -> Path:
     project = folder / "shop"
-    shutil.copytree(REPO / "examples" / "shop", project, ignore=shutil.ignore_patterns(".gatehouse"))
+    copy_shop(project, reviews=False)  # the shop alone: one database, with its replica
     toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
     toml = toml.replace("[databases.shop]\n", '[databases.shop]\nreplicas = ["env:BENCH_REPLICA_URL"]\n')
     grants = ('grants = [{ contract = "products", actions = ["read"] }, '

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ import uuid
 from pathlib import Path
 
 from serving import GATEHOUSE, REPO, serve
+
+from gatehouse.demo import copy_shop
 
 DB = "gatehouse_bench_shared"
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -37,7 +38,7 @@ def psql(sql: str) -> None:
 
 def prepare(folder: Path, rate: int, burst: int, env: dict[str, str]) -> str:
     project = folder / "shop"
-    shutil.copytree(REPO / "examples" / "shop", project, ignore=shutil.ignore_patterns(".gatehouse"))
+    copy_shop(project, reviews=False)  # the shop alone: one database
     toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
     toml += (f'\n[apps.bench]\nquota = {{ pool_size = 4, rate = "{rate}/s", burst = {burst} }}\n'
              'grants = [{ contract = "products", actions = ["read"] }]\n')

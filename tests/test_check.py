@@ -350,7 +350,7 @@ def test_update_lock_never_locks_what_does_not_compile(shop: Project) -> None:
 
 
 def test_reads_include_where_join_and_subqueries() -> None:
-    summary = (Path(__file__).parents[1] / "examples/shop/contracts/customer_summary.v1.sql").read_text()
+    summary = (Path(__file__).parents[1] / "examples/shop/contracts/shop/customer_summary.v1.sql").read_text()
     assert tables_read(summary) == {TableRef(None, None, t) for t in ("users", "orders", "order_items")}
     read = columns_read(summary)
     assert ColumnRef(None, "orders", "status") in read  # only in LEFT JOIN ... ON

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -73,6 +74,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("demo") / "shop"
     result = gatehouse("demo", "--dir", str(folder), "--no-serve", env=env)
     assert "applied V002 generate demo data" in result.stdout
+    assert "reviews: applied V002 generate demo reviews" in result.stdout  # the second service's database
     assert "curl -s" in result.stdout
     yield folder
 
@@ -147,6 +149,14 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
         assert lines[0].startswith("cache-status: gatehouse; fwd=miss; stored"), out
         assert lines[1].startswith("cache-status: gatehouse; hit; ttl="), out
         assert lines[2] == "304", out
+        # products with their reviews, from the reviews service's database (the demo data is deterministic)
+        embed = next(command for what, command in shown.items() if "reviews" in what)
+        out = subprocess.run(["bash", "-c", embed], capture_output=True, text=True, timeout=60).stdout
+        assert [(p["id"], p["name"], sorted((r["stars"], r["body"]) for r in p["reviews"]))
+                for p in json.loads(out)] == [
+            (1, "Blue mug #1", [(4, "Good value for the price.")]),
+            (2, "Green chair #2", [(1, "Broke within a week."), (4, "Good value for the price.")]),
+            (3, "Small kettle #3", [])], out
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+from gatehouse.demo import copy_shop
 from gatehouse.errors import ProjectError
 from gatehouse.project import load_project
-
-SHOP = Path(__file__).resolve().parents[1] / "examples" / "shop"
 
 
 @pytest.fixture
 def project_dir(tmp_path: Path) -> Path:
     root = tmp_path / "shop"
-    shutil.copytree(SHOP, root)
+    copy_shop(root, reviews=False)  # one database: its contracts in contracts/
     return root
 
 

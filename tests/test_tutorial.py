@@ -1,6 +1,11 @@
 """docs/safe-schema-changes.md, followed step by step on the demo shop: rename products.name to title without
 breaking anyone (expand, with a batched backfill → migrate → contract), with `gatehouse check` agreeing at
-every step and `migrate plan` naming whom a drop made too early would break."""
+every step and `migrate plan` naming whom a drop made too early would break.
+
+The shop is the demo's whole project, its reviews service included (a second database, whose contract is in
+every API version the tutorial touches), so the files go where a reader of the demo puts them: into
+``migrations/shop/`` and ``contracts/shop/``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from conftest import REPO, prepare
+from conftest import REPO, ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.check import exit_code, run_check
 from gatehouse.contracts.lockfile import read_lock, update_lock, write_lock
 from gatehouse.contracts.signature import project_signatures
+from gatehouse.migrate.plan import Plan
 from gatehouse.project import Project, load_project
 
 TUTORIAL = REPO / "docs" / "tutorial"
@@ -47,10 +53,18 @@ async def _get(project: Project, serve: object, key: str, url: str, **headers: s
 
 def _copy(root: Path, *names: str) -> None:
     for name in names:
-        shutil.copy(TUTORIAL / name, root / ("contracts" if name.startswith("products.") else "migrations"))
+        shutil.copy(TUTORIAL / name, root / ("contracts" if name.startswith("products.") else "migrations") / "shop")
 
 
-async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_project: object) -> None:
+async def _plan(project: Project) -> Plan:
+    """The shop database's plan (the tutorial changes only that one; the reviews database has nothing pending)."""
+    shop, reviews = await operations.plan_all(project)
+    assert (shop.database, reviews.database, reviews.pending) == ("shop", "reviews", [])
+    return shop
+
+
+async def test_rename_a_column_without_breaking_anyone(make_project: ProjectFactory, serve_project: object) -> None:
+    shop = make_project(from_shop=True, reviews=True)
     root = shop.root
     keys = await prepare(shop)
     await _check_clean(root)  # step 0: the released shop, as locked in examples/shop/contracts.lock
@@ -64,15 +78,15 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
           'description = "The mobile app. Browses the catalogue only."\nversion = 3')
     project = load_project(root)
     assert [f.code for f in await run_check(root)] == ["GHC040", "GHC041"]  # v3 needs the migration
-    (plan,) = await operations.plan_all(project)
+    plan = await _plan(project)
     assert plan.pending == ["V003 add product title", "V004 backfill product title"]
     assert plan.skipped == ["V004 backfill product title"] and not plan.breaking and plan.failure is None
     # with V005 copied too, the plan stops at the backfill: V005 needs its rows, so it is listed as not run
     _copy(root, "V005__require_product_title.sql")
-    (plan,) = await operations.plan_all(load_project(root))
+    plan = await _plan(load_project(root))
     assert plan.stopped_at == "V004 backfill product title" and plan.failure is None and not plan.breaking
     assert plan.skipped == ["V004 backfill product title", "V005 require product title"]
-    (root / "migrations" / "V005__require_product_title.sql").unlink()
+    (root / "migrations" / "shop" / "V005__require_product_title.sql").unlink()
     lints = await operations.lint_pending(project)
     assert [f.rule for f in lints["shop"].findings] == []  # the ALTER and the backfill are apart
     await operations.migrate_all(project)
@@ -85,7 +99,7 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
     assert [label for label, _ in refused.refused] == ["products.v3"] and "title" in refused.refused[0][1]
     _copy(root, "V005__require_product_title.sql")
     project = load_project(root)
-    (plan,) = await operations.plan_all(project)
+    plan = await _plan(project)
     assert plan.pending == ["V005 require product title"] and not plan.breaking and plan.failure is None
     await operations.migrate_all(project)
     await operations.apply_all(project)
@@ -106,13 +120,13 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
     moved = await _get(project, serve_project, keys["web"], "/products?id=eq.1")
     assert "title" in moved.json()[0]
     _copy(root, "V006__drop_product_name.sql")
-    (plan,) = await operations.plan_all(load_project(root))
+    plan = await _plan(load_project(root))
     broken = {impact.label: impact for impact in plan.breaking}
     assert set(broken) == {"products.v1", "products.v2"}
     assert broken["products.v1"].would_break == [] and [u.app for u in broken["products.v1"].callers] == ["web"]
     assert broken["products.v2"].would_break == ["analytics"]
     assert all(impact.error for impact in plan.breaking)  # they would not compile: not even --force ships it
-    (root / "migrations" / "V006__drop_product_name.sql").unlink()
+    (root / "migrations" / "shop" / "V006__drop_product_name.sql").unlink()
     _edit(root, "default_version = 2", "default_version = 3")
     project = load_project(root)
     await _check_clean(root)
@@ -127,7 +141,7 @@ async def test_rename_a_column_without_breaking_anyone(shop: Project, serve_proj
     assert gone.status_code == 410
     _copy(root, "V006__drop_product_name.sql")
     project = load_project(root)
-    (plan,) = await operations.plan_all(project)
+    plan = await _plan(project)
     assert not plan.breaking and plan.failure is None, (plan.failure, plan.impacts)
     await operations.migrate_all(project)
     await operations.apply_all(project)

@@ -2,22 +2,32 @@
 
 The example is copied into a folder of the user's (its embedded database lives there too, so a second run
 reuses it and starts in about a second). Each run revokes the previous demo keys and makes new ones.
+
+The shop is two services, each with its database: ``shop`` (products, orders, ...) and ``reviews``, linked
+by a ``[[relations]]`` entry, so the tour shows an embed across databases. Both live in the one embedded
+PostgreSQL. :func:`copy_shop` can also leave the reviews service out, which gives the shop as a project of
+one database: what the tests and benchmarks about one database start from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 
 from gatehouse import operations
+from gatehouse.contracts.lockfile import Lock, read_lock, write_lock
 from gatehouse.errors import ProjectError
 from gatehouse.project import CONFIG_FILE, STATE_DIR, Project, load_project
 
 DEMO_KEY_NOTE = "created by gatehouse demo"
+HOME, REVIEWS = "shop", "reviews"
+"""The shop's two databases: its own (the first, which holds the keys) and the reviews service's."""
 
 
 def bundled_example() -> Path:
@@ -30,6 +40,41 @@ def bundled_example() -> Path:
         return source
     raise ProjectError("the bundled example is missing from this installation",
                        hint="reinstall gatehouse, or run from a source checkout")
+
+
+def copy_shop(target: Path, *, reviews: bool = True) -> None:
+    """Copy the bundled shop into ``target`` (which may exist), never with the example's own ``.gatehouse/``.
+
+    ``reviews=False`` leaves the reviews service out: the copy is then the shop as a project of one database,
+    with its contracts and migrations straight in ``contracts/`` and ``migrations/`` (where a one-database
+    project has them, and where tests write theirs) and its lock without the reviews contract. That is one
+    database less to create for every test that starts from the shop.
+    """
+    # never the example's own .gatehouse/ (a database someone ran in place): a copy gets a fresh one
+    shutil.copytree(bundled_example(), target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_DIR))
+    if reviews:
+        return
+    for folder in (target / "contracts", target / "migrations"):
+        shutil.rmtree(folder / REVIEWS)
+        for path in (folder / HOME).iterdir():
+            path.rename(folder / path.name)
+        (folder / HOME).rmdir()
+    config = target / CONFIG_FILE
+    config.write_text(without_reviews(config.read_text(encoding="utf-8")), encoding="utf-8")
+    lock = read_lock(target)
+    if lock is not None:
+        write_lock(target, Lock(tuple(replace(entry, file=entry.file.replace(f"contracts/{HOME}/", "contracts/", 1))
+                                      for entry in lock.entries if entry.signature.database == HOME), lock.format))
+
+
+def without_reviews(config: str) -> str:
+    """The shop's ``gatehouse.toml`` (or a text that starts from it) without the reviews service: its
+    database, its grants and its relation. Anything else is left as it is."""
+    tables = re.split(r"(?m)^(?=\[)", config)  # each table from its header to the next one
+    kept = [table for table in tables
+            if not table.startswith(f"[databases.{REVIEWS}]")
+            and not (table.startswith("[[relations]]") and f'"{REVIEWS}.' in table)]
+    return re.sub(rf'(?m)^[ \t]*\{{ contract = "{REVIEWS}",.*\n', "", "".join(kept))
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
@@ -70,6 +115,9 @@ def tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
          f"curl -s '{base}/products?id=lte.3' -H 'apikey: {web}'"),
         ("analytics gets API v2 from the same URL: category and stock too",
          f"curl -s '{base}/products?id=lte.3' -H 'apikey: {analytics}'"),
+        ("each product with its reviews, which live in the reviews service's own database: one request, one "
+         "query per database ([[relations]] in gatehouse.toml)",
+         f"curl -s '{base}/products?select=id,name,reviews(stars,body)&id=lte.3' -H 'apikey: {mobile}'"),
         ("mobile may not read orders: 404, exactly as if they did not exist",
          f"curl -s '{base}/orders?limit=3' -H 'apikey: {mobile}'"),
         ("analytics may: its five best customers",
@@ -106,8 +154,7 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         if directory.exists() and any(directory.iterdir()):
             raise ProjectError(f"{directory} exists and is not a gatehouse project",
                                hint="choose another place with --dir")
-        # never the example's own .gatehouse/ (a database someone ran in place): the demo gets a fresh one
-        shutil.copytree(bundled_example(), directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_DIR))
+        copy_shop(directory)
         console.print(f"copied the shop example to [bold]{directory}[/]")
     else:
         console.print(f"using the demo project in [bold]{directory}[/]")
