@@ -40,7 +40,8 @@ def _lines(status: MirrorStatus) -> list[str]:
     elif status.snapshot == "done":
         lines.append("  last event  none since the snapshot")
     if status.waiting is not None:
-        oldest = f" (the oldest {_seconds(status.behind_s)} old)" if status.waiting else ""
+        oldest = f" (the oldest {_seconds(status.behind_s)} old)" if status.waiting and status.behind_s is not None \
+            else ""
         lines.append(f"  waiting     {status.waiting:,} event(s){oldest}")
     if status.problem:
         lines.append(f"  [red]problem[/]     {status.problem}")

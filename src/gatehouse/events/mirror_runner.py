@@ -4,6 +4,8 @@
 Both log in as each database's owner: a mirror reads the outbox and the source contract's view of one database and
 writes a table the owner owns in another, as ``apply`` does. Several servers may run the same mirrors: a step locks
 its mirror's position row (``SKIP LOCKED``), so one of them moves a mirror at a time and the others wait their turn.
+
+A mirror fed from a broker (:mod:`gatehouse.events.mirror_broker`) is run the same way: its sync has the same steps.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import GatehouseError
-from gatehouse.events.mirror_plan import MirrorPlan, plan_mirrors
+from gatehouse.events.mirror_broker import BrokerMirrorSync
+from gatehouse.events.mirror_plan import BrokerMirrorPlan, MirrorPlan, plan_broker_mirrors, plan_mirrors
 from gatehouse.events.mirrors import Connect, MirrorSync, Step
 from gatehouse.events.outbox import START, Position
 from gatehouse.project import Project
@@ -37,9 +41,38 @@ def owner_login(target: DatabaseTarget, name: str) -> Connect:
     return connect
 
 
+class _Plan(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def poll_s(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+
+
+class Syncing(Protocol):
+    """A mirror's sync, of either kind: :class:`~.mirrors.MirrorSync` or :class:`~.mirror_broker.BrokerMirrorSync`."""
+
+    @property
+    def plan(self) -> _Plan: ...
+    async def step(self) -> Step: ...
+    async def waiting(self, position: Position) -> int: ...
+    async def close(self) -> None: ...
+
+
 def mirror_sync(plan: MirrorPlan, targets: Mapping[str, DatabaseTarget]) -> MirrorSync:
     return MirrorSync(plan, owner_login(targets[plan.database], plan.name),
                       owner_login(targets[plan.source_database], plan.name))
+
+
+def broker_sync(plan: BrokerMirrorPlan, targets: Mapping[str, DatabaseTarget]) -> Syncing:
+    return BrokerMirrorSync(plan, owner_login(targets[plan.database], plan.name))
+
+
+def all_syncs(project: Project, targets: Mapping[str, DatabaseTarget], only: str | None = None) -> list[Syncing]:
+    """A sync per mirror of either kind (``only`` that one); a ProjectError when one is misconfigured."""
+    syncs: list[Syncing] = [mirror_sync(p, targets) for p in plan_mirrors(project) if only in (None, p.name)]
+    return syncs + [broker_sync(p, targets) for p in plan_broker_mirrors(project) if only in (None, p.name)]
 
 
 def describe(exc: BaseException) -> str:
@@ -66,15 +99,15 @@ class MirrorRunner:
     """One task per mirror: a step, again at once while there is more, else after the mirror's ``poll_ms``; a
     failure is logged and retried with a growing pause (up to :data:`MAX_BACKOFF_S`)."""
 
-    syncs: list[MirrorSync]
+    syncs: list[Syncing]
     counts: dict[str, MirrorCounts] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def for_project(cls, project: Project, targets: Mapping[str, DatabaseTarget]) -> MirrorRunner | None:
         """None when the project has no mirrors; a ProjectError when one is misconfigured."""
-        plans = plan_mirrors(project)
-        return cls([mirror_sync(plan, targets) for plan in plans]) if plans else None
+        syncs = all_syncs(project, targets)
+        return cls(syncs) if syncs else None
 
     async def start(self) -> None:
         for sync in self.syncs:
@@ -89,7 +122,7 @@ class MirrorRunner:
         for sync in self.syncs:
             await sync.close()
 
-    async def _run(self, sync: MirrorSync) -> None:
+    async def _run(self, sync: Syncing) -> None:
         counts = self.counts[sync.plan.name]
         backoff = sync.plan.poll_s
         while True:
@@ -133,11 +166,10 @@ async def sync_mirrors_once(project: Project, only: str | None = None, *,
     """Bring every mirror (or ``only`` that one) up to date: the snapshot if it is due, then events until none is
     left. Committed events that cannot be read yet, because a transaction that began before them is still running
     (:mod:`gatehouse.events.outbox`), are waited for up to ``wait_s``; what is still held back then is reported."""
-    plans = [p for p in plan_mirrors(project) if only is None or p.name == only]
     targets = await resolve_targets(project)
     reports = []
-    for plan in plans:
-        sync = mirror_sync(plan, targets)
+    for sync in all_syncs(project, targets, only):
+        plan = sync.plan
         snapshot_rows: int | None = None
         events, position, busy, held_back = 0, START, False, 0
         deadline = asyncio.get_running_loop().time() + wait_s

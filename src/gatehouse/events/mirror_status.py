@@ -8,6 +8,11 @@ Two measures of lag, because they answer different questions:
 
 ``waiting`` counts the source contract's committed events after the mirror's position (some may wait for a
 transaction that began before them and is still running, see :mod:`gatehouse.events.outbox`).
+
+For a mirror fed from a broker, ``waiting`` is what the broker holds for it (a JetStream consumer's pending and
+unacknowledged messages; a Redis stream's entries after its position), ``behind_s`` is not known, ``position`` is
+the broker's (a stream sequence, an entry id), and ``problem`` says when the copy may be incomplete because the
+stream lost messages before the mirror read them (``gatehouse.mirror_feed_gaps``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import asyncpg
 
 from gatehouse.db import Connection
 from gatehouse.db.targets import resolve_targets
-from gatehouse.events.mirror_plan import MirrorPlan, plan_mirrors
+from gatehouse.errors import ProjectError
+from gatehouse.events.mirror_feeds import open_feed
+from gatehouse.events.mirror_plan import BrokerMirrorPlan, MirrorPlan, TablePlan, plan_broker_mirrors, plan_mirrors
 from gatehouse.events.mirror_sql import WAITING
 from gatehouse.events.outbox import Position
 from gatehouse.project import Project
@@ -57,7 +64,7 @@ class MirrorStatus:
         return data
 
 
-async def _local_part(conn: Connection, plan: MirrorPlan) -> dict[str, Any] | None:
+async def _local_part(conn: Connection, plan: TablePlan) -> dict[str, Any] | None:
     if not await conn.fetchval("SELECT to_regclass('gatehouse.mirror_positions') IS NOT NULL"):
         return None
     row = await conn.fetchrow("SELECT * FROM gatehouse.mirror_positions WHERE mirror = $1 AND table_name = $2",
@@ -92,14 +99,52 @@ async def _status(local: Connection, source: Connection, plan: MirrorPlan) -> Mi
     return replace(shown, waiting=waiting["waiting"], lag_s=lag, behind_s=max(0.0, behind))
 
 
+async def _broker_status(local: Connection, plan: BrokerMirrorPlan) -> MirrorStatus:
+    base: dict[str, Any] = {"mirror": plan.name, "database": plan.database, "table": plan.table_label,
+                            "source": plan.source_label, "source_database": plan.source_database}
+    found = await _local_part(local, plan)
+    if found is None:
+        return MirrorStatus(**base, snapshot="not applied", problem="no table yet: run `gatehouse apply`")
+    position = Position(found["txid"], found["seq"])
+    feed = open_feed(plan)
+    problems: list[str] = []
+    try:
+        state = await feed.state(position, count=True)
+    except ProjectError as exc:
+        state = None
+        problems.append(str(exc))
+    except Exception as exc:  # a status must show what it can: the broker's trouble is one line of it
+        state = None
+        problems.append(f"the broker did not answer ({type(exc).__name__})")
+    finally:
+        await feed.close()
+    if await local.fetchval("SELECT to_regclass('gatehouse.mirror_feed_gaps') IS NOT NULL"):
+        gaps = await local.fetch("SELECT lost FROM gatehouse.mirror_feed_gaps WHERE mirror = $1 ORDER BY noticed_at",
+                                 plan.name)
+        if gaps:
+            problems.append("the copy may be incomplete: " + "; ".join(g["lost"] for g in gaps)
+                            + " (copy it anew from a stream that holds every event: docs/mirrors.md)")
+    now: datetime = await local.fetchval("SELECT now()")
+    last_event_at = found["last_event_at"]
+    return MirrorStatus(**base, snapshot="done" if found["snapshot_done"] else "pending",
+                        snapshot_at=found["snapshot_at"], rows=found["rows"], tombstones=found["tombstones"],
+                        applied=found["applied"], last_event_id=found["last_event_id"], last_event_at=last_event_at,
+                        lag_s=(now - last_event_at).total_seconds() if last_event_at else None,
+                        waiting=state.pending if state is not None else None,
+                        position=feed.label(position), problem="; ".join(problems) or None)
+
+
 async def mirror_status(project: Project) -> list[MirrorStatus]:
     plans = plan_mirrors(project)
-    if not plans:
+    fed = plan_broker_mirrors(project)
+    if not plans and not fed:
         return []
     targets = await resolve_targets(project)
     async with AsyncExitStack() as stack:
         conns: dict[str, asyncpg.Connection] = {}
-        for name in sorted({p.database for p in plans} | {p.source_database for p in plans}):
+        for name in sorted({p.database for p in plans} | {p.source_database for p in plans}
+                           | {p.database for p in fed}):
             conns[name] = await targets[name].connect_owner()
             stack.push_async_callback(conns[name].close)
-        return [await _status(conns[p.database], conns[p.source_database], p) for p in plans]
+        found = [await _status(conns[p.database], conns[p.source_database], p) for p in plans]
+        return found + [await _broker_status(conns[p.database], p) for p in fed]

@@ -10,6 +10,9 @@ owned by the database's owner; gatehouse writes it, the service reads it (``WHER
 done, the shape it was made for. When the shape changes (a new contract version is evented, columns are added to
 the copy), apply adds the new columns and marks the snapshot as to be taken again: the next sync replaces the
 copy's rows in one transaction, so readers see the old copy until the new one is complete.
+
+A mirror fed from a broker declares its columns' types itself (:func:`broker_shape` asks the database what they
+are); its database also gets ``gatehouse.mirror_feed_gaps`` (:mod:`gatehouse.events.mirror_broker`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from gatehouse.db import Connection, quote_ident
 from gatehouse.db.catalog import load_catalog, load_constraints
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ProjectError
-from gatehouse.events.mirror_plan import RESERVED, MirrorPlan, plan_mirrors
+from gatehouse.events.mirror_plan import (
+    RESERVED,
+    BrokerMirrorPlan,
+    MirrorPlan,
+    TablePlan,
+    plan_broker_mirrors,
+    plan_mirrors,
+)
 from gatehouse.project import Project
 
 MIRROR_POSITIONS_DDL = """
@@ -104,32 +114,60 @@ async def source_shape(source: Connection, plan: MirrorPlan, pending: Path | Non
         types = await _view_types(source, plan)
         constraints = await load_constraints(source)
     except asyncpg.PostgresError as exc:
-        raise ProjectError(f"{plan.key}: {plan.source.label} does not compile in database "
+        raise ProjectError(f"{plan.key}: {plan.source_label} does not compile in database "
                            f"{plan.source_database} ({type(exc).__name__})",
                            hint=f"run `gatehouse migrate` for {plan.source_database}, then apply again") from None
     finally:
         await transaction.rollback()
-    keys = contract_keys([plan.source], {plan.source.label: column_sources(plan.source.sql)}, constraints)
+    keys = contract_keys([plan.source], {plan.source_label: column_sources(plan.source.sql)}, constraints)
     key = keys.get(plan.source.name)
     if not key:
-        raise ProjectError(f"{plan.key}: {plan.source.label} has no key, so its rows cannot be told apart",
+        raise ProjectError(f"{plan.key}: {plan.source_label} has no key, so its rows cannot be told apart",
                            hint="a mirror copies rows by the base table's primary key: the contract must show "
                                 "every column of it, unchanged")
     copied = [c for c in plan.source.columns if c in plan.columns or c in key]
     return MirrorShape(tuple((c, types[c]) for c in copied), tuple(key))
 
 
-async def _create_table(conn: Connection, plan: MirrorPlan, shape: MirrorShape, changes: list[str]) -> None:
+async def broker_shape(conn: Connection, plan: BrokerMirrorPlan) -> MirrorShape:
+    """The declared columns of a broker-fed mirror with their types as the database names them (``int`` is
+    ``integer``), from a throw-away table in a transaction that is rolled back: a type it does not know is a
+    ProjectError naming the column."""
+    probe = "gh_mirror_type_probe"
+    types: dict[str, str] = {}
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        for name, declared in plan.columns:
+            try:
+                await conn.execute(f"CREATE TEMPORARY TABLE {probe} (c {declared})")
+            except asyncpg.PostgresError as exc:
+                raise ProjectError(f"{plan.key}.columns: {name} = {declared!r} is not a type database "
+                                   f"{plan.database} knows ({type(exc).__name__})",
+                                   hint="write a PostgreSQL type: integer, text, numeric(10,2), timestamptz, ...") \
+                    from None
+            found = await conn.fetch(TABLE_COLUMNS, f"pg_temp.{probe}")
+            await conn.execute(f"DROP TABLE pg_temp.{probe}")
+            if len(found) != 1:
+                raise ProjectError(f"{plan.key}.columns: {name} = {declared!r} is not one type",
+                                   hint="write a PostgreSQL type: integer, text, numeric(10,2), timestamptz, ...")
+            types[name] = found[0]["type"]
+    finally:
+        await transaction.rollback()
+    return MirrorShape(tuple((name, types[name]) for name, _ in plan.columns), plan.key_columns)
+
+
+async def _create_table(conn: Connection, plan: TablePlan, shape: MirrorShape, changes: list[str]) -> None:
     if plan.schema != "public" and not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1",
                                                            plan.schema):
         await conn.execute(f"CREATE SCHEMA {quote_ident(plan.schema)}")
         changes.append(f"created schema {plan.schema}")
     await conn.execute(_table_ddl(plan, shape))
     await conn.execute(f"COMMENT ON TABLE {plan.local_table} IS "
-                       f"'gatehouse mirror {plan.name} of {plan.source.label}: read WHERE NOT _gh_deleted'")
+                       f"'gatehouse mirror {plan.name} of {plan.source_label}: read WHERE NOT _gh_deleted'")
 
 
-def _table_ddl(plan: MirrorPlan, shape: MirrorShape) -> str:
+def _table_ddl(plan: TablePlan, shape: MirrorShape) -> str:
     columns = [f"    {quote_ident(name)} {type_}{' NOT NULL' if name in shape.key else ''}"
                for name, type_ in shape.columns]
     columns += ["    _gh_version bigint NOT NULL", "    _gh_deleted boolean NOT NULL DEFAULT false",
@@ -138,14 +176,14 @@ def _table_ddl(plan: MirrorPlan, shape: MirrorShape) -> str:
     return f"CREATE TABLE {plan.local_table} (\n" + ",\n".join(columns) + "\n)"
 
 
-async def _adjust_table(conn: Connection, plan: MirrorPlan, shape: MirrorShape, changes: list[str]) -> None:
+async def _adjust_table(conn: Connection, plan: TablePlan, shape: MirrorShape, changes: list[str]) -> None:
     """Bring an existing mirror table to ``shape``: new columns are added; a changed key or type is refused (views
     over the table would have to go); columns no longer copied stay, empty after the next snapshot."""
     have = {r["name"]: r["type"] for r in await conn.fetch(TABLE_COLUMNS, plan.table_label)}
     key = tuple(await conn.fetchval(PRIMARY_KEY, plan.table_label) or ())
     if key != shape.key:
         raise ProjectError(f"{plan.key}: the table {plan.table_label} is keyed by {', '.join(key) or 'nothing'}, "
-                           f"{plan.source.label} by {', '.join(shape.key)}",
+                           f"{plan.source_label} by {', '.join(shape.key)}",
                            hint=f"drop {plan.table_label} (and what reads it) and run apply again: it is copied anew")
     for name, type_ in shape.columns:
         if name not in have:
@@ -153,7 +191,7 @@ async def _adjust_table(conn: Connection, plan: MirrorPlan, shape: MirrorShape, 
             changes.append(f"added column {name} ({type_}) to mirror table {plan.table_label}")
         elif have[name] != type_:
             raise ProjectError(f"{plan.key}: column {name} of {plan.table_label} is {have[name]}, while "
-                               f"{plan.source.label} has {type_}",
+                               f"{plan.source_label} has {type_}",
                                hint=f"drop {plan.table_label} (and what reads it) and run apply again, or alter "
                                     "the column's type yourself")
     copied = {name for name, _ in shape.columns}
@@ -163,7 +201,7 @@ async def _adjust_table(conn: Connection, plan: MirrorPlan, shape: MirrorShape, 
                            "next snapshot (drop it when nothing reads it)")
 
 
-async def _sync_one(conn: Connection, plan: MirrorPlan, shape: MirrorShape, changes: list[str]) -> None:
+async def _sync_one(conn: Connection, plan: TablePlan, shape: MirrorShape, changes: list[str]) -> None:
     recorded = await conn.fetchrow("SELECT table_name, source, columns::text AS columns, key_columns "
                                    "FROM gatehouse.mirror_positions WHERE mirror = $1", plan.name)
     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", plan.table_label)
@@ -176,16 +214,16 @@ async def _sync_one(conn: Connection, plan: MirrorPlan, shape: MirrorShape, chan
             changes.append(f"mirror {plan.name} now writes {plan.table_label}; {recorded['table_name']} is kept as it "
                            "is and no longer updated (drop it when nothing reads it)")
         await _create_table(conn, plan, shape, changes)
-        changes.append(f"created mirror table {plan.table_label} ({plan.source.label}, key "
+        changes.append(f"created mirror table {plan.table_label} ({plan.source_label}, key "
                        f"{', '.join(shape.key)}): filled by the next sync")
     else:
         await _adjust_table(conn, plan, shape, changes)
-    same = (recorded is not None and ours and recorded["source"] == plan.source.label
+    same = (recorded is not None and ours and recorded["source"] == plan.source_label
             and json.loads(recorded["columns"]) == json.loads(shape.columns_json()))
     if same:
         return
     if recorded is not None and exists:
-        changes.append(f"mirror {plan.name} now copies {plan.source.label} ({len(shape.columns)} columns): it is "
+        changes.append(f"mirror {plan.name} now copies {plan.source_label} ({len(shape.columns)} columns): it is "
                        "copied anew by the next sync")
     await conn.execute(
         """
@@ -193,11 +231,11 @@ async def _sync_one(conn: Connection, plan: MirrorPlan, shape: MirrorShape, chan
         VALUES ($1, $2, $3, $4, $5, $6::jsonb)
         ON CONFLICT (mirror) DO UPDATE SET table_name = $2, source = $3, source_database = $4, key_columns = $5,
             columns = $6::jsonb, snapshot_done = false, updated_at = now()
-        """, plan.name, plan.table_label, plan.source.label, plan.source_database, list(shape.key),
+        """, plan.name, plan.table_label, plan.source_label, plan.source_database, list(shape.key),
         shape.columns_json())
 
 
-async def _remove_gone(conn: Connection, plans: Sequence[MirrorPlan], changes: list[str]) -> None:
+async def _remove_gone(conn: Connection, plans: Sequence[TablePlan], changes: list[str]) -> None:
     if not await conn.fetchval("SELECT to_regclass('gatehouse.mirror_positions') IS NOT NULL"):
         return
     for row in await conn.fetch("SELECT mirror, table_name FROM gatehouse.mirror_positions WHERE NOT "
@@ -228,11 +266,18 @@ async def sync_mirrors(conn: Connection, project: Project, database: str) -> lis
     """Make ``database``'s mirror tables and positions match ``[mirrors.*]``; one line per change. Runs inside
     apply's transaction on ``conn`` (the owner); the source databases are read on connections of their own."""
     plans = [p for p in plan_mirrors(project) if p.database == database]
+    fed = [p for p in plan_broker_mirrors(project) if p.database == database]
     changes: list[str] = []
-    await _remove_gone(conn, plans, changes)
-    if not plans:
+    await _remove_gone(conn, [*plans, *fed], changes)
+    if not plans and not fed:
         return changes
     await conn.execute(MIRROR_POSITIONS_DDL)
+    if fed:
+        from gatehouse.events.mirror_broker import FEED_GAPS_DDL
+
+        await conn.execute(FEED_GAPS_DDL)
+    for broker_plan in fed:
+        await _sync_one(conn, broker_plan, await broker_shape(conn, broker_plan), changes)
     async with AsyncExitStack() as stack:
         sources = _Sources(project, database, conn, stack)
         for plan in plans:
@@ -261,4 +306,14 @@ async def stand_in_mirror_tables(conn: Connection, project: Project, database: s
             except (ProjectError, asyncpg.PostgresError, OSError):
                 continue
             made.append(plan.table_label)
+    for fed in plan_broker_mirrors(project):
+        if fed.database != database or await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", fed.table_label):
+            continue
+        try:
+            shape = await broker_shape(conn, fed)
+            async with conn.transaction():
+                await _create_table(conn, fed, shape, [])
+        except (ProjectError, asyncpg.PostgresError):
+            continue
+        made.append(fed.table_label)
     return made
