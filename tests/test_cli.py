@@ -50,6 +50,23 @@ def test_project_errors_are_clear(tmp_path: Path) -> None:
     assert "no gatehouse.toml here" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_file_given_as_the_project_is_a_clear_error(tmp_path: Path) -> None:
+    """--project naming a file (its own gatehouse.toml, most often) is refused, naming the folder to pass."""
+    toml = tmp_path / "api" / "gatehouse.toml"
+    gatehouse("init", str(toml.parent))
+    result = gatehouse("--project", str(toml), "apply", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{toml} is the project's settings file, not its folder" in result.stderr
+    assert f"--project {toml.parent}" in result.stderr
+    other = tmp_path / "notes.txt"
+    other.write_text("not a project")
+    for given in (other, other / "api"):
+        result = gatehouse("--project", str(given), "migrate", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{other} is a file" in result.stderr
+        assert "takes the folder that holds gatehouse.toml" in result.stderr
+
+
 def test_a_typo_in_gatehouse_toml_is_one_clear_error(tmp_path: Path) -> None:
     folder = tmp_path / "api"
     gatehouse("init", str(folder))
@@ -76,6 +93,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert "applied V002 generate demo data" in result.stdout
     assert "reviews: applied V002 generate demo reviews" in result.stdout  # the second service's database
     assert "curl -s" in result.stdout
+    assert "([[relations]] in gatehouse.toml)" in result.stdout  # captures are printed as they are, not as markup
     yield folder
 
 

@@ -103,6 +103,16 @@ def test_other_secrets_stay_references_only(project_dir: Path) -> None:
     assert "env:SHOP_AUTHENTICATOR_PASSWORD" in text
 
 
+def test_a_file_is_not_a_project_folder(project_dir: Path) -> None:
+    """A path to a file (the project's gatehouse.toml, or anything else) is refused with the folder to pass."""
+    toml = project_dir / "gatehouse.toml"
+    assert _load_error(toml) == f"{toml} is the project's settings file, not its folder\n" \
+                                f"  hint: pass the folder that holds it: --project {project_dir}"
+    logic = project_dir / "logic" / "pricing.py"
+    assert _load_error(logic).startswith(f"{logic} is a file, not a project folder")
+    assert _load_error(logic / "deeper").startswith(f"{logic / 'deeper'} is not a project folder: {logic} is a file")
+
+
 def _load_error(project_dir: Path) -> str:
     with pytest.raises(ProjectError) as info:
         load_project(project_dir)

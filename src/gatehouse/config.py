@@ -343,6 +343,18 @@ def _env_value(variable: str, value: str) -> Any:
                            hint=f"""write it as in gatehouse.toml, e.g. {variable}='["a", "b"]'""") from None
 
 
+def _not_a_folder(path: Path) -> ProjectError:
+    """``--project`` (or ``GATEHOUSE_PROJECT``) named a file, most often the project's own ``gatehouse.toml``:
+    the folder is what is asked for, and the message says which one to pass instead."""
+    file = next((p for p in (path.parent, *path.parent.parents) if p.is_file()), path.parent)
+    if file == path.parent and file.name == path.name:
+        return ProjectError(f"{file} is the project's settings file, not its folder",
+                            hint=f"pass the folder that holds it: --project {file.parent}")
+    return ProjectError(f"{file} is a file, not a project folder" if file == path.parent
+                        else f"{path.parent} is not a project folder: {file} is a file",
+                        hint="--project (or GATEHOUSE_PROJECT) takes the folder that holds gatehouse.toml")
+
+
 def load_config(path: Path, environ: dict[str, str] | None = None) -> ProjectConfig:
     """Read and validate ``gatehouse.toml``; every problem is reported with its key and what to do."""
     try:
@@ -351,6 +363,8 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> ProjectCon
         raise ProjectError("no gatehouse.toml here", where=str(path.parent),
                            hint="run inside a project folder, pass --project PATH, or create one with "
                                 "`gatehouse init`") from None
+    except NotADirectoryError:
+        raise _not_a_folder(path) from None
     except tomllib.TOMLDecodeError as exc:
         raise ProjectError(f"not valid TOML: {exc}", where=str(path)) from None
     from_env = _apply_env_overrides(data, dict(os.environ if environ is None else environ))

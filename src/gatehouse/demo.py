@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from gatehouse import operations
 from gatehouse.contracts.lockfile import Lock, read_lock, write_lock
@@ -170,7 +171,7 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         print(key)
     console.print()
     for caption, command in tour(keys, base, admin):
-        console.print(f"[dim]# {caption}[/]")
+        console.print(f"[dim]# {escape(caption)}[/]")  # (a caption may hold brackets: [[relations]])
         print(command)
     console.print()
     if not serve:
