@@ -114,7 +114,7 @@ class Outbox:
             self.seen = max(r["seq"] for r in rows)
         return [{"contract": r["aggregatetype"], "key": r["aggregateid"], "type": r["type"],
                  "payload": orjson.loads(r["payload"]) if r["payload"] is not None else None,
-                 "version": r["contract_version"], "n": r["aggregate_version"]} for r in rows]
+                 "version": r["contract_version"], "n": r["aggregate_version"], "seq": r["seq"]} for r in rows]
 
 
 def brief(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -148,7 +148,8 @@ async def test_every_http_write_makes_exactly_its_event(evented: Evented) -> Non
     events = await outbox.new()
     assert brief(events) == [("orders", str(first), "created")]
     assert events[0]["payload"] == {"id": first, "customer_id": 1, "status": "placed", "total": 10.00}
-    assert events[0]["version"] == 1 and events[0]["n"] == 1
+    assert events[0]["version"] == 1 and events[0]["n"] == events[0]["seq"]  # an event's number is its seq
+    created = events[0]["n"]
 
     bulk = await client.post("/v1/orders", json=[{"customer_id": 2, "total": 1}, {"customer_id": 2, "total": 2}],
                              headers=auth)
@@ -159,7 +160,8 @@ async def test_every_http_write_makes_exactly_its_event(evented: Evented) -> Non
     assert patched.status_code == 200, patched.text
     events = await outbox.new()
     assert brief(events) == [("orders", str(first), "updated")]
-    assert events[0]["payload"]["status"] == "paid" and events[0]["n"] == 2
+    assert events[0]["payload"]["status"] == "paid" and events[0]["n"] > created
+    paid = events[0]["n"]
 
     upsert = await client.post("/v1/orders", json=[{"id": first, "customer_id": 1, "status": "shipped", "total": 10},
                                                    {"id": 9001, "customer_id": 1, "status": "placed", "total": 3}],
@@ -167,7 +169,7 @@ async def test_every_http_write_makes_exactly_its_event(evented: Evented) -> Non
     assert upsert.status_code == 201, upsert.text
     events = await outbox.new()
     assert brief(events) == [("orders", str(first), "updated"), ("orders", "9001", "created")]
-    assert events[0]["n"] == 3
+    assert events[0]["n"] > paid and all(e["n"] == e["seq"] for e in events)
 
     lines = await client.post("/lines", json=[{"order_id": first, "sku": "a-1", "qty": 2}], headers=auth)
     assert lines.status_code == 201, lines.text
@@ -244,9 +246,11 @@ async def test_sql_writes_by_anyone_make_their_events_in_their_transaction(event
         assert sorted(brief(events)) == sorted([("orders", str(ids[1]), "deleted"),
                                                 ("lines", f'[{ids[1]}, "a"]', "deleted"),
                                                 ("lines", f'[{ids[1]}, "b"]', "deleted")])
-        versions = await conn.fetch("SELECT aggregateid, version, present FROM gatehouse.aggregate_versions "
-                                    "WHERE aggregatetype = 'orders' AND aggregateid = $1", str(ids[0]))
-        assert [(r["version"], r["present"]) for r in versions] == [(4, True)]  # created, updated, deleted, created
+        history = await conn.fetch("SELECT type, aggregate_version FROM gatehouse.outbox WHERE aggregatetype = "
+                                   "'orders' AND aggregateid = $1 ORDER BY seq", str(ids[0]))
+        assert [r["type"] for r in history] == ["created", "updated", "deleted", "created"]
+        assert [r["aggregate_version"] for r in history] == sorted({r["aggregate_version"] for r in history})
+        assert await conn.fetchval("SELECT gatehouse.ev_present('orders', $1)", str(ids[0])) is True
     finally:
         await conn.close()
 
@@ -277,7 +281,7 @@ async def test_a_new_contract_version_makes_events_of_that_version(make_project:
         await conn.execute("UPDATE customers SET name = 'ada lovelace' WHERE id = 1")  # a joined table
         events = await outbox.new()
         assert brief(events) == [("orders", str(order), "updated")]
-        assert events[0]["payload"]["customer"] == "ada lovelace" and events[0]["n"] == 3
+        assert events[0]["payload"]["customer"] == "ada lovelace" and events[0]["n"] == events[0]["seq"]
         await conn.execute("UPDATE customers SET tier = 'gold'")  # a column no contract reads
         assert await outbox.new() == []
 
@@ -470,8 +474,9 @@ async def test_versions_follow_commits_where_positions_do_not(evented: Evented) 
         await first.execute("UPDATE orders SET total = 3 WHERE id = 700")  # after that commit: version 3
         await early.commit()
         events, _ = await collect(client, keys["writer"], position, 3)
-        assert [(e["aggregateid"], e["payload"]["total"], e["aggregate_version"]) for e in events] == [
-            ("701", 1.0, 2), ("700", 3.0, 3), ("700", 2.0, 2)]  # the feed's order, and the commit order
+        assert [(e["aggregateid"], e["payload"]["total"]) for e in events] == [
+            ("701", 1.0), ("700", 3.0), ("700", 2.0)]  # the feed's order (by transaction id) ...
+        assert events[1]["aggregate_version"] > events[2]["aggregate_version"]  # ... and 700's in commit order
     finally:
         for conn in (setup, first, second):
             await conn.close()

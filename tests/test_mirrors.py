@@ -567,6 +567,29 @@ async def test_the_outbox_cleaner_can_keep_the_events_a_mirror_has_not_applied(m
     assert (await mirrored.copy())[1]["name"] == "not applied yet"
 
 
+async def test_a_snapshot_after_the_cleaner_deleted_the_events_takes_the_versions_it_kept(
+        mirrored: Mirrored) -> None:
+    """The cleaner keeps each aggregate's newest version in ``gatehouse.aggregate_versions`` as it deletes its events:
+    a snapshot taken afterwards gives each row (and each tombstone) that version, and later events go on above it."""
+    from gatehouse.events.relay_store import clean, ensure_tables
+
+    await mirrored.crm.execute("UPDATE customers SET name = 'renamed' WHERE id = 4")
+    await mirrored.crm.execute("DELETE FROM customers WHERE id = 3")
+    newest = {r["aggregateid"]: r["version"] for r in await mirrored.crm.fetch(
+        "SELECT aggregateid, max(aggregate_version) AS version FROM gatehouse.outbox WHERE aggregatetype = 'customers' "
+        "GROUP BY aggregateid")}
+    await ensure_tables(mirrored.crm)
+    assert await clean(mirrored.crm, [], [], retention_s=0) == 2
+    steps = await until_idle(mirrored.sync())
+    assert steps[0].kind == "snapshot"
+    rows = {r["id"]: (r["_gh_version"], r["_gh_deleted"]) for r in await mirrored.billing.fetch(
+        "SELECT id, _gh_version, _gh_deleted FROM customers_copy")}
+    assert rows[4] == (newest["4"], False) and rows[3] == (newest["3"], True) and rows[5] == (0, False)
+    await mirrored.crm.execute("UPDATE customers SET name = 'again' WHERE id = 4")
+    await until_idle(mirrored.sync())
+    assert (await mirrored.copy())[4]["name"] == "again" and 3 not in await mirrored.copy()
+
+
 async def test_two_servers_never_move_one_mirror_at_the_same_time(mirrored: Mirrored) -> None:
     holder = await mirrored.targets["billing"].connect_owner()
     try:

@@ -4,7 +4,7 @@
 
     GET /events/orders?after=<position>&limit=100&wait=20
     → 200 [{"id": ..., "aggregatetype": "orders", "aggregateid": "42", "type": "updated", "payload": {...},
-            "version": 1, "aggregate_version": 3, "position": "1234-567", "created_at": ...}, ...]
+            "version": 1, "aggregate_version": 567, "position": "1234-567", "created_at": ...}, ...]
       Gatehouse-Next: 1234-567          (send it as ``after`` next time; also in ``Link: <...>; rel="next"``)
 
 * ``after``: a position from ``Gatehouse-Next`` (or an event's ``position``); none: from the oldest event kept;

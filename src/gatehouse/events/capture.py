@@ -2,8 +2,9 @@
 
 ``[events.orders] version = 1`` makes apply create, in the database of ``orders``:
 
-* ``gatehouse.outbox`` (:mod:`gatehouse.events.outbox`) and ``gatehouse.aggregate_versions``, with SELECT on the
-  outbox for the authenticator (the HTTP feed reads it on gatehouse's internal pool);
+* ``gatehouse.outbox`` (:mod:`gatehouse.events.outbox`) and ``gatehouse.aggregate_versions`` (what is kept of
+  events the relay deleted), with SELECT on the outbox for the authenticator (the HTTP feed reads it on
+  gatehouse's internal pool);
 * row triggers on the key table of ``orders.v1`` and on each other table it reads with a foreign key path to it
   (:mod:`gatehouse.events.capture_plan`), whose functions write each change's event in the changing
   transaction, shaped as ``orders.v1`` shows the row (:mod:`gatehouse.events.capture_sql`).
@@ -13,7 +14,9 @@ The capture is re-created when the contract's version (or its definition) change
 contract stops being evented (the outbox and its rows stay). Each change is one line of apply's report.
 
 Placing a trigger takes the table's owner (or its TRIGGER privilege): when apply's login has neither, the table
-is reported and skipped, and the rest of apply goes on, as for the cache's data-version triggers.
+is reported and skipped, and the rest of apply goes on, as for the cache's data-version triggers. The trigger of
+a table other than the key table locks the key rows it changes (so that events of one aggregate are numbered in
+commit order), which takes UPDATE on the key table: without it, apply refuses with the grant to make.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from gatehouse.events.capture_sql import (
     FUNCTION_PREFIX,
     HELPER_RETURNS,
     HELPERS,
+    NUMBERS_ABOVE_KEPT,
+    RETIRED_HELPERS,
     SCHEMA,
     TRIGGER_PREFIX,
     Function,
@@ -63,7 +68,7 @@ WHERE t.tgname LIKE 'gatehouse\_event\_%' AND NOT t.tgisinternal
 @dataclass(slots=True)
 class _Wanted:
     plan: CapturePlan
-    functions: list[tuple[Function, Table | None]] = field(default_factory=list)
+    functions: list[tuple[Function, Table]] = field(default_factory=list)
 
 
 def evented_contracts(project: Project) -> list[ContractVersion]:
@@ -96,6 +101,20 @@ async def _check_shape(conn: asyncpg.Connection, plan: CapturePlan) -> None:
                                                                 "key table per row it shows")
 
 
+async def _check_lock_privilege(conn: asyncpg.Connection, plan: CapturePlan) -> None:
+    """The trigger of another table locks the key rows (``FOR NO KEY UPDATE``), which needs UPDATE on the key
+    table (a column of it) for apply's login, who owns the trigger functions."""
+    if len(plan.tables) < 2 or await conn.fetchval("SELECT has_any_column_privilege($1::oid, 'UPDATE')",
+                                                   plan.key_table.relid):
+        return
+    login = await conn.fetchval("SELECT current_user")
+    others = ", ".join(c.table.text for c in plan.tables[1:])
+    raise ProjectError(f"[events.{plan.contract}]: capturing the changes of {others} locks the rows of "
+                       f"{plan.key_table.text} they change, and {login} may not update {plan.key_table.text}",
+                       hint=f"GRANT UPDATE ON {plan.key_table.qualified} TO {quote_ident(login)}, or run "
+                            "`gatehouse apply` as the owner of the tables")
+
+
 async def _create_helpers(conn: asyncpg.Connection, existing: dict[str, asyncpg.Record]) -> None:
     for signature, body in HELPERS.items():
         name, arguments = signature.split("(", 1)
@@ -117,9 +136,10 @@ async def _plan_all(conn: asyncpg.Connection, project: Project, contracts: Itera
                                "served by any live API version", hint="event a version that is served")
         plan = await plan_capture(conn, contract, view, constraints)
         await _check_shape(conn, plan)
+        await _check_lock_privilege(conn, plan)
         entry = _Wanted(plan)
         for function, captured in plan_functions(plan):
-            entry.functions.append((function, captured.table if captured is not None else None))
+            entry.functions.append((function, captured.table))
         wanted.append(entry)
     return wanted
 
@@ -138,12 +158,15 @@ async def sync_event_capture(conn: asyncpg.Connection, project: Project, databas
             changes.append("created gatehouse.outbox (change events, read by the relay and the HTTP feed)")
         if await conn.fetchval("SELECT to_regclass('gatehouse.aggregate_versions') IS NULL"):
             await conn.execute(AGGREGATE_VERSIONS_DDL)
+        await conn.execute(NUMBERS_ABOVE_KEPT)
         await conn.execute(f"GRANT SELECT ON gatehouse.outbox TO {quote_ident(authenticator)}")
         await _create_helpers(conn, functions)
     wanted = await _plan_all(conn, project, contracts)
     previous = {r["comment"].removeprefix(COMMENT_PREFIX).rsplit(".v", 1)[0]: r["comment"].removeprefix(COMMENT_PREFIX)
                 for r in functions.values() if r["comment"].startswith(COMMENT_PREFIX)}
     touched = await _sync_functions(conn, wanted, functions)
+    for retired in RETIRED_HELPERS if contracts else ():  # (after: the functions that called them are replaced)
+        await conn.execute(f"DROP FUNCTION IF EXISTS {SCHEMA}.{retired}")
     stopped, kept = await _drop_unwanted(conn, wanted, functions, triggers)
     touched |= set(stopped)
     added = await _add_triggers(conn, wanted, kept, changes)
@@ -182,8 +205,7 @@ def _desired(wanted: list[_Wanted]) -> tuple[dict[str, tuple[Function, str]],
     for entry in wanted:
         for function, table in entry.functions:
             functions[function.name] = (function, entry.plan.label)
-            if table is not None:
-                triggers[(trigger_name(entry.plan.contract), table.relid)] = (entry.plan.contract, table, function)
+            triggers[(trigger_name(entry.plan.contract), table.relid)] = (entry.plan.contract, table, function)
     return functions, triggers
 
 

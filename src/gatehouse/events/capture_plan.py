@@ -35,6 +35,13 @@ from gatehouse.db import Connection, quote_ident
 from gatehouse.db.catalog import Constraint
 from gatehouse.errors import ProjectError
 
+PLAIN_TEXT_KEY = """
+SELECT bool_and(format_type(atttypid, NULL) IN ('smallint', 'integer', 'bigint', 'numeric', 'text', 'character varying',
+                                               'character', 'uuid', 'boolean', 'oid', 'name'))
+FROM pg_attribute WHERE attrelid = $1 AND attname = ANY($2::text[])
+"""
+"""Whether every key column is of a type whose text no session setting changes."""
+
 ROW = "(SELECT ($1).*)"
 """What replaces the key table in the view's definition: the one row passed to the shaping function."""
 
@@ -117,6 +124,8 @@ class CapturePlan:
     """The key table first."""
     uncaptured: tuple[str, ...] = ()
     """Why changes of some other table of the view make no events (one line each)."""
+    key_follows_datestyle: bool = False
+    """A key column's text depends on ``DateStyle`` (a date or time): the capture pins it."""
 
     @property
     def label(self) -> str:
@@ -270,5 +279,6 @@ async def plan_capture(conn: Connection, contract: ContractVersion, view: str,
     if not captured or captured[0].table != key_table:
         captured.insert(0, Captured(key_table, None))
     pairs = tuple((column, source.column) for column, source in zip(key, sources, strict=True))
+    plain = await conn.fetchval(PLAIN_TEXT_KEY, relid, [column for _, column in pairs])
     return CapturePlan(contract.name, contract.version, view, key_table, pairs, shape_sql, tuple(captured),
-                       tuple(uncaptured))
+                       tuple(uncaptured), key_follows_datestyle=not plain)

@@ -1,12 +1,13 @@
 """The SQL a mirror runs: the version-guarded upsert of full states, the snapshot query, the versions they carry.
 
-**Versions.** The capture (:mod:`gatehouse.events.capture_sql`) counts each aggregate's events in
-``gatehouse.aggregate_versions`` under the aggregate's row lock, so versions follow commits; every event carries
-its count as ``aggregate_version``, and the count of the state a snapshot sees is in that table, in the same
-snapshot. Where that table is missing (an outbox written by something other than gatehouse's capture), the
-stand-in is the event's ``seq``: correct for a contract over one table when the writer takes ``seq`` after
-locking the row (an ``AFTER`` row trigger), and the snapshot then takes an aggregate's version from its newest
-visible outbox row (``version_source`` records which was used: a change means a new snapshot).
+**Versions.** The capture (:mod:`gatehouse.events.capture_sql`) numbers each event of an aggregate while holding
+the aggregate's key row, so an aggregate's versions follow the commits of its writers; every event carries its
+number as ``aggregate_version``. The version of the state a snapshot sees is the newest of the aggregate's events
+in the same snapshot: in the outbox, or, for events the relay has deleted, in ``gatehouse.aggregate_versions``.
+Where that table is missing (an outbox written by something other than gatehouse's capture), the stand-in is
+the event's ``seq``: correct for a contract over one table when the writer takes ``seq`` after locking the row
+(an ``AFTER`` row trigger), and the snapshot then takes an aggregate's version from its newest visible outbox row
+(``version_source`` records which was used: a change means a new snapshot).
 """
 
 from __future__ import annotations
@@ -93,13 +94,20 @@ class Table:
         table: its key is in ``key``), version, deleted, at, key."""
         if source == CAPTURED:
             return f"""
-WITH rows AS (SELECT to_jsonb(v) AS row, {self._key_text('v')} AS k FROM {view} v)
-SELECT r.row::text AS payload, coalesce(a.version, 0) AS version, false AS deleted, NULL::timestamptz AS at,
+WITH rows AS (SELECT to_jsonb(v) AS row, {self._key_text('v')} AS k FROM {view} v),
+known AS (
+    SELECT k, max(version) AS version FROM (
+        SELECT o.aggregateid AS k, o.aggregate_version AS version FROM gatehouse.outbox o
+        WHERE o.aggregatetype = $1 AND o.aggregate_version > 0
+        UNION ALL
+        SELECT a.aggregateid, a.version FROM gatehouse.aggregate_versions a WHERE a.aggregatetype = $1
+    ) AS events GROUP BY k
+)
+SELECT r.row::text AS payload, coalesce(kn.version, 0) AS version, false AS deleted, NULL::timestamptz AS at,
        NULL::text AS key
-FROM rows r LEFT JOIN gatehouse.aggregate_versions a ON a.aggregatetype = $1 AND a.aggregateid = r.k
+FROM rows r LEFT JOIN known kn ON kn.k = r.k
 UNION ALL
-SELECT NULL, a.version, true, NULL, a.aggregateid FROM gatehouse.aggregate_versions a
-WHERE a.aggregatetype = $1 AND NOT EXISTS (SELECT 1 FROM rows r WHERE r.k = a.aggregateid)
+SELECT NULL, kn.version, true, NULL, kn.k FROM known kn WHERE NOT EXISTS (SELECT 1 FROM rows r WHERE r.k = kn.k)
 """
         in_json = "jsonb_build_array(" + ", ".join("{row} -> '" + k.replace("'", "''") + "'" for k in self.key) + ")"
         return f"""

@@ -12,15 +12,15 @@ emptied) which is kept, so an older update arriving late cannot bring the row ba
 events read out of commit order (the outbox's ``(txid, seq)`` order is not commit order, see
 :mod:`gatehouse.events.outbox`) are therefore all harmless: each row ends at the newest state whatever the order.
 
-The version is the event's ``aggregate_version``: the capture counts each aggregate's events in commit order
+The version is the event's ``aggregate_version``: the capture numbers each aggregate's events in commit order
 (:mod:`gatehouse.events.mirror_sql` says how, and what stands in for it on an outbox gatehouse did not write).
 An event with version 0 (an outbox row the capture did not write) can never be applied.
 
 **The snapshot.** In one REPEATABLE READ transaction on the source database: the contract's view rows, the version
-of every aggregate's state (``gatehouse.aggregate_versions``, the capture's count), and the position ``P`` = the
-largest ``(txid, seq)`` among outbox rows with ``txid`` below ``B``, the first transaction of this database still
-running in the snapshot: the bound ``read_after`` reads by (:data:`~.mirror_sql.TIP`). Why nothing is lost or
-regressed:
+of every aggregate's state (its newest event's, in the outbox or kept in ``gatehouse.aggregate_versions``), and
+the position ``P`` = the largest ``(txid, seq)`` among outbox rows with ``txid`` below ``B``, the first
+transaction of this database still running in the snapshot: the bound ``read_after`` reads by
+(:data:`~.mirror_sql.TIP`). Why nothing is lost or regressed:
 
 * an event at or before ``P`` belongs to a transaction with ``txid < B``, which is complete in the snapshot, so
   the view rows already show its effect (or it rolled back and the event never existed); a transaction of this
@@ -28,9 +28,9 @@ regressed:
   written afterwards comes after ``P`` and is read;
 * an event after ``P`` may also be in the snapshot already (a transaction with ``txid > B`` that committed
   before it): it is read again, and the guard skips it, because the row's version is the version of the state
-  the snapshot shows, which counts that event;
-* an event not in the snapshot was committed after it, so its version is higher than every version visible in
-  it, and it is applied;
+  the snapshot shows, which is that event's or a later one's;
+* an event not in the snapshot was committed after it, so its version is higher than every version of its
+  aggregate visible in it, and it is applied;
 * an aggregate with a version and no view row is written as a tombstone with that version, so that an event
   after ``P`` that the snapshot already contains (say, the creation of a row that a transaction with a lower
   ``txid`` deleted later) cannot bring it back; a row with no event at all gets version 0, below any event's.

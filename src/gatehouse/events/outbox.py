@@ -42,26 +42,37 @@ CREATE TABLE IF NOT EXISTS gatehouse.outbox (
     txid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at        timestamptz NOT NULL DEFAULT now(),
     aggregate_version bigint NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS outbox_position_idx ON gatehouse.outbox (txid, seq);
+)
 """
 """``aggregatetype`` is the contract's name; ``aggregateid`` its key (the value as text, a JSON array for a
 key of several columns); ``type`` is ``created``, ``updated`` or ``deleted``; ``payload`` the row as the
-contract version shows it (for ``deleted``, as it was); ``aggregate_version`` counts the aggregate's events, 1, 2,
-3... in the order their transactions committed (0: a row not written by gatehouse's capture, see
-:mod:`gatehouse.events.capture_sql`)."""
+contract version shows it (for ``deleted``, as it was); ``aggregate_version`` grows with each event of the
+aggregate in the order their transactions committed (the capture's events carry their own ``seq``, see
+:mod:`gatehouse.events.capture_sql`; events of earlier releases counted 1, 2, 3..., always below any ``seq``
+taken since; 0: a row not written by gatehouse's capture)."""
+OUTBOX_INDEXES = {
+    "outbox_position_idx": "CREATE INDEX IF NOT EXISTS outbox_position_idx ON gatehouse.outbox (txid, seq)",
+    "outbox_aggregate_idx": "CREATE INDEX IF NOT EXISTS outbox_aggregate_idx "
+                            "ON gatehouse.outbox (aggregatetype, aggregateid, aggregate_version)",
+}
+"""Readers go by position; an aggregate's newest event (the capture's ``ev_present``, mirror snapshots) by the
+aggregate."""
 
 EVENT_TYPES = ("created", "updated", "deleted")
 
 
 async def ensure_outbox(conn: Connection) -> bool:
-    """Create the outbox if it is not there; True when it was created. (Running :data:`OUTBOX_DDL` on an existing
-    outbox is not harmless: its ``CREATE INDEX IF NOT EXISTS`` locks the table before it looks, so it waits for
+    """Create the outbox and its indexes where missing; True when the outbox was created. (Its DDL is not run on
+    an outbox that has it all: ``CREATE INDEX IF NOT EXISTS`` locks the table before it looks, so it waits for
     every open transaction that wrote an event, and every writer waits behind it until the caller commits.)"""
-    if await conn.fetchval("SELECT to_regclass('gatehouse.outbox_position_idx') IS NOT NULL"):
+    missing = [name for name in OUTBOX_INDEXES
+               if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"gatehouse.{name}")]
+    if not missing:
         return False
     created = bool(await conn.fetchval("SELECT to_regclass('gatehouse.outbox') IS NULL"))
     await conn.execute(OUTBOX_DDL)
+    for name in missing:
+        await conn.execute(OUTBOX_INDEXES[name])
     return created
 
 
@@ -132,7 +143,7 @@ class Event:
     position: Position
     created_at: datetime
     aggregate_version: int = 0
-    """This aggregate's events counted in commit order (1, 2, ...): what a consumer keeping state guards on."""
+    """Grows with this aggregate's events in commit order (not by one): what a consumer keeping state guards on."""
 
     def as_json(self) -> dict[str, Any]:
         """The event as sinks and the HTTP feed deliver it (Debezium's names next to gatehouse's)."""

@@ -8,9 +8,10 @@ the deletion of events every sink has.
   status, time), the newest :data:`DELIVERY_LOG_KEEP` per sink.
 * Deleting: an event is deleted once it is older than :data:`RETENTION_S` (so the HTTP feed and mirrors that
   read the outbox can still page through the last day) **and** every sink that takes its contract has a
-  position past it. The head of the outbox is looked at in bounded batches (:data:`DELETE_BATCH` rows per
-  statement), so a cleaning pass costs little however large the table: what a stuck sink still needs stays
-  at the head and ends the pass.
+  position past it. What the capture still needs of it (its aggregate's version and presence) is kept in
+  ``gatehouse.aggregate_versions`` in the same statement. The head of the outbox is looked at in bounded
+  batches (:data:`DELETE_BATCH` rows per statement), so a cleaning pass costs little however large the table:
+  what a stuck sink still needs stays at the head and ends the pass.
 """
 
 from __future__ import annotations
@@ -112,12 +113,26 @@ WITH head AS (
     SELECT seq, txid, aggregatetype, created_at FROM gatehouse.outbox ORDER BY txid, seq LIMIT {DELETE_BATCH}
 ), routes AS (
     SELECT * FROM unnest($1::text[], $2::text[]) AS r(sink, contract)
+), gone AS (
+    DELETE FROM gatehouse.outbox o USING head
+    WHERE o.seq = head.seq AND head.created_at < now() - make_interval(secs => $3)
+      AND NOT EXISTS (SELECT 1 FROM routes r LEFT JOIN gatehouse.outbox_positions p ON p.sink = r.sink
+                      WHERE r.contract = head.aggregatetype
+                        AND (p.sink IS NULL OR (head.txid, head.seq) > (p.txid, p.seq)))
+    RETURNING o.aggregatetype, o.aggregateid, o.aggregate_version, o.type
 )
-DELETE FROM gatehouse.outbox o USING head
-WHERE o.seq = head.seq AND head.created_at < now() - make_interval(secs => $3)
-  AND NOT EXISTS (SELECT 1 FROM routes r LEFT JOIN gatehouse.outbox_positions p ON p.sink = r.sink
-                  WHERE r.contract = head.aggregatetype AND (p.sink IS NULL OR (head.txid, head.seq) > (p.txid, p.seq)))
 """
+_KEEP_VERSIONS = """, kept AS (
+    INSERT INTO gatehouse.aggregate_versions AS a (aggregatetype, aggregateid, version, present)
+    SELECT DISTINCT ON (aggregatetype, aggregateid) aggregatetype, aggregateid, aggregate_version, type <> 'deleted'
+    FROM gone WHERE aggregate_version > 0 ORDER BY aggregatetype, aggregateid, aggregate_version DESC
+    ON CONFLICT (aggregatetype, aggregateid) DO UPDATE SET version = excluded.version, present = excluded.present
+    WHERE a.version < excluded.version
+)
+"""
+"""What the capture needs of deleted events: each aggregate's newest version and whether it showed the row
+(``gatehouse.aggregate_versions``, where the outbox has no event of it any more: :mod:`.capture_sql`)."""
+_COUNT = "SELECT count(*) FROM gone"
 
 _TRIM = """
 DELETE FROM gatehouse.event_deliveries
@@ -133,13 +148,14 @@ async def clean(conn: Connection, routes: Sequence[tuple[str, str]], log_sinks: 
     if not await conn.fetchval("SELECT to_regclass('gatehouse.outbox') IS NOT NULL"):
         return 0
     sinks, contracts = [s for s, _ in routes], [c for _, c in routes]
+    versions = await conn.fetchval("SELECT to_regclass('gatehouse.aggregate_versions') IS NOT NULL")
+    statement = _DELETE + (_KEEP_VERSIONS if versions else "") + _COUNT
     deleted = 0
     for _ in range(DELETE_ROUNDS):
         async with conn.transaction():
             if not await conn.fetchval(CLEAN_LOCK):
                 return None if deleted == 0 else deleted
-            status = await conn.execute(_DELETE, sinks, contracts, retention_s)
-        count = int(status.split()[-1])
+            count = int(await conn.fetchval(statement, sinks, contracts, retention_s))
         deleted += count
         if count == 0:
             break
