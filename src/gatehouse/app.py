@@ -17,6 +17,7 @@ from gatehouse.endpoints.docs import STATIC_PATH, docs_endpoint, static_file
 from gatehouse.endpoints.events import EVENTS_PATH, events_feed
 from gatehouse.endpoints.openapi import openapi_endpoint
 from gatehouse.endpoints.rpc import call_rpc
+from gatehouse.endpoints.sagas import RUN_PATH, SAGA_PATH, follow_saga, start_saga
 from gatehouse.errors import InvalidPath, InvalidUrlEncoding, MethodNotAllowed
 from gatehouse.http.asgi import Receive, Scope, Send, serve_asgi
 from gatehouse.http.exchange import HttpRequest, HttpResponse, json_response
@@ -71,6 +72,10 @@ class DataApp:
             return await call_rpc(request, runtime, rpc.group(1))
         if (feed := EVENTS_PATH.match(path)) is not None:  # GET /events/<contract>: the change events feed
             return await events_feed(request, runtime, feed.group(1))
+        if (saga := SAGA_PATH.match(path)) is not None:  # POST /sagas/<name>: start a saga
+            return await start_saga(request, runtime, saga.group(1))
+        if (run := RUN_PATH.match(path)) is not None:  # GET /sagas/<name>/<id>: follow one
+            return await follow_saga(request, runtime, run.group(1), run.group(2))
         raise InvalidPath("Invalid path specified in request URL")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -114,6 +114,9 @@ class ServerConfig(Strict):
                                   description="a request's whole body must arrive within this (408)")
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600,
                                     description="on SIGTERM, how long requests being answered may still take")
+    saga_wait_max_s: float = Field(default=30.0, ge=0, le=300,
+                                   description="the longest a POST /sagas/<name> with Prefer: wait=<s> waits for "
+                                               "the saga to finish before answering 202")
     trusted_proxies: tuple[str, ...] = Field(default=(), description="addresses/CIDRs whose Forwarded and "
                                              "X-Forwarded-* headers are believed")
     http: Literal["auto", "1", "2"] = Field(default="auto", description="HTTP/1.1, HTTP/2, or both (auto)")
@@ -207,6 +210,8 @@ class AppConfig(Strict):
     quota: Quota = Quota()
     grants: tuple[Grant, ...] = ()
     functions: tuple[Name, ...] = Field(default=(), description="logic functions (logic/*.py) this app may call")
+    sagas: tuple[Name, ...] = Field(default=(), description="sagas (logic/*.py) this app may start over "
+                                    "POST /sagas/<name>")
     require_user: bool = Field(default=False, description="also require a user's JWT besides the app's key")
     reads: ReadRouting = Field(default=ReadRouting(), description="where this app's reads may go")
 

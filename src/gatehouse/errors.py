@@ -497,6 +497,41 @@ class LogicMisuse(LogicError):
         super().__init__(message, status=500, details=details)
 
 
+# --- sagas (src/gatehouse/sagas/) ------------------------------------------------------------------
+
+
+class SagaNotFound(ApiError):
+    """No saga of that name, no run with that id, or one the calling app may not see: the three look the same."""
+
+    status, code = 404, "GH404"
+
+
+class IdempotencyKeyReused(ApiError):
+    """A saga started again with an ``Idempotency-Key`` the app already used for a different request (another
+    saga or another input): refused, never answered with the first request's saga (the IETF Idempotency-Key
+    draft's 422). ``GH422`` is taken by a logic function's own refusal, hence ``GH423``."""
+
+    status, code = 422, "GH423"
+
+
+class InvalidIdempotencyKey(RefusedRequest):
+    """An ``Idempotency-Key`` header that is empty, too long or not printable ASCII: refused before any saga
+    starts, rather than cut or changed into a key the client never sent."""
+
+
+class SagaError(GatehouseError):
+    """A saga or a step used the engine wrongly; the run stops and the saga is marked failed (needs attention)."""
+
+
+class SagaNonDeterministic(SagaError):
+    """On replay, step *n* is not the step that was recorded as step *n*: the saga function no longer calls its
+    steps in the order it did (code changed under a running saga, or it branches on something not recorded)."""
+
+
+class SagaMisuse(SagaError):
+    """A saga function broke a rule of the engine: a step call that was never awaited, a step of another kind."""
+
+
 # --- 5xx and PostgreSQL's own errors ---------------------------------------------------------------
 
 

@@ -15,9 +15,10 @@ from gatehouse.contracts.model import ContractVersion, load_contract_file
 from gatehouse.contracts.versions import ApiVersions, carry_forward
 from gatehouse.errors import ApiError, ProjectError
 from gatehouse.events.mirror_plan import check_mirrors
-from gatehouse.logic.registry import LogicFunction, load_logic
+from gatehouse.logic.registry import LogicFunction, import_logic, published_functions
 from gatehouse.query.row_filters import columns_of, parse_row_filter
 from gatehouse.query.tree import Condition
+from gatehouse.sagas.declare import SagaCatalog, collect_sagas
 
 CONFIG_FILE = "gatehouse.toml"
 _NO_ACTIONS: frozenset[str] = frozenset()
@@ -51,6 +52,8 @@ class Project:
     apps: dict[str, App] = field(default_factory=dict)
     functions: dict[str, LogicFunction] = field(default_factory=dict)
     """The published logic functions of ``logic/``, by name."""
+    sagas: SagaCatalog = field(default_factory=SagaCatalog)
+    """The sagas and saga steps of ``logic/`` (``gatehouse.sagas``)."""
 
     @property
     def name(self) -> str:
@@ -224,13 +227,20 @@ def load_project(root: Path) -> Project:
     _check_apps(config, versions, str(config_path))
     _check_relations(config, contracts, str(config_path))
     check_mirrors(config, contracts, versions, str(config_path))
-    functions = load_logic(root, f"gatehouse_logic_{config.project.name}")
+    modules = import_logic(root, f"gatehouse_logic_{config.project.name}")
+    functions = published_functions(modules)
+    sagas = collect_sagas(modules, config.databases)
     for name, app_config in config.apps.items():
         for granted in app_config.functions:
             if granted not in functions:
                 raise ProjectError(f"apps.{name}.functions: {granted!r} is not published by any logic/*.py",
                                    where=str(config_path),
                                    hint=f"published: {', '.join(sorted(functions)) or 'none'}")
+        for granted in app_config.sagas:
+            if granted not in sagas.sagas:
+                raise ProjectError(f"apps.{name}.sagas: {granted!r} is not declared by any logic/*.py",
+                                   where=str(config_path),
+                                   hint=f"declared sagas: {', '.join(sorted(sagas.sagas)) or 'none'}")
     for function in functions.values():
         if function.database and function.database not in config.databases:
             raise ProjectError(f"function {function.name!r} names database {function.database!r}, which "
@@ -243,4 +253,4 @@ def load_project(root: Path) -> Project:
         for name, app in config.apps.items()
     }
     return Project(root=root, config=config, contracts=tuple(contracts), versions=versions, apps=apps,
-                   functions=functions)
+                   functions=functions, sagas=sagas)

@@ -27,7 +27,7 @@ from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
 from gatehouse.db.changes import current_revision
 from gatehouse.db.faults import is_dead
-from gatehouse.db.headroom import read_headroom
+from gatehouse.db.headroom import INTERNAL_POOL_SIZE, SAGA_POOL_EXTRA, read_headroom
 from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import DatabaseUnavailable, ProjectError
@@ -41,16 +41,26 @@ from gatehouse.observe.alerts import AlertEvaluator
 from gatehouse.observe.audit import AuditWriter
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.observe.metrics import Metrics
+from gatehouse.observe.saga_metrics import SagaCollector
 from gatehouse.project import Project, load_project
 from gatehouse.query.compose import ComposedPlan
 from gatehouse.query.plans import PlanCache, ReadPlan
 from gatehouse.routes import ReadRoute
+from gatehouse.sagas.engine import SagaEngine
 from gatehouse.schema_cache import ApiSchema, build_schemas
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
 Lineages = dict[str, dict[tuple[str, str], ViewLineage]]
 """database → (schema, view) → the base tables it reads."""
+
+async def _end_transaction(conn: asyncpg.Connection) -> None:
+    """What an internal connection needs when it goes back to its pool: nothing but a transaction left open ended.
+    (asyncpg's default reset sends ``RESET ALL``, ``UNLISTEN *``... every time, a round trip per use; gatehouse's
+    own code never leaves session state on these connections: LISTEN and session locks have connections of their
+    own.)"""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 @dataclass
@@ -87,6 +97,10 @@ class Runtime:
     """The event relays, one per (database, sink) (events/relay.py); None without sinks."""
     alerts: AlertEvaluator | None = None
     """The ``[alerts]`` rules, evaluated in the background (observe/alerts.py); None without rules."""
+    sagas: SagaEngine | None = None
+    """The saga engine (sagas/engine.py); None when ``logic/`` declares no saga."""
+    run_sagas: bool = True
+    """Whether :meth:`start` runs due sagas in the background (``LogicHarness`` drives them step by step)."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
     def pinned(self) -> Runtime:
@@ -122,8 +136,10 @@ class Runtime:
         self.metrics.watch_cache(lambda: self.cache.counts, lambda: (len(store), store.size))
         self.targets = await resolve_targets(project)
         try:
+            size = INTERNAL_POOL_SIZE + (SAGA_POOL_EXTRA if project.sagas else 0)
             for name, target in self.targets.items():
-                pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=2)
+                pool = await asyncpg.create_pool(**target.authenticator_kwargs(), min_size=1, max_size=size,
+                                                 reset=_end_transaction)
                 assert pool is not None
                 self._internal[name] = pool
             if project.config.events:  # events waiting, per database
@@ -169,6 +185,11 @@ class Runtime:
             self.alerts = AlertEvaluator.for_runtime(self)  # ProjectError when a webhook's variable is not set
             if self.alerts is not None:
                 await self.alerts.start()
+            if project.sagas:
+                self.sagas = SagaEngine(self)
+                self.metrics.registry.register(SagaCollector(self.sagas.stats, self._internal[project.home_database]))
+                if self.run_sagas:
+                    self.sagas.start_background()
         except asyncpg.InvalidAuthorizationSpecificationError:
             await self.stop()
             raise DatabaseUnavailable(
@@ -301,6 +322,9 @@ class Runtime:
         return AuditWriter(connect, self.project.state_dir / "audit-spool.jsonl")
 
     async def stop(self) -> None:
+        if self.sagas is not None:  # first: its runs need the pools
+            await self.sagas.stop()
+            self.sagas = None
         if self.alerts is not None:
             await self.alerts.stop()
             self.alerts = None
@@ -399,5 +423,6 @@ def _databases_of_apps(project: Project) -> dict[str, set[str]]:
     for app in project.apps.values():
         dbs = {project.database_of(g.contract) for g in app.config.grants}
         dbs |= {project.functions[f].database or project.home_database for f in app.config.functions}
+        dbs |= project.sagas.databases(project.home_database)  # a saga's local steps run as its app
         result[app.name] = {db for db in dbs if db is not None}
     return result

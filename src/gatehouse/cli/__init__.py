@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from gatehouse import __version__
-from gatehouse.cli import access, alerts, doctor, keys, mirrors, relay, schema, usage
+from gatehouse.cli import access, alerts, doctor, keys, mirrors, relay, sagas, schema, usage
 from gatehouse.cli.common import State, out, project_here, run, run_sync
 from gatehouse.db.targets import check_logins
 
@@ -97,6 +97,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(alerts.alerts_app, name="alerts")
 app.add_typer(access.access_app, name="access")
 app.add_typer(mirrors.mirrors_app, name="mirrors")
+app.add_typer(sagas.sagas_app, name="sagas")
 app.command()(serve)
 app.command()(relay.relay)
 app.command()(demo)

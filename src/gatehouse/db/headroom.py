@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from gatehouse.db import Connection
 from gatehouse.project import Project
 
-OWN_PER_DATABASE = 3
-"""An instance's own connections to each database: its catalog pool (2) and the listener that hears ``apply``."""
+INTERNAL_POOL_SIZE = 2
+"""gatehouse's own pool on each database (the catalog, readiness, the events feed...)."""
+SAGA_POOL_EXTRA = 2
+"""More in that pool on each database where sagas run: the runner records and settles runs on it."""
+OWN_PER_DATABASE = INTERNAL_POOL_SIZE + 1
+"""An instance's own connections to each database: its own pool and the listener that hears ``apply``."""
 OWN_HOME = 2
 """More in the home database: the key listener and the audit writer."""
 
@@ -41,6 +45,8 @@ def pools_needed(project: Project, databases: list[str]) -> tuple[int, int, dict
         for name in using.get(database, []):
             per_app[name] = per_app.get(name, 0) + project.apps[name].config.quota.pool_size
     own = OWN_PER_DATABASE * len(databases) + (OWN_HOME if project.home_database in databases else 0)
+    if project.sagas:
+        own += SAGA_POOL_EXTRA * len(databases)
     return sum(per_app.values()), own, per_app
 
 

@@ -31,6 +31,7 @@ from gatehouse.events.capture import sync_event_capture
 from gatehouse.events.mirror_tables import sync_mirrors
 from gatehouse.observe.audit import AUDIT_DDL
 from gatehouse.project import Project
+from gatehouse.sagas.tables import sync_saga_tables
 
 ACTION_PRIVILEGE = {"read": "SELECT", "insert": "INSERT", "update": "UPDATE", "delete": "DELETE"}
 
@@ -299,6 +300,7 @@ async def apply_database(project: Project, target: DatabaseTarget) -> ApplyRepor
             await _sync_privileges(conn, project, target.name, report)
             await _sync_sequences(conn, project, target.name, report)
             report.changes.extend(await sync_event_capture(conn, project, target.name, project.authenticator_role))
+            report.changes.extend(await sync_saga_tables(conn, project, target.name))  # after the roles
             for change in await sync_direct_access(conn, project, target.name):  # BI tools' SQL roles
                 report.add(change)
             readers = {app.name: app.role for app in project.apps.values()} | {"": project.authenticator_role}

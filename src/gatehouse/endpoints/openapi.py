@@ -24,6 +24,7 @@ from gatehouse.logic.registry import LogicFunction
 from gatehouse.pipeline import identify
 from gatehouse.project import App, Project
 from gatehouse.runtime import Runtime
+from gatehouse.sagas.declare import SagaDefinition
 
 OPENAPI_JSON = CONTENT_TYPES["openapi"]
 FILTER_HELP = "PostgREST filter, e.g. eq.5, in.(1,2), is.null"
@@ -244,6 +245,57 @@ def _function_item(function: LogicFunction) -> Schema:
     return item
 
 
+def _run_schema(result: Schema) -> Schema:
+    """A saga run as ``/sagas`` answers it (endpoints/sagas.py)."""
+    return {"type": "object", "required": ["id", "name", "state", "steps_done", "steps_undone", "created_at",
+                                           "updated_at"], "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "name": {"type": "string"},
+        "state": {"type": "string", "enum": ["running", "compensating", "completed", "compensated", "failed"]},
+        "steps_done": {"type": "integer"},
+        "steps_undone": {"type": "integer"},
+        "result": {**result, "description": "Once completed: the saga's result."},
+        "error": {"type": ["string", "null"], "description": "Once compensating, compensated or failed: why."},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    }}
+
+
+def _saga_items(saga: SagaDefinition[Any, Any]) -> tuple[dict[str, Schema], dict[str, Schema]]:
+    """``/sagas/<name>`` and ``/sagas/<name>/{id}``, and the schemas of the models their input and result use
+    (as components named ``saga.<name>.<Model>``, so that ``$ref`` resolves from the document's root)."""
+    prefix = f"saga.{saga.name}."
+    template = f"#/components/schemas/{prefix}{{model}}"
+    given, result = saga.input.json_schema(ref_template=template), saga.result.json_schema(ref_template=template)
+    models = {prefix + k: v for schema in (given, result) for k, v in schema.pop("$defs", {}).items()}
+    tags, run = ["sagas"], _run_schema(result)
+    shared = {status: _ref("responses", ref) for status, ref in _ERRORS.items() if status != "406"}
+    answers = {
+        "200": {"description": "The run, finished (with Prefer: wait, or a repeated Idempotency-Key).",
+                "content": {"application/json": {"schema": run}}},
+        "202": {"description": "The run, still going: poll its Location.", "content": {"application/json": {
+            "schema": run}}, "headers": {"Location": {"schema": {"type": "string"}}}},
+    }
+    refused = {"description": "This Idempotency-Key was used for a different request (GH423).",
+               "content": {"application/json": {"schema": _ref("schemas", "Error")}}}
+    start: Schema = {"post": {
+        "tags": tags, "operationId": f"saga_{saga.name}", "summary": f"Start the saga {saga.name}",
+        "parameters": [
+            {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255},
+             "description": "The same key and input answer the same run; another input under it is 422."},
+            {"name": "Prefer", "in": "header", "schema": {"type": "string"},
+             "description": "wait=<seconds>: answer 200 with the result if the run finishes by then."}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": given}}},
+        "responses": {**shared, **answers, "422": refused},
+    }}
+    follow: Schema = {"get": {
+        "tags": tags, "operationId": f"saga_{saga.name}_run", "summary": f"A run of the saga {saga.name}",
+        "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+        "responses": {**shared, **answers},
+    }}
+    return {f"/sagas/{saga.name}": start, f"/sagas/{saga.name}/{{id}}": follow}, models
+
+
 EVENTS_ONLY = frozenset({"events"})
 
 
@@ -266,6 +318,12 @@ def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tup
         paths[f"/rpc/{name}"] = _function_item(project.functions[name])
     if app.config.functions:
         tags.append({"name": "functions", "description": "Business logic (logic/*.py) this application may call."})
+    for name in sorted(app.config.sagas):
+        saga_paths, models = _saga_items(project.sagas.sagas[name])
+        paths.update(saga_paths)
+        schemas.update(models)
+    if app.config.sagas:
+        tags.append({"name": "sagas", "description": "Workflows (logic/*.py) this application may start."})
     description = (f"The contracts that the application **{app.name}** may use in API v{version}. "
                    "Authenticate with the application's key in the `apikey` header "
                    "(or as `Authorization: Bearer <key>`).")

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar, get_type_hints, overload
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
@@ -88,12 +89,13 @@ def describe(function: Callable[..., Awaitable[Any]], options: RpcOptions) -> Lo
                          options.database)
 
 
-def load_logic(root: Path, package: str) -> dict[str, LogicFunction]:
-    """Import ``root/logic`` (a package or loose modules) and collect its published functions."""
+def import_logic(root: Path, package: str) -> list[tuple[str, ModuleType]]:
+    """Import ``root/logic`` (a package or loose modules): (file, module) of each, for the collectors of what
+    they declare (functions here, sagas in ``gatehouse.sagas.declare``), which so share one import."""
     folder = root / "logic"
     if not folder.is_dir():
-        return {}
-    functions: dict[str, LogicFunction] = {}
+        return []
+    modules: list[tuple[str, ModuleType]] = []
     for path in sorted(folder.glob("*.py")):
         if path.name.startswith("test_") or path.name == "__init__.py":
             continue
@@ -107,14 +109,27 @@ def load_logic(root: Path, package: str) -> dict[str, LogicFunction]:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's code: report it as a project error with its place
             raise ProjectError(f"importing it failed: {type(exc).__name__}: {exc}", where=str(path)) from None
+        modules.append((str(path), module))
+    return modules
+
+
+def published_functions(modules: list[tuple[str, ModuleType]]) -> dict[str, LogicFunction]:
+    """The ``@gatehouse.rpc`` functions defined in the imported modules, by name."""
+    functions: dict[str, LogicFunction] = {}
+    for path, module in modules:
         for value in vars(module).values():
             options = getattr(value, _MARK, None)
-            if isinstance(options, RpcOptions) and getattr(value, "__module__", None) == module_name:
+            if isinstance(options, RpcOptions) and getattr(value, "__module__", None) == module.__name__:
                 try:
                     described = describe(value, options)
                 except TypeError as exc:
-                    raise ProjectError(str(exc), where=str(path)) from None
+                    raise ProjectError(str(exc), where=path) from None
                 if described.name in functions:
-                    raise ProjectError(f"two functions are published as {described.name!r}", where=str(path))
+                    raise ProjectError(f"two functions are published as {described.name!r}", where=path)
                 functions[described.name] = described
     return functions
+
+
+def load_logic(root: Path, package: str) -> dict[str, LogicFunction]:
+    """Import ``root/logic`` and collect its published functions."""
+    return published_functions(import_logic(root, package))

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -229,6 +229,16 @@ async def audit_in_transaction(conn: Connection, record: AuditRecord) -> None:
 _TYPES = ("timestamptz", "text", "text", "text", "text", "text", "text", "integer", "text", "integer", "integer",
           "real", "boolean", "boolean", "text")
 """The SQL type of each of :data:`COLUMNS`."""
+
+
+async def audit_if_written(conn: Connection, statement: str, args: Sequence[Any], record: AuditRecord) -> bool:
+    """Run ``statement`` (an ``INSERT ... RETURNING`` that may write nothing, e.g. ``ON CONFLICT DO NOTHING``) and,
+    only when it wrote a row, insert ``record``: one statement, one round trip, in the caller's transaction.
+    True when it wrote. (A saga step's record and its audit row: :mod:`gatehouse.sagas.steps`.)"""
+    values = ", ".join(f"${len(args) + i}::{sql_type}" for i, sql_type in enumerate(_TYPES, start=1))
+    sql = (f"WITH _gh_written AS ({statement}) INSERT INTO gatehouse.audit ({_QUOTED}) SELECT {values} "
+           "WHERE EXISTS (SELECT FROM _gh_written) RETURNING true")
+    return bool(await conn.fetchval(sql, *args, *_row(record)))
 _CTE_TYPES = _TYPES[:10]
 """The columns ``at`` to ``status``: the values an audit CTE binds as they are."""
 

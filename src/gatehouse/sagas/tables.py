@@ -1,0 +1,93 @@
+"""``gatehouse apply``'s part for sagas: their tables, and who may write them.
+
+* ``gatehouse.sagas`` (the home database): one row per saga run, its state and its lease. Written only by
+  gatehouse itself (the authenticator role), never by an app role.
+* ``gatehouse.saga_steps`` (the home database and every database a local step acts on): one row per finished
+  step or compensation. A local step's row is inserted *by the app's role in the step's own transaction*, so the
+  app roles get INSERT on it (as on ``gatehouse.audit``) and nothing else: they cannot read other runs' results
+  or change a record. The primary key ``(saga_id, n, kind)`` is what makes a local step exactly-once: a second
+  runner's insert of the same step fails, and its transaction (with the step's effect) is rolled back.
+
+Columns beyond the first sketch, and why: ``failing_step`` (which step the ``attempts`` count is for, so a
+retry budget is per step without an update per step), ``failed_in`` (the state a failed saga was in, so
+``retry`` knows whether to run forward again or go on compensating), ``deadline`` (the saga's timeout fixed at
+its start, so a deploy that changes ``timeout_s`` does not move running sagas' deadlines), and on steps
+``compensation`` (the name of the step that undoes it, chosen at the call: a saga being compensated after a
+crash is not replayed, so the record must say what undoes each step).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from gatehouse.db import quote_ident
+from gatehouse.project import Project
+
+SAGAS_DDL = """
+CREATE SCHEMA IF NOT EXISTS gatehouse;
+CREATE TABLE IF NOT EXISTS gatehouse.sagas (
+    id               uuid PRIMARY KEY,
+    name             text NOT NULL,
+    app              text NOT NULL,
+    idempotency_key  text,
+    request_hash     text NOT NULL,
+    input            jsonb NOT NULL,
+    state            text NOT NULL DEFAULT 'running'
+                     CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'failed')),
+    result           jsonb,
+    error            text,
+    failed_in        text,
+    lease_owner      text,
+    lease_until      timestamptz,
+    attempts         integer NOT NULL DEFAULT 0,
+    failing_step     integer,
+    next_run_at      timestamptz NOT NULL DEFAULT now(),
+    deadline         timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (app, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS sagas_due_idx ON gatehouse.sagas (next_run_at)
+    WHERE state IN ('running', 'compensating');
+"""
+
+SAGA_STEPS_DDL = """
+CREATE SCHEMA IF NOT EXISTS gatehouse;
+CREATE TABLE IF NOT EXISTS gatehouse.saga_steps (
+    saga_id       uuid NOT NULL,
+    n             integer NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('forward', 'compensation')),
+    name          text NOT NULL,
+    status        text NOT NULL DEFAULT 'done',
+    result        jsonb,
+    error         text,
+    attempts      integer NOT NULL DEFAULT 1,
+    compensation  text,
+    finished_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (saga_id, n, kind)
+);
+"""
+
+
+async def sync_saga_tables(conn: asyncpg.Connection, project: Project, database: str) -> list[str]:
+    """Create the saga tables this database holds (none when the project declares no saga) and grant them."""
+    holds = project.sagas.databases(project.home_database)
+    if database not in holds:
+        return []
+    changes: list[str] = []
+    auth = quote_ident(project.authenticator_role)
+    wanted = ["saga_steps"] + (["sagas"] if database == project.home_database else [])
+    existing = {r["relname"] for r in await conn.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'gatehouse' AND c.relname = ANY($1::text[])", wanted)}
+    if database == project.home_database:
+        await conn.execute(SAGAS_DDL)
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON gatehouse.sagas TO {auth}")
+    await conn.execute(SAGA_STEPS_DDL)
+    await conn.execute(f"GRANT SELECT, INSERT ON gatehouse.saga_steps TO {auth}")  # reads, remote steps' records
+    for app in sorted(project.apps.values(), key=lambda a: a.name):  # a local step's record, in its transaction
+        # (SELECT of the key columns only: what ON CONFLICT needs to find another runner's record of the step)
+        await conn.execute("GRANT INSERT, SELECT (saga_id, n, kind) ON gatehouse.saga_steps TO "
+                           f"{quote_ident(app.role)}")
+    changes.extend(f"created table gatehouse.{name}" for name in wanted if name not in existing)
+    return changes
