@@ -5,9 +5,8 @@
   the backlog; a database served by the HTTP feed alone keeps its events, and this is what it keeps.
 * ``gatehouse_outbox_oldest_event_age_seconds{database}``: age of the oldest row (0 when there is none).
 
-Prometheus collectors are synchronous and a scrape runs on the event loop, which must not wait for a database:
-a scrape shows the last reading and starts a new one when that is older than :data:`REFRESH_S`; a caller that
-wants the reading of this very moment awaits :meth:`OutboxCollector.refresh` before rendering.
+A scrape never waits for a database: it shows the last reading (:mod:`gatehouse.observe.scrape_reading`); a caller
+that wants the reading of this very moment awaits :meth:`OutboxCollector.refresh` before rendering.
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gatehouse.observe.scrape_reading import ReadAtScrape
+
 log = logging.getLogger(__name__)
-REFRESH_S = 1.0
 TIMEOUT_S = 2.0
 COUNT_CAP = 100_000
 
@@ -34,14 +34,13 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM gatehouse.outbox LIMIT {COUNT_CAP}) 
 """
 
 
-class OutboxCollector(Collector):
+class OutboxCollector(ReadAtScrape, Collector):
     """The outbox gauges of every database gatehouse reads on its internal ``pools`` (database → pool)."""
 
     def __init__(self, pools: Mapping[str, asyncpg.Pool]) -> None:
+        super().__init__("gatehouse/outbox-metrics")
         self._pools = pools
         self._readings: dict[str, tuple[int, float]] = {}
-        self._read_at = 0.0
-        self._reading: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         """Read every database's outbox now (a database without one, or not answering, is left out)."""
@@ -59,15 +58,6 @@ class OutboxCollector(Collector):
             rows = row["counted"] if row["counted"] < COUNT_CAP else max(row["counted"], row["estimated"])
             readings[name] = (int(rows), float(row["age"]))
         self._readings, self._read_at = readings, time.monotonic()
-
-    def _refresh_soon(self) -> None:
-        if time.monotonic() - self._read_at < REFRESH_S or (self._reading is not None and not self._reading.done()):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # scraped outside the server's loop: the last reading is all there is
-        self._reading = loop.create_task(self.refresh(), name="gatehouse/outbox-metrics")
 
     def collect(self) -> Iterator[Metric]:
         self._refresh_soon()

@@ -13,8 +13,8 @@
 
 The counts are plain integers in a :class:`SagaStats` that the engine adds to where it already knows the
 outcome (no database statement, no lock: one event loop writes them); they become Prometheus series only when
-``/metrics`` is scraped. The gauge is read from the database like the outbox's (``outbox_metrics.py``): a scrape
-shows the last reading and starts a new one when it is older than :data:`REFRESH_S`. Its query counts through
+``/metrics`` is scraped. The gauge is read from the database like the outbox's: a scrape shows the last reading
+and starts a new one when it is old (:mod:`gatehouse.observe.scrape_reading`). Its query counts through
 the partial index of due runs, each state capped at :data:`COUNT_CAP`, so it stays cheap with millions of
 finished runs in the table.
 """
@@ -33,8 +33,9 @@ import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gatehouse.observe.scrape_reading import ReadAtScrape
+
 log = logging.getLogger(__name__)
-REFRESH_S = 1.0
 TIMEOUT_S = 2.0
 COUNT_CAP = 100_000
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -74,14 +75,13 @@ class SagaStats:
             self.finished[(saga, state)] += 1
 
 
-class SagaCollector(Collector):
+class SagaCollector(ReadAtScrape, Collector):
     """The saga series of one engine's ``stats``, and the active runs read from the home database's ``pool``."""
 
     def __init__(self, stats: SagaStats, pool: asyncpg.Pool) -> None:
+        super().__init__("gatehouse/saga-metrics")
         self._stats, self._pool = stats, pool
         self._active: dict[str, int] | None = None
-        self._read_at = 0.0
-        self._reading: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         """Count the active runs now (left as they were when the database does not answer)."""
@@ -95,15 +95,6 @@ class SagaCollector(Collector):
             self._read_at = time.monotonic()
         assert row is not None
         self._active = {state: int(row[state]) for state in ACTIVE_STATES}
-
-    def _refresh_soon(self) -> None:
-        if time.monotonic() - self._read_at < REFRESH_S or (self._reading is not None and not self._reading.done()):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # scraped outside the server's loop: the last reading is all there is
-        self._reading = loop.create_task(self.refresh(), name="gatehouse/saga-metrics")
 
     def collect(self) -> Iterator[Metric]:
         self._refresh_soon()
