@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from conftest import ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.errors import IdempotencyKeyReused
 from gatehouse.project import Project
+from gatehouse.sagas import store
 from gatehouse.testing import LogicHarness
 
 TOML = """
@@ -473,6 +475,40 @@ async def test_cancel_compensates_a_running_saga(harness: LogicHarness, project:
     final = await harness.settle_saga(run.id)
     assert (final.state, final.error) == ("compensated", "cancelled")
     assert_compensated(await effects(project, payments, run.id, order))
+
+
+async def test_a_cancel_while_a_runner_advances_the_run_is_never_overwritten(harness: LogicHarness, project: Project,
+                                                                           payments: Payments) -> None:
+    """The cancel lands while a runner is inside step 1 (from another thread and connection, as from the CLI of
+    another machine): it takes the lease away, so that runner's later transitions write nothing; the run ends
+    compensated with the error ``cancelled``, never ``completed``, and every recorded step with a compensation is
+    undone once."""
+    order = await new_order(project)
+    cancelled: list[str] = []
+
+    async def cancel(saga_id: str) -> None:
+        async with operations.owner_connection(project, project.home_database) as conn:
+            assert await store.reopen(conn, saga_id, state="compensating", error="cancelled",
+                                      only_from=("running",)) is not None
+
+    def cancel_meanwhile(where: str, saga_id: str, n: int) -> None:
+        if where == "before_commit" and n == 1 and not cancelled:
+            cancelled.append(saga_id)
+            thread = threading.Thread(target=lambda: asyncio.run(cancel(saga_id)))
+            thread.start()
+            thread.join()
+
+    engine = harness.saga_engine(lease_s=0.3, hook=cancel_meanwhile)
+    run = await engine.start("shop", "place_order", order)
+    final = await harness.settle_saga(run.id, engine=engine)
+    assert cancelled == [run.id]
+    assert (final.state, final.error) == ("compensated", "cancelled")
+    seen = await effects(project, payments, run.id, order)
+    assert seen.stock == 10 and seen.holds == [True] and seen.refunds == seen.charges
+    for (n, kind), count in seen.step_records.items():
+        assert count == 1, (n, kind)
+    forward = {n for n, kind in seen.step_records if kind == "forward"}
+    assert {n for n, kind in seen.step_records if kind == "compensation"} == forward & {1, 2}
 
 
 async def test_the_server_runs_sagas_in_the_background(project: Project, payments: Payments,
