@@ -21,8 +21,8 @@ but not before is ``created``, before but not after ``deleted`` (its payload as 
 a changed key is ``deleted`` of the old key and ``created`` of the new. "Shown before" is judged from the old
 row joined to the other tables as they are now; when that says no but the aggregate's last event said it was
 shown (another table changed in the same transaction), it counts as shown, and the ``deleted`` payload is its
-key. On another table, every key row it joins to (before and after) is locked, then shaped as it is now: shown is
-``updated`` (``created`` if its last event was ``deleted``), not shown is ``deleted`` with the key as payload
+key. On another table, every key row it joins to (before and after) is locked, then shaped as it is now: shown
+is ``updated`` (``created`` if its last event was ``deleted``), not shown is ``deleted`` with the key as payload
 (unless its last event already was). An update that changes no column the contract reads makes no event.
 
 **Versions.** An event's ``aggregate_version`` is its own ``seq``, taken while the writer holds the aggregate's
@@ -31,9 +31,9 @@ row before it commits), and the lock the trigger of another table takes (``FOR N
 key checks do not wait for). Two transactions writing events of one aggregate therefore take their numbers in
 the order they commit. Counting each aggregate's events in a table of their own (an upsert per event), with the
 shaping and the writing in functions of their own, took twice the instructions per insert (callgrind,
-bench/README.md); ``gatehouse.aggregate_versions`` now keeps only
-the last version and presence of aggregates whose events the relay has deleted from the outbox
-(:mod:`.relay_store`), which is where ``ev_present`` and mirror snapshots look when the outbox has none.
+bench/README.md); ``gatehouse.aggregate_versions`` now keeps only the last version and presence of aggregates
+whose events the relay has deleted from the outbox (:mod:`.relay_store`), which is where ``ev_present`` and
+mirror snapshots look when the outbox has none.
 """
 
 from __future__ import annotations
