@@ -54,6 +54,7 @@ READY_TIMEOUT_S = 2.0
 Lineages = dict[str, dict[tuple[str, str], ViewLineage]]
 """database → (schema, view) → the base tables it reads."""
 
+
 async def _end_transaction(conn: asyncpg.Connection) -> None:
     """What an internal connection needs when it goes back to its pool: nothing but a transaction left open ended.
     (asyncpg's default reset sends ``RESET ALL``, ``UNLISTEN *``... every time, a round trip per use; gatehouse's
