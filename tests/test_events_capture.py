@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ProjectFactory, prepare
+from conftest import ProjectFactory, prepare, with_database
 from gatehouse import operations
 from gatehouse.db.targets import resolve_targets
 from gatehouse.errors import ProjectError
@@ -502,44 +502,49 @@ async def test_outbox_backlog_and_age_in_metrics(evented: Evented) -> None:
     assert 90 <= float(age.split()[-1]) < 120
 
 
-async def test_apply_says_which_tables_it_could_not_capture(make_project: ProjectFactory, server_uri: str,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """apply running as a login that does not own a table cannot place its trigger: it says so and goes on."""
-    from conftest import with_database
-
-    project = build(make_project)
+async def as_deployer(project: Project, server_uri: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """Make a login (``<prefix>deployer``, dropped with the project's roles) the owner of the project's database,
+    point the project at it, and migrate as it: its tables are then the deployer's. Returns (login, database)."""
     database = (await owner_dsn(project)).rsplit("/", 1)[1]
-    login = f"{project.role_prefix}deployer"  # (the project's prefix: dropped with the project's roles)
+    login = f"{project.role_prefix}deployer"
     admin = await asyncpg.connect(server_uri)
     try:
         await admin.execute(f'CREATE ROLE "{login}" LOGIN CREATEROLE')
         await admin.execute(f'ALTER DATABASE "{database}" OWNER TO "{login}"')
-        monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__URL",
-                           with_database(server_uri.replace("postgres@", f"{login}@", 1), database))
-        await operations.migrate_all(project)
-        owned = await asyncpg.connect(with_database(server_uri, database))
-        try:  # someone else's table, which the deployer may read and write but not put a trigger on
-            await owned.execute(f'ALTER TABLE lines OWNER TO postgres; GRANT SELECT, INSERT, UPDATE, DELETE ON lines TO "{login}"')
-        finally:
-            await owned.close()
-        report = (await operations.apply_all(project))[0].changes
-        assert "could not capture the changes of public.lines for the events of lines: only its owner may place " \
-               "a trigger on it; run `gatehouse apply` as that owner (its events are missing until then)" in report
-        assert "events of orders.v1: capturing the changes of public.orders" in report
-        outbox = Outbox(await owner_dsn(project))
-        conn = await asyncpg.connect(outbox.dsn)
-        try:
-            await conn.execute("INSERT INTO orders (id, customer_id) VALUES (1, 1)")
-            await conn.execute("INSERT INTO lines VALUES (1, 'a', 1)")
-            assert brief(await outbox.new()) == [("orders", "1", "created")]
-        finally:
-            await conn.close()
-
-        monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__URL", with_database(server_uri, database))  # as the owner
-        report = (await operations.apply_all(project))[0].changes
-        assert report == ["events of lines.v1: capturing the changes of public.lines"]
     finally:
         await admin.close()
+    monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__URL",
+                       with_database(server_uri.replace("postgres@", f"{login}@", 1), database))
+    await operations.migrate_all(project)
+    return login, database
+
+
+async def test_apply_says_which_tables_it_could_not_capture(make_project: ProjectFactory, server_uri: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply running as a login that does not own a table cannot place its trigger: it says so and goes on."""
+    project = build(make_project)
+    login, database = await as_deployer(project, server_uri, monkeypatch)
+    owned = await asyncpg.connect(with_database(server_uri, database))
+    try:  # someone else's table, which the deployer may read and write but not put a trigger on
+        await owned.execute(f'ALTER TABLE lines OWNER TO postgres; GRANT SELECT, INSERT, UPDATE, DELETE ON lines TO "{login}"')
+    finally:
+        await owned.close()
+    report = (await operations.apply_all(project))[0].changes
+    assert "could not capture the changes of public.lines for the events of lines: only its owner may place " \
+           "a trigger on it; run `gatehouse apply` as that owner (its events are missing until then)" in report
+    assert "events of orders.v1: capturing the changes of public.orders" in report
+    outbox = Outbox(await owner_dsn(project))
+    conn = await asyncpg.connect(outbox.dsn)
+    try:
+        await conn.execute("INSERT INTO orders (id, customer_id) VALUES (1, 1)")
+        await conn.execute("INSERT INTO lines VALUES (1, 'a', 1)")
+        assert brief(await outbox.new()) == [("orders", "1", "created")]
+    finally:
+        await conn.close()
+
+    monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__URL", with_database(server_uri, database))  # as the owner
+    report = (await operations.apply_all(project))[0].changes
+    assert report == ["events of lines.v1: capturing the changes of public.lines"]
 
 
 async def test_apply_with_nothing_to_change_does_not_wait_for_writers(evented: Evented) -> None:

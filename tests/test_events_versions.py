@@ -19,7 +19,7 @@ from conftest import ProjectFactory, prepare, with_database
 from gatehouse import operations
 from gatehouse.errors import ProjectError
 from gatehouse.events.relay_store import clean, ensure_tables
-from test_events_capture import TOML, Outbox, brief, build, owner_dsn
+from test_events_capture import TOML, Outbox, as_deployer, brief, build, owner_dsn
 
 JOINED = TOML.replace("[events.orders]\nversion = 1", "[events.orders]\nversion = 2")
 """orders.v2 shows its customer's name: a change of ``customers`` is an event of each order it joins to."""
@@ -146,29 +146,19 @@ async def test_apply_refuses_a_capture_that_could_not_lock_the_key_rows(make_pro
     """A deployer that may place the trigger on the key table (TRIGGER) but not update it could not lock its rows
     from the trigger of another table: apply says which grant to make, and places nothing of that contract."""
     project = build(make_project, JOINED)
-    database = (await owner_dsn(project)).rsplit("/", 1)[1]
-    login = f"{project.role_prefix}deployer"
-    admin = await asyncpg.connect(server_uri)
+    login, database = await as_deployer(project, server_uri, monkeypatch)
+    owned = await asyncpg.connect(with_database(server_uri, database))
     try:
-        await admin.execute(f'CREATE ROLE "{login}" LOGIN CREATEROLE')
-        await admin.execute(f'ALTER DATABASE "{database}" OWNER TO "{login}"')
-        monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__URL",
-                           with_database(server_uri.replace("postgres@", f"{login}@", 1), database))
-        await operations.migrate_all(project)
-        owned = await asyncpg.connect(with_database(server_uri, database))
-        try:
-            await owned.execute(f'ALTER TABLE orders OWNER TO postgres; GRANT SELECT, INSERT, TRIGGER ON orders TO '
-                                f'"{login}"; GRANT ALL ON SEQUENCE orders_id_seq TO "{login}" WITH GRANT OPTION')
-            with pytest.raises(ProjectError) as refused:
-                await operations.apply_all(project)
-            assert "capturing the changes of public.customers locks the rows of public.orders" in str(refused.value)
-            assert refused.value.hint == f'GRANT UPDATE ON "public"."orders" TO "{login}", or run `gatehouse apply` as ' \
-                                         "the owner of the tables"
-            assert await owned.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = 'gatehouse_event_orders'") == 0
-            await owned.execute(f'GRANT UPDATE ON orders TO "{login}"')
+        await owned.execute(f'ALTER TABLE orders OWNER TO postgres; GRANT SELECT, INSERT, TRIGGER ON orders TO '
+                            f'"{login}"; GRANT ALL ON SEQUENCE orders_id_seq TO "{login}" WITH GRANT OPTION')
+        with pytest.raises(ProjectError) as refused:
             await operations.apply_all(project)
-            assert await owned.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = 'gatehouse_event_orders'") == 2
-        finally:
-            await owned.close()
+        assert "capturing the changes of public.customers locks the rows of public.orders" in str(refused.value)
+        assert refused.value.hint == f'GRANT UPDATE ON "public"."orders" TO "{login}", or run `gatehouse apply` as ' \
+                                     "the owner of the tables"
+        assert await owned.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = 'gatehouse_event_orders'") == 0
+        await owned.execute(f'GRANT UPDATE ON orders TO "{login}"')
+        await operations.apply_all(project)
+        assert await owned.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = 'gatehouse_event_orders'") == 2
     finally:
-        await admin.close()
+        await owned.close()

@@ -50,8 +50,30 @@ class TablePlan(Protocol):
     def source_database(self) -> str: ...
 
 
+class _LocalTable:
+    """The names of a mirror's local table, worked out the same way for both kinds of plan."""
+
+    __slots__ = ()
+    name: str
+    schema: str
+    table: str
+
+    @property
+    def key(self) -> str:
+        """The mirror's key in gatehouse.toml, for messages."""
+        return f"mirrors.{self.name}"
+
+    @property
+    def local_table(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+
+    @property
+    def table_label(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
 @dataclass(frozen=True, slots=True)
-class MirrorPlan:
+class MirrorPlan(_LocalTable):
     name: str
     database: str
     """The consuming database: where the local table lives."""
@@ -67,10 +89,6 @@ class MirrorPlan:
     batch: int
 
     @property
-    def key(self) -> str:
-        return f"mirrors.{self.name}"
-
-    @property
     def source_database(self) -> str:
         return self.source.database
 
@@ -79,20 +97,12 @@ class MirrorPlan:
         return f"{quote_ident(schema_name(self.api_version))}.{quote_ident(self.source.name)}"
 
     @property
-    def local_table(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
-
-    @property
-    def table_label(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-    @property
     def source_label(self) -> str:
         return self.source.label
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerMirrorPlan:
+class BrokerMirrorPlan(_LocalTable):
     """A ``[mirrors.<name>]`` with ``from``: a copy of another project's contract, from the events its relay
     publishes to a broker (:mod:`gatehouse.events.mirror_broker`)."""
 
@@ -124,18 +134,6 @@ class BrokerMirrorPlan:
         if self.feed.kind == "nats":
             return f"nats stream {self.feed.stream}" + (f" ({self.feed.subject})" if self.feed.subject else "")
         return f"redis stream {self.feed.stream}"
-
-    @property
-    def local_table(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
-
-    @property
-    def table_label(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-    @property
-    def key(self) -> str:
-        return f"mirrors.{self.name}"
 
 
 def _broker_plan(config: ProjectConfig, name: str, schema: str, table: str) -> BrokerMirrorPlan:
