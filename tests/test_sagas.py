@@ -511,6 +511,14 @@ async def test_a_cancel_while_a_runner_advances_the_run_is_never_overwritten(har
     assert {n for n, kind in seen.step_records if kind == "compensation"} == forward & {1, 2}
 
 
+async def test_apply_again_leaves_the_saga_tables_as_they_are(project: Project) -> None:
+    reports = await operations.apply_all(project)
+    assert not [change for report in reports for change in report.changes if "saga" in change]
+    for database in ("orders", "catalog"):
+        async with operations.owner_connection(project, database) as conn:
+            assert await conn.fetchval("SELECT to_regclass('gatehouse.saga_steps') IS NOT NULL")
+
+
 async def test_the_server_runs_sagas_in_the_background(project: Project, payments: Payments,
                                                        serve_project: object) -> None:
     _, runtime = await serve_project(project)  # type: ignore[operator]

@@ -80,10 +80,14 @@ async def sync_saga_tables(conn: asyncpg.Connection, project: Project, database:
     existing = {r["relname"] for r in await conn.fetch(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'gatehouse' AND c.relname = ANY($1::text[])", wanted)}
+    # (the DDL only when a table is missing: its CREATE INDEX IF NOT EXISTS would lock the table before looking,
+    # and so wait for every saga writing now, as the outbox's would: events/outbox.py)
     if database == project.home_database:
-        await conn.execute(SAGAS_DDL)
+        if "sagas" not in existing:
+            await conn.execute(SAGAS_DDL)
         await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON gatehouse.sagas TO {auth}")
-    await conn.execute(SAGA_STEPS_DDL)
+    if "saga_steps" not in existing:
+        await conn.execute(SAGA_STEPS_DDL)
     await conn.execute(f"GRANT SELECT, INSERT ON gatehouse.saga_steps TO {auth}")  # reads, remote steps' records
     for app in sorted(project.apps.values(), key=lambda a: a.name):  # a local step's record, in its transaction
         # (SELECT of the key columns only: what ON CONFLICT needs to find another runner's record of the step)
