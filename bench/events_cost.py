@@ -87,7 +87,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="gh-bench-events-"))
     try:
         project = folder / "shop"
-        copy_shop(project, reviews=False)
+        copy_shop(project, services=False)
         base = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
         base += ('\n[apps.bench]\nquota = { pool_size = 4, max_rows = 1000 }\n'
                  'grants = [{ contract = "orders", actions = ["read", "insert"] }]\n')

@@ -79,7 +79,7 @@ def setup(work: Path, pool: int) -> tuple[Path, dict[str, str], dict[str, str]]:
     """The shop in ``work``, migrated and applied to a fresh database; returns (project, environment, keys)."""
     psql("postgres", f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)', f'CREATE DATABASE "{DB}"')
     project = work / "shop"
-    copy_shop(project, reviews=False)  # the shop alone: one database, as measured
+    copy_shop(project, services=False)  # the shop alone: one database, as measured
     toml = project / "gatehouse.toml"
     text = toml.read_text().replace('cache = "30s"\n', "")  # every read goes to the database
     toml.write_text(text + APPS.format(pool=pool))

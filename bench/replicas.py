@@ -46,7 +46,7 @@ WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 
 def project_folder(folder: Path) -> Path:
     project = folder / "shop"
-    copy_shop(project, reviews=False)  # the shop alone: one database, with its replica
+    copy_shop(project, services=False)  # the shop alone: one database, with its replica
     toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
     toml = toml.replace("[databases.shop]\n", '[databases.shop]\nreplicas = ["env:BENCH_REPLICA_URL"]\n')
     grants = ('grants = [{ contract = "products", actions = ["read"] }, '

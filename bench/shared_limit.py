@@ -38,7 +38,7 @@ def psql(sql: str) -> None:
 
 def prepare(folder: Path, rate: int, burst: int, env: dict[str, str]) -> str:
     project = folder / "shop"
-    copy_shop(project, reviews=False)  # the shop alone: one database
+    copy_shop(project, services=False)  # the shop alone: one database
     toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
     toml += (f'\n[apps.bench]\nquota = {{ pool_size = 4, rate = "{rate}/s", burst = {burst} }}\n'
              'grants = [{ contract = "products", actions = ["read"] }]\n')

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from gatehouse.app import create_app
-from gatehouse.demo import copy_shop, without_reviews
+from gatehouse.demo import copy_shop, without_services
 from gatehouse.project import Project, load_project
 from gatehouse.runtime import Runtime
 from redis_server import redis_url  # noqa: F401  (the session's Redis, for every test module)
@@ -115,25 +115,25 @@ def make_project(server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """Build a project folder, give it its own database, and load it.
 
     ``make_project(toml=..., contracts={...}, migrations={...})`` writes the files given; ``from_shop=True``
-    starts from the demo shop, as one database (its reviews service left out: one database less to create)
-    unless ``reviews=True``. The database URL is passed the way users pass it: in the environment.
+    starts from the demo shop, as one database (its other services left out: two databases less to create)
+    unless ``services=True``. The database URL is passed the way users pass it: in the environment.
     """
     created: list[tuple[str, str]] = []
 
     def factory(*, toml: str | None = None, contracts: dict[str, str] | None = None,
                 migrations: dict[str, str] | None = None, files: dict[str, str] | None = None,
-                from_shop: bool = False, reviews: bool = False,
+                from_shop: bool = False, services: bool = False,
                 folder: str = "project") -> Project:
         root = tmp_path / folder
         if from_shop:
-            copy_shop(root, reviews=reviews)
+            copy_shop(root, services=services)
         root.mkdir(exist_ok=True)
         name = f"t{uuid.uuid4().hex[:10]}"
         config = toml if toml is not None else (root / "gatehouse.toml").read_text()
         config = config.replace(SHOP_MOBILE_RATE, "")  # the demo's own; a test that wants a limit sets it
         config = config.replace(SHOP_PRODUCTS_CACHE, "")  # likewise the demo's cache on products
-        if from_shop and not reviews:
-            config = without_reviews(config)  # also from a toml given that starts from the shop's
+        if from_shop and not services:
+            config = without_services(config)  # also from a toml given that starts from the shop's
         config = re.sub(r'(?m)^name = "[a-z0-9_]+"', f'name = "{name}"', config, count=1)
         (root / "gatehouse.toml").write_text(config)
         for relative, text in {**{f"contracts/{k}": v for k, v in (contracts or {}).items()},

@@ -92,6 +92,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     result = gatehouse("demo", "--dir", str(folder), "--no-serve", env=env)
     assert "applied V002 generate demo data" in result.stdout
     assert "reviews: applied V002 generate demo reviews" in result.stdout  # the second service's database
+    assert "payments: applied V002 generate demo accounts" in result.stdout  # and the third's
     assert "curl -s" in result.stdout
     assert "([[relations]] in gatehouse.toml)" in result.stdout  # captures are printed as they are, not as markup
     yield folder
@@ -117,7 +118,7 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
     again = gatehouse("apply", cwd=demo_dir, env=env)
     assert "nothing to change" in again.stdout
     keys = {app: gatehouse("keys", "create", app, "--quiet", cwd=demo_dir, env=env).stdout.strip()
-            for app in ("web", "mobile", "analytics")}
+            for app in ("web", "mobile", "analytics", "checkout")}
     port, admin_port = free_port(), free_port()
     server = subprocess.Popen([*GATEHOUSE, "serve", "--port", str(port), "--admin-port", str(admin_port)],
                               cwd=demo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -175,6 +176,13 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
             (1, "Blue mug #1", [(4, "Good value for the price.")]),
             (2, "Green chair #2", [(1, "Broke within a week."), (4, "Good value for the price.")]),
             (3, "Small kettle #3", [])], out
+        # an order placed across the three databases by the saga, and the declined one undone
+        placed, declined = (json.loads(subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                                      timeout=60).stdout)
+                            for what, command in shown.items() if "/sagas/" in command)
+        assert (placed["state"], placed["steps_done"], set(placed["result"])) == (
+            "completed", 3, {"order_id", "charge_id", "amount"}), placed
+        assert declined["state"] == "compensated" and "payment declined: customer 10" in declined["error"], declined
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)

@@ -1,11 +1,11 @@
-"""The demo shop as two services: the shop's database and the reviews service's, linked by ``[[relations]]``.
+"""The demo shop as three services: the shop's database, the reviews service's (linked by ``[[relations]]``)
+and the payments service's (charged by the checkout saga, tests/test_demo_checkout.py).
 
-What ``gatehouse demo`` shows must hold: the whole shop (both databases) loads, is locked as shipped and
-passes ``gatehouse check``; its products embed their reviews from the other database, and the reviews their
-product, with the rows the two databases hold. The tests' usual copy of the shop leaves the reviews service
-out (``copy_shop(reviews=False)``), and that copy must be a coherent project of one database. (The demo's
-printed curl for the embed is run against a real ``gatehouse serve`` on the embedded PostgreSQL in
-``tests/test_cli.py``.)
+What ``gatehouse demo`` shows must hold: the whole shop (all databases) loads, is locked as shipped and passes
+``gatehouse check``; its products embed their reviews from the other database, and the reviews their product,
+with the rows the two databases hold. The tests' usual copy of the shop leaves the other services out
+(``copy_shop(services=False)``), and that copy must be a coherent project of one database. (The demo's printed
+curl commands are run against a real ``gatehouse serve`` on the embedded PostgreSQL in ``tests/test_cli.py``.)
 """
 
 from __future__ import annotations
@@ -18,28 +18,34 @@ from gatehouse import operations
 from gatehouse.check import run_check
 from gatehouse.contracts.lockfile import dumps_lock, read_lock, update_lock
 from gatehouse.contracts.signature import project_signatures
-from gatehouse.demo import bundled_example, copy_shop, tour, without_reviews
+from gatehouse.demo import bundled_example, copy_shop, tour, without_services
 from gatehouse.project import load_project
 
 
-def test_the_shop_is_two_databases_and_the_copy_without_reviews_is_one(tmp_path: Path) -> None:
+def test_the_shop_is_three_databases_and_the_copy_without_services_is_one(tmp_path: Path) -> None:
     whole = load_project(bundled_example())
-    assert list(whole.config.databases) == ["shop", "reviews"] and whole.home_database == "shop"
+    assert list(whole.config.databases) == ["shop", "reviews", "payments"] and whole.home_database == "shop"
     assert whole.database_of("reviews") == "reviews" and whole.database_of("products") == "shop"
+    assert whole.database_of("charges") == "payments" and whole.database_of("stock") == "shop"
     assert [(r.source, r.target) for r in whole.config.relations] == [("reviews.product_id", "products.id")]
     assert {a for a, app in whole.apps.items() if app.grant_for("reviews")} == {"web", "mobile"}
+    assert {a for a, app in whole.apps.items() if "place_order" in app.config.sagas} == {"checkout"}
 
-    copy_shop(tmp_path / "one", reviews=False)
+    copy_shop(tmp_path / "one", services=False)
     one = load_project(tmp_path / "one")
     assert list(one.config.databases) == ["shop"] and not one.config.relations
-    assert sorted(c.label for c in one.contracts) == sorted(c.label for c in whole.contracts if c.database == "shop")
+    assert sorted(c.label for c in one.contracts) == sorted(c.label for c in whole.contracts
+                                                            if c.database == "shop" and c.label != "stock.v1")
     assert not (tmp_path / "one" / "contracts" / "shop").exists() and (tmp_path / "one" / "migrations" / "V001__"
                                                                       "create_shop_tables.sql").exists()
     lock = read_lock(tmp_path / "one")
     assert lock is not None and lock.labels == {c.label for c in one.contracts}
     assert all((tmp_path / "one" / entry.file).exists() for entry in lock.entries)
+    assert not (tmp_path / "one" / "logic" / "checkout.py").exists()
+    assert list(one.apps) == ["web", "mobile", "analytics"]
+    assert all(r.target in {c.name for c in one.contracts} for e in lock.entries for r in e.signature.relations)
     text = (tmp_path / "one" / "gatehouse.toml").read_text()
-    assert "reviews" not in text.split("[apps.web]", 1)[1] and without_reviews(text) == text  # idempotent
+    assert "reviews" not in text.split("[apps.web]", 1)[1] and without_services(text) == text  # idempotent
 
     copy_shop(tmp_path / "two")  # the demo's own copy: as shipped
     assert (tmp_path / "two" / "contracts" / "reviews" / "reviews.v1.sql").exists()
@@ -47,7 +53,7 @@ def test_the_shop_is_two_databases_and_the_copy_without_reviews_is_one(tmp_path:
 
 
 async def test_the_whole_shop_is_locked_as_shipped_and_checks_clean(make_project: ProjectFactory) -> None:
-    shop = make_project(from_shop=True, reviews=True)
+    shop = make_project(from_shop=True, services=True)
     await prepare(shop)
     shipped = read_lock(shop.root)
     signatures = await project_signatures(shop)
@@ -71,14 +77,14 @@ async def _expected(shop: Any, products: list[int]) -> dict[int, tuple[str, list
 
 async def test_products_embed_their_reviews_from_the_other_database(make_project: ProjectFactory,
                                                                      serve_project: Any) -> None:
-    shop = make_project(from_shop=True, reviews=True)
+    shop = make_project(from_shop=True, services=True)
     keys = await prepare(shop)
     client, _ = await serve_project(shop)
     expected = await _expected(shop, [1, 2, 3])
     assert [len(reviews) for _, reviews in expected.values()] == [1, 2, 0]  # the demo data: product N has N % 3
 
     # the tour's request, as mobile (API v2) and web (pinned to v1: reviews.v1 is in both)
-    command = next(c for caption, c in tour({"web": "W", "mobile": "M", "analytics": "A"}, "", "") if "reviews" in c)
+    command = next(c for caption, c in tour({"web": "W", "mobile": "M", "analytics": "A", "checkout": "C"}, "", "") if "reviews" in c)
     path = command.split("'")[1]
     assert path == "/products?select=id,name,reviews(stars,body)&id=lte.3"
     for app in ("mobile", "web"):

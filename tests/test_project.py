@@ -14,7 +14,7 @@ from gatehouse.project import load_project
 @pytest.fixture
 def project_dir(tmp_path: Path) -> Path:
     root = tmp_path / "shop"
-    copy_shop(root, reviews=False)  # one database: its contracts in contracts/
+    copy_shop(root, services=False)  # one database: its contracts in contracts/
     return root
 
 

@@ -1,12 +1,13 @@
-"""``gatehouse demo``: the bundled shop, from nothing to a served API with three applications.
+"""``gatehouse demo``: the bundled shop, from nothing to a served API with four applications.
 
 The example is copied into a folder of the user's (its embedded database lives there too, so a second run
 reuses it and starts in about a second). Each run revokes the previous demo keys and makes new ones.
 
-The shop is two services, each with its database: ``shop`` (products, orders, ...) and ``reviews``, linked
-by a ``[[relations]]`` entry, so the tour shows an embed across databases. Both live in the one embedded
-PostgreSQL. :func:`copy_shop` can also leave the reviews service out, which gives the shop as a project of
-one database: what the tests and benchmarks about one database start from.
+The shop is three services, each with its database: ``shop`` (products, orders, ...), ``reviews`` (linked to
+the products by a ``[[relations]]`` entry, so the tour shows an embed across databases) and ``payments`` (which
+the ``checkout`` app's saga charges between holding stock and writing the order). All live in the one
+embedded PostgreSQL. :func:`copy_shop` can also leave the other services out, which gives the shop as a
+project of one database: what the tests and benchmarks about one database start from.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from gatehouse.errors import ProjectError
 from gatehouse.project import CONFIG_FILE, STATE_DIR, Project, load_project
 
 DEMO_KEY_NOTE = "created by gatehouse demo"
-HOME, REVIEWS = "shop", "reviews"
-"""The shop's two databases: its own (the first, which holds the keys) and the reviews service's."""
+HOME = "shop"
+"""The shop's own database (the first, which holds the keys)."""
+OTHER_SERVICES = ("reviews", "payments")
+"""The databases of the shop's other services."""
+CHECKOUT_APP = "checkout"
+CHECKOUT_FILES = ("logic/checkout.py", f"contracts/{HOME}/stock.v1.sql")
+"""What the checkout saga adds to the shop's own database; it charges in payments, so it goes with it."""
 
 
 def bundled_example() -> Path:
@@ -43,39 +49,49 @@ def bundled_example() -> Path:
                        hint="reinstall gatehouse, or run from a source checkout")
 
 
-def copy_shop(target: Path, *, reviews: bool = True) -> None:
+def copy_shop(target: Path, *, services: bool = True) -> None:
     """Copy the bundled shop into ``target`` (which may exist), never with the example's own ``.gatehouse/``.
 
-    ``reviews=False`` leaves the reviews service out: the copy is then the shop as a project of one database,
-    with its contracts and migrations straight in ``contracts/`` and ``migrations/`` (where a one-database
-    project has them, and where tests write theirs) and its lock without the reviews contract. That is one
-    database less to create for every test that starts from the shop.
+    ``services=False`` leaves the other services out (reviews, payments, and the checkout app and saga that
+    need payments): the copy is then the shop as a project of one database, with its contracts and migrations
+    straight in ``contracts/`` and ``migrations/`` (where a one-database project has them, and where tests
+    write theirs) and its lock without the contracts left out. That is two databases less to create for every
+    test that starts from the shop.
     """
     # never the example's own .gatehouse/ (a database someone ran in place): a copy gets a fresh one
     shutil.copytree(bundled_example(), target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_DIR))
-    if reviews:
+    if services:
         return
+    for relative in CHECKOUT_FILES:
+        (target / relative).unlink()
     for folder in (target / "contracts", target / "migrations"):
-        shutil.rmtree(folder / REVIEWS)
+        for other in OTHER_SERVICES:
+            shutil.rmtree(folder / other)
         for path in (folder / HOME).iterdir():
             path.rename(folder / path.name)
         (folder / HOME).rmdir()
     config = target / CONFIG_FILE
-    config.write_text(without_reviews(config.read_text(encoding="utf-8")), encoding="utf-8")
+    config.write_text(without_services(config.read_text(encoding="utf-8")), encoding="utf-8")
     lock = read_lock(target)
     if lock is not None:
-        write_lock(target, Lock(tuple(replace(entry, file=entry.file.replace(f"contracts/{HOME}/", "contracts/", 1))
-                                      for entry in lock.entries if entry.signature.database == HOME), lock.format))
+        moved = [replace(entry, file=entry.file.replace(f"contracts/{HOME}/", "contracts/", 1))
+                 for entry in lock.entries]
+        kept = [entry for entry in moved if (target / entry.file).exists()]
+        names = {entry.signature.contract for entry in kept}
+        write_lock(target, Lock(tuple(  # (and without relations to the contracts left out)
+            replace(entry, signature=replace(entry.signature, relations=tuple(
+                r for r in entry.signature.relations if r.target in names))) for entry in kept), lock.format))
 
 
-def without_reviews(config: str) -> str:
-    """The shop's ``gatehouse.toml`` (or a text that starts from it) without the reviews service: its
-    database, its grants and its relation. Anything else is left as it is."""
+def without_services(config: str) -> str:
+    """The shop's ``gatehouse.toml`` (or a text that starts from it) without its other services: their
+    databases, the grants and the relation naming the reviews, and the checkout app. Anything else is left."""
     tables = re.split(r"(?m)^(?=\[)", config)  # each table from its header to the next one
+    dropped = (*(f"[databases.{name}]" for name in OTHER_SERVICES), f"[apps.{CHECKOUT_APP}]")
     kept = [table for table in tables
-            if not table.startswith(f"[databases.{REVIEWS}]")
-            and not (table.startswith("[[relations]]") and f'"{REVIEWS}.' in table)]
-    return re.sub(rf'(?m)^[ \t]*\{{ contract = "{REVIEWS}",.*\n', "", "".join(kept))
+            if not table.startswith(dropped)
+            and not (table.startswith("[[relations]]") and '"reviews.' in table)]
+    return re.sub(r'(?m)^[ \t]*\{ contract = "reviews",.*\n', "", "".join(kept))
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
@@ -110,7 +126,9 @@ async def _set_up(project: Project, console: Console) -> dict[str, str]:
 
 
 def tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
-    web, mobile, analytics = keys["web"], keys["mobile"], keys["analytics"]
+    web, mobile, analytics, checkout = keys["web"], keys["mobile"], keys["analytics"], keys[CHECKOUT_APP]
+    order = ("-H 'Content-Type: application/json' "
+             "-d '{\"customer_id\": %d, \"items\": [{\"product_id\": 5, \"quantity\": 2}]}'")
     return [
         ("web is pinned to API v1: products have id, name, price",
          f"curl -s '{base}/products?id=lte.3' -H 'apikey: {web}'"),
@@ -130,6 +148,14 @@ def tour(keys: dict[str, str], base: str, admin: str) -> list[tuple[str, str]]:
         ("business logic in Python (logic/pricing.py): an order's total after the customer's discount",
          f"curl -s {base}/rpc/order_total -H 'apikey: {analytics}' -H 'Content-Type: application/json' "
          "-d '{\"order_id\": 7}'"),
+        ("checkout places an order across three services with a saga (logic/checkout.py): stock held in the "
+         "shop's database, the customer charged in the payments service's, the order written in the shop's; "
+         "Prefer: wait answers with the outcome, and the same Idempotency-Key never places a second order",
+         f"curl -s {base}/sagas/place_order -H 'apikey: {checkout}' -H 'Prefer: wait=10' "
+         f"-H 'Idempotency-Key: demo-order-1' {order % 3}"),
+        ("customer 10 has nothing left to spend: the charge is declined, and the stock held for the order is "
+         "put back (the saga ends compensated)",
+         f"curl -s {base}/sagas/place_order -H 'apikey: {checkout}' -H 'Prefer: wait=10' {order % 10}"),
         ("mobile may make 20 requests a second: beyond that, 429 with Retry-After (the RateLimit fields say "
          "what is left; #[1-30] makes curl send the URL 30 times at once, and is never sent)",
          f"curl -s -o /dev/null -w '%{{http_code}} ' '{base}/products?limit=1#[1-30]' -H 'apikey: {mobile}'; "
