@@ -60,6 +60,7 @@ CONTRACTS = {
     "orders/orders.v1.sql": "SELECT id, customer, sku, qty, charge_id FROM orders",
 }
 LOGIC = '''
+import asyncio
 import os
 
 from pydantic import BaseModel
@@ -142,6 +143,26 @@ async def place_order(s: Saga, order: NewOrder) -> Placed:
     charge = await s.step(charge_card, order.customer, order.amount).compensate_with(refund)
     order_id = await s.step(create_order, order, charge)
     return Placed(order_id=order_id, hold_id=hold.id, charge_id=charge.id)
+
+
+GATES: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
+"""sku → (entered, release): slow_hold tells the test it is inside its transaction, and waits to be let go."""
+
+
+@gatehouse.step(database="catalog")
+async def slow_hold(ctx: Context, sku: str) -> int:
+    [hold] = await ctx.insert("holds", {"sku": sku, "qty": 1})
+    if sku in GATES:
+        entered, release = GATES[sku]
+        entered.set()
+        await release.wait()
+    return int(hold["id"])
+
+
+@gatehouse.saga
+async def held_twice(s: Saga, order: NewOrder) -> int:
+    await s.step(reserve_stock, order.sku, order.qty).compensate_with(release_stock)
+    return await s.step(slow_hold, order.sku)
 
 
 @gatehouse.saga
@@ -251,11 +272,11 @@ async def effects(project: Project, payments: Payments, saga_id: str, order: dic
         stock = await conn.fetchval("SELECT qty FROM stock WHERE sku = $1", order["sku"])
         holds = [r["released"] for r in await conn.fetch("SELECT released FROM holds WHERE sku = $1", order["sku"])]
         records = Counter((r["n"], r["kind"]) for r in await conn.fetch(
-            "SELECT n, kind FROM gatehouse.saga_steps WHERE saga_id = $1::uuid", saga_id))
+            "SELECT n, kind FROM gatehouse.saga_steps WHERE saga_id = $1::uuid AND status <> 'fenced'", saga_id))
     async with operations.owner_connection(project, "orders") as conn:
         orders = await conn.fetchval("SELECT count(*) FROM orders WHERE customer = $1", order["customer"])
         records.update((r["n"], r["kind"]) for r in await conn.fetch(
-            "SELECT n, kind FROM gatehouse.saga_steps WHERE saga_id = $1::uuid", saga_id))
+            "SELECT n, kind FROM gatehouse.saga_steps WHERE saga_id = $1::uuid AND status <> 'fenced'", saga_id))
     key = f"{saga_id}:2"
     return Effects(stock=stock, holds=holds, orders=orders, charges=int(key in payments.charges),
                    refunds=int(f"{key}:undo" in payments.refunds), charge_requests=payments.received[key],
@@ -340,8 +361,8 @@ async def test_out_of_stock_fails_at_once_and_undoes_nothing(harness: LogicHarne
 FORWARD = [("before_step", 1), ("before_commit", 1), ("after_commit", 1), ("before_step", 2), ("after_call", 2),
            ("after_record", 2), ("before_step", 3), ("before_commit", 3), ("after_commit", 3), ("before_settle", 0)]
 """Every boundary a run that completes crosses: (point, step). Step 3 of a refused order fails before its commit."""
-UNDO = [("before_compensation", 2), ("compensation_after_call", 2), ("after_compensation", 2), ("before_compensation", 1),
-        ("compensation_before_commit", 1), ("after_compensation", 1)]
+UNDO = [("after_fence", 3), ("before_compensation", 2), ("compensation_after_call", 2), ("after_compensation", 2),
+        ("before_compensation", 1), ("compensation_before_commit", 1), ("after_compensation", 1)]
 """And those of its compensation (step 2's remote refund, then step 1's local release)."""
 BOUNDARIES = [(False, point, n) for point, n in FORWARD] + [
     (True, point, n) for point, n in FORWARD[:7] + UNDO + [("before_settle", 0)]]
@@ -509,6 +530,45 @@ async def test_a_cancel_while_a_runner_advances_the_run_is_never_overwritten(har
         assert count == 1, (n, kind)
     forward = {n for n, kind in seen.step_records if kind == "forward"}
     assert {n for n, kind in seen.step_records if kind == "compensation"} == forward & {1, 2}
+
+
+async def test_a_runner_frozen_past_its_lease_cannot_record_a_step_once_compensation_began(
+        harness: LogicHarness, project: Project, payments: Payments, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner stalls inside step 2 (its effect written, not committed) until its lease is long gone, without
+    noticing: its renewal is stopped, as in a process frozen by the machine. Meanwhile the run is cancelled and
+    another instance compensates it. When the stalled runner goes on, its lease check passes (it never learnt),
+    but its record of step 2 meets the fence compensation put at that key: it writes nothing, its effect is rolled
+    back and it stops. Without the fence, step 2 would commit after the compensation read the records, and its
+    hold would stay, never undone."""
+    order = await new_order(project)
+    logic = harness.runtime.project.sagas.steps["slow_hold"].function.__globals__
+    entered, release = logic["GATES"][order["sku"]] = (asyncio.Event(), asyncio.Event())
+    stalled = harness.saga_engine(lease_s=0.3, owner="stalled")
+
+    async def never_renews() -> None:
+        await asyncio.Event().wait()
+    monkeypatch.setattr(stalled, "_renew", never_renews)
+    run = await stalled.start("shop", "held_twice", order)
+    stalled_run = asyncio.create_task(stalled.run_due())
+    async with asyncio.timeout(20):
+        await entered.wait()
+    await asyncio.sleep(0.5)  # its lease has expired
+    other = harness.saga_engine(owner="other")
+    await other.cancel(run.id)
+    final = await harness.settle_saga(run.id, engine=other)
+    assert (final.state, final.error) == ("compensated", "cancelled")
+    release.set()
+    async with asyncio.timeout(20):
+        await stalled_run
+    assert (await other.get(run.id)).state == "compensated"  # the stalled runner wrote nothing of the run
+    seen = await effects(project, payments, run.id, order)
+    assert seen.stock == 10 and seen.holds == [True]  # step 1's hold, released; step 2's rolled back
+    assert seen.step_records == Counter({(1, "forward"): 1, (1, "compensation"): 1})  # (fences left out)
+    async with operations.owner_connection(project, "catalog") as conn:
+        assert await conn.fetchval("SELECT status FROM gatehouse.saga_steps WHERE saga_id = $1::uuid AND n = 2",
+                                   run.id) == "fenced"
+    listed = await harness.sagas.get(run.id)
+    assert (listed.state, listed.error) == ("compensated", "cancelled")
 
 
 async def test_apply_again_leaves_the_saga_tables_as_they_are(project: Project) -> None:

@@ -41,7 +41,7 @@ from gatehouse.pipeline import identify
 from gatehouse.project import App
 from gatehouse.runtime import Runtime
 from gatehouse.sagas.engine import SagaEngine
-from gatehouse.sagas.store import SagaRun
+from gatehouse.sagas.store import FENCED, SagaRun
 
 SAGA_PATH = re.compile(r"^/sagas/([^/]+)$")
 RUN_PATH = re.compile(r"^/sagas/([^/]+)/([^/]+)$")
@@ -56,7 +56,7 @@ POLL_MAX_S = 0.25
 RETRY_AFTER_S = "1"
 _STEP_COUNTS = ("SELECT count(*) FILTER (WHERE kind = 'forward') AS done, "
                 "count(*) FILTER (WHERE kind = 'compensation') AS undone "
-                "FROM gatehouse.saga_steps WHERE saga_id = $1::uuid")
+                f"FROM gatehouse.saga_steps WHERE saga_id = $1::uuid AND status <> '{FENCED}'")
 T = TypeVar("T")
 
 

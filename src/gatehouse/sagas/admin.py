@@ -27,7 +27,7 @@ from gatehouse.errors import ProjectError
 from gatehouse.project import Project
 from gatehouse.runtime import Runtime
 from gatehouse.sagas.engine import SagaEngine
-from gatehouse.sagas.store import ACTIVE, FINAL
+from gatehouse.sagas.store import ACTIVE, FENCED, FINAL
 
 STATES = ACTIVE + FINAL
 
@@ -124,8 +124,8 @@ async def _count_steps(engine: SagaEngine, ids: Sequence[uuid.UUID]) -> dict[tup
         return counts
     for database in saga_databases(engine.runtime.project):
         async with engine.runtime.internal_pool(database).acquire() as conn:
-            for row in await conn.fetch("SELECT saga_id, kind, count(*) AS n FROM gatehouse.saga_steps "
-                                        "WHERE saga_id = ANY($1::uuid[]) GROUP BY 1, 2", list(ids)):
+            for row in await conn.fetch(f"SELECT saga_id, kind, count(*) AS n FROM gatehouse.saga_steps WHERE "
+                                        f"saga_id = ANY($1::uuid[]) AND status <> '{FENCED}' GROUP BY 1, 2", list(ids)):
                 key = (row["saga_id"], row["kind"])
                 counts[key] = counts.get(key, 0) + int(row["n"])
     return counts
@@ -138,7 +138,8 @@ async def step_details(engine: SagaEngine, saga_id: str) -> list[StepDetail]:
     for database in saga_databases(engine.runtime.project):
         async with engine.runtime.internal_pool(database).acquire() as conn:
             rows = await conn.fetch("SELECT n, kind, name, status, attempts, compensation, result, error, "
-                                    "finished_at FROM gatehouse.saga_steps WHERE saga_id = $1", uuid.UUID(saga_id))
+                                    "finished_at FROM gatehouse.saga_steps WHERE saga_id = $1 "
+                                    f"AND status <> '{FENCED}'", uuid.UUID(saga_id))  # (fences: nothing done)
         details.extend(StepDetail(n=r["n"], kind=r["kind"], name=r["name"], status=r["status"],
                                   attempts=r["attempts"], compensation=r["compensation"],
                                   result=None if r["result"] is None else orjson.loads(r["result"]),

@@ -115,8 +115,31 @@ def _with(run: store.SagaRun, **changes: Any) -> store.SagaRun:
     return store.SagaRun(**values)
 
 
+async def fence_and_load(env: RunEnv) -> Records:
+    """The records compensation must undo: every forward step that is or ever will be recorded.
+
+    A runner that lost its lease without noticing (a process frozen past it between its last lease check and
+    its COMMIT) may still record the step after the newest one recorded. So first a *fence* takes that step's
+    key in every database that holds records: the runner's insert then writes nothing, its effect is rolled
+    back and it stops (steps.py). A fence insert that meets the runner's uncommitted record waits for it; once
+    that commits, the step is recorded after all, and the fence moves to the next number. Once every fence is
+    in, no forward record can appear, and the records are read again (a read across databases is not one
+    snapshot: one committed while they were being read the first time is seen now)."""
+    databases = sorted(env.runtime.project.sagas.databases(env.home))
+    while True:
+        records = await load_records(env)
+        after = max((n for n, kind in records if kind == "forward"), default=0) + 1
+        fenced = True
+        for database in databases:
+            async with env.runtime.internal_pool(database).acquire() as conn:
+                fenced = await store.fence(conn, env.run.id, after) and fenced
+        if fenced:
+            env.hook("after_fence", env.run.id, after)
+            return await load_records(env)
+
+
 async def _compensate(env: RunEnv) -> str:
-    records = await load_records(env)
+    records = await fence_and_load(env)
     steps = env.runtime.project.sagas.steps
     done = sorted((r for r in records.values() if r.kind == "forward" and r.status == "done"),
                   key=lambda r: r.n, reverse=True)

@@ -27,6 +27,7 @@ CrashHook = Callable[[str, str, int], None]
 a crash there (a ``BaseException``, which the engine never catches). Points: ``before_step``,
 ``before_commit`` (a local step's effect done, its transaction not committed), ``after_commit``,
 ``after_call`` (a remote step returned, not recorded yet), ``after_record``, ``before_compensation``,
+``after_fence`` (compensation fenced the forward steps: n is the step number fenced),
 ``compensation_before_commit``, ``compensation_after_call``, ``after_compensation``, ``before_settle``."""
 
 _TRANSIENT_SQLSTATES = {"40001", "40P01"}

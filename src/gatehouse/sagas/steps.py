@@ -37,7 +37,7 @@ from gatehouse.observe.saga_metrics import SagaStats
 from gatehouse.project import App
 from gatehouse.sagas.declare import RemoteCall, Step
 from gatehouse.sagas.faults import CrashHook, is_transient
-from gatehouse.sagas.store import RECORD_STEP, SagaRun
+from gatehouse.sagas.store import FENCED, RECORD_STEP, SagaRun
 
 if TYPE_CHECKING:
     from gatehouse.runtime import Runtime
@@ -177,7 +177,11 @@ async def _remote(env: RunEnv, step: Step[Any, Any], n: int, kind: str, args: Se
 
 
 async def _recorded(env: RunEnv, database: str, n: int, kind: str) -> Any:
+    """The result another runner recorded for this step; Stop when it is a fence (compensation has begun while
+    this runner, its lease lost without its knowing, was running the step: execute.fence_and_load)."""
     async with env.runtime.internal_pool(database).acquire() as conn:
-        raw = await conn.fetchval("SELECT result FROM gatehouse.saga_steps WHERE saga_id = $1 AND n = $2 "
+        row = await conn.fetchrow("SELECT status, result FROM gatehouse.saga_steps WHERE saga_id = $1 AND n = $2 "
                                   "AND kind = $3", uuid.UUID(env.run.id), n, kind)
-    return None if raw is None else orjson.loads(raw)
+    if row is None or row["status"] == FENCED:
+        raise Stop(None)
+    return None if row["result"] is None else orjson.loads(row["result"])

@@ -181,9 +181,10 @@ async def reopen(conn: Connection, saga_id: str, *, state: str, error: str | Non
 
 
 async def step_records(conn: Connection, saga_id: str, database: str) -> list[StepRecord]:
+    """The run's records in one database (its fences left out: they record nothing done)."""
     rows = await conn.fetch(
         "SELECT n, kind, name, status, result, attempts, compensation FROM gatehouse.saga_steps "
-        "WHERE saga_id = $1", uuid.UUID(saga_id))
+        f"WHERE saga_id = $1 AND status <> '{FENCED}'", uuid.UUID(saga_id))
     return [StepRecord(r["n"], r["kind"], r["name"], r["status"],
                        None if r["result"] is None else orjson.loads(r["result"]), r["attempts"],
                        r["compensation"], database) for r in rows]
@@ -192,6 +193,26 @@ async def step_records(conn: Connection, saga_id: str, database: str) -> list[St
 INSERT_STEP = ("INSERT INTO gatehouse.saga_steps (saga_id, n, kind, name, status, result, attempts, compensation) "
                "VALUES ($1, $2, $3, $4, 'done', $5::jsonb, $6, $7)")
 """A step's record (see :data:`RECORD_STEP`)."""
+
+FENCED = "fenced"
+"""The status of a fence: a forward record with no step behind it (see :func:`fence`)."""
+FENCE = f"""
+WITH put AS (
+    INSERT INTO gatehouse.saga_steps (saga_id, n, kind, name, status)
+    VALUES ($1, $2, 'forward', '', '{FENCED}')
+    ON CONFLICT (saga_id, n, kind) DO NOTHING RETURNING true
+)
+SELECT coalesce((SELECT true FROM put),
+                (SELECT status = '{FENCED}' FROM gatehouse.saga_steps
+                 WHERE saga_id = $1 AND n = $2 AND kind = 'forward'))
+"""
+
+
+async def fence(conn: Connection, saga_id: str, n: int) -> bool:
+    """Take forward step ``n``'s key in this database before any runner records it; whether the key is a fence
+    now (False: a real record of step ``n`` holds it, committed meanwhile by a runner that lost its lease)."""
+    return bool(await conn.fetchval(FENCE, uuid.UUID(saga_id), n))
+
 
 RECORD_STEP = INSERT_STEP + " ON CONFLICT (saga_id, n, kind) DO NOTHING RETURNING n"
 """A step's record, writing nothing when another runner's is there first (a local step: in the step's transaction,
