@@ -190,6 +190,8 @@ class Payments:
     """idempotency key → charge refunded."""
     flaky: set[str] = field(default_factory=set)
     """Customers whose first charge request is answered 503."""
+    delay_s: float = 0.0
+    """How long each answer takes (a slow service keeps sagas in flight, for tests that kill their runner)."""
 
     def answer(self, path: str, key: str, body: dict[str, object]) -> tuple[int, object]:
         self.received[key] += 1
@@ -214,6 +216,8 @@ class Payments:
                 path = lines[0].split(" ")[1]
                 headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
                 body = json.loads(await reader.readexactly(int(headers.get("content-length", "0"))) or b"{}")
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
                 status, answer = self.answer(path, headers.get("idempotency-key", ""), body)
                 data = json.dumps(answer).encode()
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(data)}"

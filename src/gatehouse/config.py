@@ -117,6 +117,10 @@ class ServerConfig(Strict):
     saga_wait_max_s: float = Field(default=30.0, ge=0, le=300,
                                    description="the longest a POST /sagas/<name> with Prefer: wait=<s> waits for "
                                                "the saga to finish before answering 202")
+    saga_lease_s: float = Field(default=15.0, ge=1, le=600,
+                                description="how long a saga run is leased to the instance running it (renewed "
+                                            "every third of it): after a crash, another instance takes the run "
+                                            "over once this has passed")
     trusted_proxies: tuple[str, ...] = Field(default=(), description="addresses/CIDRs whose Forwarded and "
                                              "X-Forwarded-* headers are believed")
     http: Literal["auto", "1", "2"] = Field(default="auto", description="HTTP/1.1, HTTP/2, or both (auto)")

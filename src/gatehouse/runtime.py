@@ -187,7 +187,7 @@ class Runtime:
             if self.alerts is not None:
                 await self.alerts.start()
             if project.sagas:
-                self.sagas = SagaEngine(self)
+                self.sagas = SagaEngine(self, lease_s=project.config.server.saga_lease_s)
                 self.metrics.registry.register(SagaCollector(self.sagas.stats, self._internal[project.home_database]))
                 if self.run_sagas:
                     self.sagas.start_background()

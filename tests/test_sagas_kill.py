@@ -1,0 +1,118 @@
+"""Sagas through a real ``kill -9`` of ``gatehouse serve``: the process dies with sagas in flight (steps inside
+their transactions, remote calls waiting for an answer), its connections drop, and PostgreSQL rolls back what it
+had not committed. A second server takes the runs over once their leases expire and finishes every one: each
+order is placed exactly once or fully undone, which the databases and the payment service show.
+
+The order placement is tests/test_sagas.py's (two databases and a payment service over HTTP, slowed down here so
+that sagas are caught half-way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from conftest import ProjectFactory, prepare
+from gatehouse import operations
+from gatehouse.project import Project
+from served import free_port
+from test_sagas import CONTRACTS, LOGIC, MIGRATIONS, Payments, assert_compensated, assert_completed, effects, new_order
+
+TOML = """
+[project]
+name = "sagaskill"
+
+[databases.orders]
+
+[databases.catalog]
+
+[server]
+saga_lease_s = 1
+
+[apps.shop]
+sagas = ["place_order"]
+grants = [
+  { contract = "stock", actions = ["read", "update"] },
+  { contract = "holds", actions = ["read", "insert", "update"] },
+  { contract = "orders", actions = ["read", "insert"] },
+]
+"""
+ORDERS = 16
+
+
+@pytest.fixture
+async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
+    service = Payments(delay_s=0.3)
+    server = await asyncio.start_server(service.serve, "127.0.0.1", 0)
+    service.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    monkeypatch.setenv("SAGA_TEST_PAYMENTS", service.url)  # (the served process inherits it)
+    yield service
+    server.close()
+
+
+async def serve(project: Project) -> tuple[asyncio.subprocess.Process, str]:
+    port, admin = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatehouse", "serve", "--port", str(port), "--admin-port", str(admin),
+        cwd=project.root, env=dict(os.environ), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with httpx.AsyncClient() as client, asyncio.timeout(60):
+        while True:
+            assert process.returncode is None, await process.stderr.read() if process.stderr else b""
+            try:
+                if (await client.get(f"http://127.0.0.1:{admin}/ready", timeout=1)).status_code == 200:
+                    return process, f"http://127.0.0.1:{port}"
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def states(project: Project, ids: list[str]) -> dict[str, str]:
+    async with operations.owner_connection(project, project.home_database) as conn:
+        rows = await conn.fetch("SELECT id::text, state FROM gatehouse.sagas WHERE id = ANY($1::uuid[])", ids)
+    return {r["id"]: r["state"] for r in rows}
+
+
+async def test_kill_9_mid_flight_then_another_server_finishes_every_saga_exactly_once(
+        make_project: ProjectFactory, payments: Payments) -> None:
+    project = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
+    keys = await prepare(project)
+    orders = [await new_order(project, customer="refused" if i % 4 == 0 else "kim") for i in range(ORDERS)]
+    first, base = await serve(project)
+    ids = []
+    try:
+        async with httpx.AsyncClient(base_url=base, headers={"apikey": keys["shop"]}) as client:
+            for order in orders:
+                started = await client.post("/sagas/place_order", json=order)
+                assert started.status_code == 202, started.text
+                ids.append(started.json()["id"])
+        async with asyncio.timeout(30):  # the first charges are on their way: sagas are half-way
+            while sum(payments.received.values()) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    assert first.returncode == -signal.SIGKILL
+    caught = await states(project, ids)
+    assert sum(state == "running" for state in caught.values()) >= ORDERS // 2, caught  # many were in flight
+
+    second, _ = await serve(project)
+    try:
+        async with asyncio.timeout(90):
+            while set((await states(project, ids)).values()) - {"completed", "compensated"}:
+                await asyncio.sleep(0.1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+    for saga_id, order in zip(ids, orders, strict=True):
+        seen = await effects(project, payments, saga_id, order)
+        if str(order["customer"]).startswith("refused"):
+            assert_compensated(seen)
+        else:
+            assert_completed(seen, order)
+        assert 1 <= seen.charge_requests <= 2  # sent again (with the same key) only if the kill cut it short
