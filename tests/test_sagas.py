@@ -575,6 +575,18 @@ async def test_a_runner_frozen_past_its_lease_cannot_record_a_step_once_compensa
     assert (listed.state, listed.error) == ("compensated", "cancelled")
 
 
+async def test_apply_adds_the_columns_a_sagas_table_made_before_them_lacks(project: Project,
+                                                                          payments: Payments) -> None:
+    async with operations.owner_connection(project, project.home_database) as conn:
+        await conn.execute("ALTER TABLE gatehouse.sagas DROP COLUMN subject, DROP COLUMN claims")
+    reports = await operations.apply_all(project)
+    assert [c for r in reports for c in r.changes if "saga" in c] == [
+        "added column gatehouse.sagas.subject", "added column gatehouse.sagas.claims"]
+    async with LogicHarness(project) as harness:
+        run = await harness.run_saga("place_order", app="shop", data=await new_order(project), claims={"sub": "u"})
+    assert (run.state, run.subject) == ("completed", "u")
+
+
 async def test_apply_again_leaves_the_saga_tables_as_they_are(project: Project) -> None:
     reports = await operations.apply_all(project)
     assert not [change for report in reports for change in report.changes if "saga" in change]

@@ -82,10 +82,13 @@ class LogicHarness:
         return engine
 
     async def run_saga(self, name: str, *, app: str, data: Any, idempotency_key: str | None = None,
-                       engine: SagaEngine | None = None, timeout_s: float = 30.0) -> SagaRun:
-        """Start a saga and run it until it is completed, compensated or failed (waiting out its backoffs)."""
+                       claims: Mapping[str, Any] | None = None, engine: SagaEngine | None = None,
+                       timeout_s: float = 30.0) -> SagaRun:
+        """Start a saga and run it until it is completed, compensated or failed (waiting out its backoffs).
+        ``claims`` are those of the user who starts it (``sub`` is their subject), as a token would carry."""
         engine = engine or self.sagas
-        run = await engine.start(app, name, data, idempotency_key)
+        subject = None if claims is None or claims.get("sub") is None else str(claims["sub"])
+        run = await engine.start(app, name, data, idempotency_key, subject=subject, claims=claims)
         return await self.settle_saga(run.id, engine=engine, timeout_s=timeout_s)
 
     async def settle_saga(self, saga_id: str, *, engine: SagaEngine | None = None,

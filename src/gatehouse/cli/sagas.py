@@ -112,6 +112,8 @@ def _run_lines(saga: SagaRun, now: datetime) -> list[str]:
              f"  state        {saga.state}" + (f" (failed while {saga.failed_in})" if saga.failed_in else ""),
              f"  started      {saga.created_at:%Y-%m-%d %H:%M:%S %Z} ({_age(saga.created_at, now)} ago), "
              f"last change {saga.updated_at:%H:%M:%S}"]
+    if saga.subject is not None:
+        lines.append(f"  user         {saga.subject} (its steps run with this user's claims)")
     if saga.idempotency_key:
         lines.append(f"  key          {saga.idempotency_key}")
     if saga.failing_step is not None:

@@ -177,14 +177,15 @@ async def start_saga(request: HttpRequest, runtime: Runtime, name: str) -> HttpR
     if request.method not in START_METHODS:
         raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}", allow=START_METHODS)
     project, labels = runtime.project, request.labels
-    _, app = await identify(request, runtime)  # 401 / 429
+    identity, app = await identify(request, runtime)  # 401 / 429
     engine = _engine(runtime, app, name)  # 404
     labels.contract = f"saga:{name}"
     _refuse_unrecorded(runtime)  # 503
     key = idempotency_key(request)  # 400
     wait = requested_wait(request, project.config.server.saga_wait_max_s)
     data = await _input(request, project.config.server.max_body_bytes)  # 400 / 413
-    run = await _database(engine.start(app.name, name, data, key))  # 400 (input) / 422 (key reused), then a row
+    run = await _database(engine.start(app.name, name, data, key, subject=identity.subject,  # the steps run
+                                       claims=identity.claims))  # as this user; 400 (input) / 422 (key reused)
     headers: dict[str, str] = {}
     if wait > 0 and not run.finished:
         for release in (labels.release, labels.release_work):  # a waiting client holds no slot of its app
@@ -197,11 +198,12 @@ async def start_saga(request: HttpRequest, runtime: Runtime, name: str) -> HttpR
 
 
 async def follow_saga(request: HttpRequest, runtime: Runtime, name: str, run_id: str) -> HttpResponse:
-    """``GET /sagas/<name>/<id>``: to the app that started the run only (a grant taken away since does not hide
-    the app's own runs from it); for any other, 404 as for a run that does not exist."""
+    """``GET /sagas/<name>/<id>``: to the app that started the run only, and when a user started it, to that
+    user only (a grant taken away since does not hide the app's own runs from it); for any other, 404 as for a
+    run that does not exist."""
     if request.method not in RUN_METHODS:
         raise MethodNotAllowed(f"Unsupported HTTP method: {request.method}", allow=RUN_METHODS)
-    _, app = await identify(request, runtime)  # 401 / 429
+    identity, app = await identify(request, runtime)  # 401 / 429
     engine = runtime.sagas
     if engine is None:
         raise _not_found(name)
@@ -210,7 +212,7 @@ async def follow_saga(request: HttpRequest, runtime: Runtime, name: str, run_id:
         run = await _database(engine.get(run_id))
     except SagaNotFound:
         run = None
-    if run is None or run.app != app.name or run.name != name:
+    if run is None or run.app != app.name or run.name != name or run.subject not in (None, identity.subject):
         raise SagaNotFound(f"Could not find the run '{run_id[:80]}' of the saga '{name[:80]}'",
                            hint="Use the Location answered when the run was started, with the same application's key.")
     request.labels.contract = f"saga:{name}"

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -61,10 +62,12 @@ class SagaEngine:
 
     # -- runs, for callers -------------------------------------------------------------------------------
 
-    async def start(self, app: str, name: str, data: Any, idempotency_key: str | None = None) -> SagaRun:
+    async def start(self, app: str, name: str, data: Any, idempotency_key: str | None = None, *,
+                    subject: str | None = None, claims: Mapping[str, Any] | None = None) -> SagaRun:
         """Start saga ``name`` as ``app`` with ``data`` (validated against the saga's input type): the new run,
         or the one an earlier call with the same key started (:class:`IdempotencyKeyReused` if its request
-        differed). The run goes on in the background (or at the next :meth:`run_due`)."""
+        differed). The run goes on in the background (or at the next :meth:`run_due`). ``subject`` and
+        ``claims`` are the user who asked (a token's): every step runs with them, under the app's row filters."""
         project = self.runtime.project
         definition = project.sagas.sagas.get(name)
         if definition is None or app not in project.apps:
@@ -77,7 +80,7 @@ class SagaEngine:
         async with self._home().acquire() as conn:
             run, new = await store.insert_saga(conn, name=name, app=app, key=idempotency_key,
                                                data=definition.input.dump_python(value, mode="json"),
-                                               timeout_s=definition.timeout_s)
+                                               timeout_s=definition.timeout_s, subject=subject, claims=claims)
         if new:
             self.stats.started[name] += 1
             self._wake.set()

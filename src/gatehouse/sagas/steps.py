@@ -80,7 +80,8 @@ class RunEnv:
 
     @property
     def identity(self) -> Identity:
-        return Identity(app=self.app.name, key_id="saga", subject=None, claims={})
+        """The app, with the user who started the run: its steps see the same rows the user's request would."""
+        return Identity(app=self.app.name, key_id="saga", subject=self.run.subject, claims=self.run.claims)
 
     @property
     def home(self) -> str:
@@ -96,7 +97,7 @@ class RunEnv:
 
     def audit(self, step: Step[Any, Any], n: int, kind: str, started: float) -> AuditRecord:
         return AuditRecord(at=datetime.now(UTC), request_id=f"saga:{self.run.id}", app=self.app.name,
-                           key_id="saga", subject=None, method="SAGA" if kind == "forward" else "UNDO",
+                           key_id="saga", subject=self.run.subject, method="SAGA" if kind == "forward" else "UNDO",
                            target=f"saga:{self.run.name}.{step.name}", api_version=self.version,
                            query=f"n={n}", status=200, rows=None,
                            duration_ms=(time.perf_counter() - started) * 1000)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,8 @@ from gatehouse.errors import IdempotencyKeyReused
 ACTIVE = ("running", "compensating")
 FINAL = ("completed", "compensated", "failed")
 _COLUMNS = ("id, name, app, idempotency_key, state, result, error, failed_in, attempts, failing_step, "
-            "next_run_at, deadline, created_at, updated_at, input, request_hash, lease_owner, lease_until")
+            "next_run_at, deadline, created_at, updated_at, input, request_hash, lease_owner, lease_until, subject, "
+            "claims")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,10 @@ class SagaRun:
     request_hash: str
     lease_owner: str | None
     lease_until: datetime | None
+    subject: str | None = None
+    """The user who started it (a token's ``sub``), None when it was started with a key alone."""
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    """That user's claims: its steps run with them, so the app's row filters apply to them as to the request."""
 
     @property
     def finished(self) -> bool:
@@ -62,6 +68,7 @@ class SagaRun:
         values["id"] = str(values["id"])
         for key in ("result", "input"):
             values[key] = None if values[key] is None else orjson.loads(values[key])
+        values["claims"] = {} if values["claims"] is None else orjson.loads(values["claims"])
         return cls(**values)
 
 
@@ -77,22 +84,26 @@ class StepRecord:
     database: str
 
 
-def request_hash(name: str, data: Any) -> str:
-    """What tells a repeated request from a different one under the same idempotency key: the saga's name and
-    its validated input, as canonical JSON."""
-    return hashlib.sha256(orjson.dumps([name, data], option=orjson.OPT_SORT_KEYS)).hexdigest()
+def request_hash(name: str, data: Any, subject: str | None = None, claims: Mapping[str, Any] | None = None) -> str:
+    """What tells a repeated request from a different one under the same idempotency key: the saga's name, its
+    validated input and who asked (user and claims), as canonical JSON. So another user of the same app who
+    happens to send the same key is refused (422), never handed the first user's run."""
+    caller = [subject, claims] if subject is not None or claims else []
+    return hashlib.sha256(orjson.dumps([name, data, *caller], option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 async def insert_saga(conn: Connection, *, name: str, app: str, key: str | None, data: Any,
-                      timeout_s: float | None) -> tuple[SagaRun, bool]:
+                      timeout_s: float | None, subject: str | None = None,
+                      claims: Mapping[str, Any] | None = None) -> tuple[SagaRun, bool]:
     """Start a run, or find the one this key started: (run, whether it is new). The same key with another
     request is :class:`IdempotencyKeyReused`."""
-    digest = request_hash(name, data)
+    digest = request_hash(name, data, subject, claims)
     row = await conn.fetchrow(
-        f"INSERT INTO gatehouse.sagas (id, name, app, idempotency_key, request_hash, input, deadline) "
-        f"VALUES ($1, $2, $3, $4, $5, $6::jsonb, now() + make_interval(secs => $7::float8)) "
+        f"INSERT INTO gatehouse.sagas (id, name, app, idempotency_key, request_hash, input, deadline, subject, "
+        f"claims) VALUES ($1, $2, $3, $4, $5, $6::jsonb, now() + make_interval(secs => $7::float8), $8, $9::jsonb) "
         f"ON CONFLICT (app, idempotency_key) DO NOTHING RETURNING {_COLUMNS}",
-        uuid.uuid4(), name, app, key, digest, orjson.dumps(data).decode(), timeout_s)
+        uuid.uuid4(), name, app, key, digest, orjson.dumps(data).decode(), timeout_s, subject,
+        orjson.dumps(dict(claims)).decode() if claims else None)
     if row is not None:
         return SagaRun.from_row(row), True
     found = await conn.fetchrow(f"SELECT {_COLUMNS} FROM gatehouse.sagas WHERE app = $1 AND idempotency_key = $2",

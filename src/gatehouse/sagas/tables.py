@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS gatehouse.sagas (
     failing_step     integer,
     next_run_at      timestamptz NOT NULL DEFAULT now(),
     deadline         timestamptz,
+    subject          text,
+    claims           jsonb,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (app, idempotency_key)
@@ -69,6 +71,23 @@ CREATE TABLE IF NOT EXISTS gatehouse.saga_steps (
 """
 
 
+CALLER_COLUMNS = {"subject": "text", "claims": "jsonb"}
+"""Columns of ``gatehouse.sagas`` added after its first release (the user who started a run, and their claims)."""
+
+
+async def _add_missing_columns(conn: asyncpg.Connection) -> list[str]:
+    """Add the columns a table made by an older gatehouse lacks (looked up first: ``ADD COLUMN IF NOT EXISTS``
+    would lock the table even when there is nothing to add)."""
+    present = {r["attname"] for r in await conn.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'gatehouse.sagas'::regclass AND NOT attisdropped")}
+    added = []
+    for column, kind in CALLER_COLUMNS.items():
+        if column not in present:
+            await conn.execute(f"ALTER TABLE gatehouse.sagas ADD COLUMN {column} {kind}")
+            added.append(f"added column gatehouse.sagas.{column}")
+    return added
+
+
 async def sync_saga_tables(conn: asyncpg.Connection, project: Project, database: str) -> list[str]:
     """Create the saga tables this database holds (none when the project declares no saga) and grant them."""
     holds = project.sagas.databases(project.home_database)
@@ -85,6 +104,8 @@ async def sync_saga_tables(conn: asyncpg.Connection, project: Project, database:
     if database == project.home_database:
         if "sagas" not in existing:
             await conn.execute(SAGAS_DDL)
+        else:
+            changes += await _add_missing_columns(conn)
         await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON gatehouse.sagas TO {auth}")
     if "saga_steps" not in existing:
         await conn.execute(SAGA_STEPS_DDL)
