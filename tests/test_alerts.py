@@ -21,12 +21,13 @@ import httpx
 import orjson
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from conftest import ProjectFactory, prepare, with_database
 from gatehouse.cli import app as cli_app
 from gatehouse.config import load_config
-from gatehouse.config_alerts import AlertsConfig, parse_duration, prometheus_duration
+from gatehouse.config_alerts import AlertRule, AlertsConfig, parse_duration, prometheus_duration
 from gatehouse.errors import ProjectError
 from gatehouse.observe.alert_prometheus import expression, prometheus_rules
 from gatehouse.observe.alert_signals import BOUNDS, PoolReading, SlowStatement, Traffic, server_is_local
@@ -85,6 +86,7 @@ class FakeSignals:
     pool: dict[tuple[str, str, str], PoolReading] = field(default_factory=dict)
     disk: dict[str, float | None] = field(default_factory=dict)
     slow: dict[str, list[SlowStatement] | None] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
     broken: set[str] = field(default_factory=set)
 
     async def reachable(self) -> Mapping[str, bool]:
@@ -107,6 +109,9 @@ class FakeSignals:
     async def slow_statements(self, longer_than_s: float) -> Mapping[str, Sequence[SlowStatement] | None]:
         return {db: None if found is None else [s for s in found if s.seconds > longer_than_s]
                 for db, found in self.slow.items()}
+
+    async def failed_sagas(self) -> Mapping[str, int]:
+        return {saga: count for saga, count in self.failed.items() if count}
 
 
 class Clock:
@@ -313,6 +318,24 @@ async def test_two_instances_send_each_transition_exactly_once(build: Build, mon
         assert [b["status"] for b in receiver.bodies()] == ["firing", "resolved"]
         assert receiver.bodies()[0]["text"] == "database shop: its disk is 95 % full (limit 90 %)"
         assert receiver.bodies()[1]["value"] == 0.5
+
+
+async def test_failed_sagas_fire_until_none_is_left(build: Build, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with Receiver() as receiver:
+        monkeypatch.setenv("HOOK_URL", receiver.url)
+        signals, clock = FakeSignals(failed={"place_order": 2}), Clock()
+        evaluator = build({"webhooks": {"pager": hook()},
+                           "rules": [{"name": "sagas need a person", "kind": "saga_failed"}]}, signals, clock)
+        await evaluator.evaluate_once()
+        signals.failed["place_order"] = 0  # retried or cancelled by hand
+        clock.now += 1
+        await evaluator.evaluate_once()
+        await settle(evaluator)
+        assert [b["status"] for b in receiver.bodies()] == ["firing", "resolved"]
+        assert receiver.bodies()[0]["text"] == ("saga place_order: 2 run(s) failed and need a person (gatehouse "
+                                                "sagas list --state failed --name place_order)")
+    with pytest.raises(ValidationError, match="is about databases, not apps"):
+        AlertRule.model_validate({"name": "x", "kind": "saga_failed", "app": "web"})
 
 
 async def test_a_restart_takes_over_what_fires_without_sending_it_again(
@@ -570,6 +593,10 @@ kind = "slow_statement"
 app = "analytics"
 over = "30s"
 summary = "Dashboards may be scanning: run `gatehouse doctor`."
+
+[[alerts.rules]]
+name = "sagas"
+kind = "saga_failed"
 """
 
 
@@ -601,8 +628,10 @@ def test_prometheus_rules_are_the_same_rules_over_the_metrics(make_project: Proj
         ' or gatehouse_pool_waiting{app="web"} > 0')
     assert by_name["disk"]["expr"] == "gatehouse_database_disk_used_ratio > 0.9"
     assert by_name["long statement"]["expr"] == 'gatehouse_statement_longest_seconds{app="analytics"} > 30'
-    assert by_name["long statement"]["annotations"]["description"] == project.config.alerts.rules[-1].summary
-    assert expression(project.config.alerts.rules[-1]) == by_name["long statement"]["expr"]
+    assert by_name["long statement"]["annotations"]["description"] == project.config.alerts.rules[-2].summary
+    assert expression(project.config.alerts.rules[-2]) == by_name["long statement"]["expr"]
+    assert by_name["sagas"]["expr"] == "gatehouse_sagas_failed > 0"
+    assert by_name["sagas"]["annotations"]["summary"] == "sagas: saga {{ $labels.saga }} has {{ $value }} failed run(s)"
 
 
 def test_the_prometheus_command_writes_the_file(make_project: ProjectFactory, tmp_path: Path) -> None:
@@ -611,8 +640,8 @@ def test_the_prometheus_command_writes_the_file(make_project: ProjectFactory, tm
     target = tmp_path / "rules.yml"
     result = CliRunner().invoke(cli_app, ["--project", str(project.root), "alerts", "prometheus", "-o", str(target)])
     assert result.exit_code == 0, result.output
-    assert "wrote 8 rules" in result.output
-    assert len(yaml.safe_load(target.read_text())["groups"][0]["rules"]) == 8
+    assert "wrote 9 rules" in result.output
+    assert len(yaml.safe_load(target.read_text())["groups"][0]["rules"]) == 9
     printed = CliRunner().invoke(cli_app, ["--project", str(project.root), "alerts", "prometheus"])
     assert printed.exit_code == 0 and printed.output == target.read_text()
 

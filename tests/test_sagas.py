@@ -579,9 +579,11 @@ async def test_apply_adds_the_columns_a_sagas_table_made_before_them_lacks(proje
                                                                           payments: Payments) -> None:
     async with operations.owner_connection(project, project.home_database) as conn:
         await conn.execute("ALTER TABLE gatehouse.sagas DROP COLUMN subject, DROP COLUMN claims")
+        await conn.execute("DROP INDEX gatehouse.sagas_failed_idx")
     reports = await operations.apply_all(project)
     assert [c for r in reports for c in r.changes if "saga" in c] == [
-        "added column gatehouse.sagas.subject", "added column gatehouse.sagas.claims"]
+        "added column gatehouse.sagas.subject", "added column gatehouse.sagas.claims",
+        "created index gatehouse.sagas_failed_idx"]
     async with LogicHarness(project) as harness:
         run = await harness.run_saga("place_order", app="shop", data=await new_order(project), claims={"sub": "u"})
     assert (run.state, run.subject) == ("completed", "u")

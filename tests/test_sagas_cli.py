@@ -196,6 +196,13 @@ async def test_retry_goes_on_with_a_failed_saga_once_its_code_is_fixed(
     assert run.id in listed.stdout and "step 1 was recorded as 'reserve_stock' but the saga now cal…\n" in listed.stdout
     shown = await gatehouse("sagas", "show", run.id)
     assert "state        failed (failed while running)" in shown.stdout
+    collector = SagaCollector(harness.sagas.stats, harness.runtime.internal_pool(project.home_database))
+
+    async def failed_gauge() -> dict[str, float]:
+        await collector.refresh()
+        return {s.labels["saga"]: s.value for m in collector.collect() if m.name == "gatehouse_sagas_failed"
+                for s in m.samples}
+    assert await failed_gauge() == {"wobbly": 1}  # what the saga_failed alert rule watches
 
     monkeypatch.delenv("SAGA_TEST_WOBBLE")  # the code is fixed
     answer = await gatehouse("sagas", "retry", run.id)
@@ -204,7 +211,7 @@ async def test_retry_goes_on_with_a_failed_saga_once_its_code_is_fixed(
     row = await saga_row(project, run.id)
     assert (row["state"], row["failed_in"], row["due"]) == ("running", None, True)
     fixed = await harness.settle_saga(run.id)
-    assert fixed.state == "completed"
+    assert fixed.state == "completed" and await failed_gauge() == {}
     async with operations.owner_connection(project, "catalog") as conn:
         holds = await conn.fetch("SELECT id, released FROM holds WHERE sku = $1", order["sku"])
     assert [(h["id"], h["released"]) for h in holds] == [(fixed.result, False)]  # reserved once, kept

@@ -37,7 +37,7 @@ from gatehouse.secrets import SecretRef
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Kind = Literal["database_unreachable", "replica_lag", "error_rate", "latency", "pool_saturated", "disk",
-               "slow_statement"]
+               "slow_statement", "saga_failed"]
 
 _PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|min|sec|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

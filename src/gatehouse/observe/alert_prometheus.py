@@ -25,6 +25,7 @@ POOL_SIZE = "gatehouse_pool_size"
 POOL_WAITING = "gatehouse_pool_waiting"
 REPLICA_LAG = "gatehouse_replica_lag_seconds"
 REPLICA_UP = "gatehouse_replica_up"
+SAGAS_FAILED = "gatehouse_sagas_failed"
 
 
 def _q(text: str) -> str:
@@ -73,6 +74,8 @@ def expression(rule: AlertRule) -> str:
         return f"{DISK_USED}{_selector(rule)} > {_number(limit)}"
     if rule.kind == "slow_statement":
         return f"{LONGEST_STATEMENT}{_selector(rule)} > {_number(limit)}"
+    if rule.kind == "saga_failed":
+        return f"{SAGAS_FAILED}{_selector(rule)} > 0"
     raise AssertionError(f"unknown kind {rule.kind}")
 
 
@@ -81,7 +84,8 @@ _SUBJECT = {"database_unreachable": "database {{ $labels.database }}",
             "error_rate": "app {{ $labels.app }}", "latency": "app {{ $labels.app }}",
             "pool_saturated": "app {{ $labels.app }} on {{ $labels.database }} ({{ $labels.server }})",
             "disk": "database {{ $labels.database }}",
-            "slow_statement": "app {{ $labels.app }} on {{ $labels.database }}"}
+            "slow_statement": "app {{ $labels.app }} on {{ $labels.database }}",
+            "saga_failed": "saga {{ $labels.saga }} has {{ $value }} failed run(s)"}
 
 
 def _summary(rule: AlertRule) -> str:

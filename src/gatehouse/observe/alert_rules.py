@@ -38,6 +38,7 @@ class Readings:
     pools: Mapping[tuple[str, str, str], PoolReading] | None = None
     disk: Mapping[str, float | None] | None = None
     slow: Mapping[str, Sequence[SlowStatement] | None] | None = None
+    failed_sagas: Mapping[str, int] | None = None
     windows: Mapping[float, Mapping[str, Traffic] | None] = field(default_factory=dict)
     """Window in seconds → each app's requests within it (None: not enough history yet)."""
 
@@ -207,6 +208,16 @@ def slow_statement(rule: AlertRule, r: Readings, tracked: Mapping[str, Labels]) 
     return found
 
 
+def saga_failed(rule: AlertRule, r: Readings, tracked: Mapping[str, Labels]) -> list[Observation]:
+    """A saga with runs that failed for good (a compensation that could not be done, a broken replay): a person
+    must look. It resolves once none is left failed (retried, or cancelled by hand)."""
+    if r.failed_sagas is None:
+        return _hold(tracked)
+    return [Observation(saga, {"saga": saga}, count > 0, float(count),
+                        f"saga {saga}: {count} run(s) failed and need a person (gatehouse sagas list --state failed "
+                        f"--name {saga})") for saga, count in sorted(r.failed_sagas.items())]
+
+
 KINDS: dict[str, Kind] = {"database_unreachable": database_unreachable, "replica_lag": replica_lag,
                           "error_rate": error_rate, "latency": latency, "pool_saturated": pool_saturated,
-                          "disk": disk, "slow_statement": slow_statement}
+                          "disk": disk, "slow_statement": slow_statement, "saga_failed": saga_failed}

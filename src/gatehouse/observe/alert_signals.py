@@ -29,6 +29,7 @@ from gatehouse.db.app_pools import application_name
 from gatehouse.errors import DatabaseUnavailable
 from gatehouse.observe.alert_state import OwnerLink
 from gatehouse.observe.metrics import LATENCY_BUCKETS
+from gatehouse.observe.saga_metrics import failed_runs
 
 if TYPE_CHECKING:
     from gatehouse.runtime import Runtime
@@ -120,6 +121,10 @@ class AlertSignals(Protocol):
         """Database → the apps' statements running longer than this now (None: cannot tell)."""
         ...
 
+    async def failed_sagas(self) -> Mapping[str, int]:
+        """Saga → its runs that failed and need a person now (sagas with none are left out)."""
+        ...
+
 
 def server_is_local(dsn: str) -> bool:
     """Does a PostgreSQL URL point at this machine (a Unix socket or a loopback address)?"""
@@ -172,6 +177,12 @@ class RuntimeSignals:
 
     async def replica_lags(self) -> dict[tuple[str, str], float | None]:
         return self._runtime.replicas.lags()
+
+    async def failed_sagas(self) -> dict[str, int]:
+        project = self._runtime.project
+        if not project.sagas:
+            return {}
+        return await self._links[project.home_database].run(failed_runs)
 
     def traffic(self) -> dict[str, Traffic]:
         """From the request histogram (its ``+Inf`` bucket is the count of each series (app, status, ...))."""

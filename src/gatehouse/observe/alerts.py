@@ -220,6 +220,8 @@ class AlertEvaluator:
             readings.pools = await self._signal("pools", signals.pools)
         if "disk" in kinds:
             readings.disk = await self._signal("disk", signals.disk_used)
+        if "saga_failed" in kinds:
+            readings.failed_sagas = await self._signal("failed sagas", signals.failed_sagas)
         slow = [rule.threshold or 0.0 for rule in self.config.rules if rule.kind == "slow_statement"]
         if slow:
             readings.slow = await self._signal("statements", lambda: signals.slow_statements(min(slow)))

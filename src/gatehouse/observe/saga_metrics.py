@@ -10,13 +10,15 @@
   replayed from its record is not run, so not counted.
 * ``gatehouse_saga_step_duration_seconds{saga, step}``: time per run of a step, whatever its outcome.
 * ``gatehouse_sagas_active{state}``: runs ``running`` or ``compensating`` now, in the database (every instance's).
+* ``gatehouse_sagas_failed{saga}``: runs ``failed`` now, which need a person (``gatehouse sagas list --state
+  failed``); what the ``saga_failed`` alert rule watches.
 
 The counts are plain integers in a :class:`SagaStats` that the engine adds to where it already knows the
 outcome (no database statement, no lock: one event loop writes them); they become Prometheus series only when
-``/metrics`` is scraped. The gauge is read from the database like the outbox's: a scrape shows the last reading
-and starts a new one when it is old (:mod:`gatehouse.observe.scrape_reading`). Its query counts through
-the partial index of due runs, each state capped at :data:`COUNT_CAP`, so it stays cheap with millions of
-finished runs in the table.
+``/metrics`` is scraped. The gauges are read from the database like the outbox's: a scrape shows the last reading
+and starts a new one when it is old (:mod:`gatehouse.observe.scrape_reading`). Their queries count through
+partial indexes (of due runs, of failed runs), each capped at :data:`COUNT_CAP`, so they stay cheap with millions
+of finished runs in the table.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gatehouse.db import Connection
 from gatehouse.observe.scrape_reading import ReadAtScrape
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,17 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM gatehouse.sagas WHERE state = 'runni
        (SELECT count(*) FROM (SELECT 1 FROM gatehouse.sagas WHERE state = 'compensating' LIMIT {COUNT_CAP}) AS c)
            AS compensating
 """
+
+FAILED_READING = f"""
+SELECT name, count(*) AS runs
+FROM (SELECT name FROM gatehouse.sagas WHERE state = 'failed' LIMIT {COUNT_CAP}) AS f
+GROUP BY name
+"""
+
+
+async def failed_runs(conn: Connection) -> dict[str, int]:
+    """Saga → its runs that failed and need a person (those with none are left out)."""
+    return {row["name"]: int(row["runs"]) for row in await conn.fetch(FAILED_READING)}
 
 
 @dataclass(slots=True)
@@ -82,12 +96,14 @@ class SagaCollector(ReadAtScrape, Collector):
         super().__init__("gatehouse/saga-metrics")
         self._stats, self._pool = stats, pool
         self._active: dict[str, int] | None = None
+        self._failed: dict[str, int] | None = None
 
     async def refresh(self) -> None:
         """Count the active runs now (left as they were when the database does not answer)."""
         try:
             async with asyncio.timeout(TIMEOUT_S), self._pool.acquire() as conn:
                 row = await conn.fetchrow(READING)
+                failed = await failed_runs(conn)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.debug("could not count the active sagas: %s", type(exc).__name__)
             return
@@ -95,6 +111,7 @@ class SagaCollector(ReadAtScrape, Collector):
             self._read_at = time.monotonic()
         assert row is not None
         self._active = {state: int(row[state]) for state in ACTIVE_STATES}
+        self._failed = failed
 
     def collect(self) -> Iterator[Metric]:
         self._refresh_soon()
@@ -126,6 +143,11 @@ class SagaCollector(ReadAtScrape, Collector):
         for state, count in (self._active or {}).items():
             active.add_metric([state], count)
         yield active
+        failed = GaugeMetricFamily("gatehouse_sagas_failed", "Saga runs failed now, which need a person (gatehouse "
+                                   "sagas list --state failed), on every instance.", labels=["saga"])
+        for saga, count in sorted((self._failed or {}).items()):
+            failed.add_metric([saga], count)
+        yield failed
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -51,7 +51,10 @@ CREATE TABLE IF NOT EXISTS gatehouse.sagas (
 );
 CREATE INDEX IF NOT EXISTS sagas_due_idx ON gatehouse.sagas (next_run_at)
     WHERE state IN ('running', 'compensating');
+CREATE INDEX IF NOT EXISTS sagas_failed_idx ON gatehouse.sagas (name) WHERE state = 'failed';
 """
+FAILED_INDEX = "CREATE INDEX sagas_failed_idx ON gatehouse.sagas (name) WHERE state = 'failed'"
+"""Failed runs, which need a person: what /metrics and the saga_failed alert rule count (a few rows at most)."""
 
 SAGA_STEPS_DDL = """
 CREATE SCHEMA IF NOT EXISTS gatehouse;
@@ -72,12 +75,13 @@ CREATE TABLE IF NOT EXISTS gatehouse.saga_steps (
 
 
 CALLER_COLUMNS = {"subject": "text", "claims": "jsonb"}
-"""Columns of ``gatehouse.sagas`` added after its first release (the user who started a run, and their claims)."""
+"""Columns of ``gatehouse.sagas`` added after its first release (the user who started a run, and their claims);
+its index of failed runs came then too."""
 
 
 async def _add_missing_columns(conn: asyncpg.Connection) -> list[str]:
-    """Add the columns a table made by an older gatehouse lacks (looked up first: ``ADD COLUMN IF NOT EXISTS``
-    would lock the table even when there is nothing to add)."""
+    """Add the columns and the index a table made by an older gatehouse lacks (looked up first: ``ADD COLUMN IF
+    NOT EXISTS`` and ``CREATE INDEX IF NOT EXISTS`` would lock the table even when there is nothing to add)."""
     present = {r["attname"] for r in await conn.fetch(
         "SELECT attname FROM pg_attribute WHERE attrelid = 'gatehouse.sagas'::regclass AND NOT attisdropped")}
     added = []
@@ -85,6 +89,9 @@ async def _add_missing_columns(conn: asyncpg.Connection) -> list[str]:
         if column not in present:
             await conn.execute(f"ALTER TABLE gatehouse.sagas ADD COLUMN {column} {kind}")
             added.append(f"added column gatehouse.sagas.{column}")
+    if not await conn.fetchval("SELECT to_regclass('gatehouse.sagas_failed_idx') IS NOT NULL"):
+        await conn.execute(FAILED_INDEX)
+        added.append("created index gatehouse.sagas_failed_idx")
     return added
 
 
