@@ -7,11 +7,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import ProjectFactory, prepare
+from conftest import ProjectFactory
 from gatehouse import operations
 from gatehouse.project import Project
 from gatehouse.testing import LogicHarness
-from test_tenancy import MIGRATION, SECRET, TOML, as_user
+from test_tenancy import TOML, as_user, serve_portal
 
 SAGA_TOML = TOML.replace('functions = ["my_note_count"]', 'sagas = ["retitle"]')
 LOGIC = '''
@@ -49,13 +49,8 @@ async def retitle(s: Saga, change: Retitle) -> dict[str, object]:
 @pytest.fixture
 async def portal(make_project: ProjectFactory, serve_project: object,
                  monkeypatch: pytest.MonkeyPatch) -> tuple[httpx.AsyncClient, Project, str]:
-    monkeypatch.setenv("TENANCY_JWT_SECRET", SECRET)
-    project = make_project(toml=SAGA_TOML, migrations={"V001__t.sql": MIGRATION}, files={"logic/sagas.py": LOGIC},
-                           contracts={"projects.v1.sql": "SELECT id, tenant, name FROM projects",
-                                      "tasks.v1.sql": "SELECT id, project_id, tenant, title FROM tasks"})
-    keys = await prepare(project)
-    client, _ = await serve_project(project)  # type: ignore[operator]
-    return client, project, keys["portal"]
+    return await serve_portal(make_project, serve_project, monkeypatch, toml=SAGA_TOML,
+                              logic={"logic/sagas.py": LOGIC})
 
 
 async def tasks(project: Project) -> list[tuple[int, str, str]]:

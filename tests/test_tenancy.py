@@ -66,16 +66,23 @@ def token(tenant: str, *, sub: str = "u1", azp: str | None = "portal-web", **cha
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-@pytest.fixture
-async def portal(make_project: ProjectFactory, serve_project: object,
-                 monkeypatch: pytest.MonkeyPatch) -> tuple[httpx.AsyncClient, Project, str]:
+async def serve_portal(make_project: ProjectFactory, serve_project: object, monkeypatch: pytest.MonkeyPatch, *,
+                       toml: str = TOML, logic: dict[str, str] | None = None) -> tuple[httpx.AsyncClient, Project, str]:
+    """The portal project (``toml``, with ``logic`` files: path → source) served in-process: (client, project, key)."""
     monkeypatch.setenv("TENANCY_JWT_SECRET", SECRET)
-    project = make_project(toml=TOML, migrations={"V001__t.sql": MIGRATION}, files={"logic/counts.py": LOGIC},
+    project = make_project(toml=toml, migrations={"V001__t.sql": MIGRATION},
+                           files=logic if logic is not None else {"logic/counts.py": LOGIC},
                            contracts={"projects.v1.sql": "SELECT id, tenant, name FROM projects",
                                       "tasks.v1.sql": "SELECT id, project_id, tenant, title FROM tasks"})
     keys = await prepare(project)
     client, _ = await serve_project(project)  # type: ignore[operator]
     return client, project, keys["portal"]
+
+
+@pytest.fixture
+async def portal(make_project: ProjectFactory, serve_project: object,
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[httpx.AsyncClient, Project, str]:
+    return await serve_portal(make_project, serve_project, monkeypatch)
 
 
 def as_user(key: str | None, tenant: str, **changes: object) -> dict[str, str]:
