@@ -51,10 +51,14 @@ async def test_pricing_rule_over_http(shop: Project, serve_project: object) -> N
     assert set(posted.json()) == {"order_id", "tier", "subtotal", "discount_percent", "total"}
     got = await client.get("/rpc/order_total?order_id=1", headers=analytics)  # read-only: GET works too
     assert got.json() == posted.json()
-    for body, status, code in [({"order_id": "seven"}, 400, "PGRST102"), ({}, 400, "PGRST102"),
-                               ({"order_id": 1, "extra": 2}, 400, "PGRST102")]:
+    # A value of the wrong type is the function's 400; argument names that no function takes find none (as in
+    # PostgREST: 404, hinting the parameters)
+    for body, status, code in [({"order_id": "seven"}, 400, "PGRST102"), ({}, 404, "PGRST202"),
+                               ({"order_id": 1, "extra": 2}, 404, "PGRST202")]:
         response = await client.post("/rpc/order_total", json=body, headers=analytics)
         assert (response.status_code, response.json()["code"]) == (status, code), body
+        if "extra" in body:  # (no hint for no arguments at all: "()" is too far from "(order_id)", as in PostgREST)
+            assert response.json()["hint"] == "Perhaps you meant to call the function public.order_total(order_id)"
     not_granted = await client.post("/rpc/order_total", json={"order_id": 1}, headers={"apikey": keys["web"]})
     assert not_granted.status_code == 404 and not_granted.json()["code"] == "PGRST202"
 

@@ -357,9 +357,9 @@ async def test_every_405_says_what_is_allowed(world: World) -> None:
     row = {"user_id": 1, "n": 1}
     cases: list[tuple[str, str, object, str]] = [
         ("TRACE", "/notes", None, "OPTIONS, GET, HEAD, POST, PUT, PATCH, DELETE"),
-        ("PUT", "/", None, "GET, HEAD"),
+        ("PUT", "/", None, "OPTIONS, GET, HEAD"),
         ("OPTIONS", "/docs", None, "GET, HEAD"),
-        ("PUT", "/rpc/probe", None, "GET, HEAD, POST"),
+        ("PUT", "/rpc/probe", None, "OPTIONS, GET, HEAD, POST"),  # PGRST101, before the function is looked up
         ("GET", "/rpc/touch", None, "POST"),  # a function that may write takes POST only
         ("POST", "/rpc/sneaky", {}, "GET, HEAD, POST"),  # 25006 from PostgreSQL: it wrote in a read-only function
         ("POST", "/note_stats", row, "OPTIONS, GET, HEAD"),  # GH405: the view cannot take writes

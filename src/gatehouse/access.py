@@ -12,11 +12,12 @@ from email.utils import format_datetime
 
 import asyncpg
 
+from gatehouse import suggestions
 from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db.catalog import ViewShape
 from gatehouse.db.sqlstate import api_error_from_postgres
-from gatehouse.errors import ActionNotGranted, ApiError, UnknownContract, UnknownProfile, VersionRetired
+from gatehouse.errors import ActionNotGranted, ApiError, UnknownProfile, VersionRetired
 from gatehouse.project import App, Project
 from gatehouse.query.row_filters import bind_claims, claim_refused_by_database
 from gatehouse.query.tree import Condition
@@ -74,8 +75,7 @@ def granted_contract(project: Project, app: App, version: int, name: str, action
     contract = project.versions.resolve(version, name)
     grant = app.grant_for(name)
     if contract is None or not grant:
-        raise UnknownContract(f"Could not find the contract '{name}' in API v{version}",
-                              hint="Check the name and the API version (Accept-Profile or /vN/ prefix).")
+        raise suggestions.unknown_contract(project, app, version, name)  # hint: among what the app may see
     if action not in grant:
         raise ActionNotGranted(f"The application may not {action} '{name}'",
                                hint=f"Its grant on '{name}' allows: {', '.join(sorted(grant))}.")

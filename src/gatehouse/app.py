@@ -27,7 +27,6 @@ from gatehouse.runtime import Runtime
 READ_METHODS = ("GET", "HEAD")
 CONTRACT_METHODS = ("OPTIONS", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 """What a contract's path takes from some app; ``OPTIONS`` tells an app which of them it may use."""
-RPC_METHODS = ("GET", "HEAD", "POST")
 CONTRACT_PATH = re.compile(r"^/(?:v([1-9][0-9]{0,3})/)?([^/]+)$")
 RPC_PATH = re.compile(r"^/rpc/([^/]+)$")
 
@@ -57,8 +56,9 @@ class DataApp:
             if method == "OPTIONS":
                 return await pipeline.options(request, runtime, name, path_version)
             raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=CONTRACT_METHODS)
-        if path in ("/", "/docs") and method not in READ_METHODS:
-            raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=READ_METHODS)
+        if path in ("/", "/docs") and method not in READ_METHODS and (path, method) != ("/", "OPTIONS"):
+            raise MethodNotAllowed(f"Unsupported HTTP method: {method}",
+                                   allow=("OPTIONS", *READ_METHODS) if path == "/" else READ_METHODS)
         if path == "/":
             return await openapi_endpoint(request, runtime)
         if path == "/docs":
@@ -66,9 +66,7 @@ class DataApp:
         if path.startswith(STATIC_PATH + "/"):
             return static_file(request, path[len(STATIC_PATH) + 1:])
         rpc = RPC_PATH.match(path)
-        if rpc is not None:
-            if method not in RPC_METHODS:
-                raise MethodNotAllowed(f"Unsupported HTTP method: {method}", allow=RPC_METHODS)
+        if rpc is not None:  # every method: /rpc answers the ones it does not take itself (PGRST101)
             return await call_rpc(request, runtime, rpc.group(1))
         if (feed := EVENTS_PATH.match(path)) is not None:  # GET /events/<contract>: the change events feed
             return await events_feed(request, runtime, feed.group(1))

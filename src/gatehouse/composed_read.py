@@ -212,6 +212,7 @@ async def read(request: HttpRequest, runtime: Runtime, app: App, route: ReadRout
     request.labels.rows = row[1]
     page = render.Page(body, row[1], plan.offset, total, plan.output_names)
     response = render.read_response(page, route.fmt, dict(route.headers))
+    response.headers["Content-Location"] = render.content_location(request.path, request.query_string)
     if runtime.replicas.has(contract.database):  # read from the primaries: as fresh as the data gets
         response.headers.update(PRIMARY_SOURCE)
     return response

@@ -197,7 +197,8 @@ class CompositionTooWide(RefusedRequest):
 
 
 class UnknownContract(ApiError):
-    """No such contract in this version, or the calling app may not see it: the two look the same."""
+    """No such contract in this version, or the calling app may not see it: the two look the same (PostgREST's
+    "table not found"; its hint is chosen among what the app may see, ``suggestions.py``)."""
 
     status, code = 404, "PGRST205"
 
@@ -215,17 +216,30 @@ class UndefinedColumn(ApiError):
 
 
 class RelationshipNotFound(ApiError):
+    """No relation the calling app may see fits an embed (one to a contract it may not read does not exist for
+    it). PostgREST's words; the hint, when there is one, suggests a close name among the relations it may see."""
+
     status, code = 400, "PGRST200"
 
 
 class AmbiguousRelationship(ApiError):
-    """More than one relation fits an embed: PostgREST answers 300 (Multiple Choices), and so do we."""
+    """More than one relation fits an embed: PostgREST answers 300 (Multiple Choices), and so do we. As in
+    PostgREST, ``details`` is a list: one object per candidate (``cardinality``, ``embedding``,
+    ``relationship``), so a client can pick one and name it with ``!hint``."""
 
     status, code = 300, "PGRST201"
 
+    def __init__(self, message: str, *, candidates: Iterable[dict[str, str]] = (), hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.candidates = [dict(candidate) for candidate in candidates]
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.candidates, "hint": self.hint}
+
 
 class FunctionNotFound(ApiError):
-    """No such logic function, or the calling app may not call it: the two look the same."""
+    """No such logic function, or the calling app may not call it, or none that takes these argument names: the
+    first two look the same (PostgREST's words and hints, ``suggestions.py``)."""
 
     status, code = 404, "PGRST202"
 
@@ -280,7 +294,8 @@ class MethodNotAllowed(NotAllowed):
 
 
 class RpcMethodNotAllowed(NotAllowed):
-    """``GET`` on a logic function that writes."""
+    """A method ``/rpc/<name>`` does not take (``PUT``, ``PATCH``, ``DELETE``), or ``GET`` on a logic function
+    that writes."""
 
     code = "PGRST101"
 
@@ -372,24 +387,26 @@ class BodyTimeout(ApiError):
 
 
 class Unauthenticated(ApiError):
-    """No usable credentials. Raised before any database work."""
+    """No usable credentials. Raised before any database work. Where PostgREST has the same condition (an empty,
+    malformed or forged token) the message is PostgREST's, word for word, and so is ``WWW-Authenticate``."""
 
     status, code = 401, "PGRST301"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, details: str | None = None, hint: str | None = None) -> None:
         super().__init__(
             message,
+            details=details,
             hint=hint,
             headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{message}"'},
         )
 
 
 class MissingCredentials(Unauthenticated):
+    """No credentials at all: PostgREST's answer when anonymous access is disabled, which it always is here."""
+
     code = "PGRST302"
 
-    def __init__(self, message: str = "No API key was sent", *,
-                 hint: str = "Send your application's key in the 'apikey' header or as 'Authorization: Bearer <key>'.",
-                 ) -> None:
+    def __init__(self, message: str = "Anonymous access is disabled", *, hint: str | None = None) -> None:
         ApiError.__init__(self, message, hint=hint, headers={"WWW-Authenticate": "Bearer"})
 
 

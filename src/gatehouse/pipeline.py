@@ -11,14 +11,14 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from gatehouse import composed_read, writing
+from gatehouse import composed_read, suggestions, writing
 from gatehouse.access import allowed_methods, choose_version, database_refusal, row_filters
 from gatehouse.auth.failures import credential_id
 from gatehouse.auth.identity import Identity, authenticate
 from gatehouse.cache.responses import Fill
 from gatehouse.db import consistency
 from gatehouse.db.replicas import AGE_HEADER, PRIMARY_SOURCE, SOURCE_HEADER
-from gatehouse.errors import NoFreshReplica, Unauthenticated, UnknownContract
+from gatehouse.errors import NoFreshReplica, Unauthenticated
 from gatehouse.http import render
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.observe.audit import AuditUnavailable
@@ -141,6 +141,7 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
     labels.rows = row[1]
     page = render.Page(row[0], row[1], offset, total, columns)
     response = render.read_response(page, route.fmt, dict(route.headers))
+    response.headers["Content-Location"] = render.content_location(request.path, request.query_string)
     if runtime.replicas.has(contract.database):  # how old the data may be: a replica's bound, or the primary's 0
         labels.replica = replica is not None
         response.headers.update(replica[1] if replica is not None else PRIMARY_SOURCE)
@@ -199,7 +200,7 @@ async def options(request: HttpRequest, runtime: Runtime, contract_name: str, pa
     contract = project.versions.resolve(version, contract_name)
     grant = app.grant_for(contract_name)
     if contract is None or not grant:
-        raise UnknownContract(f"Could not find the contract '{contract_name}' in API v{version}")
+        raise suggestions.unknown_contract(project, app, version, contract_name)
     schema = runtime.schemas[version]
     allowed = allowed_methods(schema.shapes[contract.name], contract.name in schema.keys, grant)
     return HttpResponse(200, {"Allow": ",".join(allowed)})

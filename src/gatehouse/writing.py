@@ -181,6 +181,8 @@ def _applied(method: str, query: ReadQuery, key: tuple[str, ...], prefs: Prefere
             applied.add("resolution")
         if prefs.get("missing"):
             applied.add("missing")
+    if method == "PATCH" and query.columns is None:  # (a PATCH sets the keys it sends: as PostgREST's without
+        applied.add("missing")                       # ?columns, whatever missing= says)
     if max_affected is not None:
         applied |= {"handling", "max-affected"}
     return applied
@@ -196,8 +198,7 @@ def _put_row(query: ReadQuery, payload: Payload, key: tuple[str, ...], allow: tu
             or any(not isinstance(f, Filter) or f.operator != "eq" or f.negated or f.field.json_path
                    for f in filters)):
         raise PutFilterNotKey("Filters must include all and only primary key columns with 'eq' operators",
-                              allow=[m for m in allow if m != "PUT"],  # not on this URL: on one naming a row by key
-                              hint=f"Name the row by its key: {', '.join(f'{k}=eq.<value>' for k in key) or 'no key'}")
+                              allow=[m for m in allow if m != "PUT"])  # not on this URL: on one naming a row by key
     row = payload.rows[0] if payload.rows else {}
     url_values = {f.field.column: f.value for f in filters if isinstance(f, Filter)}
     if any(str(row.get(k)) != url_values[k] for k in key):
@@ -276,7 +277,14 @@ def _check_written(plan: WritePlan, outcome: WriteOutcome) -> None:
 def write_response(project: Project, plan: WritePlan, outcome: WriteOutcome | None) -> HttpResponse:
     """The answer, as PostgREST gives it; ``outcome`` None when there was nothing to write (no statement ran)."""
     if outcome is None:
-        nothing = HttpResponse(201 if plan.method == "POST" else 204, {"Content-Range": "*/*"})
+        if plan.fmt in ("object", "object_stripped"):  # no row is not one row, whatever return= says
+            raise SingularResultRequired("Cannot coerce the result to a single JSON object",
+                                         details="The result contains 0 rows")
+        status = 201 if plan.method == "POST" else 200 if plan.representation else 204
+        nothing = HttpResponse(status, {"Content-Range": "*/*"})
+        if plan.representation:  # the representation of no rows, as PostgREST answers it
+            page = render.Page(body="[]", count=0, offset=0, columns=plan.output_names)
+            nothing.body, nothing.media_type = render.encode(page, plan.fmt), CONTENT_TYPES[plan.fmt]
         return _written(nothing, plan.prefs, {"return", "count", "tx"})
     written, prefs, version = outcome.written, plan.prefs, plan.version
     counted = f"*/{written}" if prefs.get("count") == "exact" else "*/*"

@@ -142,10 +142,19 @@ class KeyRing:
         return entry
 
 
+EMPTY_JWT = "Empty JWT is sent in Authorization header"
+
+
 def _bearer(headers: Mapping[str, str]) -> str | None:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if token and scheme.lower() == "bearer" else None  # other schemes carry nothing for us
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case); None for another scheme, which
+    carries nothing for us. A bearer without a token is refused, as PostgREST refuses it, rather than read as
+    no credentials at all."""
+    scheme, *rest = headers.get("authorization", "").split(maxsplit=1) or [""]
+    if scheme.lower() != "bearer":
+        return None
+    if not rest:
+        raise Unauthenticated(EMPTY_JWT)
+    return rest[0].strip()
 
 
 async def authenticate(headers: Mapping[str, str], keys: KeyRing, tokens: JwtVerifier | None,
@@ -164,17 +173,17 @@ async def authenticate(headers: Mapping[str, str], keys: KeyRing, tokens: JwtVer
         if by_key is not None and second.app != by_key.app:
             raise Unauthenticated("The apikey header and the Bearer key name different applications")
         by_key = by_key or second
-    elif bearer is not None and looks_like_jwt(bearer):
+    elif bearer is not None:  # not a key: a JWT, as PostgREST reads every bearer token (its messages included)
         if tokens is None:
-            raise Unauthenticated("JWT authentication is not configured",
-                                  hint="Send the application's key, or configure [auth.issuers] in gatehouse.toml.")
+            if looks_like_jwt(bearer):
+                raise Unauthenticated("JWT authentication is not configured",
+                                      hint="Send the application's key, or configure [auth.issuers] in gatehouse.toml.")
+            raise Unauthenticated("Invalid API key or token", hint="Check the key: it reads gh_<id>_<secret>.")
         user = await tokens.verify(bearer)
         if by_key is not None and user.app not in (None, by_key.app):
             raise InvalidClaims("JWT was issued for another application")
         if by_key is None and user.app is None:
             raise InvalidClaims("The token names no known application")
-    elif bearer is not None:
-        raise Unauthenticated("Invalid API key or token", hint="Check the key: it reads gh_<id>_<secret>.")
     if by_key is None and user is None:
         raise MissingCredentials()
     app = by_key.app if by_key is not None else user.app  # type: ignore[union-attr]

@@ -323,8 +323,11 @@ class JwtVerifier:
         try:
             unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.PyJWTError:
-            raise Unauthenticated("JWT cryptographic operation failed", hint="The token is malformed.") from None
+            raise Unauthenticated("JWT cryptographic operation failed") from None
         header, payload = unverified["header"], unverified["payload"]
+        if str(header.get("alg")).lower() == "none":  # refused before anything else is read from it, as PostgREST
+            raise Unauthenticated("Wrong or unsupported encoding algorithm",
+                                  details="JWT is unsecured but expected 'alg' was not 'none'")
         iss = payload.get("iss")
         found = self._issuers.get(iss) if isinstance(iss, str) else None
         if found is None:
@@ -359,7 +362,8 @@ class JwtVerifier:
         for key in keys:  # a token without 'kid' is tried against each key that fits its algorithm
             with contextlib.suppress(jwt.InvalidSignatureError):
                 return _decode(token, key, alg, options, config.issuer, audience)
-        raise Unauthenticated("JWT cryptographic operation failed", hint="The signature does not match.")
+        raise Unauthenticated("No suitable key or wrong key type",  # PostgREST's words for a forged signature
+                              details="None of the keys was able to decode the JWT")
 
     def _app_of(self, config: IssuerConfig, claims: Mapping[str, Any]) -> str | None:
         value = claims.get(config.app_claim)
@@ -379,7 +383,9 @@ def _decode(token: str, key: jwt.PyJWK | bytes, alg: str, options: jwt.types.Opt
         return jwt.decode(token, key, algorithms=[alg], options=options, issuer=issuer, audience=audience)
     except jwt.InvalidSignatureError:
         raise  # the caller may try another key
-    except jwt.InvalidAudienceError:
+    except jwt.InvalidAudienceError as exc:
+        if "format" in str(exc):  # PyJWT's "Invalid claim format in token": not a string or a list of strings
+            raise InvalidClaims("The JWT 'aud' claim must be a string or an array of strings") from None
         raise InvalidClaims("JWT not in audience") from None
     except jwt.MissingRequiredClaimError as exc:
         raise InvalidClaims("JWT not in audience" if exc.claim == "aud" else "JWT issuer is not trusted") from None
@@ -413,5 +419,5 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidClaims("JWT claims are malformed", hint=f"Claim {name!r} must be a number of seconds.")
+        raise InvalidClaims(f"The JWT '{name}' claim must be a number")
     return float(value)

@@ -3,7 +3,9 @@
 When a contract has two or more relations to the same target in an API version, ``select=*,target(*)``
 answers 300 there (PostgREST's PGRST201) and clients must name one (``target!hint(*)``). The relations
 are those the server builds for that API version (:func:`gatehouse.contracts.signature.relations_by_api_version`,
-identical relations merged into one), so the verdict is what the server answers, version by version.
+identical relations merged into one, those through a junction included), and the ones counted are those the
+server takes for the target's name alone (:func:`gatehouse.contracts.relations.embeds_as`: from a contract to
+itself, only the one-to-many side), so the verdict is what the server answers, version by version.
 
 It cannot be read from a :class:`~gatehouse.contracts.shape.Signature`: a contract version served in
 several API versions records the *union* of its relations over them, and a relation that only a newer,
@@ -21,11 +23,11 @@ ambiguous, although the older ones still answer 200. So the rule is per API vers
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gatehouse.contracts.lockfile import Lock
-from gatehouse.contracts.relations import Relation
+from gatehouse.contracts.relations import Relation, distinct_hints, embeds_as
 from gatehouse.contracts.shape import RelationRef
 from gatehouse.contracts.signature import relations_by_api_version
 from gatehouse.db.catalog import Constraint
@@ -60,27 +62,17 @@ class Ambiguity:
 
     @property
     def described(self) -> str:
-        """``fk_a: customer_id → orders(user_id); fk_b: customer_id → orders(gift_for)``."""
-        return "; ".join(f"{r.name}: {','.join(r.source_columns)} → {self.target}({','.join(r.target_columns)})"
+        """``fk_a: customer_id → orders(user_id); fk_b: customer_id → orders(gift_for)``; one through a junction
+        says so: ``id → tasks(id) through users_tasks``."""
+        return "; ".join(f"{','.join(r.source_columns)} → {self.target}({','.join(r.target_columns)}) through "
+                         f"{r.junction.contract}" if r.junction is not None else
+                         f"{r.name}: {','.join(r.source_columns)} → {self.target}({','.join(r.target_columns)})"
                          for r in self.relations)
 
     @property
     def choices(self) -> str:
         """The embeds that pick each relation: ``orders!orders_gift_for_fkey(...), orders!user_id(...)``."""
         return ", ".join(f"{self.target}!{hint}(...)" for hint in self.hints)
-
-
-def _hint_names(candidates: Sequence[Relation]) -> tuple[str, ...]:
-    """An ``!hint`` that picks each relation alone: a name of its own (its key's, or a merged alias), else a
-    column only it joins on, on either side (the server matches a hint against a relation's names and both
-    sides' columns), else its key's name."""
-    names = []
-    for relation in candidates:
-        others = [r for r in candidates if r is not relation]
-        unique = [h for h in (*relation.hints, *relation.source_columns, *relation.target_columns)
-                  if not any(h in (*o.hints, *o.source_columns, *o.target_columns) for o in others)]
-        names.append(unique[0] if unique else relation.name)
-    return tuple(names)
 
 
 def _released_relation(lock: Lock | None, label: str, target: str) -> RelationRef | None:
@@ -92,22 +84,30 @@ def _released_relation(lock: Lock | None, label: str, target: str) -> RelationRe
     return found[0] if len(found) == 1 else None
 
 
+def _identity(relation: Relation) -> tuple[object, ...]:
+    """The same relation in two API versions: its columns on both sides (and its junction's)."""
+    j = relation.junction
+    ends = (j.contract, j.source_columns, j.target_columns) if j is not None else ()
+    return (relation.source_columns, relation.target_columns, *ends)
+
+
 def find_ambiguities(project: Project, database: str, constraints: Iterable[Constraint],
                      lock: Lock | None) -> list[Ambiguity]:
     """Every (contract version, target) of ``database`` with several relations in some served API version,
     by label then target; ``constraints`` are the database's keys now (migrated or not, as the caller wants)."""
-    ambiguous: dict[tuple[str, str], tuple[dict[tuple[tuple[str, ...], tuple[str, ...]], Relation], list[int]]] = {}
+    ambiguous: dict[tuple[str, str], tuple[dict[tuple[object, ...], Relation], list[int]]] = {}
     for number, by_label in relations_by_api_version(project, database, constraints).items():
         for label, relations in by_label.items():
             by_target: dict[str, list[Relation]] = {}
             for relation in relations:
-                by_target.setdefault(relation.target, []).append(relation)
+                if embeds_as(relation, relation.target):
+                    by_target.setdefault(relation.target, []).append(relation)
             for target, candidates in by_target.items():
                 if len(candidates) < 2:
                     continue
                 found, numbers = ambiguous.setdefault((label, target), ({}, []))
                 for relation in candidates:
-                    found.setdefault((relation.source_columns, relation.target_columns), relation)
+                    found.setdefault(_identity(relation), relation)
                 numbers.append(number)
     released_api = lock.released_api_version if lock else 0
     results = []
@@ -115,6 +115,6 @@ def find_ambiguities(project: Project, database: str, constraints: Iterable[Cons
         offered = tuple(sorted(found.values(), key=lambda r: (r.name, r.source_columns, r.target_columns)))
         was = _released_relation(lock, label, target)
         broken = tuple(n for n in numbers if n <= released_api) if was is not None else ()
-        results.append(Ambiguity(label, target, offered, _hint_names(offered), tuple(numbers), broken,
+        results.append(Ambiguity(label, target, offered, distinct_hints(offered), tuple(numbers), broken,
                                  was if broken else None))
     return results

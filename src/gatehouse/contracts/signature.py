@@ -133,12 +133,14 @@ def relations_by_api_version(project: Project, database: str,
 
 def relations_by_label(project: Project, database: str,
                        constraints: Iterable[Constraint]) -> dict[str, tuple[RelationRef, ...]]:
-    """Each contract version's relations: the union over the API versions that serve it."""
+    """Each contract version's relations: the union over the API versions that serve it. Those through a
+    junction are left out: they follow from the junction's own relations, which its signature records."""
     found: dict[str, set[RelationRef]] = {}
     for by_label in relations_by_api_version(project, database, constraints).values():
         for label, relations in by_label.items():
             found.setdefault(label, set()).update(
-                RelationRef(r.target, r.source_columns, r.target_columns, r.to_one) for r in relations)
+                RelationRef(r.target, r.source_columns, r.target_columns, r.to_one) for r in relations
+                if r.junction is None)
     return {label: tuple(sorted(refs)) for label, refs in found.items()}
 
 

@@ -351,9 +351,12 @@ def build_openapi(project: Project, app: App, version: int, catalog: Mapping[tup
 
 
 async def openapi_endpoint(request: HttpRequest, runtime: Runtime) -> HttpResponse:
-    """``GET /`` and ``HEAD /``: 401 before anything, 406 for a version that is not served."""
+    """``GET /`` and ``HEAD /``: 401 before anything, 406 for a version that is not served. ``OPTIONS /``: the
+    methods the root takes, as PostgREST answers it."""
     project = runtime.project
     _, app = await identify(request, runtime)  # 401
+    if request.method == "OPTIONS":
+        return HttpResponse(200, {"Allow": "OPTIONS,GET,HEAD"})
     version = choose_version(project, app, request.headers.get("accept-profile"), None)  # 406
     request.labels.api_version = version
     response_format(request.headers.get("accept"), allowed=("openapi", "json"))  # 406 for e.g. text/csv

@@ -46,9 +46,11 @@ def _json_rows(raw: bytes, settings: ServerConfig) -> Payload:
     _depth(document, settings.max_json_depth)
     if isinstance(document, dict):
         return Payload([document], single=True)
-    if isinstance(document, list) and all(isinstance(item, dict) for item in document):
-        return Payload(list(document), single=False)
-    raise invalid("Empty or invalid json", "The body must be a JSON object or an array of objects")
+    if isinstance(document, list):
+        if all(isinstance(item, dict) for item in document):
+            return Payload(list(document), single=False)
+        raise invalid("All object keys must match")  # PostgREST's words for an array that is not all objects
+    raise invalid("Empty or invalid json")
 
 
 def _csv_rows(raw: bytes) -> Payload:
@@ -96,8 +98,7 @@ def parse_payload(raw: bytes, content_type: str | None, settings: ServerConfig) 
     elif media == "application/x-www-form-urlencoded":
         payload = _form_rows(raw)
     else:
-        raise invalid(f"Content-Type not acceptable: {media}",
-                      "Send application/json, text/csv or application/x-www-form-urlencoded")
+        raise invalid(f"Content-Type not acceptable: {media}")  # (json, csv or a form: docs/postgrest-differences.md)
     if len(payload.rows) > settings.max_body_rows:
         raise TooManyRows("Too many rows in one request", details=f"At most {settings.max_body_rows} rows per request",
                           hint="Split the rows into several requests.")

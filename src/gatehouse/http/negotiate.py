@@ -46,6 +46,9 @@ PREFERENCE_VALUES = {
 }
 APPLIED_ORDER = ("resolution", "missing", "return", "count", "tx", "handling", "max-affected", "read-from",
                  "max-staleness")
+ALWAYS_APPLIED = frozenset({"tx", "handling"})
+"""Preferences every request honours when sent, so PostgREST echoes them on reads, writes and functions alike:
+``tx`` (a read or a function rolled back changes nothing, a write rolled back is not kept) and ``handling``."""
 MAX_STALENESS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
 """``Prefer: max-staleness=<seconds>``: how old a replica's data this read accepts (at most the app's bound)."""
 
@@ -94,10 +97,12 @@ class Preferences:
         return self.values.get("handling") == "strict"
 
     def applied(self, names: set[str]) -> str | None:
-        """``Preference-Applied``: the given preferences that were sent, in PostgREST's order."""
+        """``Preference-Applied``: the preferences that were sent and took effect (those in ``names``, and ``tx``
+        and ``handling`` always), in PostgREST's order."""
         if not self.values:
             return None
-        shown = [f"{n}={self.values[n]}" for n in APPLIED_ORDER if n in names and n in self.values]
+        shown = [f"{n}={self.values[n]}" for n in APPLIED_ORDER
+                 if (n in names or n in ALWAYS_APPLIED) and n in self.values]
         return ", ".join(shown) or None
 
 

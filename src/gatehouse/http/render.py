@@ -7,16 +7,22 @@ formats look inside it.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote_plus
 
 import orjson
 
 from gatehouse.errors import RangeNotSatisfiable, SingularResultRequired
 from gatehouse.http.exchange import HttpResponse
 from gatehouse.http.negotiate import CONTENT_TYPES, Format
+
+READ_VARY = "Accept, Accept-Profile, Prefer, Range, Authorization, apikey"
+"""What a read's answer depends on besides its URL: PostgREST's ``Accept, Prefer, Range``, and who asks for which
+version (the cache's answers carry the same, ``cache/responses.py``)."""
 
 
 @dataclass(slots=True)  # not frozen: one per request, and a frozen dataclass costs twice as much to make
@@ -27,6 +33,34 @@ class Page:
     offset: int
     total: int | None = None
     columns: Sequence[str] = ()
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+_ESCAPE_ASCII = {c: c if chr(c) in _UNRESERVED else f"%{c:02X}" for c in range(128)}
+
+
+def _escaped(text: str) -> str:
+    """Percent-encoded but for letters, digits and ``-_.~`` (as PostgREST's canonical query string)."""
+    return text.translate(_ESCAPE_ASCII) if text.isascii() else quote(text, safe="")
+
+
+def _decoded(text: str) -> str:
+    return unquote_plus(text, errors="replace") if "%" in text or "+" in text else text
+
+
+@functools.lru_cache(maxsize=256)  # hot URLs come again and again (9 µs each otherwise)
+def content_location(path: str, query_string: str) -> str:
+    """``Content-Location`` of a read, as PostgREST sends it: the path, and the query's parameters sorted by name
+    (a repeated name's values joined by commas, in the order sent), each percent-encoded but for letters, digits
+    and ``-_.~``; no ``?`` when there are none. Requests that differ only in the order of their parameters name
+    the same resource."""
+    grouped: dict[str, list[str]] = {}
+    for name, _, value in sorted((part.partition("=") for part in query_string.split("&") if part),
+                                 key=lambda pair: _decoded(pair[0])):
+        grouped.setdefault(_decoded(name), []).append(_escaped(_decoded(value)))
+    if not grouped:
+        return path
+    return path + "?" + "&".join(f"{_escaped(name)}={','.join(values)}" for name, values in grouped.items())
 
 
 def content_range(first: int, count: int, total: int | None) -> str:
@@ -100,4 +134,5 @@ def read_response(page: Page, fmt: Format, headers: dict[str, str]) -> HttpRespo
     status = page_status(page)
     body = encode(page, fmt)
     headers["Content-Range"] = content_range(page.offset, page.count, page.total)
+    headers["Vary"] = READ_VARY
     return HttpResponse(status, headers, body, CONTENT_TYPES[fmt])

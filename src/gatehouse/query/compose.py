@@ -48,6 +48,7 @@ MAX_LEVELS = 3
 
 EMBED_NAME = re.compile(r'"?([^,():!"]+)"?\s*[(!]')
 """What an embed's name looks like in ``select``: a name before ``(`` or ``!`` (``users(``, ``user:users!inner(``)."""
+JOIN_HINTS = frozenset({"inner", "left"})
 
 
 def crosses_databases(schema: ApiSchema, contract: str, query_string: str) -> bool:
@@ -56,7 +57,9 @@ def crosses_databases(schema: ApiSchema, contract: str, query_string: str) -> bo
 
     Looked up in the text, without parsing: a name that only looks like an embed (a hint named like a
     contract) sends a read here that needs no composing, which answers it all the same (no marker, one
-    statement). Free when no relation of the API version crosses databases."""
+    statement). So does a name that is no contract (a key's or a column's name, ``select=*,user_id(*)``, or a
+    hint): where it leads is known once it is resolved. Free when no relation of the API version crosses
+    databases."""
     if not schema.crosses or "select=" not in query_string:
         return False
     try:
@@ -65,7 +68,8 @@ def crosses_databases(schema: ApiSchema, contract: str, query_string: str) -> bo
         return False  # (the usual path answers the 400)
     databases = schema.databases
     home = databases.get(contract)
-    return bool(select) and any(databases.get(name.strip(), home) != home for name in EMBED_NAME.findall(select[-1]))
+    names = {name.strip() for name in EMBED_NAME.findall(select[-1])} - JOIN_HINTS if select else set()
+    return any(databases.get(name) != home for name in names)
 
 
 # --- what a plan holds ------------------------------------------------------------------------------------------
@@ -148,9 +152,10 @@ class Planner:
     """Compiles every statement of a composed read; the compiler's :class:`~gatehouse.query.sql.CrossDatabase`."""
 
     def __init__(self, schema: ApiSchema, readable: frozenset[str], max_rows: int,
-                 filters: Mapping[str, tuple[Condition, ...]], contract: str, query: ReadQuery) -> None:
+                 filters: Mapping[str, tuple[Condition, ...]], contract: str, query: ReadQuery, *,
+                 profile: str | None = None) -> None:
         self.schema, self.readable, self.max_rows, self.filters = schema, readable, max_rows, filters
-        self.contract, self.query = contract, query
+        self.contract, self.query, self.profile = contract, query, profile
         self.embeds: list[RemoteEmbed] = []
         self.keysets: dict[tuple[str, ...], KeySet] = {}
         self._depth = 0
@@ -179,7 +184,7 @@ class Planner:
         return depth
 
     def _compiler(self, depth: int) -> ReadCompiler:
-        compiler = ReadCompiler(self.schema, self.readable, self.max_rows, self.filters)
+        compiler = ReadCompiler(self.schema, self.readable, self.max_rows, self.filters, profile=self.profile)
         compiler.across = self
         self._depth = depth
         return compiler
@@ -249,8 +254,9 @@ def with_slots(plan: ComposedPlan, value_count: int) -> ComposedPlan:
 
 def plan_read(schema: ApiSchema, readable: frozenset[str], max_rows: int, filters: Mapping[str, tuple[Condition, ...]],
               contract: str, query: ReadQuery, *, exact_count: bool, estimate: bool,
-              value_count: int | None = None) -> ComposedPlan:
-    """The plan of ``query``; ``value_count``: it was parsed from a shape's template with that many values."""
-    plan = Planner(schema, readable, max_rows, filters, contract, query).plan(exact_count=exact_count,
-                                                                            estimate=estimate)
+              value_count: int | None = None, profile: str | None = None) -> ComposedPlan:
+    """The plan of ``query``; ``value_count``: it was parsed from a shape's template with that many values;
+    ``profile``: the schema PostgREST's messages name (:class:`~gatehouse.query.sql.ReadCompiler`)."""
+    plan = Planner(schema, readable, max_rows, filters, contract, query,
+                   profile=profile).plan(exact_count=exact_count, estimate=estimate)
     return with_slots(plan, value_count) if value_count is not None else plan

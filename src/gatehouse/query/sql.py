@@ -11,7 +11,9 @@ PostgreSQL's own input functions.
 
 Embeds are correlated scalar subqueries in the select list: ``row_to_json`` for to-one (``null`` when
 missing), ``json_agg`` for to-many (``[]`` when empty). ``!inner`` and ``rel=not.is.null`` become
-``EXISTS`` on the parent; ``rel=is.null`` becomes ``NOT EXISTS``.
+``EXISTS`` on the parent; ``rel=is.null`` becomes ``NOT EXISTS``. Which relation an embed means is
+``query/embeds.py``'s to say; one through a junction (many-to-many) reads the target's view and the
+junction's side by side, the junction's rows pairing the parent's row with the target's.
 
 An embed into a contract of another database cannot be a subquery: with a :class:`CrossDatabase` set
 (``query/compose.py``), the compiler puts a marker holding the parent's key where the embed goes, and a
@@ -31,7 +33,6 @@ from gatehouse.contracts.relations import Relation
 from gatehouse.db import quote_ident
 from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import (
-    AmbiguousRelationship,
     DuplicateOutputName,
     InvalidEmbedFilter,
     JsonPathOnNonJsonColumn,
@@ -39,9 +40,9 @@ from gatehouse.errors import (
     NotEmbedded,
     QueryParseError,
     RelatedOrderNotToOne,
-    RelationshipNotFound,
     UndefinedColumn,
 )
+from gatehouse.query.embeds import find_relation
 from gatehouse.query.operators import operation
 from gatehouse.query.tree import (
     ColumnItem,
@@ -60,6 +61,12 @@ from gatehouse.schema_cache import ApiSchema
 
 JSON_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²" and "١٢"
 JSON_TYPES = frozenset({"json", "jsonb"})
+
+
+def shown(item: EmbedItem) -> bool:
+    """Is the embed part of the response? Not when empty (``rel()``), nor when it holds only embeds that are not
+    shown (``users_tasks(tasks(projects()))``): as in PostgREST, those only filter (``!inner``, ``rel=is.null``)."""
+    return any(not isinstance(i, EmbedItem) or shown(i) for i in item.items)
 
 
 @dataclass(slots=True)
@@ -95,12 +102,15 @@ class ReadCompiler:
     """Compiles reads of one app in one API version; embeds only reach contracts in ``readable``."""
 
     def __init__(self, schema: ApiSchema, readable: frozenset[str], max_rows: int,
-                 row_filters: Mapping[str, tuple[Condition, ...]] | None = None) -> None:
+                 row_filters: Mapping[str, tuple[Condition, ...]] | None = None, *,
+                 profile: str | None = None) -> None:
         self.schema = schema
         self.readable = readable
         self.max_rows = max_rows
         self.row_filters = row_filters or {}
         """contract → the app's row filter, claims already bound: added wherever the contract is read."""
+        self.profile = profile or f"v{schema.version}"
+        """The schema PostgREST's messages name (its profile): ``vN`` unless the caller says otherwise."""
         self.params: list[object] = []
         self._aliases = 0
         self._used_levels: set[tuple[str, ...]] = set()
@@ -118,7 +128,7 @@ class ReadCompiler:
         self.output_names = self._output_names(scope, query.select)
         where = self._where(scope, level, query)
         from_clause = f"{self._view(scope)} AS {scope.alias}"
-        inner = f"SELECT {projection} FROM {from_clause}{where}{self._order(scope, level)}{self._limit(level)}"
+        inner = f"SELECT {projection} FROM {from_clause}{where}{self._order(scope, level, query)}{self._limit(level)}"
         if self.across is None:  # (a composed read checks them once every statement of it is compiled)
             self.check_levels(query)
         total = f", (SELECT count(*) FROM {from_clause}{where})" if exact_count else ""
@@ -150,7 +160,7 @@ class ReadCompiler:
         child = self._scope(relation.target, (*scope.path, item.output_name))
         level = self._embed_level(query, child.path, item.relation)
         key = self._column(child, self._single(relation)[1])
-        where = self._where(child, level, query, extra=[f"{key} IS NOT NULL"], nested=False)
+        where = self._where(child, level, query, extra=[f"{key} IS NOT NULL"])
         return CompiledQuery(f"SELECT coalesce(array_agg(_gh_v), '{{}}') FROM (SELECT DISTINCT {key}::text AS _gh_v "
                              f"FROM {self._view(child)} AS {child.alias}{where} LIMIT {self.bind(bound)}) AS _gh_s",
                              self.params)
@@ -188,7 +198,7 @@ class ReadCompiler:
         scope.alias = source
         projection = self._projection(scope, query.select, query)
         self.output_names = self._output_names(scope, query.select)
-        inner = f"SELECT {projection} FROM {source}{self._order(scope, query.top)}"
+        inner = f"SELECT {projection} FROM {source}{self._order(scope, query.top, query)}"
         return f"(SELECT coalesce(json_agg(_gh_row), '[]')::text FROM ({inner}) AS _gh_row)"
 
     # -- building blocks ------------------------------------------------------------------------------
@@ -241,7 +251,7 @@ class ReadCompiler:
                 if item.cast:
                     sql = f"CAST({sql} AS {item.cast})"
                 parts.append(f"{sql} AS {quote_ident(item.output_name)}")
-            elif item.items:
+            elif shown(item):
                 parts.append(f"{self._embed(scope, item, query)} AS {quote_ident(item.output_name)}")
         if not parts:
             raise QueryParseError('"failed to parse select"', details="select names no column to return")
@@ -268,35 +278,35 @@ class ReadCompiler:
         for item in items:
             if isinstance(item, StarItem):
                 names.extend(scope.shape.columns)
-            elif isinstance(item, ColumnItem) or item.items:
+            elif isinstance(item, ColumnItem) or shown(item):
                 names.append(item.output_name)
         return names
 
     def _relation(self, scope: _Scope, item: EmbedItem) -> Relation:
-        candidates = [r for r in self.schema.relations_from(scope.contract)
-                      if r.target == item.relation and r.target in self.readable]
-        if item.hint:
-            candidates = [r for r in candidates if item.hint in (*r.hints, *r.source_columns, *r.target_columns)]
-        if not candidates:
-            raise RelationshipNotFound(
-                f"Could not find a relationship between '{scope.contract}' and '{item.relation}' in the schema cache",
-                details=f"Searched for a relationship between '{scope.contract}' and '{item.relation}'"
-                        f"{f' using the hint {item.hint!r}' if item.hint else ''}, but no matches were found.",
-                hint="Relations come from foreign keys between the contracts' tables, or [[relations]] in "
-                     "gatehouse.toml.",
-            )
-        if len(candidates) > 1:
-            options = ", ".join(f"'{item.relation}!{r.name}'" for r in candidates)
-            raise AmbiguousRelationship(f"Could not embed because more than one relationship was found for "
-                                        f"'{scope.contract}' and '{item.relation}'",
-                                        hint=f"Try changing '{item.relation}' to one of the following: {options}.")
-        return candidates[0]
+        return find_relation(self.schema, self.readable, scope.contract, item.relation, item.hint, self.profile)
 
     def _join(self, parent: _Scope, child: _Scope, relation: Relation) -> str:
         return " AND ".join(
             f"{self._column(child, tc)} = {self._column(parent, sc)}"
             for sc, tc in zip(relation.source_columns, relation.target_columns, strict=True)
         )
+
+    def _linked(self, parent: _Scope, child: _Scope, relation: Relation) -> tuple[str, list[str]]:
+        """The FROM items of an embed's rows and what ties them to the parent's row: the child's view joined on
+        the key; or, through a junction, the child's view and the junction's, whose rows pair the parent's row
+        with the child's (only those the app's row filter on the junction lets it read). As in PostgREST, a
+        child paired twice by the junction (its key has more columns than the two keys) is listed twice."""
+        child_from = f"{self._view(child)} AS {child.alias}"
+        junction = relation.junction
+        if junction is None:
+            return child_from, [self._join(parent, child, relation)]
+        link = self._scope(junction.contract, child.path)
+        conditions = [f"{self._column(link, jc)} = {self._column(child, tc)}"
+                      for jc, tc in zip(junction.target_columns, relation.target_columns, strict=True)]
+        conditions += [f"{self._column(link, jc)} = {self._column(parent, sc)}"
+                       for jc, sc in zip(junction.source_columns, relation.source_columns, strict=True)]
+        conditions += [self._condition(link, c, {}, ReadQuery()) for c in self.row_filters.get(junction.contract, ())]
+        return f"{child_from}, {self._view(link)} AS {link.alias}", conditions
 
     def _embed_level(self, query: ReadQuery, path: tuple[str, ...], relation_name: str) -> Level:
         for candidate in (path, (*path[:-1], relation_name)):
@@ -316,15 +326,16 @@ class ReadCompiler:
         level = self._embed_level(query, child.path, item.relation)
         projection = self._projection(child, item.items, query)
         if key is None:
-            join = self._join(parent, child, relation)
-        else:
+            from_items, link = self._linked(parent, child, relation)
+        else:  # (an embed across databases: never through a junction, which is always in one database)
             column = self._single(relation)[1]
-            join = f"{self._column(child, column)} = {key}::{child.shape.columns[column]}"
-        where = self._where(child, level, query, extra=[join])
-        body = f"SELECT {projection} FROM {self._view(child)} AS {child.alias}{where}"
+            from_items = f"{self._view(child)} AS {child.alias}"
+            link = [f"{self._column(child, column)} = {key}::{child.shape.columns[column]}"]
+        where = self._where(child, level, query, extra=link)
+        body = f"SELECT {projection} FROM {from_items}{where}"
         if relation.to_one:
             return f"(SELECT row_to_json(_gh_r) FROM ({body} LIMIT 1) AS _gh_r)"
-        body += f"{self._order(child, level)}{self._limit(level)}"
+        body += f"{self._order(child, level, query)}{self._limit(level)}"
         return f"(SELECT coalesce(json_agg(_gh_r), '[]') FROM ({body}) AS _gh_r)"
 
     def _exists(self, parent: _Scope, item: EmbedItem, query: ReadQuery) -> str:
@@ -338,8 +349,9 @@ class ReadCompiler:
             return f"(({self._column(parent, column)} = ANY({keys}::text[]::{key_type}[])) IS TRUE)"
         child = self._scope(relation.target, (*parent.path, item.output_name))
         level = self._embed_level(query, child.path, item.relation)
-        where = self._where(child, level, query, extra=[self._join(parent, child, relation)], nested=False)
-        return f"EXISTS (SELECT 1 FROM {self._view(child)} AS {child.alias}{where})"
+        from_items, link = self._linked(parent, child, relation)
+        where = self._where(child, level, query, extra=link)
+        return f"EXISTS (SELECT 1 FROM {from_items}{where})"
 
     def _crosses(self, relation: Relation) -> bool:
         """Does the relation lead into another database (no JOIN possible)?"""
@@ -375,14 +387,15 @@ class ReadCompiler:
                 found.setdefault(item.relation, item)
         return found
 
-    def _where(self, scope: _Scope, level: Level, query: ReadQuery, *, extra: list[str] | None = None,
-               nested: bool = True) -> str:
+    def _where(self, scope: _Scope, level: Level, query: ReadQuery, *, extra: list[str] | None = None) -> str:
+        """The scope's conditions: ``extra`` (its link to the parent), the app's row filter, the level's filters,
+        and an EXISTS for each of its ``!inner`` embeds (whose own conditions nest the same way: an ``!inner``
+        inside an ``!inner`` filters the top through both, as in PostgREST)."""
         embeds = self._embeds_at(scope, query)
         conditions = list(extra or [])
         conditions.extend(self._condition(scope, c, embeds, query) for c in self.row_filters.get(scope.contract, ()))
         conditions.extend(self._condition(scope, c, embeds, query) for c in level.where)
-        if nested:
-            conditions.extend(self._exists(scope, e, query) for e in dict.fromkeys(embeds.values()) if e.inner)
+        conditions.extend(self._exists(scope, e, query) for e in dict.fromkeys(embeds.values()) if e.inner)
         return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
     def _condition(self, scope: _Scope, condition: Condition, embeds: dict[str, EmbedItem],
@@ -408,17 +421,18 @@ class ReadCompiler:
 
     # -- order, limit -----------------------------------------------------------------------------------
 
-    def _order(self, scope: _Scope, level: Level) -> str:
+    def _order(self, scope: _Scope, level: Level, query: ReadQuery) -> str:
         terms: list[str] = []
         for term in level.order:
-            terms.append(self._order_term(scope, term))
+            terms.append(self._order_term(scope, term, query))
         return f" ORDER BY {', '.join(terms)}" if terms else ""
 
-    def _order_term(self, scope: _Scope, term: OrderTerm) -> str:
+    def _order_term(self, scope: _Scope, term: OrderTerm, query: ReadQuery) -> str:
         if term.relation is None:
             sql, _ = self._field(scope, term.field)
-        else:
-            item = EmbedItem(term.relation)
+        else:  # the embed of that name (or alias) in the select, else the relation the name means
+            embedded = self._embeds_at(scope, query).get(term.relation)
+            item = EmbedItem(embedded.relation, hint=embedded.hint) if embedded else EmbedItem(term.relation)
             relation = self._relation(scope, item)
             if self._crosses(relation):
                 raise NotComposable(f"A related order on '{term.relation}' is not possible",
@@ -427,7 +441,8 @@ class ReadCompiler:
                                     hint=f"Order by columns of '{scope.contract}', or sort the answer yourself.")
             if not relation.to_one:
                 raise RelatedOrderNotToOne(f"A related order on '{term.relation}' is not possible",
-                                           details="Only to-one embedded resources can order their parent")
+                                           details=f"'{scope.contract}' and '{term.relation}' do not form a "
+                                                   "many-to-one or one-to-one relationship")
             child = self._scope(relation.target, (*scope.path, term.relation))
             value, _ = self._field(child, term.field)
             sql = (f"(SELECT {value} FROM {self._view(child)} AS {child.alias} "
