@@ -382,6 +382,7 @@ async def test_an_ungranted_embed_is_refused_as_in_one_database(split: Served) -
     refused = await client.get("/orders?select=id,users(name)", headers=narrow)
     assert refused.status_code == 400 and refused.json()["code"] == "PGRST200"
     assert "'orders' and 'users'" in refused.json()["message"]
+    assert "in the schema 'public'" in refused.json()["details"]  # as PGRST205 and PGRST202 name it
     inner = await client.get("/orders?select=id,users!inner()", headers=narrow)
     assert inner.status_code == 400 and inner.json()["code"] == "PGRST200"
 

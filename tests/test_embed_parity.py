@@ -5,7 +5,7 @@ The cases are those of PostgREST's own specs (``EmbedDisambiguationSpec``, ``Que
 ``RelatedQueriesSpec``) and of its resource embedding docs that apply to gatehouse, asked of a fixture of our own
 (the same shape of data: clients, projects, tasks, users and their junction, ...). Each expects PostgREST's status
 and body; where PostgREST leaves an order unspecified the request adds one. The schema in PGRST200's details is
-the API version (:data:`SCHEMA`), where PostgREST names its exposed schema. A 300's candidates and the hint's
+the profile (:data:`SCHEMA`: ``public`` for the default version), where PostgREST names its exposed schema. A 300's candidates and the hint's
 choices are compared as sets: PostgREST lists them in its schema cache's order, gatehouse in constraint order.
 
 ``NOT_APPLICABLE`` lists PostgREST's embedding features that gatehouse does not have, with the reason; the
@@ -211,8 +211,9 @@ def ambiguous(parent: str, child: str, candidates: list[tuple[str, str]], choice
                     "Find the desired relationship in the 'details' key."}
 
 
-SCHEMA = "v1"
-"""What PGRST200's details name as the schema: the profile the compiler is given, else the API version."""
+SCHEMA = "public"
+"""What PGRST200's details name as the schema: the profile the request is served under, as PGRST205 and PGRST202
+name it (``public`` for the app's default version, ``vN`` for another)."""
 ANGELA, MICHAEL, DWIGHT = "Angela Martin", "Michael Scott", "Dwight Schrute"
 ASAP = "Needs to be delivered ASAP"
 Q, D, E, R, H = "QuerySpec", "EmbedDisambiguationSpec", "EmbedInnerJoinSpec", "RelatedQueriesSpec", "docs"

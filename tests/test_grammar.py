@@ -147,9 +147,10 @@ ERRORS = [
     ("order=id.sideways", 400, "PGRST100"),
     ("order=id.asc.nullslasttt", 400, "PGRST100"),
     ("limit=ten", 400, "PGRST100"),
-    ("limit=-1", 400, "PGRST100"),  # PostgREST: 416; a negative limit is no range anyone can mean
+    ("limit=-1", 416, "PGRST103"),  # as PostgREST: "Limit should be greater than or equal to zero."
+    ("limit=-1&id=zz", 400, "PGRST100"),  # ... but a syntax error anywhere comes first, as in PostgREST
     ("offset=-1", 400, "PGRST100"),  # PostgREST ignores it
-    ("items.limit=-1", 400, "PGRST100"),
+    ("items.limit=-1", 400, "PGRST100"),  # an embed's negative limit is still refused
     ("on_conflict=id)junk", 400, "PGRST100"),  # anything after the column list
     ("on_conflict=id;drop", 400, "PGRST100"),
     ('on_conflict="id"x', 400, "PGRST100"),

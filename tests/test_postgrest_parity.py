@@ -27,8 +27,10 @@ import pytest_asyncio
 
 from conftest import drop_project, prepare, with_database
 from gatehouse.app import create_app
+from gatehouse.db.faults import cannot_connect
 from gatehouse.http.render import content_location
 from gatehouse.project import load_project
+from gatehouse.query.suggest import close_columns, missing_column_hint
 from gatehouse.runtime import Runtime
 from gatehouse.suggestions import closest
 from parity_calls import CALLS
@@ -134,6 +136,9 @@ DIFFERENCES = [
          payload={"id": 1}, after=("SELECT count(*) FROM items", 15)),
     Case("differs", "RangeSpec: a negative offset is refused, not ignored", "GET", "/items?select=id&offset=-4", 400,
          err("PGRST100", '"failed to parse offset" (-4)', "offset must be a whole number, 0 or more")),
+    Case("differs", "UpdateSpec: a PATCH of several objects is refused (which one a row gets is undefined)", "PATCH",
+         "/projects?id=eq.1", 400, err("PGRST102", "PATCH takes one JSON object"),
+         payload=[{"name": "a"}, {"name": "b"}], after=("SELECT name FROM projects WHERE id = 1", "Windows 7")),
     Case("differs", "AuthSpec: a token without exp is refused", "GET", "/items", 401,
          err("PGRST303", "JWT has no expiry", hint="Tokens must carry an 'exp' claim."), who="no exp"),
     Case("differs", "InsertSpec: a JSON scalar body is refused, not an empty insert", "POST", "/items", 400,
@@ -291,3 +296,40 @@ def test_hints_are_bounded() -> None:
     assert time.perf_counter() - started < 0.05
     assert closest("projecxx", ["projects", "clients"]) == "projects"  # 1 - 2/8 = 0.75: just enough
     assert closest("projxxxx", ["projects", "clients"]) is None
+
+
+# (columns of a table, a name that is not one of them): PostgreSQL's rule at its edges (distance at most 3 and at
+# most half the name's length, the closest wins, two at one distance are both named, a third names none).
+MISSING_COLUMNS = [
+    (("id", "name", "client_id"), "nam"),
+    (("id", "name", "client_id"), "banana"),
+    (("id", "name", "client_id"), "NAME"),
+    (("ax", "ay"), "ab"),
+    (("ax", "ay", "az"), "ab"),
+    (("abxy", "abyx", "abzz", "abcx"), "abcd"),
+    (("abxy", "abyx", "abzz"), "abcd"),
+    (("abcdefgh", "abcdxxxx"), "abcdefxx"),
+    (("sku", "skus"), "sk"),
+    (("été", "ete"), "etè"),
+]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize(("columns", "typed"), MISSING_COLUMNS)
+async def test_a_missing_columns_hint_is_postgresqls(world: World, columns: tuple[str, ...], typed: str) -> None:
+    """The 42703 hint is computed without asking the database, by its rule: held against PostgreSQL itself."""
+    table = "hint_probe"
+    listed = ", ".join(f'"{c}" int' for c in columns)
+    async with world.database.transaction():
+        await world.database.execute(f"CREATE TEMP TABLE {table} ({listed}) ON COMMIT DROP")
+        with pytest.raises(asyncpg.UndefinedColumnError) as refused:
+            await world.database.execute(f'SELECT {table}."{typed}" FROM {table}')
+    assert missing_column_hint(table, typed, columns) == refused.value.hint
+    assert refused.value.hint is None or close_columns(typed, columns)
+
+
+def test_a_database_that_cannot_be_reached_is_pgrst000_in_postgrests_words() -> None:
+    """PostgREST 14.13 and later: "Database connection error." (no "Retrying the connection." any more)."""
+    refused = cannot_connect(2.5)
+    assert (refused.status, refused.code, refused.message) == (503, "PGRST000", "Database connection error.")
+    assert refused.headers == {"Retry-After": "3"}

@@ -45,7 +45,7 @@ CASES: list[tuple[str, str, str, dict[str, str], int, object]] = [
     ("unknown contract", "mobile", "/nothing", {}, 404, "PGRST205"),
     ("unknown profile", "web", "/products", {"Accept-Profile": "v3"}, 406, "PGRST106"),
     ("unknown path version", "web", "/v9/products", {}, 406, "PGRST106"),
-    ("negative limit", "web", "/products?limit=-1", {}, 400, "PGRST100"),
+    ("negative limit", "web", "/products?limit=-1", {}, 416, "PGRST103"),
     ("deep path", "web", "/a/b/c", {}, 404, "PGRST125"),
     ("unsupported method", "web", "/products", {"X-Method": "TRACE"}, 405, "PGRST117"),
     ("write without the grant", "web", "/products?id=eq.1", {"X-Method": "DELETE"}, 403, "42501"),

@@ -297,7 +297,7 @@ async def test_a_logic_read_refuses_a_query_that_is_not_utf8(world: World) -> No
 
 
 @pytest.mark.parametrize(("query", "headers"), [
-    ("offset=-1", {}), ("limit=-1", {}), ("limit=-0", {}), ("offset=%2D1", {}), ("limit=1.5", {}),
+    ("offset=-1", {}), ("limit=-0", {}), ("offset=%2D1", {}), ("limit=1.5", {}),
     ("select=id,comments(text)&comments.offset=-1", {}), ("select=id,comments(text)&comments.limit=-2", {}),
     ("", {"Range": "items=-5-3"}), ("", {"Range": "-5-3"}), ("", {"Range": "items=-5"}), ("", {"Range": "items=a-b"}),
     ("", {"Range": "items=0-99999999999999999999"}),

@@ -32,6 +32,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from gatehouse import suggestions
 from gatehouse.access import database_refusal
 from gatehouse.db.replicas import PRIMARY_SOURCE
 from gatehouse.errors import CompositionTooWide, NotComposable
@@ -171,7 +172,8 @@ def _plan(request: HttpRequest, runtime: Runtime, app: App, route: ReadRoute,
         return compose.plan_read(runtime.schemas[route.version], route.readable,
                                  runtime.project.max_rows(app, route.contract.name), filters, route.contract.name,
                                  query, exact_count=route.count_mode == "exact", estimate=estimate,
-                                 value_count=value_count)  # 400, before any statement runs
+                                 value_count=value_count,
+                                 profile=suggestions.schema_label(runtime.project, app, route.version))  # 400
 
     if shape is not None:
         plan = compiled(shape.template(), len(shape.values))

@@ -70,7 +70,7 @@ def _compile_read(runtime: Runtime, app: App, route: ReadRoute, pairs: list[tupl
     intersect_range(query.top, route.requested)  # 416
     name = route.contract.name
     compiler = ReadCompiler(runtime.schemas[route.version], route.readable, runtime.project.max_rows(app, name),
-                            filters)
+                            filters, profile=suggestions.schema_label(runtime.project, app, route.version))
     compiled = compiler.read(name, query, exact_count=route.count_mode == "exact")  # 400
     return compiled, query, tuple(compiler.output_names)
 
@@ -131,8 +131,8 @@ async def read(request: HttpRequest, runtime: Runtime, contract_name: str, path_
         total: int | None = row[2] if count_mode == "exact" else None
         if count_mode in ("planned", "estimated") and query is not None:
             max_rows = project.max_rows(app, contract.name)
-            rows = ReadCompiler(runtime.schemas[version], route.readable, max_rows, filters).filtered(
-                contract.name, query)
+            rows = ReadCompiler(runtime.schemas[version], route.readable, max_rows, filters,
+                                profile=suggestions.schema_label(project, app, version)).filtered(contract.name, query)
             async with runtime.pools.connection(app.name, contract.database) as conn:
                 total = await estimated_count(conn, rows, exact_up_to=max_rows if count_mode == "estimated" else 0)
     except asyncpg.PostgresError as exc:

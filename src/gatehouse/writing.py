@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 
+from gatehouse import suggestions
 from gatehouse.access import (
     allowed_methods,
     choose_version,
@@ -24,7 +25,6 @@ from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db import rollback_quietly
 from gatehouse.errors import (
-    InvalidBody,
     MaxAffectedExceeded,
     PutFilterNotKey,
     PutKeyMismatch,
@@ -107,8 +107,8 @@ async def plan_write(request: HttpRequest, runtime: Runtime, identity: Identity,
     readable = readable_contracts(project, app, version)
     filters = row_filters(app, identity, readable | {contract.name})  # 403 when the token lacks a claim
     allow = tuple(allowed_methods(schema.shapes[contract.name], bool(key), app.grant_for(contract.name)))
-    writer = WriteCompiler(ReadCompiler(schema, readable, project.max_rows(app, contract.name), filters),
-                           contract.name, allow)
+    writer = WriteCompiler(ReadCompiler(schema, readable, project.max_rows(app, contract.name), filters,
+                                        profile=suggestions.schema_label(project, app, version)), contract.name, allow)
     limit = prefs.get("max-affected") if prefs.strict and method in ("PATCH", "DELETE") else None
     max_affected = None if limit is None else int(limit)
     # The record goes into the write's own statement when its status is known before it runs; the write then
@@ -166,10 +166,7 @@ def _compile_write(method: str, writer: WriteCompiler, query: ReadQuery, payload
         options = InsertOptions(representation, "merge-duplicates", False, key)
         return writer.insert(query, Payload([row], single=True), options, key)
     if method == "PATCH":
-        if payload.rows and (not payload.single or len(payload.rows) != 1):
-            raise InvalidBody("PATCH takes one JSON object")
-        row = payload.rows[0] if payload.rows else {}
-        return writer.update(query, row, representation, key) if row else None
+        return writer.patch(query, payload, representation, key, missing_default=prefs.get("missing") == "default")
     return writer.delete(query, representation, key)
 
 
@@ -181,8 +178,8 @@ def _applied(method: str, query: ReadQuery, key: tuple[str, ...], prefs: Prefere
             applied.add("resolution")
         if prefs.get("missing"):
             applied.add("missing")
-    if method == "PATCH" and query.columns is None:  # (a PATCH sets the keys it sends: as PostgREST's without
-        applied.add("missing")                       # ?columns, whatever missing= says)
+    if method == "PATCH":  # (a column of ?columns the body lacks is set as missing= says; without ?columns,
+        applied.add("missing")  # a PATCH sets only the keys it sends, whatever missing= says, as PostgREST's)
     if max_affected is not None:
         applied |= {"handling", "max-affected"}
     return applied

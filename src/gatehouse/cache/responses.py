@@ -36,6 +36,7 @@ from gatehouse.cache.versions import DataVersions, TableId
 from gatehouse.config import parse_duration
 from gatehouse.contracts.versions import schema_name
 from gatehouse.http.exchange import HttpRequest, HttpResponse
+from gatehouse.http.render import READ_VARY
 from gatehouse.project import App, Project
 from gatehouse.query.tree import Condition
 from gatehouse.routes import ReadRoute
@@ -43,7 +44,6 @@ from gatehouse.routes import ReadRoute
 if TYPE_CHECKING:  # redis-py takes ~0.2 s to import: only a project with [redis] url pays for it
     from gatehouse.cache.shared_tier import SharedTier
 
-VARY = "Accept, Accept-Profile, Prefer, Range, Authorization, apikey"
 CACHEABLE_STATUS = frozenset({200, 206})
 T = TypeVar("T")
 
@@ -113,7 +113,7 @@ class Fill:
         headers = response.headers
         headers["ETag"] = etag
         headers["Cache-Control"] = view.cache_control
-        headers["Vary"] = VARY
+        headers["Vary"] = READ_VARY
         if stored:
             entry = Entry(response.status, tuple(headers.items()), response.body, response.media_type, rows,
                           redacted_query, read, cache.clock() + view.ttl, etag)
@@ -245,7 +245,7 @@ class ResponseCache:
         return wrapped
 
     def _not_modified(self, view: CachedView, etag: str) -> HttpResponse:
-        return HttpResponse(304, {"ETag": etag, "Cache-Control": view.cache_control, "Vary": VARY,
+        return HttpResponse(304, {"ETag": etag, "Cache-Control": view.cache_control, "Vary": READ_VARY,
                                   "Cache-Status": "gatehouse; hit; detail=not-modified"})
 
     def _count(self, app: App, view: CachedView, result: str, answer: T) -> T:

@@ -61,8 +61,9 @@ def retry_after(seconds: float) -> dict[str, str]:
 
 
 def cannot_connect(wait_s: float = RETRY_AFTER_S) -> ServiceUnavailable:
-    """503 PGRST000: no connection could be opened (refused, timed out, the server starting or full)."""
-    return ServiceUnavailable("Database connection error. Retrying the connection.",
+    """503 PGRST000: no connection could be opened (refused, timed out, the server starting or full). The message
+    is PostgREST's since 14.13, which dropped its "Retrying the connection." (PGRST001's still says it)."""
+    return ServiceUnavailable("Database connection error.",
                               hint="The database did not answer; try again shortly.", headers=retry_after(wait_s))
 
 

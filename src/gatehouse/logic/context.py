@@ -15,6 +15,7 @@ from typing import Any, cast
 import asyncpg
 import orjson
 
+from gatehouse import suggestions
 from gatehouse.access import database_refusal, granted_contract, readable_contracts, row_filters
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
@@ -63,7 +64,8 @@ class Context:
                               f"'{self._database}'")
         readable = readable_contracts(self.project, self.app, self.version)
         filters = row_filters(self.app, self.identity, readable | {contract})
-        return ReadCompiler(self._schema, readable, self.project.max_rows(self.app, contract), filters)
+        return ReadCompiler(self._schema, readable, self.project.max_rows(self.app, contract), filters,
+                            profile=suggestions.schema_label(self.project, self.app, self.version))
 
     async def _run(self, compiled: CompiledQuery, contract: str) -> asyncpg.Record:
         try:

@@ -10,8 +10,10 @@ depth is bounded, so no request can make the parser work without limit.
 
 What PostgREST would take by guessing is refused instead: a query string that is not UTF-8 once
 percent-decoded (400, as the server already refuses it on the wire, so the ASGI path and a logic function's
-``ctx.read(query=...)`` behave the same), a negative ``limit`` or ``offset``, and anything after the column
-list of ``columns`` or ``on_conflict``.
+``ctx.read(query=...)`` behave the same), a negative ``offset`` or embedded ``limit``, a ``limit`` or ``offset``
+that is not a whole number, and anything after the column list of ``columns`` or ``on_conflict``. A negative
+top-level ``limit`` is PostgREST's own 416 ``PGRST103``, once the whole query string has parsed (a syntax error
+anywhere in it is the 400 PostgREST answers first).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from collections.abc import Iterable
 from typing import Literal, cast
 from urllib.parse import parse_qsl
 
-from gatehouse.errors import ApiKeyInUrl, InvalidUrlEncoding, NotImplementedFeature, QueryParseError
+from gatehouse.errors import (
+    ApiKeyInUrl,
+    InvalidUrlEncoding,
+    NotImplementedFeature,
+    QueryParseError,
+    RangeNotSatisfiable,
+)
 from gatehouse.query.tree import (
     IS_VALUES,
     OPERATORS,
@@ -60,20 +68,33 @@ CAST_TYPES = frozenset({
     "daterange", "tsrange", "tstzrange",
 })
 _NAME_STOP = set(',.:*()"!{}')
+FIELD_NAME = "field name (* or [a..z0..9_$])"
+"""What PostgREST's parser says it expected where a column name must start."""
+LOGIC_ITEM = f"{FIELD_NAME}, negation operator (not) or logic operator (and, or)"
+"""... and where a condition of a logic tree must start."""
 
 
 class _Cursor:
     """A position in one parameter's text, with the helpers the small grammars below share."""
 
-    def __init__(self, text: str, what: str) -> None:
+    def __init__(self, text: str, what: str, shift: int = 0) -> None:
         self.text, self.pos, self.what = text, 0, what
+        self.shift = shift
+        """Columns before ``text`` in what PostgREST parses: a logic tree's ``or``, ``not.and``... (PostgREST
+        parses ``or=(a.eq.1)`` as ``or(a.eq.1)``, so its columns count from the operator)."""
 
-    def error(self, expected: str) -> QueryParseError:
-        found = repr(self.text[self.pos]) if self.pos < len(self.text) else "end of input"
+    def error(self, expected: str, quote: str = "'") -> QueryParseError:
+        """PostgREST's 400 for a syntax error here. ``quote``: how its parser quotes the character found, ``'``
+        after a keyword or ``"`` where a single character was expected (a name's first, a parenthesis)."""
+        found = f"{quote}{self.text[self.pos]}{quote}" if self.pos < len(self.text) else "end of input"
         return QueryParseError(
-            f'"failed to parse {self.what} ({self.text})" (line 1, column {self.pos + 1})',
+            f'"failed to parse {self.what} ({self.text})" (line 1, column {self.shift + self.pos + 1})',
             details=f"unexpected {found} expecting {expected}",
         )
+
+    def at_name(self) -> bool:
+        """Could a name start here?"""
+        return not self.done and (self.text[self.pos] == '"' or self.text[self.pos] not in _NAME_STOP)
 
     def peek(self, token: str) -> bool:
         return self.text.startswith(token, self.pos)
@@ -350,6 +371,8 @@ def _logic_children(cursor: _Cursor, depth: int, budget: list[int]) -> tuple[Con
             children.append(Logic(cast(Literal["and", "or"], group), _logic_children(cursor, depth + 1, budget),
                                   negated))
         else:
+            if not cursor.at_name():
+                raise cursor.error(LOGIC_ITEM, quote='"')
             field = cursor.field()
             cursor.expect(".")
             end = logic_value_end(cursor.text, cursor.pos)
@@ -366,7 +389,7 @@ def _logic_children(cursor: _Cursor, depth: int, budget: list[int]) -> tuple[Con
 
 
 def parse_logic(operator: Literal["and", "or"], raw: str, negated: bool, budget: list[int]) -> Logic:
-    cursor = _Cursor(raw, "logic tree")
+    cursor = _Cursor(raw, "logic tree", len(operator) + (4 if negated else 0))
     children = _logic_children(cursor, 0, budget)
     if not cursor.done:
         raise cursor.error("end of input")
@@ -411,9 +434,18 @@ def parse_order(raw: str) -> tuple[OrderTerm, ...]:
             raise cursor.error('"," or end of input')
 
 
+NEGATIVE_LIMIT = re.compile(r"\s*-[0-9]{1,18}\s*")
+
+
+def negative_limit() -> RangeNotSatisfiable:
+    """PostgREST's 416 for a negative top-level ``limit``."""
+    return RangeNotSatisfiable("Requested range not satisfiable",
+                               details="Limit should be greater than or equal to zero.")
+
+
 def _count(name: str, raw: str) -> int:
-    """A limit or an offset: a whole number, at least 0 (PostgREST answers -1 with 416 for a limit and ignores
-    it for an offset; neither is a range anyone can mean)."""
+    """A limit or an offset: a whole number, at least 0 (PostgREST ignores a negative offset, which no one can
+    mean; a negative top-level limit is its 416, :func:`negative_limit`)."""
     if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
         raise QueryParseError(f'"failed to parse {name}" ({raw})',
                               details=f"{name} must be a whole number, 0 or more")
@@ -451,10 +483,9 @@ reads it; anything else must be double-quoted."""
 
 
 def _names(value: str, what: str) -> tuple[str, ...]:
-    """``a,b,"c d"``: the column list of ``columns`` or ``on_conflict``, and nothing after it."""
-    if not value.strip():
-        raise QueryParseError(f'"failed to parse {what}"', details=f"{what}= needs at least one column")
-    cursor = _Cursor(value, what)
+    """``a,b,"c d"``: the column list of ``columns`` or ``on_conflict``, and nothing after it (at least one name:
+    a blank list is PostgREST's 400)."""
+    cursor = _Cursor(value, f"{what} parameter")
     names: list[str] = []
     while True:
         cursor.skip_spaces()
@@ -463,12 +494,12 @@ def _names(value: str, what: str) -> tuple[str, ...]:
         else:
             match = _LIST_NAME.match(cursor.text, cursor.pos)
             if match is None or not match.group(0).strip():
-                raise cursor.error("a column name")
+                raise cursor.error(FIELD_NAME, quote='"')
             cursor.pos = match.end()
             names.append(cursor._checked(match.group(0).strip()))
         cursor.skip_spaces()
         if cursor.done:
-            return tuple(names)
+            return tuple(dict.fromkeys(names))  # a set of columns, as PostgREST reads it: each once
         if not cursor.take(","):
             raise cursor.error('"," or end of input')
 
@@ -500,6 +531,7 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
     """The query tree of already percent-decoded ``(key, value)`` pairs, in query string order."""
     query = ReadQuery()
     budget = [MAX_CONDITIONS]
+    negative = False  # the last top-level limit was negative: 416 once everything else has parsed
     for key, value in pairs:
         if key in ("apikey", "api_key"):
             raise ApiKeyInUrl("API keys are not accepted in the URL",
@@ -516,6 +548,10 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
             negated = bool(path) and path[-1] == "not" and last in ("and", "or")
             level = query.level(path[:-1] if negated else path)
             if last in LEVEL_KEYS:
+                if last == "limit" and not path:
+                    negative = NEGATIVE_LIMIT.fullmatch(value) is not None and int(value) < 0
+                    if negative:
+                        continue
                 _level_parameter(level, last, value)
             elif last in ("and", "or"):
                 level.where.append(parse_logic(cast(Literal["and", "or"], last), value, negated, budget))
@@ -524,4 +560,6 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
                 if budget[0] < 0:
                     raise QueryParseError("too many filters", details=f"at most {MAX_CONDITIONS} per request")
                 level.where.append(_operation(field, value, "filter"))
+    if negative:
+        raise negative_limit()
     return query

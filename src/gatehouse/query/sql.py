@@ -44,6 +44,7 @@ from gatehouse.errors import (
 )
 from gatehouse.query.embeds import find_relation
 from gatehouse.query.operators import operation
+from gatehouse.query.suggest import missing_column_hint
 from gatehouse.query.tree import (
     ColumnItem,
     Condition,
@@ -219,8 +220,10 @@ class ReadCompiler:
 
     def _column(self, scope: _Scope, name: str) -> str:
         if name not in scope.shape.columns:
+            # PostgreSQL's words, which PostgREST passes on: its hint names a close column of the contract, or
+            # none (the contract's columns are all the app may see of it).
             raise UndefinedColumn(f"column {scope.contract}.{name} does not exist",
-                                  hint=f"Columns of {scope.contract}: {', '.join(scope.shape.columns)}")
+                                  hint=missing_column_hint(scope.contract, name, scope.shape.columns))
         return f"{scope.alias}.{quote_ident(name)}"
 
     def _field(self, scope: _Scope, fld: Field) -> tuple[str, str]:

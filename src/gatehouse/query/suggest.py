@@ -72,3 +72,43 @@ def ranked(name: str, candidates: Iterable[str], min_score: float = MIN_SCORE) -
 def closest_other(name: str, candidates: Iterable[str]) -> str | None:
     """The best candidate that is not ``name`` itself, or None (none close enough, or ``name`` is one of them)."""
     return next((c for score, c in ranked(name, candidates) if score < 1.0), None)
+
+
+# --- PostgreSQL's hint for a missing column ------------------------------------------------------------------
+
+MAX_COLUMN_DISTANCE = 3
+"""PostgreSQL's ``MAX_FUZZY_DISTANCE``: a column further than this many edits is never suggested."""
+
+
+def close_columns(name: str, columns: Iterable[str]) -> tuple[str, ...]:
+    """The columns PostgreSQL's "Perhaps you meant to reference the column ..." hint names for ``name`` (its
+    ``errorMissingColumn``, which PostgREST passes on), among ``columns``: one, two, or none.
+
+    Its rule: a column at most :data:`MAX_COLUMN_DISTANCE` edits away (case counts), and at most half the typed
+    name's length (in bytes, rounded down); the closest wins; two at the same distance are both named; a third
+    at that distance means none is (the bar was too low), unless a closer one turns up later."""
+    bar = MAX_COLUMN_DISTANCE + 1
+    found: list[str] = []
+    half = len(name.encode()) // 2
+    for column in columns:
+        if not column or column == name:
+            continue
+        distance = _levenshtein(column, name)
+        if distance > half or distance > bar:
+            continue
+        if distance < bar:
+            bar, found = distance, [column]
+        elif len(found) == 1:
+            found.append(column)
+        else:  # a third at the same distance (or none kept at it): no hint at this distance
+            found = []
+    return tuple(found)
+
+
+def missing_column_hint(relation: str, name: str, columns: Iterable[str]) -> str | None:
+    """PostgreSQL's hint for a reference to ``relation.name`` that does not exist, or None."""
+    near = close_columns(name, columns)
+    if not near:
+        return None
+    named = " or the column ".join(f'"{relation}.{column}"' for column in near)
+    return f"Perhaps you meant to reference the column {named}."

@@ -128,8 +128,7 @@ class WriteCompiler:
     def writable(self, columns: tuple[str, ...]) -> None:
         for column in columns:
             if column not in self.shape.columns:
-                raise UnknownColumn(f"Could not find the '{column}' column of '{self.contract}' in the schema cache",
-                                    hint=f"Columns of {self.contract}: {', '.join(self.shape.columns)}")
+                raise UnknownColumn(f"Could not find the '{column}' column of '{self.contract}' in the schema cache")
             if column not in self.shape.writable_columns:
                 raise ReadOnlyColumn(f"Column '{column}' of '{self.contract}' is read-only",
                                      details="It is computed or comes from another table, so it cannot be written "
@@ -226,15 +225,35 @@ class WriteCompiler:
             groups.setdefault(present, []).append({c: row[c] for c in present})
         return list(groups.items())
 
+    def patch(self, query: ReadQuery, payload: Payload, representation: bool, key: tuple[str, ...], *,
+              missing_default: bool = False) -> CompiledQuery | None:
+        """A PATCH's statement, or None when it sets nothing. Its body is one object, or an array of one (as
+        PostgREST takes it); an empty array, or objects that are all empty, set nothing (``{}`` too, without
+        ``?columns``). Several objects are refused: which one a row would get is not defined."""
+        rows = payload.rows
+        if not rows:
+            return None
+        if len(rows) > 1 and any(rows):
+            raise InvalidBody("PATCH takes one JSON object")
+        row = rows[0]
+        if not row and query.columns is None:
+            return None
+        return self.update(query, row, representation, key, missing_default=missing_default)
+
     def update(self, query: ReadQuery, row: dict[str, object], representation: bool,
-               key: tuple[str, ...]) -> CompiledQuery:
+               key: tuple[str, ...], *, missing_default: bool = False) -> CompiledQuery:
+        """UPDATE of the rows the filters select. It sets the body's keys; with ``?columns``, those columns
+        instead, as PostgREST does: a key outside them is ignored, and one they name that the body lacks is set
+        to NULL, or with ``missing_default`` to its DEFAULT as PostgreSQL applies it through the view (the
+        view's own default, else NULL; PostgREST reads a view's defaults the same way)."""
         if not self.shape.updatable:
             raise self._refuse("update")
-        columns = tuple(row)
+        columns = query.columns if query.columns is not None else tuple(row)
         self.writable(columns)
         alias = self.scope.alias
-        values = self.reader.bind(orjson.dumps(row).decode())
-        sets = ", ".join(f"{quote_ident(c)} = _gh_b.{quote_ident(c)}" for c in columns)
+        values = self.reader.bind(orjson.dumps({c: row[c] for c in columns if c in row}).decode())
+        sets = ", ".join(f"{quote_ident(c)} = DEFAULT" if missing_default and c not in row
+                         else f"{quote_ident(c)} = _gh_b.{quote_ident(c)}" for c in columns)
         where = self.reader.where_sql(self.scope, query)
         sql = (f"WITH {WRITTEN} AS (UPDATE {self.view} AS {alias} SET {sets} "
                f"FROM json_populate_record(NULL::{self.view}, {values}::json) AS _gh_b{where} RETURNING {alias}.*)")
