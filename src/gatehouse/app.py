@@ -13,6 +13,7 @@ import re
 import orjson
 
 from gatehouse import pipeline
+from gatehouse.admin.console import Console
 from gatehouse.endpoints.docs import STATIC_PATH, docs_endpoint, static_file
 from gatehouse.endpoints.events import EVENTS_PATH, events_feed
 from gatehouse.endpoints.openapi import openapi_endpoint
@@ -106,13 +107,17 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> DataApp:
 
 
 class AdminApp:
-    """The admin port: ``/live``, ``/ready`` (every database reachable and applied) and ``/metrics``."""
+    """The admin port: ``/live``, ``/ready`` (every database reachable and applied), ``/metrics``, and the web
+    console under ``/console`` (admin/)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.console = Console(runtime)
         self.handle = self.route
 
     async def route(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/console" or request.path.startswith("/console/"):
+            return await self.console.handle(request)
         if request.path not in ("/live", "/ready", "/metrics"):
             return json_response(b'{"status":"not found"}', 404)
         if request.method not in READ_METHODS:

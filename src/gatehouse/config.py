@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gatehouse.admin.settings import ConsoleConfig
 from gatehouse.auth.jwt import AuthConfig
 from gatehouse.config_alerts import AlertsConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
@@ -303,6 +304,7 @@ class ProjectConfig(Strict):
     events: dict[Name, EventsSettings] = Field(default={}, description="contracts whose changes are published")
     sinks: dict[Name, SinkConfig] = Field(default={}, description="brokers and webhooks events are relayed to")
     mirrors: dict[Name, MirrorConfig] = Field(default={}, description="local read copies of evented contracts")
+    console: ConsoleConfig = ConsoleConfig()
 
     def version_settings(self, number: int) -> VersionSettings:
         return self.versions.get(f"v{number}", VersionSettings())
@@ -313,7 +315,7 @@ class ProjectConfig(Strict):
 
 
 def _is_secret_key(key: str) -> bool:
-    return key == "url" or key.endswith(("password", "secret"))
+    return key == "url" or key.endswith(("password", "secret", "_token"))
 
 
 def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[KeyPath, str]:
