@@ -4,6 +4,7 @@ for (as ``GATEHOUSE_SERVER__*`` variables, the way an operator would override th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -241,3 +242,48 @@ def request(method: str, target: str, key: str, *, body: bytes = b"", extra: str
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
+
+
+@dataclass
+class Instance:
+    """One ``gatehouse serve`` process of a project, started by :func:`serve_instance`."""
+
+    process: asyncio.subprocess.Process
+    base: str
+    admin: str
+
+
+async def serve_instance(root: Path, *, env: dict[str, str] | None = None, timeout_s: float = 60) -> Instance:
+    """Start ``gatehouse serve`` for the project folder ``root`` (the environment: this process's, or ``env``) on
+    free ports, without blocking the event loop (a test's own servers, e.g. a fake payment service, keep
+    answering); the instance once ``/ready``."""
+    port, admin = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatehouse", "--project", str(root), "serve", "--port", str(port), "--admin-port",
+        str(admin), env=env if env is not None else dict(os.environ), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    instance = Instance(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout_s):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError(await process.stderr.read() if process.stderr else b"gatehouse serve exited")
+            try:
+                if (await client.get(f"{instance.admin}/ready", timeout=1)).status_code == 200:
+                    return instance
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def stop_instance(instance: Instance, *, kill: bool = False) -> int:
+    """SIGTERM (SIGKILL with ``kill``) and the exit status."""
+    if instance.process.returncode is None:
+        instance.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await instance.process.wait()
+        except TimeoutError:
+            instance.process.kill()
+            await instance.process.wait()
+    return instance.process.returncode or 0
+

@@ -1,7 +1,8 @@
-"""Sagas through a real ``kill -9`` of ``gatehouse serve``: the process dies with sagas in flight (steps inside
-their transactions, remote calls waiting for an answer), its connections drop, and PostgreSQL rolls back what it
-had not committed. A second server takes the runs over once their leases expire and finishes every one: each
-order is placed exactly once or fully undone, which the databases and the payment service show.
+"""Sagas on real ``gatehouse serve`` processes: through a ``kill -9`` (the process dies with sagas in flight, steps
+inside their transactions, remote calls waiting for an answer; its connections drop, and PostgreSQL rolls back what
+it had not committed; a second server takes the runs over once their leases expire and finishes every one), and
+two servers at once sharing the runs. Each order is placed exactly once or fully undone, which the databases and
+the payment service show.
 
 The order placement is tests/test_sagas.py's (two databases and a payment service over HTTP, slowed down here so
 that sagas are caught half-way).
@@ -10,9 +11,7 @@ that sagas are caught half-way).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -21,7 +20,7 @@ import pytest
 from conftest import ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.project import Project
-from served import free_port
+from served import serve_instance, stop_instance
 from test_sagas import CONTRACTS, LOGIC, MIGRATIONS, Payments, assert_compensated, assert_completed, effects, new_order
 
 TOML = """
@@ -56,22 +55,6 @@ async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
     server.close()
 
 
-async def serve(project: Project) -> tuple[asyncio.subprocess.Process, str]:
-    port, admin = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatehouse", "serve", "--port", str(port), "--admin-port", str(admin),
-        cwd=project.root, env=dict(os.environ), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    async with httpx.AsyncClient() as client, asyncio.timeout(60):
-        while True:
-            assert process.returncode is None, await process.stderr.read() if process.stderr else b""
-            try:
-                if (await client.get(f"http://127.0.0.1:{admin}/ready", timeout=1)).status_code == 200:
-                    return process, f"http://127.0.0.1:{port}"
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-
-
 async def states(project: Project, ids: list[str]) -> dict[str, str]:
     async with operations.owner_connection(project, project.home_database) as conn:
         rows = await conn.fetch("SELECT id::text, state FROM gatehouse.sagas WHERE id = ANY($1::uuid[])", ids)
@@ -83,10 +66,10 @@ async def test_kill_9_mid_flight_then_another_server_finishes_every_saga_exactly
     project = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
     keys = await prepare(project)
     orders = [await new_order(project, customer="refused" if i % 4 == 0 else "kim") for i in range(ORDERS)]
-    first, base = await serve(project)
+    first = await serve_instance(project.root)
     ids = []
     try:
-        async with httpx.AsyncClient(base_url=base, headers={"apikey": keys["shop"]}) as client:
+        async with httpx.AsyncClient(base_url=first.base, headers={"apikey": keys["shop"]}) as client:
             for order in orders:
                 started = await client.post("/sagas/place_order", json=order)
                 assert started.status_code == 202, started.text
@@ -95,20 +78,18 @@ async def test_kill_9_mid_flight_then_another_server_finishes_every_saga_exactly
             while sum(payments.received.values()) < 3:
                 await asyncio.sleep(0.01)
     finally:
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
-    assert first.returncode == -signal.SIGKILL
+        killed = await stop_instance(first, kill=True)
+    assert killed == -signal.SIGKILL
     caught = await states(project, ids)
     assert sum(state == "running" for state in caught.values()) >= ORDERS // 2, caught  # many were in flight
 
-    second, _ = await serve(project)
+    second = await serve_instance(project.root)
     try:
         async with asyncio.timeout(90):
             while set((await states(project, ids)).values()) - {"completed", "compensated"}:
                 await asyncio.sleep(0.1)
     finally:
-        second.send_signal(signal.SIGTERM)
-        await second.wait()
+        await stop_instance(second)
     for saga_id, order in zip(ids, orders, strict=True):
         seen = await effects(project, payments, saga_id, order)
         if str(order["customer"]).startswith("refused"):
@@ -116,3 +97,41 @@ async def test_kill_9_mid_flight_then_another_server_finishes_every_saga_exactly
         else:
             assert_completed(seen, order)
         assert 1 <= seen.charge_requests <= 2  # sent again (with the same key) only if the kill cut it short
+
+
+def _finished(metrics: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("gatehouse_sagas_finished_total{"))
+
+
+async def test_two_servers_at_once_share_the_runs_and_never_run_a_step_twice(
+        make_project: ProjectFactory, payments: Payments) -> None:
+    """Two ``gatehouse serve`` processes of one project run at the same time, each started half of the sagas:
+    both take runs (their metrics say how many each finished), and every step ran once in all."""
+    project = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
+    keys = await prepare(project)
+    payments.delay_s = 0.05
+    orders = [await new_order(project, customer="refused" if i % 4 == 0 else "lee") for i in range(ORDERS)]
+    servers = [await serve_instance(project.root), await serve_instance(project.root)]
+    try:
+        async with httpx.AsyncClient(headers={"apikey": keys["shop"]}) as client:
+            ids = []
+            for i, order in enumerate(orders):
+                started = await client.post(f"{servers[i % 2].base}/sagas/place_order", json=order)
+                assert started.status_code == 202, started.text
+                ids.append(started.json()["id"])
+            async with asyncio.timeout(90):
+                while set((await states(project, ids)).values()) - {"completed", "compensated"}:
+                    await asyncio.sleep(0.1)
+            finished = [_finished((await client.get(f"{s.admin}/metrics")).text) for s in servers]
+    finally:
+        for server in servers:
+            await stop_instance(server)
+    assert sum(finished) == ORDERS and all(count > 0 for count in finished), finished  # both took runs
+    for saga_id, order in zip(ids, orders, strict=True):
+        seen = await effects(project, payments, saga_id, order)
+        if str(order["customer"]).startswith("refused"):
+            assert_compensated(seen)
+        else:
+            assert_completed(seen, order)
+        assert seen.charge_requests == 1  # sent by one server, once
