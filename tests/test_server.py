@@ -262,6 +262,29 @@ def test_sigterm_finishes_the_request_being_answered_then_exits(project: Served)
     assert project.sql("SELECT count(*) FROM gatehouse.audit WHERE request_id = 'graceful-stop-1'") == 1
 
 
+def test_sigterm_drains_first_ready_turns_503_while_requests_are_still_served(project: Served) -> None:
+    """With ``shutdown_drain_s``, SIGTERM makes ``/ready`` answer 503 at once while both ports go on serving (a
+    load balancer's health check sees it and sends new requests elsewhere), and the ports close after the drain;
+    a second SIGTERM ends the drain early."""
+    for second_signal in (False, True):
+        served = start(project, shutdown_drain_s=3)
+        assert served.process is not None
+        admin = f"http://127.0.0.1:{served.admin_port}"
+        began = time.monotonic()
+        served.process.send_signal(15)
+        deadline = time.monotonic() + 2
+        while (ready := httpx.get(f"{admin}/ready", timeout=2)).status_code == 200:
+            assert time.monotonic() < deadline, "/ready never turned 503"
+            time.sleep(0.02)
+        assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+        assert httpx.get(f"{served.url}/items?id=eq.1", headers={"apikey": served.key}).status_code == 200
+        if second_signal:
+            served.process.send_signal(15)
+        assert served.process.wait(10) == 0
+        took = time.monotonic() - began
+        assert took < 2.5 if second_signal else 3 <= took < 8, took
+
+
 def _self_signed(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -125,6 +125,8 @@ class AdminApp:
         if request.path == "/live":
             return json_response(b'{"status":"live"}')
         if request.path == "/ready":
+            if self.runtime.draining:  # stopping: still serving, but a load balancer should send nothing new
+                return json_response(b'{"status":"draining"}', 503)
             report = await self.runtime.readiness()
             ok = bool(report) and all(value == "ok" for value in report.values())
             answer: dict[str, object] = {"status": "ready" if ok else "not ready", "databases": report}

@@ -115,6 +115,10 @@ class ServerConfig(Strict):
                                   description="a request's whole body must arrive within this (408)")
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600,
                                     description="on SIGTERM, how long requests being answered may still take")
+    shutdown_drain_s: float = Field(default=0.0, ge=0, le=300,
+                                    description="on SIGTERM, how long /ready answers 503 (draining) while both "
+                                                "ports still serve, before they stop accepting: time for a load "
+                                                "balancer's health check to send new requests elsewhere")
     saga_wait_max_s: float = Field(default=30.0, ge=0, le=300,
                                    description="the longest a POST /sagas/<name> with Prefer: wait=<s> waits for "
                                                "the saga to finish before answering 202")

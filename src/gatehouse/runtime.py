@@ -102,6 +102,8 @@ class Runtime:
     """The saga engine (sagas/engine.py); None when ``logic/`` declares no saga."""
     run_sagas: bool = True
     """Whether :meth:`start` runs due sagas in the background (``LogicHarness`` drives them step by step)."""
+    draining: bool = False
+    """Set on SIGTERM (server/serve.py): ``/ready`` answers 503 while requests are still served."""
     _internal: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
     def pinned(self) -> Runtime:

@@ -2,8 +2,10 @@
 
 granian's embedded server runs hyper (HTTP/1.1 and HTTP/2, TLS) on a Rust thread of its own and calls the RSGI
 app (``server/rsgi.py``) on this loop, so both ports share one :class:`Runtime` (pools, key ring, audit writer,
-metrics). The wire's limits come from ``[server]`` (:mod:`gatehouse.server.settings`). SIGINT or SIGTERM stops
-accepting, closes idle connections, lets the requests being answered finish within ``shutdown_grace_s``, then
+metrics). The wire's limits come from ``[server]`` (:mod:`gatehouse.server.settings`). SIGTERM first drains
+for ``shutdown_drain_s`` (``/ready`` answers 503 while both ports still serve, so that a load balancer's health
+check sends new requests elsewhere; a second signal ends the drain), then, as SIGINT does at once, stops
+accepting, closes idle connections, lets the requests being answered finish within ``shutdown_grace_s``, and
 closes the runtime (the audit writer flushes what it holds).
 """
 
@@ -91,8 +93,9 @@ async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admi
     options = granian_options(settings, runtime.project.root)  # a TLS file that cannot be read fails before start
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    on_signal = _Stopper(runtime, stopping, settings.shutdown_drain_s, loop)
     for sig in _SIGNALS:  # handled until the very end: a second signal must not cut the audit's flush short
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await runtime.start()
         try:
@@ -103,6 +106,24 @@ async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admi
     finally:
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+class _Stopper:
+    """What a signal does: SIGTERM drains first (``runtime.draining``, then ``stopping`` after ``drain_s``), SIGINT
+    or a second signal stops at once."""
+
+    def __init__(self, runtime: Runtime, stopping: asyncio.Event, drain_s: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.runtime, self.stopping, self.drain_s, self.loop = runtime, stopping, drain_s, loop
+
+    def __call__(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGTERM and self.drain_s > 0 and not self.runtime.draining:
+            self.runtime.draining = True
+            log.info("draining: /ready answers 503 for %.0f s while requests are still served", self.drain_s)
+            self.loop.call_later(self.drain_s, self.stopping.set)
+            return
+        self.runtime.draining = True
+        self.stopping.set()
 
 
 def _ports(runtime: Runtime, host: str, port: int, admin_host: str, admin_port: int,
