@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -183,6 +184,46 @@ async def serve_project() -> AsyncIterator[Callable[[Project], object]]:
         await client.aclose()
     for runtime in runtimes:
         await runtime.stop()
+
+
+@asynccontextmanager
+async def served_folder(server_uri: str, root: Path, files: dict[str, str], name_in_toml: str,
+                        env: dict[str, str]) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str], str,
+                                                                       asyncpg.Connection]]:
+    """A one-database project written from ``files`` (path → text) into ``root``, with a database of its own,
+    migrated, applied and served in-process, for a module's tests to share: (client, app → key, database URL,
+    the database as its owner). ``name_in_toml`` is the project name the toml text carries (made unique here);
+    ``env``: variables its ``env:`` secrets need. Dropped afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    files = {**files, "gatehouse.toml": files["gatehouse.toml"].replace(f'name = "{name_in_toml}"',
+                                                                         f'name = "{name}"')}
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    database_name = f"{name}_main"
+    await _create_database(server_uri, database_name)
+    url = with_database(server_uri, database_name)
+    role_prefix = f"gh_{name}_"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GATEHOUSE_DATABASES__MAIN__URL", url)
+            for variable, value in env.items():
+                patch.setenv(variable, value)
+            project = load_project(root)
+            role_prefix = project.role_prefix
+            keys = await prepare(project)
+            runtime = Runtime(project)
+            await runtime.start()
+            transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
+            database = await asyncpg.connect(url)
+            try:
+                async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
+                    yield client, keys, url, database
+            finally:
+                await database.close()
+                await runtime.stop()
+    finally:
+        await drop_project(server_uri, [database_name], role_prefix)
 
 
 async def prepare(project: Project) -> dict[str, str]:

@@ -244,6 +244,36 @@ def request(method: str, target: str, key: str, *, body: bytes = b"", extra: str
     return head.encode() + b"\r\n" + body
 
 
+@contextmanager
+def serving(root: Path, *, timeout_s: float = 60) -> Iterator[tuple[str, str]]:
+    """``gatehouse serve`` of the project folder ``root`` (this process's environment) on free ports, for a
+    synchronous test: (data URL, admin URL) once ``/ready``; stopped with SIGTERM afterwards."""
+    port, admin_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gatehouse", "--project", str(root), "serve", "--port",
+                               str(port), "--admin-port", str(admin_port)], env=dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{admin}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", admin
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+
+
 @dataclass
 class Instance:
     """One ``gatehouse serve`` process of a project, started by :func:`serve_instance`."""

@@ -7,10 +7,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +22,7 @@ from gatehouse.admin.settings import ConsoleConfig, console_enabled
 from gatehouse.app import create_admin_app
 from gatehouse.project import Project
 from gatehouse.runtime import Runtime
+from served import serving
 
 SHOP_TOML = (Path(__file__).resolve().parents[1] / "examples" / "shop" / "gatehouse.toml").read_text()
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -358,12 +355,6 @@ async def test_pages_carry_no_inline_script_and_static_files_are_bundled(
 # --- in a real browser ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serious_violations(page: Any) -> list[str]:
     """axe-core's serious and critical findings on the page as shown now (run through the DevTools protocol,
     so the console's Content-Security-Policy stays as strict as in production)."""
@@ -397,30 +388,8 @@ def served_console(make_project: ProjectFactory,
     """A real ``gatehouse serve`` of the shop with the console configured: (project, data URL, admin URL, keys)."""
     project = _console_project(make_project, monkeypatch)
     keys = run_sync(prepare(project))
-    port, admin_port = _free_port(), _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gatehouse", "serve", "--port", str(port),
-                               "--admin-port", str(admin_port)], cwd=project.root, env=dict(os.environ),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    admin = f"http://127.0.0.1:{admin_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{admin}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
-        yield project, f"http://127.0.0.1:{port}", admin, keys
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
+    with serving(project.root) as (data_url, admin_url):
+        yield project, data_url, admin_url, keys
 
 
 def test_in_chromium_sign_in_create_use_revoke_and_audit(

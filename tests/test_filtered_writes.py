@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,10 +25,7 @@ import jwt
 import pytest
 import pytest_asyncio
 
-from conftest import drop_project, prepare, with_database
-from gatehouse.app import create_app
-from gatehouse.project import load_project
-from gatehouse.runtime import Runtime
+from conftest import served_folder
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -156,41 +151,12 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    name = f"t{uuid.uuid4().hex[:10]}"
+    files = {"gatehouse.toml": TOML, "migrations/V001__purchases.sql": MIGRATION,
+             "contracts/orders.v1.sql": CONTRACT, "logic/orders.py": LOGIC}
     root = tmp_path_factory.mktemp("filtered_writes") / "project"
-    files = {"gatehouse.toml": TOML.replace('name = "filtered"', f'name = "{name}"'),
-             "migrations/V001__purchases.sql": MIGRATION, "contracts/orders.v1.sql": CONTRACT,
-             "logic/orders.py": LOGIC}
-    for relative, text in files.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_text(text)
-    database_name = f"{name}_main"
-    server = await asyncpg.connect(server_uri)
-    try:
-        await server.execute(f'CREATE DATABASE "{database_name}"')
-    finally:
-        await server.close()
-    url = with_database(server_uri, database_name)
-    role_prefix = f"gh_{name}_"
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("GATEHOUSE_DATABASES__MAIN__URL", url)
-            patch.setenv("FILTERED_WRITES_JWT_SECRET", SECRET)
-            project = load_project(Path(root))
-            role_prefix = project.role_prefix
-            keys = await prepare(project)
-            runtime = Runtime(project)
-            await runtime.start()
-            transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
-            database = await asyncpg.connect(url)
-            try:
-                async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
-                    yield World(client, keys, url, database)
-            finally:
-                await database.close()
-                await runtime.stop()
-    finally:
-        await drop_project(server_uri, [database_name], role_prefix)
+    async with served_folder(server_uri, root, files, "filtered", {"FILTERED_WRITES_JWT_SECRET": SECRET}) as served:
+        client, keys, url, database = served
+        yield World(client, keys, url, database)
 
 
 @pytest_asyncio.fixture(loop_scope="module", autouse=True)

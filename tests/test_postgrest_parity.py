@@ -12,10 +12,8 @@ it turns red the day it is fixed. Cases that write start from freshly seeded tab
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -25,13 +23,10 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from conftest import drop_project, prepare, with_database
-from gatehouse.app import create_app
+from conftest import served_folder
 from gatehouse.db.faults import cannot_connect
 from gatehouse.http.render import content_location
-from gatehouse.project import load_project
 from gatehouse.query.suggest import close_columns, missing_column_hint
-from gatehouse.runtime import Runtime
 from gatehouse.suggestions import closest
 from parity_calls import CALLS
 from parity_cases import CASES, STRICT, Case, err, prefer
@@ -201,41 +196,12 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    name = f"t{uuid.uuid4().hex[:10]}"
-    root = tmp_path_factory.mktemp("parity") / "project"
-    files = {"gatehouse.toml": TOML.replace('name = "parity"', f'name = "{name}"'),
-             "migrations/V001__parity.sql": MIGRATION, "logic/fns.py": LOGIC,
+    files = {"gatehouse.toml": TOML, "migrations/V001__parity.sql": MIGRATION, "logic/fns.py": LOGIC,
              **{f"contracts/{file}": sql for file, sql in CONTRACTS.items()}}
-    for relative, text in files.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_text(text)
-    database_name = f"{name}_main"
-    server = await asyncpg.connect(server_uri)
-    try:
-        await server.execute(f'CREATE DATABASE "{database_name}"')
-    finally:
-        await server.close()
-    url = with_database(server_uri, database_name)
-    role_prefix = f"gh_{name}_"
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("GATEHOUSE_DATABASES__MAIN__URL", url)
-            patch.setenv("PARITY_JWT_SECRET", SECRET)
-            project = load_project(Path(root))
-            role_prefix = project.role_prefix
-            keys = await prepare(project)
-            runtime = Runtime(project)
-            await runtime.start()
-            transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
-            database = await asyncpg.connect(url)
-            try:
-                async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
-                    yield World(client, keys, database)
-            finally:
-                await database.close()
-                await runtime.stop()
-    finally:
-        await drop_project(server_uri, [database_name], role_prefix)
+    root = tmp_path_factory.mktemp("parity") / "project"
+    async with served_folder(server_uri, root, files, "parity", {"PARITY_JWT_SECRET": SECRET}) as served:
+        client, keys, _, database = served
+        yield World(client, keys, database)
 
 
 async def answer(world: World, case: Case) -> httpx.Response:
