@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,6 +96,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert "payments: applied V002 generate demo accounts" in result.stdout  # and the third's
     assert "curl -s" in result.stdout
     assert "([[relations]] in gatehouse.toml)" in result.stdout  # captures are printed as they are, not as markup
+    console = result.stdout.split("console: run `GATEHOUSE_CONSOLE__ADMIN_TOKEN=<token> gatehouse serve`", 1)
+    assert len(console) == 2 and "/console and sign in with the token" in console[1], result.stdout
     yield folder
 
 
@@ -120,8 +123,10 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
     keys = {app: gatehouse("keys", "create", app, "--quiet", cwd=demo_dir, env=env).stdout.strip()
             for app in ("web", "mobile", "analytics", "checkout")}
     port, admin_port = free_port(), free_port()
+    console_token = "the-demo-console-token-0123456789"  # as the demo tells a user to give it
     server = subprocess.Popen([*GATEHOUSE, "serve", "--port", str(port), "--admin-port", str(admin_port)],
-                              cwd=demo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=demo_dir, env={**env, "GATEHOUSE_CONSOLE__ADMIN_TOKEN": console_token},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         deadline = time.monotonic() + 60
@@ -135,6 +140,14 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.2)
         assert httpx.get(f"{admin}/live").json() == {"status": "live"}
+        with httpx.Client(base_url=admin) as browser:  # the console signs in with that token, and no other
+            for token, lands in (("wrong-token", 401), (console_token, 303)):
+                form = browser.get("/console/signin")
+                csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+                assert form.status_code == 200 and csrf is not None, form.text
+                signed = browser.post("/console/signin", data={"csrf": csrf.group(1), "token": token, "next": ""})
+                assert signed.status_code == lands, signed.text
+            assert "mobile" in browser.get("/console/apps").text
         web = httpx.get(f"{base}/products?id=eq.1", headers={"apikey": keys["web"]}).json()
         analytics = httpx.get(f"{base}/products?id=eq.1", headers={"apikey": keys["analytics"]}).json()
         assert set(web[0]) == {"id", "name", "price"}

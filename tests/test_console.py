@@ -240,6 +240,40 @@ async def test_sign_in_keys_and_audit_over_http(make_project: ProjectFactory, mo
         ("console:admin", "action=signin", "127.0.0.1"), ("console:admin", "action=signout", "127.0.0.1")]
 
 
+async def test_pending_migrations_and_their_impact_on_the_versions_page(
+        make_project: ProjectFactory, monkeypatch: pytest.MonkeyPatch, serve_project: Any) -> None:
+    """A pending migration that drops products.price: the versions page lists it, an admin asks for its impact
+    (migrate plan: rolled back) and sees products.v1 and v2 break for web and analytics; a read-only admin cannot
+    ask. The database is unchanged afterwards."""
+    project = _console_project(make_project, monkeypatch)
+    await prepare(project)
+    (project.root / "migrations" / "V003__drop_price.sql").write_text("ALTER TABLE products DROP COLUMN price;\n")
+    _, runtime = await serve_project(project)
+    async with _admin_client(runtime) as admin:
+        await _sign_in(admin, ADMIN_TOKEN)
+        page = await admin.get("/console/versions")
+        assert page.status_code == 200 and "V003__drop_price.sql" in page.text and "Show their impact" in page.text
+        shown = await admin.post("/console/versions/impact", data={"csrf": await _csrf(admin, "/console/versions")})
+        assert shown.status_code == 200, shown.text
+        rows = re.findall(r'<tr class="impact"><td><a [^>]+>([a-z_]+\.v\d)</a>.*?<td class="(bad|ok)">', shown.text,
+                          re.S)
+        assert ("products.v1", "bad") in rows and ("products.v2", "bad") in rows, rows
+        assert "no longer compiles" in shown.text
+        refused = await admin.post("/console/versions/impact", data={"csrf": "forged"})
+        assert refused.status_code == 403
+    async with _admin_client(runtime) as readonly:
+        await _sign_in(readonly, READONLY_TOKEN)
+        page = await readonly.get("/console/versions")
+        assert "V003__drop_price.sql" in page.text and "Show their impact" not in page.text
+        token = await _csrf(readonly, "/console/apps/web")
+        assert (await readonly.post("/console/versions/impact", data={"csrf": token})).status_code == 403
+    async with operations.owner_connection(project) as conn:  # the plan rolled back: price is still there
+        assert await conn.fetchval("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' "
+                                   "AND table_name = 'products' "
+                                   "AND column_name = 'price'") == 1
+        assert not await conn.fetchval("SELECT count(*) FROM gatehouse.migrations WHERE version = 3")
+
+
 async def test_rotate_keys_and_see_versions_and_their_callers(
         make_project: ProjectFactory, monkeypatch: pytest.MonkeyPatch, serve_project: Any) -> None:
     project = _console_project(make_project, monkeypatch)

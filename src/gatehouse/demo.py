@@ -13,7 +13,9 @@ project of one database: what the tests and benchmarks about one database start 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import secrets
 import shutil
 from dataclasses import replace
 from importlib import resources
@@ -28,6 +30,8 @@ from gatehouse.errors import ProjectError
 from gatehouse.project import CONFIG_FILE, STATE_DIR, Project, load_project
 
 DEMO_KEY_NOTE = "created by gatehouse demo"
+CONSOLE_TOKEN = "GATEHOUSE_CONSOLE__ADMIN_TOKEN"
+"""The console's admin token as the environment gives it (``[console] admin_token`` overridden, docs/console.md)."""
 HOME = "shop"
 """The shop's own database (the first, which holds the keys)."""
 OTHER_SERVICES = ("reviews", "payments")
@@ -185,6 +189,9 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         console.print(f"copied the shop example to [bold]{directory}[/]")
     else:
         console.print(f"using the demo project in [bold]{directory}[/]")
+    # the console's admin token: the one in the environment, else a new one, for this process's server
+    token = os.environ.get(CONSOLE_TOKEN) or secrets.token_urlsafe(24)
+    os.environ[CONSOLE_TOKEN] = token
     project = load_project(directory)
     keys = asyncio.run(_set_up(project, console))
 
@@ -199,6 +206,13 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
     for caption, command in tour(keys, base, admin):
         console.print(f"[dim]# {escape(caption)}[/]")  # (a caption may hold brackets: [[relations]])
         print(command)
+    console.print()
+    if serve:
+        console.print(f"[bold]console[/]: {admin}/console, signed in with this admin token:")
+    else:
+        console.print(f"[bold]console[/]: run `{CONSOLE_TOKEN}=<token> gatehouse serve` in {directory}, then open "
+                      f"{admin}/console and sign in with the token, e.g. this one:")
+    print(token)
     console.print()
     if not serve:
         return

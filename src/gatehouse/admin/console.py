@@ -173,6 +173,8 @@ class Console:
             return redirect(f"{PREFIX}/signin", {"Set-Cookie": set_cookie(request, COOKIE, "", 0)})
         if not session.may_change:
             return error_page(403, "Read-only", "You are signed in read-only: you can look, not change.", session)
+        if path == "/versions/impact":  # (an admin's: it runs the migrations, rolled back, with their locks)
+            return await versions_view.impact_page(project, session, fields)
         if (keys := KEYS.match(path)) is not None:
             return await apps_view.create_key(project, session, request, keys.group(1), fields)
         if (rotate := ROTATE.match(path)) is not None:

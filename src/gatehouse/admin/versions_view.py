@@ -1,6 +1,7 @@
 """The contracts and versions pages: each API version's life cycle (current, deprecated with its sunset,
 retired), the contracts it serves, and who called it lately (:func:`gatehouse.operations.version_usage`, the
-data of ``gatehouse versions``); each contract's versions with their columns as the lockfile recorded them."""
+data of ``gatehouse versions``); the pending migrations and, when asked, their impact (``migrate plan``); each
+contract's versions with their columns as the lockfile recorded them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from gatehouse.admin.sessions import Session
 from gatehouse.contracts.lockfile import read_lock
 from gatehouse.contracts.shape import Column
 from gatehouse.http.exchange import HttpResponse
+from gatehouse.migrate.plan import RECENT_DAYS
+from gatehouse.observe.usage import describe as describe_use
 from gatehouse.project import Project
 
 DEFAULT_DAYS = 30
@@ -43,7 +46,18 @@ async def versions_page(project: Project, session: Session, params: dict[str, st
         rows.append(VersionRow(number, settings.status, settings.sunset.isoformat() if settings.sunset else "",
                                sorted((name, cv.version) for name, cv in served.items()),
                                [u for u in usage if u["api_version"] == number]))
-    return render("versions.html", session=session, rows=rows, days=days, default=project.default_version)
+    pending = {database: [row.script or row.description for row in found if row.state == "pending"]
+               for database, found in (await operations.migration_status(project)).items()}
+    return render("versions.html", session=session, rows=rows, days=days, default=project.default_version,
+                  pending={database: files for database, files in pending.items() if files})
+
+
+async def impact_page(project: Project, session: Session, params: dict[str, str]) -> HttpResponse:
+    """``gatehouse migrate plan`` in the browser: what the pending migrations would do to every released contract
+    version, and which apps would notice. Run when asked (a link on the versions page), never on its own: each
+    migration runs in a transaction that is rolled back, and holds its locks while it runs."""
+    plans = await operations.plan_all(project)
+    return render("impact.html", session=session, plans=plans, recent_days=RECENT_DAYS, describe=describe_use)
 
 
 async def contract_page(project: Project, session: Session, name: str) -> HttpResponse:
