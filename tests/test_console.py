@@ -532,3 +532,17 @@ def test_in_chromium_sign_in_create_use_revoke_and_audit(
     keep = os.environ.get("GATEHOUSE_CONSOLE_SCREENSHOTS")
     if keep:  # a person looks at them before calling the console done
         shutil.copytree(shots, keep, dirs_exist_ok=True)
+
+
+def test_the_overview_counts_each_apps_requests_errors_and_limits_hit() -> None:
+    from gatehouse.admin.overview import per_app
+    from gatehouse.observe.metrics import Metrics
+
+    metrics = Metrics()
+    for status in (200, 200, 429, 429, 404, 503):
+        metrics.observe("mobile", "products", 2, "GET", status, 0.01)
+    metrics.observe("", "", None, "OTHER", 414, 0.0)
+    rows = {row.app: row for row in per_app(metrics, ["mobile", "web"])}
+    mobile = rows["mobile"]
+    assert (mobile.requests, mobile.client_errors, mobile.limited, mobile.server_errors) == (6, 3, 2, 1)
+    assert rows["web"].requests == 0 and rows["(none)"].client_errors == 1 and rows["(none)"].limited == 0

@@ -1,4 +1,4 @@
-"""The overview's numbers: requests, errors and mean latency per app since this server started, and the server's
+"""The overview's numbers: requests, errors (429s, the limits hit, apart) and mean latency per app since this server started, and the server's
 own readings (cache, work slots, pools, replicas, outbox, relays, sagas, alerts: whichever this server runs),
 read from the metrics registry (the same series ``/metrics`` exposes), so the page costs no database work of
 its own (the collectors that count in the database refresh in the background, as for a scrape)."""
@@ -15,6 +15,8 @@ class AppNumbers:
     app: str
     requests: int = 0
     client_errors: int = 0
+    limited: int = 0
+    """Of the client errors: 429s, refused by a rate limit or the app's in-flight bound."""
     server_errors: int = 0
     seconds: float = 0.0
 
@@ -38,6 +40,7 @@ def per_app(metrics: Metrics, apps: list[str]) -> list[AppNumbers]:
                 row.requests += int(sample.value)
                 if 400 <= status < 500:
                     row.client_errors += int(sample.value)
+                    row.limited += int(sample.value) if status == 429 else 0
                 elif status >= 500:
                     row.server_errors += int(sample.value)
             elif sample.name.endswith("_sum"):
