@@ -546,3 +546,31 @@ def test_the_overview_counts_each_apps_requests_errors_and_limits_hit() -> None:
     mobile = rows["mobile"]
     assert (mobile.requests, mobile.client_errors, mobile.limited, mobile.server_errors) == (6, 3, 2, 1)
     assert rows["web"].requests == 0 and rows["(none)"].client_errors == 1 and rows["(none)"].limited == 0
+
+
+async def test_a_key_whose_audit_record_cannot_be_written_is_not_created(
+        make_project: ProjectFactory, monkeypatch: pytest.MonkeyPatch, serve_project: Any) -> None:
+    """The change and its record commit together: with the audit refusing console records (a trigger here), the
+    key is not created (nor revoked), and the page says the console could not do it."""
+    project = _console_project(make_project, monkeypatch)
+    keys = await prepare(project)
+    _, runtime = await serve_project(project)
+    async with operations.owner_connection(project) as conn:
+        before = await conn.fetchval("SELECT count(*) FROM gatehouse.keys")
+        await conn.execute("""
+            CREATE FUNCTION refuse_console() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN IF NEW.target = 'console:keys' THEN RAISE EXCEPTION 'no audit today'; END IF; RETURN NEW; END $$;
+            CREATE TRIGGER refuse_console BEFORE INSERT ON gatehouse.audit FOR EACH ROW EXECUTE FUNCTION refuse_console();
+        """)
+    async with _admin_client(runtime) as admin:
+        await _sign_in(admin, ADMIN_TOKEN)
+        token = await _csrf(admin, "/console/apps/web")
+        created = await admin.post("/console/apps/web/keys", data={"csrf": token, "description": "x"})
+        assert created.status_code == 503 and "gh_" not in created.text, created.text
+        web_key = keys["web"][3:13]
+        revoked = await admin.post(f"/console/apps/web/keys/{web_key}/revoke", data={"csrf": token})
+        assert revoked.status_code == 503
+    async with operations.owner_connection(project) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.keys") == before
+        assert await conn.fetchval("SELECT revoked_at FROM gatehouse.keys WHERE id = $1", web_key) is None
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE target = 'console:keys'") == 0

@@ -1,6 +1,6 @@
 """The apps pages: every app of the project, one app's grants, quota, API version, functions and sagas, and its
-keys (created, shown once, revoked) through :mod:`gatehouse.operations`, which are async on their own owner
-connections, so the data port's loop never waits on the console."""
+keys (created, shown once, rotated, revoked, each with its audit record in one transaction: admin/changes.py), on
+owner connections of their own and async, so the data port's loop never waits on the console."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from gatehouse import operations
-from gatehouse.admin.changes import record_change
+from gatehouse.admin.changes import audited, record_change
 from gatehouse.admin.pages import PREFIX, error_page, query_url, redirect, render
 from gatehouse.admin.sessions import Session
+from gatehouse.auth import keys as api_keys
 from gatehouse.db.sync import bootstrap
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.observe import usage
@@ -84,9 +85,10 @@ async def create_key(project: Project, session: Session, request: HttpRequest, n
                                   message=f"Expires in: a number of days from 1 to {MAX_EXPIRY_DAYS}, or empty.")
         expires_at = datetime.now(UTC) + timedelta(days=int(days_text))
     started = time.perf_counter()
-    new = await operations.create_key(project, name, expires_at=expires_at, description=description)
-    audit_id = await record_change(project, session, client=request.client, app=name, what="keys",
-                                   action="create", status=201, started=started, key_id=new.id)
+    async with audited(project) as conn:  # the key and its audit record commit together
+        new = await api_keys.create_key(conn, name, expires_at=expires_at, description=description)
+        audit_id = await record_change(conn, session, client=request.client, app=name, what="keys",
+                                       action="create", status=201, started=started, key_id=new.id)
     return render("key_created.html", 201, session=session, name=name, key=new, audit_id=audit_id, expiring=[],
                   overlap_hours=0)
 
@@ -101,10 +103,11 @@ async def rotate_keys(project: Project, session: Session, request: HttpRequest, 
         return await app_page(project, session, name, {}, status=400,
                               message=f"Overlap: a number of hours from 1 to {MAX_OVERLAP_HOURS}.")
     started = time.perf_counter()
-    new, expiring = await operations.rotate_keys(project, name, overlap=timedelta(hours=int(hours)))
-    audit_id = await record_change(project, session, client=request.client, app=name, what="keys",
-                                   action="rotate", status=201, started=started, key_id=new.id,
-                                   expiring=",".join(expiring), overlap_hours=hours)
+    async with audited(project) as conn:
+        new, expiring = await api_keys.rotate_keys(conn, name, overlap=timedelta(hours=int(hours)))
+        audit_id = await record_change(conn, session, client=request.client, app=name, what="keys",
+                                       action="rotate", status=201, started=started, key_id=new.id,
+                                       expiring=",".join(expiring), overlap_hours=hours)
     return render("key_created.html", 201, session=session, name=name, key=new, audit_id=audit_id,
                   expiring=expiring, overlap_hours=int(hours))
 
@@ -114,10 +117,12 @@ async def revoke_key(project: Project, session: Session, request: HttpRequest, n
     if name not in project.apps:
         return error_page(404, "No such app", f"There is no app named {name!r} in this project.", session)
     started = time.perf_counter()
-    revoked = await operations.revoke_keys(project, name, key_id)
+    async with audited(project) as conn:
+        revoked = await api_keys.revoke_key(conn, name, key_id)
+        if revoked:
+            await record_change(conn, session, client=request.client, app=name, what="keys", action="revoke",
+                                status=200, started=started, key_id=key_id)
     if not revoked:
         return await app_page(project, session, name, {}, status=404,
                               message=f"No live key {key_id} for {name}: it was revoked already, or never existed.")
-    await record_change(project, session, client=request.client, app=name, what="keys", action="revoke",
-                        status=200, started=started, key_id=key_id)
     return redirect(f"{PREFIX}/apps/{name}?revoked={key_id}")

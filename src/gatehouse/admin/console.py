@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from gatehouse.admin import apps_view, audit_view, health_view, traffic, versions_view
-from gatehouse.admin.changes import record_change
+from gatehouse.admin.changes import audited, record_change
 from gatehouse.admin.overview import per_app, server_readings
 from gatehouse.admin.pages import (
     PREFIX,
@@ -168,8 +168,9 @@ class Console:
                                               "(missing or wrong CSRF token): reload the page and try again.", session)
         if path == "/signout":
             self.sessions.close(session.id)
-            await record_change(project, session, client=request.client, app="", what="session", action="signout",
-                                status=303, started=time.perf_counter())
+            async with audited(project) as conn:
+                await record_change(conn, session, client=request.client, app="", what="session",
+                                    action="signout", status=303, started=time.perf_counter())
             return redirect(f"{PREFIX}/signin", {"Set-Cookie": set_cookie(request, COOKIE, "", 0)})
         if not session.may_change:
             return error_page(403, "Read-only", "You are signed in read-only: you can look, not change.", session)
@@ -208,8 +209,9 @@ class Console:
             self.throttle.failed(request.client)
             return await self._sign_in_page(request, status=401, message="That token signs nobody in.")
         session = self.sessions.open(role)
-        await record_change(self.runtime.project, session, client=request.client, app="", what="session",
-                            action="signin", status=303, started=time.perf_counter())
+        async with audited(self.runtime.project) as conn:
+            await record_change(conn, session, client=request.client, app="", what="session", action="signin",
+                                status=303, started=time.perf_counter())
         max_age = int(self.sessions.seconds)
         return redirect(_safe_next(fields.get("next", "")) or f"{PREFIX}/overview",
                         {"Set-Cookie": set_cookie(request, COOKIE, session.id, max_age)})

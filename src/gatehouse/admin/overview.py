@@ -1,7 +1,8 @@
-"""The overview's numbers: requests, errors (429s, the limits hit, apart) and mean latency per app since this server started, and the server's
-own readings (cache, work slots, pools, replicas, outbox, relays, sagas, alerts: whichever this server runs),
-read from the metrics registry (the same series ``/metrics`` exposes), so the page costs no database work of
-its own (the collectors that count in the database refresh in the background, as for a scrape)."""
+"""The overview's numbers: requests, errors (429s, the limits hit, apart) and mean latency per app since this
+server started, and the server's own readings (cache, work slots, pools, replicas, outbox, relays, sagas,
+alerts: whichever this server runs), read from the metrics registry (the same series ``/metrics`` exposes), so
+the page costs no database work of its own (the collectors that count in the database refresh in the
+background, as for a scrape)."""
 
 from __future__ import annotations
 
