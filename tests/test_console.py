@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -474,14 +475,19 @@ def test_in_chromium_sign_in_create_use_revoke_and_audit(
             look(page, "03-key-created")
             key_id = key[3:13]
 
-            assert httpx.get(f"{data_url}/products?id=eq.1", headers={"apikey": key}).status_code == 200
+            def curl_status(key: str) -> str:  # as a person would try the new key: with curl
+                return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"apikey: {key}",
+                                       f"{data_url}/products?id=eq.1"], capture_output=True, text=True,
+                                      timeout=10).stdout
+
+            assert curl_status(key) == "200"
 
             page.get_by_role("link", name="Back to mobile").click()
             page.get_by_role("button", name=f"Revoke key {key_id}").click()
             expect(page.locator(f'tr[data-key="{key_id}"] td.bad')).to_have_text("revoked")
             look(page, "04-app-revoked")
             deadline = time.monotonic() + 10
-            while (status := httpx.get(f"{data_url}/products?id=eq.1", headers={"apikey": key}).status_code) != 401:
+            while (status := curl_status(key)) != "401":
                 assert time.monotonic() < deadline, status
                 time.sleep(0.1)
 
