@@ -244,34 +244,46 @@ def request(method: str, target: str, key: str, *, body: bytes = b"", extra: str
     return head.encode() + b"\r\n" + body
 
 
+@dataclass
+class Serving:
+    """A ``gatehouse serve`` started by :func:`serving`: its URLs, and once stopped, its exit status and stderr."""
+
+    base: str
+    admin: str
+    returncode: int | None = None
+    stderr: str = ""
+
+
 @contextmanager
-def serving(root: Path, *, timeout_s: float = 60) -> Iterator[tuple[str, str]]:
-    """``gatehouse serve`` of the project folder ``root`` (this process's environment) on free ports, for a
-    synchronous test: (data URL, admin URL) once ``/ready``; stopped with SIGTERM afterwards."""
+def serving(root: Path, *, env: dict[str, str] | None = None, timeout_s: float = 60) -> Iterator[Serving]:
+    """``gatehouse serve`` of the project folder ``root`` (the environment: this process's, or ``env``) on free
+    ports, for a synchronous test, once ``/ready``; stopped with SIGTERM afterwards (its status and stderr kept)."""
     port, admin_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "gatehouse", "--project", str(root), "serve", "--port",
-                               str(port), "--admin-port", str(admin_port)], env=dict(os.environ),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    admin = f"http://127.0.0.1:{admin_port}"
+                               str(port), "--admin-port", str(admin_port)],
+                              env=env if env is not None else dict(os.environ), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    running = Serving(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}")
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if httpx.get(f"{admin}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{running.admin}/ready", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert server.poll() is None, server.communicate()
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", admin
+        yield running
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.communicate(timeout=30)
+            _, running.stderr = server.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-            server.communicate()
+            _, running.stderr = server.communicate()
+        running.returncode = server.returncode
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from gatehouse.demo import tour
+from served import serving
 
 GATEHOUSE = [sys.executable, "-m", "gatehouse"]
 
@@ -122,23 +122,9 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
     assert "nothing to change" in again.stdout
     keys = {app: gatehouse("keys", "create", app, "--quiet", cwd=demo_dir, env=env).stdout.strip()
             for app in ("web", "mobile", "analytics", "checkout")}
-    port, admin_port = free_port(), free_port()
     console_token = "the-demo-console-token-0123456789"  # as the demo tells a user to give it
-    server = subprocess.Popen([*GATEHOUSE, "serve", "--port", str(port), "--admin-port", str(admin_port)],
-                              cwd=demo_dir, env={**env, "GATEHOUSE_CONSOLE__ADMIN_TOKEN": console_token},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{admin}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+    with serving(demo_dir, env={**env, "GATEHOUSE_CONSOLE__ADMIN_TOKEN": console_token}) as server:
+        base, admin = server.base, server.admin
         assert httpx.get(f"{admin}/live").json() == {"status": "live"}
         with httpx.Client(base_url=admin) as browser:  # the console signs in with that token, and no other
             for token, lands in (("wrong-token", 401), (console_token, 303)):
@@ -196,9 +182,7 @@ def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
         assert (placed["state"], placed["steps_done"], set(placed["result"])) == (
             "completed", 3, {"order_id", "charge_id", "amount"}), placed
         assert declined["state"] == "compensated" and "payment declined: customer 10" in declined["error"], declined
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, stderr = server.communicate(timeout=30)
+    stderr = server.stderr
     assert server.returncode == 0, stderr
     for key in keys.values():
         assert key not in stderr

@@ -423,8 +423,8 @@ def served_console(make_project: ProjectFactory,
     """A real ``gatehouse serve`` of the shop with the console configured: (project, data URL, admin URL, keys)."""
     project = _console_project(make_project, monkeypatch)
     keys = run_sync(prepare(project))
-    with serving(project.root) as (data_url, admin_url):
-        yield project, data_url, admin_url, keys
+    with serving(project.root) as server:
+        yield project, server.base, server.admin, keys
 
 
 def test_in_chromium_sign_in_create_use_revoke_and_audit(
