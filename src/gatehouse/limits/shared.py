@@ -105,6 +105,10 @@ class SharedStats:
     """Requests that waited ``ROUNDS`` lease calls without a token (taken by the others waiting) and were refused."""
 
 
+STOP_WAIT_S = 2.0
+"""How long :meth:`SharedLimits.stop` waits for its tasks to end (they end within a Redis timeout or a beat)."""
+
+
 class SharedLimits:
     """The shared store of :class:`~gatehouse.limits.admission.RateLimiter`: check, lease, fall back."""
 
@@ -130,6 +134,7 @@ class SharedLimits:
         self._shares: dict[tuple[Rate, int], Rate] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beating: asyncio.Task[None] | None = None
+        self._stopping = False
         self.live_instances = 1
         """Instances that said they were alive within the last window (the last count read; 1 until one)."""
         self.stats = SharedStats()
@@ -153,15 +158,22 @@ class SharedLimits:
     async def start(self) -> None:
         """Connect lazily and say this instance is alive (once now, bounded by the timeout, then every
         ``heartbeat_s`` in the background). Never fails because of Redis: the limits then start local."""
+        self._stopping = False
         self._client = open_redis(self._url, self._timeout)
         await self._beat()
         self._beating = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def stop(self) -> None:
+        """End the heartbeat and the calls in flight, and leave the live count. The wait is bounded and the
+        heartbeat also stops at its flag: on Python 3.11 a cancellation that lands as an ``asyncio.timeout`` in a
+        call expires can come out as that timeout's TimeoutError, which the call takes for a Redis failure, and
+        the loop would go on (seen as a stop that never returned)."""
+        self._stopping = True
         tasks = [*self._tasks, *([self._beating] if self._beating else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
         client, self._client = self._client, None
         if client is None:
             return
@@ -342,7 +354,7 @@ class SharedLimits:
             self.live_instances = max(1, count)
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._beat_every)
             await self._beat()
 

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 LEASE_S = 15.0
 POLL_S = 0.5
 BATCH = 16
+STOP_WAIT_S = 5.0
+"""How long :meth:`SagaEngine.stop` waits for its loop to end (a round in hand ends at its next statement)."""
 
 
 def _no_hook(point: str, saga_id: str, n: int) -> None:
@@ -56,6 +58,7 @@ class SagaEngine:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._held: dict[str, RunEnv] = {}
         self.stats = SagaStats()
         """What this engine did, for /metrics (observe/saga_metrics.py)."""
@@ -183,11 +186,12 @@ class SagaEngine:
 
     def start_background(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="gatehouse-sagas")
 
     async def _loop(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             self._wake.clear()  # before the round: a start during it wakes the next wait at once
             try:
                 claimed = await self.run_due()
@@ -204,10 +208,15 @@ class SagaEngine:
                     await self._wake.wait()
 
     async def stop(self) -> None:
-        """Stop the loop; runs in hand are left to their leases (taken again by any instance when they expire)."""
+        """Stop the loop; runs in hand are left to their leases (taken again by any instance when they expire).
+
+        The loop also ends at its flag and the wait is bounded: on Python 3.11 a cancellation that lands as its
+        wait's ``asyncio.timeout`` expires can come out as that TimeoutError, which the wait suppresses, and the
+        loop would go on."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
             self._task = None
         await self.http.aclose()
