@@ -24,15 +24,12 @@ from conftest import ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.project import Project
 from gatehouse.testing import LogicHarness
+from test_sagas import Crash
 
 APP = "checkout"
 NO_USER = 5000
 """Customers from here on have a payment account (made by the test) but are not users of the shop: their
 charge goes through and the order is refused (orders.user_id references users), so the charge is refunded."""
-
-
-class Crash(BaseException):
-    """kill -9, as the engine sees it: nothing after this point runs, no handler cleans up."""
 
 
 @pytest.fixture

@@ -226,21 +226,36 @@ class Payments:
         writer.close()
 
 
-@pytest.fixture
-async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
-    service = Payments()
+@contextlib.asynccontextmanager
+async def payment_service(monkeypatch: pytest.MonkeyPatch, *, delay_s: float = 0.0) -> AsyncIterator[Payments]:
+    """The payment service on a local port, its URL in ``SAGA_TEST_PAYMENTS`` (where the saga's steps, and a
+    served process's, find it)."""
+    service = Payments(delay_s=delay_s)
     server = await asyncio.start_server(service.serve, "127.0.0.1", 0)
     service.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     monkeypatch.setenv("SAGA_TEST_PAYMENTS", service.url)
-    yield service
-    server.close()
+    try:
+        yield service
+    finally:
+        server.close()
+
+
+async def saga_project(make_project: ProjectFactory, toml: str = TOML) -> Project:
+    """The order placement's project (two databases, ``logic/orders.py``), migrated and applied."""
+    made = make_project(toml=toml, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
+    await prepare(made)
+    return made
+
+
+@pytest.fixture
+async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
+    async with payment_service(monkeypatch) as service:
+        yield service
 
 
 @pytest.fixture
 async def project(make_project: ProjectFactory) -> Project:
-    made = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
-    await prepare(made)
-    return made
+    return await saga_project(make_project)
 
 
 @pytest.fixture

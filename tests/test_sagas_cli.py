@@ -17,39 +17,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from conftest import ProjectFactory, prepare
+from conftest import ProjectFactory
 from gatehouse import cli, operations
 from gatehouse.observe.saga_metrics import SagaCollector
 from gatehouse.project import Project
 from gatehouse.testing import LogicHarness
-from test_sagas import (
-    CONTRACTS,
-    LOGIC,
-    MIGRATIONS,
-    TOML,
-    Crash,
-    Payments,
-    assert_compensated,
-    effects,
-    new_order,
-)
+from test_sagas import Crash, Payments, assert_compensated, effects, new_order, payment_service, saga_project
 
 
 @pytest.fixture
 async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
-    service = Payments()
-    server = await asyncio.start_server(service.serve, "127.0.0.1", 0)
-    service.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    monkeypatch.setenv("SAGA_TEST_PAYMENTS", service.url)
-    yield service
-    server.close()
+    async with payment_service(monkeypatch) as service:
+        yield service
 
 
 @pytest.fixture
 async def project(make_project: ProjectFactory) -> Project:
-    made = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
-    await prepare(made)
-    return made
+    return await saga_project(make_project)
 
 
 @pytest.fixture

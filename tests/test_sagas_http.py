@@ -25,6 +25,7 @@ from test_sagas import (
     assert_completed,
     effects,
     new_order,
+    payment_service,
 )
 
 TOML = """
@@ -57,12 +58,8 @@ Served = tuple[Project, httpx.AsyncClient, dict[str, dict[str, str]], Payments]
 @pytest.fixture
 async def service(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
     """tests/test_sagas.py's payment service (it applies each idempotency key once and counts requests)."""
-    payments = Payments()
-    server = await asyncio.start_server(payments.serve, "127.0.0.1", 0)
-    payments.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    monkeypatch.setenv("SAGA_TEST_PAYMENTS", payments.url)
-    yield payments
-    server.close()
+    async with payment_service(monkeypatch) as payments:
+        yield payments
 
 
 @pytest.fixture

@@ -17,11 +17,19 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from conftest import ProjectFactory, prepare
+from conftest import ProjectFactory
 from gatehouse import operations
 from gatehouse.project import Project
 from served import serve_instance, stop_instance
-from test_sagas import CONTRACTS, LOGIC, MIGRATIONS, Payments, assert_compensated, assert_completed, effects, new_order
+from test_sagas import (
+    Payments,
+    assert_compensated,
+    assert_completed,
+    effects,
+    new_order,
+    payment_service,
+    saga_project,
+)
 
 TOML = """
 [project]
@@ -47,12 +55,8 @@ ORDERS = 16
 
 @pytest.fixture
 async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
-    service = Payments(delay_s=0.3)
-    server = await asyncio.start_server(service.serve, "127.0.0.1", 0)
-    service.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    monkeypatch.setenv("SAGA_TEST_PAYMENTS", service.url)  # (the served process inherits it)
-    yield service
-    server.close()
+    async with payment_service(monkeypatch, delay_s=0.3) as service:  # (the served process inherits its URL)
+        yield service
 
 
 async def placed_once_or_undone(project: Project, payments: Payments, ids: list[str], orders: list[dict[str, object]],
@@ -76,8 +80,8 @@ async def states(project: Project, ids: list[str]) -> dict[str, str]:
 
 async def test_kill_9_mid_flight_then_another_server_finishes_every_saga_exactly_once(
         make_project: ProjectFactory, payments: Payments) -> None:
-    project = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
-    keys = await prepare(project)
+    project = await saga_project(make_project, TOML)
+    keys = {app: (await operations.create_key(project, app)).secret_key for app in project.apps}
     orders = [await new_order(project, customer="refused" if i % 4 == 0 else "kim") for i in range(ORDERS)]
     first = await serve_instance(project.root)
     ids = []
@@ -115,8 +119,8 @@ async def test_two_servers_at_once_share_the_runs_and_never_run_a_step_twice(
         make_project: ProjectFactory, payments: Payments) -> None:
     """Two ``gatehouse serve`` processes of one project run at the same time, each started half of the sagas:
     both take runs (their metrics say how many each finished), and every step ran once in all."""
-    project = make_project(toml=TOML, migrations=MIGRATIONS, contracts=CONTRACTS, files={"logic/orders.py": LOGIC})
-    keys = await prepare(project)
+    project = await saga_project(make_project, TOML)
+    keys = {app: (await operations.create_key(project, app)).secret_key for app in project.apps}
     payments.delay_s = 0.05
     orders = [await new_order(project, customer="refused" if i % 4 == 0 else "lee") for i in range(ORDERS)]
     servers = [await serve_instance(project.root), await serve_instance(project.root)]
