@@ -71,6 +71,22 @@ class DatabaseConfig(Strict):
     replica_check_ms: int = Field(default=200, ge=20, le=60_000,
                                   description="how often the primary's heartbeat is written and each replica's "
                                               "lag is read")
+    pooler_url: DatabaseUrl = Field(
+        default=None,
+        description="a transaction-mode pooler (PgBouncer) in front of this database, for the apps' pools only: "
+                    "it must hold one database per app, <database>__<app>, whose connect_query sets the app's "
+                    "role (`gatehouse pooler` prints them); migrations, apply, LISTEN and gatehouse's own "
+                    "writers keep using url")
+    pooler_prepared_statements: bool = Field(
+        default=False, description="the pooler keeps protocol-level prepared statements (PgBouncer 1.21+ with "
+                                   "max_prepared_statements > 0): the apps' statements are prepared once, not "
+                                   "parsed on every request")
+
+    @model_validator(mode="after")
+    def _pooler_needs_url(self) -> DatabaseConfig:
+        if self.pooler_url is not None and self.url is None:
+            raise ValueError("pooler_url needs url: the embedded PostgreSQL has no pooler in front of it")
+        return self
 
 
 class ServerConfig(Strict):

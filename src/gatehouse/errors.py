@@ -55,6 +55,11 @@ class DatabaseUnavailable(GatehouseError):
     """A database could not be reached or started."""
 
 
+class PoolerMisconfigured(DatabaseUnavailable):
+    """A connection through the pooler (``pooler_url``) does not run as the app's role: its database for the app
+    is missing its ``connect_query``, or sets another role. Never served: the app would run as someone else."""
+
+
 _E = TypeVar("_E", bound="type[ApiError]")
 ABSTRACT: set[type[ApiError]] = set()
 """Classes of the tree that are never raised themselves: they give their subclasses a status (and a code)."""

@@ -94,6 +94,18 @@ class Project:
                 return version.database
         return None
 
+    def databases_of_apps(self) -> dict[str, set[str]]:
+        """Each app's databases: those of its grants and functions, and every saga database (a saga's local
+        steps run as its app). An app has a pool on each."""
+        result: dict[str, set[str]] = {}
+        saga_databases = self.sagas.databases(self.home_database)
+        for app in self.apps.values():
+            dbs = {self.database_of(g.contract) for g in app.config.grants}
+            dbs |= {self.functions[f].database or self.home_database for f in app.config.functions}
+            dbs |= saga_databases
+            result[app.name] = {db for db in dbs if db is not None}
+        return result
+
     def migrations_dir(self, database: str) -> Path:
         base = self.root / "migrations"
         return base / database if len(self.config.databases) > 1 else base

@@ -170,7 +170,7 @@ class Runtime:
             options = PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000, max_idle_s=server.pool_max_idle_s,
                                   max_lifetime_s=server.pool_max_lifetime_s)
             self.pools = AppPools(options)
-            await self.pools.open(self.targets, project.apps, _databases_of_apps(project))
+            await self.pools.open(self.targets, project.apps, project.databases_of_apps())
             self.replicas = ReplicaSet.for_project(project, self.targets, options)
             await self.replicas.start(self._internal)
             await self._check_headroom(project)
@@ -296,7 +296,7 @@ class Runtime:
                         _missing_views(current, catalog))
             return "kept"
         if chosen is not current and self.pools is not None:  # a new app's pool is there before its first call
-            await self.pools.update(self.targets, chosen.apps, _databases_of_apps(chosen))
+            await self.pools.update(self.targets, chosen.apps, chosen.databases_of_apps())
         self._install(chosen, catalog, constraints, lineages)
         if chosen is not current:
             await self._follow_apps(chosen)
@@ -419,13 +419,3 @@ def _missing_views(project: Project, catalog: Mapping[tuple[str, str], ViewShape
 def _caches(project: Project) -> bool:
     """Does any contract of the project have a ``cache`` setting?"""
     return any(settings.cache for settings in project.config.contracts.values())
-
-
-def _databases_of_apps(project: Project) -> dict[str, set[str]]:
-    result: dict[str, set[str]] = {}
-    for app in project.apps.values():
-        dbs = {project.database_of(g.contract) for g in app.config.grants}
-        dbs |= {project.functions[f].database or project.home_database for f in app.config.functions}
-        dbs |= project.sagas.databases(project.home_database)  # a saga's local steps run as its app
-        result[app.name] = {db for db in dbs if db is not None}
-    return result

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from gatehouse import __version__
-from gatehouse.cli import access, alerts, doctor, keys, mirrors, relay, sagas, schema, usage
+from gatehouse.cli import access, alerts, doctor, keys, mirrors, pooler, relay, sagas, schema, usage
 from gatehouse.cli.common import State, out, project_here, run, run_sync
 from gatehouse.db.targets import check_logins
 
@@ -104,3 +104,4 @@ app.command()(demo)
 app.command()(usage.audit)
 app.command()(usage.versions)
 app.command()(doctor.doctor)
+app.command()(pooler.pooler)

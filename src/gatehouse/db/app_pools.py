@@ -3,8 +3,9 @@ app's connection is opened.
 
 Each connection logs in as the authenticator with ``role`` and ``application_name`` as startup parameters, so
 every statement runs as the app's NOLOGIN role (PostgreSQL refuses whatever the app was not granted) and
-``pg_stat_activity`` names the app (``gatehouse/<app>``). Opening one is bounded by a connect timeout, and the
-kernel is asked to notice a peer that vanished silently (``faults.watch_peer``).
+``pg_stat_activity`` names the app (``gatehouse/<app>``). Through a transaction pooler the pooler sets the
+role instead (:mod:`.pooler`), and each new connection is checked to run as the app. Opening one is bounded
+by a connect timeout, and the kernel is asked to notice a peer that vanished silently (``faults.watch_peer``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncpg
 
 from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
+from gatehouse.db.pooler import check_role
 from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.db_metrics import PoolReading
@@ -49,16 +51,25 @@ class PoolOptions:
 def app_pool(target: DatabaseTarget, app: App, options: PoolOptions) -> AppPool:
     """The app's pool on ``target``, with no connection opened yet."""
     quota = app.config.quota
-    settings = {
-        "role": app.role,
-        "application_name": application_name(app.name),
-        "statement_timeout": str(quota.statement_timeout_ms),
-    }
-    arguments = target.authenticator_kwargs()
+    pooled = target.pooler_dsn is not None
+    settings = {"application_name": application_name(app.name)}
+    if pooled:  # the pooler's database for the app sets both (db/pooler.py): a transaction pooler refuses them
+        arguments = target.pooler_kwargs(app.name)
+        if not target.pooler_prepared_statements:
+            arguments["statement_cache_size"] = 0  # parsed with each execution, on the same server connection
+    else:
+        settings |= {"role": app.role, "statement_timeout": str(quota.statement_timeout_ms)}
+        arguments = target.authenticator_kwargs()
     arguments["timeout"] = options.connect_timeout_s(arguments.get("timeout"))
 
     async def connect() -> Connection:
         conn: Connection = await asyncpg.connect(**arguments, server_settings=settings)
+        if pooled:
+            try:
+                await check_role(conn, target, app)
+            except BaseException:
+                conn.terminate()
+                raise
         watch_peer(conn)
         return conn
 

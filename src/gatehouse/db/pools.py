@@ -40,7 +40,7 @@ from gatehouse.db.faults import (
     is_dead,
 )
 from gatehouse.db.waiters import Waiters
-from gatehouse.errors import ApiError, PoolTimeout
+from gatehouse.errors import ApiError, DatabaseUnavailable, PoolTimeout
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class AppPool:
         """:meth:`checkout`, with a failure to connect answered as 503 PGRST000 with ``Retry-After``."""
         try:
             return await self.checkout()
-        except CONNECT_ERRORS:
+        except (*CONNECT_ERRORS, DatabaseUnavailable):
             raise cannot_connect(self._backoff.wait_s(self._time())) from None
 
     async def _open_one(self) -> Connection:
@@ -281,7 +281,7 @@ class AppPool:
             self._backoff.probing = True
         try:
             return await self._open_in_slot()
-        except CONNECT_ERRORS:
+        except (*CONNECT_ERRORS, DatabaseUnavailable):
             raise cannot_connect(self._backoff.wait_s(self._time())) from None
 
     def discard(self, conn: Connection) -> None:

@@ -12,6 +12,10 @@ Two logins per database:
 * the *owner* (the URL's user, or ``postgres`` when embedded) runs migrations and ``apply``;
 * the *authenticator*, a non-superuser LOGIN role that owns nothing and is a member of every app role.
   ``serve`` connects as it, with the app's role as a startup parameter.
+
+With a ``pooler_url`` (PgBouncer in transaction mode), the apps' pools log in to the pooler instead, to one
+pooler database per app (:func:`pooler_database`) that sets the app's role on every server connection it
+opens (a transaction pooler refuses the ``role`` startup parameter); everything else stays on ``url``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class DatabaseTarget:
     source: str = EMBEDDED
     """Where the URL came from, for messages: ``$VARIABLE``, ``gatehouse.toml`` or ``embedded``."""
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    pooler_dsn: str | None = None
+    """The transaction pooler the apps' pools log in to, if any (``pooler_url``)."""
+    pooler_prepared_statements: bool = False
 
     def authenticator_kwargs(self) -> dict[str, Any]:
         """Connection arguments for the authenticator: the owner's address, the authenticator's identity."""
@@ -53,6 +60,12 @@ class DatabaseTarget:
             "password": self.authenticator_password or "",
             "timeout": self.connect_timeout_s,
         }
+
+    def pooler_kwargs(self, app: str) -> dict[str, Any]:
+        """Connection arguments for one app's pool through the pooler: its database for that app, as the
+        authenticator."""
+        assert self.pooler_dsn is not None
+        return {**self.authenticator_kwargs(), "dsn": _with_database(self.pooler_dsn, pooler_database(self.name, app))}
 
     async def connect_owner(self) -> asyncpg.Connection:
         try:
@@ -70,6 +83,12 @@ class DatabaseTarget:
                                      timeout_s=self.connect_timeout_s, user=self.authenticator,
                                      as_authenticator=True) from None
         await conn.close()
+
+
+def pooler_database(database: str, app: str) -> str:
+    """The pooler's database for ``app``'s connections to ``database``: names are ``[a-z][a-z0-9_]*``, so the
+    double underscore cannot be ambiguous."""
+    return f"{database}__{app}"
 
 
 def _start_embedded(state_dir: Path) -> str:
@@ -120,6 +139,8 @@ async def resolve_targets(project: Project) -> dict[str, DatabaseTarget]:
             embedded=embedded,
             source=EMBEDDED if embedded else source_of(config.url),
             connect_timeout_s=config.connect_timeout_s,
+            pooler_dsn=resolve_secret(config.pooler_url, what=f"[databases.{name}] pooler_url"),
+            pooler_prepared_statements=config.pooler_prepared_statements,
         )
     return targets
 

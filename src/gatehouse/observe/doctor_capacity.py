@@ -4,7 +4,9 @@ Headroom is the sum a person would do on paper. PostgreSQL lets ``max_connection
 superusers (``superuser_reserved_connections``, and ``reserved_connections`` from 16 on) be used by ordinary
 roles. Each gatehouse instance opens, per database, every app's pool (``quota.pool_size``) plus a few of its
 own (:func:`gatehouse.db.headroom.pools_needed`); times ``--instances``; plus whatever other clients already
-hold. Over 80 % is a warning, over 100 % a failure: some pool will not get its connections under load.
+hold. Behind a transaction pooler (``pooler_url``) the apps' pools are the pooler's (``gatehouse pooler`` gives
+each app's pooler database its ``pool_size``), shared by every instance: counted once. Over 80 % is a
+warning, over 100 % a failure: some pool will not get its connections under load.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ async def headroom(probe: DatabaseProbe, same_server: list[str]) -> Outcome:
     instances = probe.options.instances
     pools, own, per_app = pools_needed(probe.project, same_server)
     available = row["max"] - row["superuser"] - row["reserved"]
-    need = (pools + own) * instances + row["others"]
+    pooled = probe.target.pooler_dsn is not None
+    need = (own + (0 if pooled else pools)) * instances + (pools if pooled else 0) + row["others"]
     share = need / available if available > 0 else float("inf")
     here = f" (databases {', '.join(same_server)})" if len(same_server) > 1 else ""
-    reason = (f"{need} of {available} connections ({percent_text(share)}): pools {pools} + gatehouse's own {own}, "
-              f"times {instances} instance{'s' if instances != 1 else ''}, + {row['others']} in use by other clients"
-              f"{here}")
+    times = f"times {instances} instance{'s' if instances != 1 else ''}"
+    sums = (f"gatehouse's own {own} {times}, + the pooler's pools {pools} (once: shared by every instance)"
+            if pooled else f"pools {pools} + gatehouse's own {own}, {times}")
+    reason = f"{need} of {available} connections ({percent_text(share)}): {sums}, + {row['others']} in use by " \
+             f"other clients{here}"
     data = {"max_connections": row["max"], "reserved": row["superuser"] + row["reserved"], "available": available,
             "pools": pools, "own": own, "instances": instances, "others": row["others"], "needed": need,
             "share": round(share, 4), "pool_size": per_app}
