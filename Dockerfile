@@ -50,7 +50,10 @@ RUN mkdir -p /project/.gatehouse \
 WORKDIR /project
 # Fixed inside the container, whatever the project's gatehouse.toml says, so EXPOSE, the HEALTHCHECK and the
 # orchestrator's probes agree: both ports on every interface of the container. Publish only the data port.
+# No embedded PostgreSQL in a container: a database whose URL was not passed is an error naming the variable,
+# not a database created inside the container and lost with it.
 ENV GATEHOUSE_PROJECT=/project \
+    GATEHOUSE_EMBEDDED=off \
     GATEHOUSE_SERVER__HOST=0.0.0.0 \
     GATEHOUSE_SERVER__PORT=3000 \
     GATEHOUSE_SERVER__ADMIN_HOST=0.0.0.0 \

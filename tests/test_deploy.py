@@ -15,6 +15,7 @@ Docker, a cluster or the network (docs/deploy.md says what this does and does no
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -590,3 +591,21 @@ def test_helm_values_schema_refuses_mistakes() -> None:
         render({"server": {"shutdownGraceSeconds": "10s"}})
     with pytest.raises(engine.HelmError, match="GATEHOUSE-SERVER"):
         render({"env": {"GATEHOUSE-SERVER-PORT": "1"}})
+
+
+def test_in_the_container_a_database_without_a_url_is_an_error_not_an_embedded_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gatehouse.db.targets import resolve_targets
+    from gatehouse.errors import ProjectError
+    from gatehouse.project import load_project
+
+    assert re.search(r"(?m)^\s+GATEHOUSE_EMBEDDED=off\b", (ROOT / "Dockerfile").read_text())
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "gatehouse.toml").write_text('[project]\nname = "boxed"\n\n[databases.main]\n')
+    monkeypatch.delenv("GATEHOUSE_DATABASES__MAIN__URL", raising=False)
+    monkeypatch.setenv("GATEHOUSE_EMBEDDED", "off")
+    with pytest.raises(ProjectError) as refused:
+        asyncio.run(resolve_targets(load_project(root)))
+    assert "GATEHOUSE_DATABASES__MAIN__URL" in str(refused.value) and "[databases.main]" in str(refused.value)
+    assert not (root / ".gatehouse").exists()  # no embedded server was started

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,15 @@ import asyncpg
 
 from gatehouse.db.connection_errors import CONNECT_ERRORS, connection_failure
 from gatehouse.db.embedded import start_embedded
+from gatehouse.errors import ProjectError
 from gatehouse.project import Project
 from gatehouse.secrets import resolve_secret, source_of
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 EMBEDDED = "embedded"
+EMBEDDED_SWITCH = "GATEHOUSE_EMBEDDED"
+"""``off`` where a missing URL must not start an embedded PostgreSQL (the container image sets it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,11 @@ async def resolve_targets(project: Project) -> dict[str, DatabaseTarget]:
         url = resolve_secret(config.url, what=f"[databases.{name}] url")
         embedded = url is None
         if url is None:
+            if os.environ.get(EMBEDDED_SWITCH, "").lower() in ("off", "0", "false", "no"):
+                variable = f"GATEHOUSE_DATABASES__{name.upper()}__URL"
+                raise ProjectError(f"[databases.{name}] has no url, and the embedded PostgreSQL is off here "
+                                   f"({EMBEDDED_SWITCH}={os.environ[EMBEDDED_SWITCH]}, as in gatehouse's container "
+                                   "image)", hint=f"pass the database's URL in {variable}")
             if embedded_uri is None:
                 embedded_uri = await asyncio.to_thread(_start_embedded, project.state_dir)
             await _ensure_database(embedded_uri, name)
