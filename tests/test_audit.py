@@ -22,7 +22,6 @@ from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ServiceUnavailable
 from gatehouse.observe.audit import (
     AUDIT_DDL,
-    USAGE_STRIPES,
     AuditRecord,
     AuditUnavailable,
     AuditWriter,
@@ -384,9 +383,9 @@ async def test_a_write_commits_with_its_record_or_not_at_all(audited: Audited) -
         await conn.close()
 
 
-async def test_concurrent_writers_add_to_the_usage_of_their_own_stripe(audited: Audited) -> None:
-    """Each connection adds to the stripe of its backend, so concurrent writes of one app to one contract do not
-    queue for one row lock; readers sum the stripes. Eight connections each commit 25 single-record writes."""
+async def test_concurrent_writers_are_counted_exactly_in_the_usage(audited: Audited) -> None:
+    """Eight connections each commit 25 single-record writes; the usage view counts every one, with no trigger or
+    roll-up row on the writes' path."""
     conns = [await audited.owner() for _ in range(8)]
     try:
         async def writes(conn: asyncpg.Connection, first: int) -> None:
@@ -394,10 +393,10 @@ async def test_concurrent_writers_add_to_the_usage_of_their_own_stripe(audited: 
                 async with conn.transaction():
                     await audit_in_transaction(conn, record(n, method="POST", status=201 if n % 5 else 409))
         await asyncio.gather(*(writes(conn, i * 100) for i, conn in enumerate(conns)))
-        pids = [conn.get_server_pid() for conn in conns]
-        stripes = await conns[0].fetch("SELECT stripe, calls FROM gatehouse.usage ORDER BY stripe")
-        assert {r["stripe"] for r in stripes} == {pid % USAGE_STRIPES for pid in pids}
-        assert sum(r["calls"] for r in stripes) == 200
+        rows = await conns[0].fetch("SELECT app, target, api_version, calls, errors FROM gatehouse.usage")
+        assert [tuple(r) for r in rows] == [("web", "things", 1, 200, 40)]
+        assert await conns[0].fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'gatehouse.audit'::regclass "
+                                       "AND NOT tgisinternal") == 0
         usage = await version_usage(conns[0])
         assert [(u["app"], u["calls"], u["errors"], u["targets"]) for u in usage] == [("web", 200, 40, ["things"])]
     finally:
@@ -405,22 +404,28 @@ async def test_concurrent_writers_add_to_the_usage_of_their_own_stripe(audited: 
             await conn.close()
 
 
-async def test_a_usage_table_from_before_the_stripes_is_upgraded_in_place(audited: Audited) -> None:
+async def test_the_usage_table_and_its_trigger_of_before_are_replaced_by_the_view(audited: Audited) -> None:
     conn = await audited.owner()
     try:
         await conn.execute("""
-            DROP TABLE gatehouse.usage;
+            DROP VIEW gatehouse.usage;
             CREATE TABLE gatehouse.usage (app text NOT NULL, target text NOT NULL, api_version integer NOT NULL,
-                calls bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0, last_call timestamptz NOT NULL,
-                PRIMARY KEY (app, target, api_version));
-            INSERT INTO gatehouse.usage VALUES ('web', 'things', 1, 7, 1, now());
+                stripe smallint NOT NULL DEFAULT 0, calls bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0,
+                last_call timestamptz NOT NULL, PRIMARY KEY (app, target, api_version, stripe));
+            CREATE FUNCTION gatehouse.audit_usage_rollup() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN UPDATE gatehouse.usage SET calls = calls + 1; RETURN NULL; END $$;
+            CREATE TRIGGER audit_usage_rollup AFTER INSERT ON gatehouse.audit
+                FOR EACH STATEMENT EXECUTE FUNCTION gatehouse.audit_usage_rollup();
         """)
-        await conn.execute(AUDIT_DDL)
-        key = await conn.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'usage_pkey'")
-        assert key == "PRIMARY KEY (app, target, api_version, stripe)"
         async with conn.transaction():
             await audit_in_transaction(conn, record(1))
-        assert await conn.fetchval("SELECT sum(calls) FROM gatehouse.usage") == 8
+        await conn.execute(AUDIT_DDL)
+        await conn.execute(AUDIT_DDL)  # and again, as every apply does
+        assert await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = 'gatehouse.usage'::regclass") == b"v"
+        assert await conn.fetchval("SELECT to_regprocedure('gatehouse.audit_usage_rollup()')") is None
+        async with conn.transaction():
+            await audit_in_transaction(conn, record(2, status=500))
+        assert tuple(await conn.fetchrow("SELECT calls, errors FROM gatehouse.usage")) == (2, 1)
     finally:
         await conn.close()
 

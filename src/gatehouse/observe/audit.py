@@ -8,11 +8,11 @@ and the caller refuses the request. A write commits with its record or not at al
 write's own statement (:func:`audit_cte`) when its status is known beforehand, else it is inserted in the
 write's transaction (:func:`audit_in_transaction`).
 
-The usage roll-up (``gatehouse.usage``: calls, errors and last call per app, target and API version, spread
-over :data:`USAGE_STRIPES` rows each so that concurrent writes do not queue for one row) is kept by a
-statement-level trigger on ``gatehouse.audit``: every insert, a batch or one write's record, adds to it in the
-same transaction. Its function is ``SECURITY DEFINER``, so a role that may only INSERT
-into ``gatehouse.audit`` keeps the roll-up exact without any privilege on ``gatehouse.usage``.
+``gatehouse.usage`` (calls, errors and last call per app, target and API version) is a view over the audit rows,
+so it is exact and costs the writes nothing. It was a table kept by a statement-level trigger on
+``gatehouse.audit``, in every write's transaction; nothing of gatehouse read it (``gatehouse versions``, the
+console and ``migrate plan`` read windows of the audit rows: :mod:`.usage`), and the trigger cost every insert
+through gatehouse 12-30 % of its throughput in PostgreSQL (bench/README.md). ``apply`` replaces the old table.
 
 A batch whose COMMIT was cut off (the connection died while committing) is *in doubt*: its transaction id
 is kept, and after reconnecting ``pg_xact_status`` says whether to send it again. Records are therefore
@@ -43,28 +43,7 @@ from gatehouse.observe.redact import MAX_QUERY_CHARS
 
 log = logging.getLogger(__name__)
 
-USAGE_STRIPES = 16
-"""Rows per app, target and version in ``gatehouse.usage``: a transaction adds to the one its backend picks
-(``pg_backend_pid() % 16``), and readers sum them. With a single row, every write of one app to one contract
-waited for the row lock of the write before it, held until that write had committed (WAL flushed): writes
-were serialized, and inserts through gatehouse measured 20-27 % fewer per second (bench/README.md)."""
-
-_ROLLUP_BODY = f"""
-BEGIN
-    INSERT INTO gatehouse.usage AS u (app, target, api_version, stripe, calls, errors, last_call)
-    SELECT n.app, n.target, coalesce(n.api_version, 0), pg_backend_pid() % {USAGE_STRIPES}, count(*),
-           count(*) FILTER (WHERE n.status >= 400), max(n.at)
-    FROM audit_new n
-    GROUP BY 1, 2, 3
-    ORDER BY 1, 2, 3
-    ON CONFLICT (app, target, api_version, stripe) DO UPDATE
-    SET calls = u.calls + EXCLUDED.calls, errors = u.errors + EXCLUDED.errors,
-        last_call = greatest(u.last_call, EXCLUDED.last_call);
-    RETURN NULL;
-END
-"""
-
-AUDIT_DDL = f"""
+AUDIT_DDL = """
 CREATE SCHEMA IF NOT EXISTS gatehouse;
 CREATE TABLE IF NOT EXISTS gatehouse.audit (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -88,43 +67,23 @@ ALTER TABLE gatehouse.audit ADD COLUMN IF NOT EXISTS client text NOT NULL DEFAUL
 CREATE INDEX IF NOT EXISTS audit_at_idx ON gatehouse.audit (at);
 CREATE INDEX IF NOT EXISTS audit_app_at_idx ON gatehouse.audit (app, at);
 CREATE INDEX IF NOT EXISTS audit_target_at_idx ON gatehouse.audit (target, at);
-CREATE TABLE IF NOT EXISTS gatehouse.usage (
-    app          text NOT NULL,
-    target       text NOT NULL,
-    api_version  integer NOT NULL,
-    stripe       smallint NOT NULL DEFAULT 0,
-    calls        bigint NOT NULL DEFAULT 0,
-    errors       bigint NOT NULL DEFAULT 0,
-    last_call    timestamptz NOT NULL,
-    PRIMARY KEY (app, target, api_version, stripe)
-);
-ALTER TABLE gatehouse.usage ADD COLUMN IF NOT EXISTS stripe smallint NOT NULL DEFAULT 0;
 DO $do$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                   WHERE i.indrelid = 'gatehouse.usage'::regclass AND i.indisprimary AND a.attname = 'stripe') THEN
-        ALTER TABLE gatehouse.usage DROP CONSTRAINT usage_pkey, ADD PRIMARY KEY (app, target, api_version, stripe);
+BEGIN  -- until 2026-12: a table kept by a trigger on every audited insert (see the module's docstring)
+    IF EXISTS (SELECT FROM pg_trigger
+               WHERE tgrelid = 'gatehouse.audit'::regclass AND tgname = 'audit_usage_rollup') THEN
+        DROP TRIGGER audit_usage_rollup ON gatehouse.audit;
+    END IF;
+    DROP FUNCTION IF EXISTS gatehouse.audit_usage_rollup();
+    IF EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('gatehouse.usage') AND relkind = 'r') THEN
+        DROP TABLE gatehouse.usage;
     END IF;
 END
 $do$;
-DO $do$
-DECLARE
-    body text := $body${_ROLLUP_BODY}$body$;
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_proc WHERE oid = to_regprocedure('gatehouse.audit_usage_rollup()')
-                   AND prosrc = body AND prosecdef) THEN
-        EXECUTE format('CREATE OR REPLACE FUNCTION gatehouse.audit_usage_rollup() RETURNS trigger '
-                       'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L', body);
-        REVOKE ALL ON FUNCTION gatehouse.audit_usage_rollup() FROM PUBLIC;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'gatehouse.audit'::regclass
-                   AND tgname = 'audit_usage_rollup') THEN
-        CREATE TRIGGER audit_usage_rollup AFTER INSERT ON gatehouse.audit
-            REFERENCING NEW TABLE AS audit_new
-            FOR EACH STATEMENT EXECUTE FUNCTION gatehouse.audit_usage_rollup();
-    END IF;
-END
-$do$;
+CREATE OR REPLACE VIEW gatehouse.usage AS
+    SELECT app, target, coalesce(api_version, 0) AS api_version, count(*) AS calls,
+           count(*) FILTER (WHERE status >= 400) AS errors, max(at) AS last_call
+    FROM gatehouse.audit
+    GROUP BY 1, 2, 3;
 """
 
 COLUMNS = ("at", "request_id", "app", "key_id", "subject", "method", "target", "api_version", "query",
