@@ -8,6 +8,10 @@ N asyncio tasks each run one query after another for a fixed time; the result is
 JSON line (the same shape that bench/wrk.lua prints for the HTTP runs).
 
     python bench/direct.py --dsn postgresql://postgres@127.0.0.1:5432/gatehouse_bench --query point
+
+Two options serve bench/curves.py: ``--query rows --rows N`` (N products in id order from a random id: the
+response-size curve) and ``--pools N`` (N pools of ``--pool-size`` each, every query on one picked at random:
+the floor for N applications with a pool each, as gatehouse keeps one per app).
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ QUERIES: dict[str, Query] = {
     # POST /orders {"user_id": <n>, "status": "placed"}
     "insert": Query("INSERT INTO orders (user_id, status) VALUES ($1, 'placed')", "execute", 1, 1000),
 }
+PRODUCTS = 5000
+"""Products in the demo (ids 1..5000): a rows query starts at most ``rows`` before the last one."""
+
+
+def rows_query(rows: int) -> Query:
+    """GET /products?id=gt.<n>&order=id&limit=<rows>: exactly ``rows`` products (up to 5000) from a random id."""
+    return Query(f"SELECT id, name, price FROM products WHERE id > $1 ORDER BY id LIMIT {int(rows)}", "fetch", 0,
+                 max(0, PRODUCTS - rows))
 
 
 @dataclass
@@ -65,8 +77,10 @@ class Tally:
     errors: int = 0
 
 
-async def worker(pool: asyncpg.Pool, query: Query, rng: random.Random, deadline: float, tally: Tally) -> None:
+async def worker(pools: list[asyncpg.Pool], query: Query, rng: random.Random, deadline: float,
+                 tally: Tally) -> None:
     while time.perf_counter() < deadline:
+        pool = pools[rng.randrange(len(pools))] if len(pools) > 1 else pools[0]
         param = rng.randint(query.low, query.high)
         start = time.perf_counter_ns()
         try:
@@ -85,13 +99,13 @@ async def worker(pool: asyncpg.Pool, query: Query, rng: random.Random, deadline:
 
 
 async def run_phase(
-    pool: asyncpg.Pool, query: Query, concurrency: int, seconds: float, seed: int
+    pools: list[asyncpg.Pool], query: Query, concurrency: int, seconds: float, seed: int
 ) -> tuple[Tally, float]:
     tally = Tally()
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(
-        *(worker(pool, query, random.Random(seed + i), deadline, tally) for i in range(concurrency))
+        *(worker(pools, query, random.Random(seed + i), deadline, tally) for i in range(concurrency))
     )
     return tally, time.perf_counter() - started
 
@@ -104,14 +118,16 @@ def percentile_ms(sorted_ns: list[int], pct: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size)
-    query = QUERIES[args.query]
+    pools: list[asyncpg.Pool] = []
+    query = rows_query(args.rows) if args.query == "rows" else QUERIES[args.query]
     try:
+        for _ in range(args.pools):
+            pools.append(await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size))
         if args.warmup > 0:
-            await run_phase(pool, query, args.concurrency, args.warmup, args.seed)
-        tally, elapsed = await run_phase(pool, query, args.concurrency, args.duration, args.seed + 1000)
+            await run_phase(pools, query, args.concurrency, args.warmup, args.seed)
+        tally, elapsed = await run_phase(pools, query, args.concurrency, args.duration, args.seed + 1000)
     finally:
-        await pool.close()
+        await asyncio.gather(*(pool.close() for pool in pools))
     latencies = sorted(tally.latencies_ns)
     return {
         "tool": "direct",
@@ -123,6 +139,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": round(percentile_ms(latencies, 99), 3),
         "concurrency": args.concurrency,
         "pool_size": args.pool_size,
+        **({"pools": args.pools} if args.pools != 1 else {}),
+        **({"rows": args.rows} if args.query == "rows" else {}),
     }
 
 
@@ -131,7 +149,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dsn", required=True, help="PostgreSQL URL")
-    parser.add_argument("--query", choices=sorted(QUERIES), required=True)
+    parser.add_argument("--query", choices=[*sorted(QUERIES), "rows"], required=True)
+    parser.add_argument("--rows", type=int, default=50, help="products per answer of --query rows (default 50)")
+    parser.add_argument("--pools", type=int, default=1,
+                        help="pools of --pool-size each; every query picks one at random (default 1)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent tasks (default 16)")
     parser.add_argument("--pool-size", type=int, default=4, help="asyncpg pool size (default 4)")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")

@@ -4,7 +4,7 @@ bench/run measures in rounds: each round measures every system with every query,
 and leaves its files in its own folder DIR/round1, DIR/round2, ... In each folder: a file per
 measurement named SYSTEM-QUERY.json (one JSON object as printed by bench/direct.py or bench/wrk.lua);
 for a system it could not measure (in that round), SYSTEM.skipped holding the reason; and for a query
-one system does not run (Platformatic has no equivalent of the embedded read), SYSTEM-QUERY.skipped
+one system does not run (Platformatic's REST has no equivalent of the embedded read), SYSTEM-QUERY.skipped
 holding why. A folder with those files and no round folders (what bench/run wrote before it had
 rounds) is read as a single round.
 
@@ -12,7 +12,10 @@ For each system and query the reported measurement is the round with the median 
 number of rounds, the lower of the two middle ones), its p50/p99 with it; runs with more than 1% errors
 are left out of the median. The ratios in the summary are those of the median measurements; the
 per-round ratios compare two systems measured in the same round, so a slow spell of the machine
-(CPU steal on a shared VM) counts against both. This script prints the tables and writes the JSON.
+(CPU steal on a shared VM) counts against both. Besides gatehouse ÷ each other system, gatehouse ÷ the
+fastest peer: per query, the peer (an off-the-shelf layer over PostgreSQL, PEERS) with the most req/s
+among those with a valid run of it (per round: in that round). This script prints the tables and writes
+the JSON.
 
     python bench/report.py --results-dir DIR --out bench/results/latest.json --meta key=value ...
 """
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("gatehouse", "baseline", "direct", "platformatic")
+SYSTEMS = ("gatehouse", "baseline", "direct", "platformatic", "postgraphile")
 """``baseline``: another build of gatehouse (``GATEHOUSE_BASELINE``), measured exactly like gatehouse, for A/B runs."""
+PEERS = ("platformatic", "postgraphile")
+"""The off-the-shelf layers over PostgreSQL that gatehouse is compared with (direct is the floor, not a peer)."""
 QUERIES = {
     "point": "point lookup",
     "list": "list of 50",
@@ -40,8 +45,12 @@ QUERIES = {
 RATIOS = {
     "gatehouse_over_direct": ("gatehouse", "direct"),
     "gatehouse_over_platformatic": ("gatehouse", "platformatic"),
+    "gatehouse_over_postgraphile": ("gatehouse", "postgraphile"),
     "gatehouse_over_baseline": ("gatehouse", "baseline"),
 }
+FASTEST_PEER = "gatehouse_over_fastest_peer"
+"""gatehouse ÷ whichever of PEERS had the most req/s for that query (the issue's target is >= 1.2)."""
+RATIO_NAMES = (*RATIOS, FASTEST_PEER)
 
 Measurement = dict[str, Any]
 Results = dict[str, dict[str, Measurement | None]]
@@ -109,11 +118,23 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> flo
     return round(float(numerator["rps"]) / float(denominator["rps"]), 3)
 
 
+def fastest_peer(by_system: dict[str, Measurement | None]) -> str | None:
+    """The peer with the most req/s among those with a valid (not failed) measurement."""
+    valid = [(float(m["rps"]), peer) for peer in PEERS if (m := by_system.get(peer)) and not failed(m)]
+    return max(valid)[1] if valid else None
+
+
+def fastest_peers(results: Results) -> dict[str, str | None]:
+    return {query: fastest_peer(by_system) for query, by_system in results.items()}
+
+
 def ratios(results: Results) -> QueryRatios:
-    return {
-        query: {name: ratio(by_system[top], by_system[bottom]) for name, (top, bottom) in RATIOS.items()}
-        for query, by_system in results.items()
-    }
+    by_query: QueryRatios = {}
+    for query, by_system in results.items():
+        by_query[query] = {name: ratio(by_system[top], by_system[bottom]) for name, (top, bottom) in RATIOS.items()}
+        peer = fastest_peer(by_system)
+        by_query[query][FASTEST_PEER] = ratio(by_system["gatehouse"], by_system[peer]) if peer else None
+    return by_query
 
 
 def median_measurement(rounds: list[Round], query: str, system: str) -> Measurement | None:
@@ -151,12 +172,18 @@ def spread(values: list[float | None]) -> dict[str, Any]:
 
 
 def round_ratios(rounds: list[Round]) -> RoundRatios:
-    """Per query and ratio: the ratio within each round (both systems measured in that round)."""
+    """Per query and ratio: the ratio within each round (both systems measured in that round).
+
+    The fastest-peer ratio also has "peers": which peer was the fastest in each round.
+    """
     within = [ratios(r.results) for r in rounds]
-    return {
-        query: {name: spread([by_round[query][name] for by_round in within]) for name in RATIOS}
+    by_query: RoundRatios = {
+        query: {name: spread([by_round[query][name] for by_round in within]) for name in RATIO_NAMES}
         for query in QUERIES
     }
+    for query in QUERIES:
+        by_query[query][FASTEST_PEER]["peers"] = [fastest_peer(r.results[query]) for r in rounds]
+    return by_query
 
 
 def combine(rounds: list[Round]) -> tuple[Results, dict[str, str], dict[str, dict[str, Any]], NotRun]:
@@ -212,12 +239,20 @@ def ratio_cell(values: dict[str, Any]) -> str:
 def cpu_table(rounds: list[Round], systems: list[str]) -> list[str]:
     """The server's CPU time per request (all its threads, from /proc while wrk ran), per round: steadier than
     req/s on a VM whose other guests take CPU, since it does not count the time the server waited."""
-    measured = [system for system in systems
-                if any((r.results[q][system] or {}).get("server_cpu_us") for r in rounds for q in QUERIES)]
+    measured = [
+        system
+        for system in systems
+        if any((r.results[q][system] or {}).get("server_cpu_us") for r in rounds for q in QUERIES)
+    ]
     if not measured:
         return []
-    lines = ["", "Server CPU per request, µs (median of the rounds; each round):", "",
-             "| query | " + " | ".join(measured) + " |", "| --- |" + " ---: |" * len(measured)]
+    lines = [
+        "",
+        "Server CPU per request, µs (median of the rounds; each round):",
+        "",
+        "| query | " + " | ".join(measured) + " |",
+        "| --- |" + " ---: |" * len(measured),
+    ]
     for query, label in QUERIES.items():
         cells = []
         for system in measured:
@@ -227,6 +262,10 @@ def cpu_table(rounds: list[Round], systems: list[str]) -> list[str]:
             cells.append(f"{median} ({' / '.join('n/a' if not v else f'{v:.0f}' for v in each)})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def ratio_title(name: str) -> str:
+    return "gatehouse ÷ fastest peer" if name == FASTEST_PEER else " ÷ ".join(RATIOS[name])
 
 
 def markdown(
@@ -256,8 +295,11 @@ def markdown(
             "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
     invalid_notes = []
-    listed = [system for system in SYSTEMS
-              if system != "baseline" or any(results[query]["baseline"] is not None for query in QUERIES)]
+    listed = [
+        system
+        for system in SYSTEMS
+        if system != "baseline" or any(results[query]["baseline"] is not None for query in QUERIES)
+    ]
     for query, label in QUERIES.items():
         for system in listed:
             m = results[query][system]
@@ -280,13 +322,21 @@ def markdown(
                 invalid_notes.append(
                     f"{system}, {label}: {in_rounds(invalid)} had more than 1% errors (INVALID), {kept}."
                 )
-    shown = [name for name in RATIOS if any(query_ratios[q][name] is not None for q in QUERIES)
-             or name != "gatehouse_over_baseline"]
-    titles = [" ÷ ".join(RATIOS[name]) for name in shown]
-    lines += ["", "| query | " + " | ".join(f"{t} (req/s)" for t in titles) + " |",
-              "| --- |" + " ---: |" * len(shown)]
+    shown = [
+        name
+        for name in RATIO_NAMES
+        if any(query_ratios[q][name] is not None for q in QUERIES) or name != "gatehouse_over_baseline"
+    ]
+    titles = [ratio_title(name) for name in shown]
+    peers = fastest_peers(results)
+
+    def median_cell(query: str, name: str) -> str:
+        value = cell(query_ratios[query][name], 2)
+        return f"{value} ({peers[query]})" if name == FASTEST_PEER and query_ratios[query][name] is not None else value
+
+    lines += ["", "| query | " + " | ".join(f"{t} (req/s)" for t in titles) + " |", "| --- |" + " ---: |" * len(shown)]
     for query, label in QUERIES.items():
-        lines.append(f"| {label} | " + " | ".join(cell(query_ratios[query][n], 2) for n in shown) + " |")
+        lines.append(f"| {label} | " + " | ".join(median_cell(query, n) for n in shown) + " |")
     if several and by_round is not None:
         lines += [
             "",
@@ -314,8 +364,11 @@ def markdown(
     ]
     if skipped or partial:
         lines.append("")
-        lines += [f"**{system}: NOT MEASURED** — {why}" for system, why in skipped.items()
-                  if system != "baseline" or "not selected" not in why]
+        lines += [
+            f"**{system}: NOT MEASURED** — {why}"
+            for system, why in skipped.items()
+            if system != "baseline" or "not selected" not in why
+        ]
         lines += partial
     return "\n".join(lines)
 
@@ -331,9 +384,7 @@ def parse_meta(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
@@ -348,15 +399,22 @@ def main(argv: list[str] | None = None) -> int:
         "queries": QUERIES,
         # Per system and query: the median run, with "round", "rps_rounds", "valid_rounds", "invalid_rounds".
         "results": results,
-        # From the median runs.
+        # From the median runs; "gatehouse_over_fastest_peer" is over the peer named in "fastest_peer".
         "ratios": query_ratios,
+        "fastest_peer": fastest_peers(results),
         # Within each round: {"rounds": [...], "median", "min", "max"}.
         "ratios_by_round": by_round,
         "skipped": skipped,
         "partly_skipped": partly_skipped,
         "not_run": not_run,
         "rounds": [
-            {"round": r.number, "results": r.results, "ratios": ratios(r.results), "skipped": r.skipped}
+            {
+                "round": r.number,
+                "results": r.results,
+                "ratios": ratios(r.results),
+                "fastest_peer": fastest_peers(r.results),
+                "skipped": r.skipped,
+            }
             for r in rounds
         ],
     }

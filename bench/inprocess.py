@@ -1,0 +1,114 @@
+"""gatehouse's request path in-process, without an HTTP server: for instruction counts and profiles.
+
+    .venv/bin/python bench/inprocess.py --op point --requests 2400 [--profile]
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p .venv/bin/python bench/inprocess.py --op point --requests 800
+
+Runs ``--requests`` requests of one operation of bench/run (``point``, ``list``, ``embedded``, ``insert``) through
+``DataApp.handle`` on 16 concurrent tasks, against the shop demo served from the database ``--database`` (made
+by bench/run or bench/pooler.py: migrated, applied, with an app ``bench``). The instruction count of one request
+is the difference between two runs of different lengths divided by the difference in requests (start-up and
+the database's share of the process cancel out; the database runs in its own processes, not counted).
+``--profile`` prints cProfile's 25 most expensive functions by their own time instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from gatehouse import operations
+from gatehouse.app import DataApp
+from gatehouse.demo import copy_shop
+from gatehouse.http.exchange import HttpRequest
+from gatehouse.project import load_project
+from gatehouse.runtime import Runtime
+
+TASKS = 16
+OPERATIONS = {
+    "point": ("GET", "/products", "id=eq.{n}", 5000, b""),
+    "list": ("GET", "/products", "price=gte.{n}&order=id&limit=50", 140, b""),
+    "embedded": ("GET", "/orders", "select=id,status,order_items(product_id,quantity,unit_price)&id=eq.{n}", 3000,
+                 b""),
+    "insert": ("POST", "/orders", "", 1000, b'{"user_id": {n}, "status": "placed"}'),
+}
+
+
+def project_folder(folder: Path) -> Path:
+    project = folder / "shop"
+    copy_shop(project, services=False)
+    toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
+    toml += ('\n[apps.bench]\nquota = { pool_size = 4 }\ngrants = [{ contract = "products", actions = ["read"] }, '
+             '{ contract = "orders", actions = ["read", "insert"] }, { contract = "order_items", actions = ["read"] }]\n')
+    (project / "gatehouse.toml").write_text(toml)
+    return project
+
+
+async def run(database: str, operation: str, requests: int, profile: bool) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gh-inprocess-"))
+    try:
+        os.environ["GATEHOUSE_DATABASES__SHOP__URL"] = f"postgresql://postgres@127.0.0.1:5432/{database}"
+        project = load_project(project_folder(folder))
+        await operations.apply_all(project)
+        key = (await operations.create_key(project, "bench")).secret_key
+        runtime = Runtime(project)
+        await runtime.start()
+        app = DataApp(runtime, manage_runtime=False)
+        method, path, query, high, body = OPERATIONS[operation]
+        profile_header = "accept-profile" if method == "GET" else "content-profile"
+        randomness = random.Random(7)
+        headers = {"apikey": key, profile_header: "v1", "content-type": "application/json", "host": "bench"}
+
+        async def one() -> None:
+            n = randomness.randint(1, high)
+            payload = body.replace(b"{n}", str(n).encode())
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                yield payload
+
+            request = HttpRequest(method, path, query.replace("{n}", str(n + 9 if operation == "list" else n)),
+                                  dict(headers), client="127.0.0.1", body_chunks=chunks)
+            response = await app.handle(request)
+            assert response.status < 300, response.status
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await one()
+
+        await asyncio.gather(*(worker(20) for _ in range(TASKS)))  # warm: plans, pools, key ring
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        await asyncio.gather(*(worker(requests // TASKS) for _ in range(TASKS)))
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        await runtime.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--op", choices=sorted(OPERATIONS), default="point")
+    parser.add_argument("--requests", type=int, default=2400)
+    parser.add_argument("--database", default="gatehouse_pooler")
+    parser.add_argument("--profile", action="store_true")
+    options = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(run(options.database, options.op, options.requests, options.profile))
+
+
+if __name__ == "__main__":
+    main()
