@@ -1,7 +1,8 @@
 """gatehouse's request path in-process, without an HTTP server: for instruction counts and profiles.
 
     .venv/bin/python bench/inprocess.py --op point --requests 2400 [--profile]
-    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p .venv/bin/python bench/inprocess.py --op point --requests 800
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p \
+        .venv/bin/python bench/inprocess.py --op point --requests 800
 
 Runs ``--requests`` requests of one operation of bench/run (``point``, ``list``, ``embedded``, ``insert``) through
 ``DataApp.handle`` on 16 concurrent tasks, against the shop demo served from the database ``--database`` (made
@@ -45,7 +46,8 @@ def project_folder(folder: Path) -> Path:
     copy_shop(project, services=False)
     toml = (project / "gatehouse.toml").read_text().replace('cache = "30s"\n', "")
     toml += ('\n[apps.bench]\nquota = { pool_size = 4 }\ngrants = [{ contract = "products", actions = ["read"] }, '
-             '{ contract = "orders", actions = ["read", "insert"] }, { contract = "order_items", actions = ["read"] }]\n')
+             '{ contract = "orders", actions = ["read", "insert"] }, '
+             '{ contract = "order_items", actions = ["read"] }]\n')
     (project / "gatehouse.toml").write_text(toml)
     return project
 
