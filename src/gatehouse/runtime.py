@@ -48,6 +48,7 @@ from gatehouse.query.plans import PlanCache, ReadPlan
 from gatehouse.routes import ReadRoute
 from gatehouse.sagas.engine import SagaEngine
 from gatehouse.schema_cache import ApiSchema, build_schemas
+from gatehouse.write_plans import WriteTemplate
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
@@ -86,6 +87,8 @@ class Runtime:
     """Reads with embeds across databases (query/compose.py), per query shape; replaced with ``schemas`` too."""
     routes: PlanCache[ReadRoute] = field(default_factory=PlanCache)
     """What a read's app, path and headers decide (version, contract, format, preferences), per distinct set."""
+    writes: PlanCache[WriteTemplate] = field(default_factory=PlanCache)
+    """Plain inserts' plans, per request shape (``write_plans``); replaced with ``schemas`` too."""
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(DataVersions(0.1), max_bytes=0,
                                                                        max_entry_bytes=0))
     """Answers of cached contracts, valid while their tables' data versions are unchanged."""
@@ -255,7 +258,7 @@ class Runtime:
         """Serve a new generation: all of it replaced in one step (no ``await`` in between)."""
         schemas = build_schemas(project, catalog, constraints)
         self.project, self.catalog, self.schemas = project, catalog, schemas
-        self.plans, self.routes, self.composed = PlanCache(), PlanCache(), PlanCache()
+        self.plans, self.routes, self.composed, self.writes = PlanCache(), PlanCache(), PlanCache(), PlanCache()
         self.limiter.follow()
         for refused in self.cache.install(project, lineages):
             log.warning("%s", refused)

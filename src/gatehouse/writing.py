@@ -6,7 +6,7 @@ database: grant, preferences, body, the one statement, whether it needs a transa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import asyncpg
 import orjson
@@ -36,55 +36,17 @@ from gatehouse.http import render
 from gatehouse.http.body import parse_payload
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.http.labels import RequestLabels
-from gatehouse.http.negotiate import CONTENT_TYPES, Format, Preferences, parse_prefer, response_format
-from gatehouse.observe.audit import audit_cte, audit_in_transaction
+from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, response_format
+from gatehouse.observe.audit import AUDIT_CTE_PARAMS, audit_cte, audit_cte_values, audit_in_transaction
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
-from gatehouse.query.tree import Condition, Filter, Payload, ReadQuery
+from gatehouse.query.tree import Filter, Payload, ReadQuery
 from gatehouse.query.writes import WRITTEN, InsertOptions, WriteCompiler, WriteOutcome
 from gatehouse.runtime import Runtime
+from gatehouse.write_plans import WriteKey, WritePlan, WriteTemplate
 
 WRITE_ACTIONS = {"POST": ("insert",), "PATCH": ("update",), "DELETE": ("delete",), "PUT": ("insert", "update")}
-
-
-@dataclass(slots=True, eq=False)
-class WritePlan:
-    """Everything a write decides before it touches the database."""
-
-    method: str
-    version: int
-    contract: ContractVersion
-    key: tuple[str, ...]
-    fmt: Format
-    prefs: Preferences
-    applied: set[str]
-    """The preferences the write honours, named in ``Preference-Applied`` when they were sent."""
-    statement: CompiledQuery | None
-    """None when the body holds nothing to write (an empty array, an empty PATCH object)."""
-    output_names: list[str]
-    """The representation's columns, in order (for CSV)."""
-    max_affected: int | None
-    known_status: int | None
-    """The status when it does not depend on what the statement finds (:func:`_known_status`)."""
-    audited_in_statement: bool
-    """The audit record is a CTE of the statement itself, so both commit together without a transaction."""
-    needs_transaction: bool
-    filters: dict[str, tuple[Condition, ...]]
-    """The app's row filters, claims bound (a database error about a claim's value is the token's: 403)."""
-    allow: tuple[str, ...]
-    """The app's methods on the contract: the ``Allow`` of a 405."""
-
-    @property
-    def representation(self) -> bool:
-        return self.prefs.get("return") == "representation"
-
-    @property
-    def rollback(self) -> bool:
-        return self.prefs.get("tx") == "rollback"
-
-    def status(self, outcome: WriteOutcome) -> int:
-        return self.known_status or _upsert_status(outcome.existing, outcome.written)
 
 
 # -- plan: everything decided before the database ---------------------------------------------------------
@@ -92,6 +54,46 @@ class WritePlan:
 
 async def plan_write(request: HttpRequest, runtime: Runtime, identity: Identity, app: App, contract_name: str,
                       path_version: int | None) -> WritePlan:
+    project, headers = runtime.project, request.headers
+    key: WriteKey | None = None
+    payload: Payload | None = None
+    if request.method == "POST" and not app.row_filters:  # a plain insert may have a plan already: see write_plans
+        key = (app.name, contract_name, path_version, headers.get("content-profile"), headers.get("accept"),
+               headers.get("prefer"), headers.get("content-type"), request.query_string)
+        template = runtime.writes.get(key)
+        if template is not None:
+            payload = await _write_body(request, project)  # 413 / 400
+            planned = _from_template(template, request.labels, payload, project)
+            if planned is not None:
+                return planned
+    plan, template = await _plan_in_full(request, runtime, identity, app, contract_name, path_version, payload)
+    if key is not None and template is not None:
+        runtime.writes.put(key, template)
+    return plan
+
+
+def _from_template(template: WriteTemplate, labels: RequestLabels, payload: Payload,
+                   project: Project) -> WritePlan | None:
+    """The template's plan with this request's rows and audit record, or None when the body does not fit it
+    (other columns, no rows): then the request is planned in full, which also gives its errors."""
+    columns = template.columns
+    rows = payload.rows
+    if not rows or payload.keys != columns or any(tuple(row) != columns and set(row) != set(columns) for row in rows):
+        return None
+    plan = template.plan
+    labels.contract, labels.api_version = plan.contract.name, plan.version
+    assert plan.statement is not None and plan.known_status is not None
+    params = list(plan.statement.params)
+    params[template.rows_slot] = orjson.dumps([{c: row.get(c) for c in columns} for row in rows]).decode()
+    record = labels.audit_record(plan.known_status, keep_values=project.config.server.audit_query_values)
+    params[template.audit_slot:template.audit_slot + AUDIT_CTE_PARAMS] = audit_cte_values(record)
+    return replace(plan, statement=CompiledQuery(plan.statement.sql, params))
+
+
+async def _plan_in_full(request: HttpRequest, runtime: Runtime, identity: Identity, app: App, contract_name: str,
+                        path_version: int | None, payload: Payload | None) -> tuple[WritePlan, WriteTemplate | None]:
+    """The plan of one write (``payload``: its body, when already read); with a template for the later requests
+    of its shape when it is a plain insert."""
     project, method, headers, labels = runtime.project, request.method, request.headers, request.labels
     version = choose_version(project, app, headers.get("content-profile"), path_version)  # 406
     contract = _write_contract(project, app, version, contract_name, method)  # 404 / 403
@@ -100,7 +102,8 @@ async def plan_write(request: HttpRequest, runtime: Runtime, identity: Identity,
     prefs = parse_prefer(headers.get("prefer"))  # 400 with handling=strict
     query = parse_query(request.query_string)  # 400
     _refuse_unfiltered(project, method, contract.name, query)  # 400
-    payload = await _write_body(request, project)  # 413 / 400
+    if payload is None:
+        payload = await _write_body(request, project)  # 413 / 400
 
     schema = runtime.schemas[version]
     key = schema.keys.get(contract.name, ())
@@ -114,16 +117,31 @@ async def plan_write(request: HttpRequest, runtime: Runtime, identity: Identity,
     # The record goes into the write's own statement when its status is known before it runs; the write then
     # needs a transaction of its own only if a check after the statement may still refuse it.
     known_status = _known_status(method, prefs.get("return") == "representation", prefs)
-    audited_in_statement = False
+    audit_slot = None
     if known_status is not None and prefs.get("tx") != "rollback":
         record = labels.audit_record(known_status, keep_values=project.config.server.audit_query_values)
+        audit_slot = len(writer.reader.params)
         writer.also.append(audit_cte(record, writer.reader.bind, WRITTEN))
-        audited_in_statement = True
     checked_after = max_affected is not None or fmt in ("object", "object_stripped") or writer.filtered
     statement = _compile_write(method, writer, query, payload, prefs, key)  # 400 / 403 / 405
-    return WritePlan(method, version, contract, key, fmt, prefs, _applied(method, query, key, prefs, max_affected),
-                     statement, list(writer.reader.output_names), max_affected, known_status, audited_in_statement,
-                     needs_transaction=not audited_in_statement or checked_after, filters=filters, allow=allow)
+    plan = WritePlan(method, version, contract, key, fmt, prefs, _applied(method, query, key, prefs, max_affected),
+                     statement, list(writer.reader.output_names), max_affected, known_status,
+                     audit_slot is not None, needs_transaction=audit_slot is None or checked_after, filters=filters,
+                     allow=allow)
+    plain = (method == "POST" and statement is not None and audit_slot is not None and query.columns is None
+             and not filters and not prefs.get("resolution") and prefs.get("missing") != "default")
+    return plan, _template(plan, payload, audit_slot) if plain and audit_slot is not None else None
+
+
+def _template(plan: WritePlan, payload: Payload, audit_slot: int) -> WriteTemplate | None:
+    """The plan kept for later inserts of its shape, if its rows' parameter is found exactly once."""
+    assert plan.statement is not None
+    columns = payload.keys
+    rows = orjson.dumps([{c: row.get(c) for c in columns} for row in payload.rows]).decode()
+    slots = [i for i, param in enumerate(plan.statement.params) if param == rows]
+    if len(slots) != 1 or audit_slot + AUDIT_CTE_PARAMS > len(plan.statement.params):
+        return None
+    return WriteTemplate(plan, columns, slots[0], audit_slot)
 
 
 def _write_contract(project: Project, app: App, version: int, name: str, method: str) -> ContractVersion:
@@ -206,17 +224,12 @@ def _put_row(query: ReadQuery, payload: Payload, key: tuple[str, ...], allow: tu
 def _known_status(method: str, representation: bool, prefs: Preferences) -> int | None:
     """A successful write's status, as PostgREST answers it, when it does not depend on what the statement
     finds: 201 for inserts, 204 without a body, 200 with one. None for an upsert that merges (PUT with a
-    body, POST with ``resolution=merge-duplicates``): see :func:`_upsert_status`."""
+    body, POST with ``resolution=merge-duplicates``): see ``WritePlan.status``."""
     if method == "PUT":
         return None if representation else 204
     if method == "POST":
         return None if prefs.get("resolution") == "merge-duplicates" else 201
     return 200 if representation else 204
-
-
-def _upsert_status(existing: int | None, written: int) -> int:
-    """A merging upsert answers 200 when it only updated rows that were there, else 201."""
-    return 200 if existing is not None and written and existing >= written else 201
 
 
 # -- execute: one statement, the checks after it, its audit record ----------------------------------------

@@ -245,12 +245,23 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
     statement was sent) plus the statement's own run time on the server's clock. A write that needs no
     checks after its statement then commits with its record in one round trip, instead of four (BEGIN,
     statement, audit insert, COMMIT); if the statement fails, neither is kept."""
-    row = _row(record)
-    values = [f"{bind(value)}::{sql_type}" for value, sql_type in zip(row, _CTE_TYPES, strict=False)]
+    values = audit_cte_values(record)
+    head = [f"{bind(value)}::{sql_type}" for value, sql_type in zip(values, _CTE_TYPES, strict=False)]
     run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
-    return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(values)}, "
-            f"(SELECT least(count(*), {_INT32})::integer FROM {written}), {bind(row[11])}::real + {run_ms}, "
-            f"{bind(row[12])}::boolean, {bind(row[13])}::boolean, {bind(row[14])}::text))")
+    return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(head)}, "
+            f"(SELECT least(count(*), {_INT32})::integer FROM {written}), {bind(values[10])}::real + {run_ms}, "
+            f"{bind(values[11])}::boolean, {bind(values[12])}::boolean, {bind(values[13])}::text))")
+
+
+AUDIT_CTE_PARAMS = 14
+"""How many parameters :func:`audit_cte` binds, one after the other."""
+
+
+def audit_cte_values(record: AuditRecord) -> list[object]:
+    """The parameters :func:`audit_cte` binds for ``record``, in its order: every column but ``rows``, which the
+    statement counts. A write statement compiled once takes each later request's record in their place."""
+    row = _row(record)
+    return [*row[:10], *row[11:]]
 
 
 # --- the writer --------------------------------------------------------------------------------------
