@@ -43,7 +43,9 @@ def _json_rows(raw: bytes, settings: ServerConfig) -> Payload:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise invalid("Empty or invalid json") from None
-    _depth(document, settings.max_json_depth)
+    limit = settings.max_json_depth
+    if raw.count(b"{") + raw.count(b"[") >= limit:  # else no value can be deeper than the containers opened
+        _depth(document, limit)
     if isinstance(document, dict):
         return Payload([document], single=True)
     if isinstance(document, list):
