@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from curves_plot import require_tools
 from serving import GATEHOUSE as VENV_GATEHOUSE
 from serving import REPO, cpu_seconds, free_port
 
@@ -371,12 +372,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "curves.json")
     parser.add_argument("--no-plot", action="store_true", help="only the JSON (no matplotlib needed)")
     args = parser.parse_args()
-    if not args.no_plot:
-        from curves_plot import require_matplotlib
-
-        require_matplotlib()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is required (apt-get install wrk)")
+    require_tools(plot=not args.no_plot)
     load = os.getloadavg()[0]
     print(f"load average at start: {load:.2f}" + ("  (busy: numbers will be low and noisy)" if load > 0.5 else ""))
     needed = connections_needed(args) + 10  # and psql, the key listener's reconnects, slack

@@ -9,6 +9,7 @@ runs; the lower middle one for an even count), as in bench/report.py.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ def require_matplotlib() -> None:
     except ImportError:
         sys.exit(INSTALL_HINT)
     matplotlib.use("Agg")
+
+
+def require_tools(plot: bool) -> None:
+    """Exit with what to install when wrk (or, to draw, matplotlib) is missing: curves.py and soak.py need both."""
+    if plot:
+        require_matplotlib()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required (apt-get install wrk)")
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from curves import RESULTS, SYSTEM_PG, WRK_LUA, Server, Shop, git_describe
+from curves_plot import require_tools
 
 LIMIT_PCT = 5.0
 READ = ["Accept-Profile: v1"]
@@ -205,12 +205,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     parser.add_argument("--no-plot", action="store_true", help="only the JSON (no matplotlib needed)")
     args = parser.parse_args()
-    if not args.no_plot:
-        from curves_plot import require_matplotlib
-
-        require_matplotlib()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is required (apt-get install wrk)")
+    require_tools(plot=not args.no_plot)
     load_avg = os.getloadavg()[0]
     print(f"load average at start: {load_avg:.2f}; {args.warmup_minutes:g} min warm-up, {args.minutes:g} min "
           f"measured, {args.connections} connections", flush=True)
