@@ -128,6 +128,35 @@ async def test_every_statement_runs_as_the_apps_role_and_writes_commit_with_thei
         await conn.close()
 
 
+async def test_inserts_committed_together_through_the_pooler_keep_each_row_and_record(
+        pooled: tuple[Project, PgBouncer]) -> None:
+    """Group commit (one ``Sync`` for several inserts, statements parsed each time) through a transaction pooler."""
+    project, _ = pooled
+    key = (await operations.create_key(project, "web")).secret_key
+    runtime = Runtime(project)
+    await runtime.start()
+    try:
+        transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
+            async def insert(n: int) -> int:
+                answer = await client.post("/items", json={"note": f"grouped {n}"},
+                                           headers={"apikey": key, "x-request-id": f"pooled-group-{n}"})
+                return answer.status_code
+            statuses = await asyncio.gather(*(insert(n) for n in range(24)))
+        grouped = runtime.pools.commit_groups("web", "main").grouped
+    finally:
+        await runtime.stop()
+    assert statuses == [201] * 24
+    assert grouped >= 2
+    conn = await owner(project)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM items WHERE note LIKE 'grouped %'") == 24
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE request_id LIKE 'pooled-group-%' "
+                                   "AND status = 201") == 24
+    finally:
+        await conn.close()
+
+
 async def test_a_pooler_database_that_does_not_set_the_role_is_refused(project_folder: Project,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEHOUSE_DATABASES__MAIN__POOLER_URL", "postgresql://127.0.0.1:1/main")

@@ -122,6 +122,30 @@ def test_a_body_trickled_byte_by_byte_is_cut_at_the_body_deadline(served: Served
     assert count_items(served) == before
 
 
+def test_a_client_that_leaves_in_the_middle_of_a_declared_body_writes_nothing_and_logs_no_error(
+        served: Served) -> None:
+    # a body framed by Content-Length is read whole (RSGI's protocol()); a client gone before its end is not an
+    # error of ours: nothing is written, no 500 is logged, and the server goes on answering
+    before = count_items(served)
+    logged = served.log.stat().st_size if served.log is not None else 0
+    for _ in range(3):
+        with Wire(served.port) as wire:
+            wire.send(request("POST", "/items", served.key, extra="Content-Type: application/json\r\n"
+                              "Content-Length: 400\r\n") + b'[{"note": "left half')
+            time.sleep(0.1)
+    time.sleep(0.3)
+    assert count_items(served) == before
+    with Wire(served.port) as wire:
+        wire.send(request("GET", "/items?limit=1", served.key))
+        status, _, _ = wire.response(timeout=5)
+    assert status == 200
+    if served.log is not None:
+        with served.log.open("rb") as log:
+            log.seek(logged)
+            written = log.read().decode(errors="replace")
+        assert "Traceback" not in written and "GH500" not in written and "ERROR" not in written, written
+
+
 @pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, gzip"])
 def test_transfer_codings_other_than_chunked_are_refused_and_write_nothing(served: Served, coding: str) -> None:
     # RFC 9112: 501 for a coding the server does not understand; a proxy in front may frame it differently

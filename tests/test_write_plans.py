@@ -4,6 +4,7 @@ not fit the shape is planned in full."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 
@@ -16,7 +17,9 @@ from gatehouse.auth.identity import Identity
 from gatehouse.http.exchange import HttpRequest
 from gatehouse.observe.audit import AUDIT_CTE_PARAMS
 from gatehouse.project import Project
+from gatehouse.query.sql import CompiledQuery
 from gatehouse.runtime import Runtime
+from gatehouse.write_plans import WritePlan
 from test_writes import CONTRACTS, MIGRATION, TOML
 
 numbers = itertools.count(1)
@@ -110,3 +113,13 @@ async def test_a_body_that_does_not_fit_the_shape_is_planned_in_full(runtime: Ru
     assert "All object keys must match" in str(refused.value)
     empty = await writing.plan_write(request([]), runtime, identity(project), app, "items", None)
     assert empty.statement is None
+
+
+async def test_a_plan_with_another_statement_keeps_every_other_field(runtime: Runtime) -> None:
+    project, app = runtime.project, runtime.project.apps["clerk"]
+    plan = await writing.plan_write(request({"sku": "w1", "name": "w"}, prefer="return=representation"), runtime,
+                                    identity(project), app, "items", None)
+    other = CompiledQuery("SELECT 1", [1])
+    copied = plan.with_statement(other)
+    for name in (f.name for f in dataclasses.fields(WritePlan)):
+        assert getattr(copied, name) is (other if name == "statement" else getattr(plan, name)), name

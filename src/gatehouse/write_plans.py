@@ -63,6 +63,13 @@ class WritePlan:
     def status(self, outcome: WriteOutcome) -> int:
         return self.known_status or _upsert_status(outcome.existing, outcome.written)
 
+    def with_statement(self, statement: CompiledQuery) -> WritePlan:
+        """This plan with another statement (its template's, with one request's values), built field by field:
+        ``dataclasses.replace`` looks the fields up on every call, a measurable share of a planned insert."""
+        return WritePlan(self.method, self.version, self.contract, self.key, self.fmt, self.prefs, self.applied,
+                         statement, self.output_names, self.max_affected, self.known_status,
+                         self.audited_in_statement, self.needs_transaction, self.filters, self.allow)
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,6 @@ database: grant, preferences, body, the one statement, whether it needs a transa
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import asyncpg
 import orjson
 
@@ -87,7 +85,7 @@ def _from_template(template: WriteTemplate, labels: RequestLabels, payload: Payl
     params[template.rows_slot] = orjson.dumps([{c: row.get(c) for c in columns} for row in rows]).decode()
     record = labels.audit_record(plan.known_status, keep_values=project.config.server.audit_query_values)
     params[template.audit_slot:template.audit_slot + AUDIT_CTE_PARAMS] = audit_cte_values(record)
-    return replace(plan, statement=CompiledQuery(plan.statement.sql, params))
+    return plan.with_statement(CompiledQuery(plan.statement.sql, params))
 
 
 async def _plan_in_full(request: HttpRequest, runtime: Runtime, identity: Identity, app: App, contract_name: str,
@@ -240,6 +238,16 @@ async def execute_write(runtime: Runtime, app: App, plan: WritePlan, labels: Req
     refuse the write, or when its audit record must follow it: the write and its record commit, or neither."""
     assert runtime.pools is not None and plan.statement is not None
     server = runtime.project.config.server
+    if plan.method == "POST" and not plan.needs_transaction:  # one statement: may commit with inserts waiting too
+        try:
+            row = await runtime.pools.write_row(app.name, plan.contract.database, plan.statement.sql,
+                                                plan.statement.params)
+        except asyncpg.PostgresError as exc:
+            raise database_refusal(exc, runtime.project, plan.contract.columns, plan.filters, plan.allow) from None
+        outcome = WriteOutcome.from_row(row)
+        _check_written(plan, outcome)  # (nothing it checks applies to such a plan: see ``checked_after``)
+        labels.rows, labels.audited = outcome.written, True  # its record is in the statement: both committed
+        return outcome
     async with runtime.pools.connection(app.name, plan.contract.database) as conn:  # the app's role
         transaction = conn.transaction() if plan.needs_transaction else None
         if transaction is not None:

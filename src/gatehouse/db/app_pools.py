@@ -19,6 +19,7 @@ import asyncpg
 
 from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
+from gatehouse.db.group_commit import GROUP_COMMIT_MAX, CommitGroups
 from gatehouse.db.pooler import check_role
 from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
 from gatehouse.db.targets import DatabaseTarget
@@ -41,6 +42,8 @@ class PoolOptions:
     acquire_timeout_s: float = 5.0
     max_idle_s: float = MAX_IDLE_S
     max_lifetime_s: float = MAX_LIFETIME_S
+    group_commit: int = GROUP_COMMIT_MAX
+    """Inserts waiting for an app's connections that commit together at most (``db/group_commit.py``); 1: none."""
 
     def connect_timeout_s(self, database_s: float | None) -> float:
         """A request that opens a connection waits no longer than one waiting for a free one (but at least
@@ -88,6 +91,8 @@ class AppPools:
 
     def __init__(self, options: PoolOptions) -> None:
         self._pools: dict[tuple[str, str], AppPool] = {}
+        self._groups: dict[tuple[str, str], CommitGroups] = {}
+        """Each pool's group commit of inserts."""
         self._quotas: dict[tuple[str, str], object] = {}
         """The quota each pool was opened with: a changed one gets a new pool."""
         self._options = options
@@ -106,6 +111,7 @@ class AppPools:
             await asyncio.gather(*(pool.close() for pool in opened.values()), return_exceptions=True)
             raise failed[0]
         self._pools = opened
+        self._groups = {key: CommitGroups(pool, self._options.group_commit) for key, pool in opened.items()}
         self._quotas = {(app, db): apps[app].config.quota for app, db in opened}
 
     async def update(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
@@ -126,8 +132,10 @@ class AppPools:
         for key, pool in zip(jobs, results, strict=True):
             assert isinstance(pool, AppPool)
             self._pools[key], self._quotas[key] = pool, apps[key[0]].config.quota
+            self._groups[key] = CommitGroups(pool, self._options.group_commit)
         for key in set(self._pools) - wanted:
             del self._pools[key]
+            self._groups.pop(key, None)
             self._quotas.pop(key, None)
         for pool in retired:
             task = asyncio.get_running_loop().create_task(self._retire(pool))
@@ -145,7 +153,10 @@ class AppPools:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*(pool.close() for pool in [*self._pools.values(), *retiring]))
+        with contextlib.suppress(Exception):  # groups still running end with their statement
+            await asyncio.gather(*(groups.close() for groups in self._groups.values()))
         self._pools.clear()
+        self._groups.clear()
 
     def readings(self) -> list[PoolReading]:
         """Each pool's connections now, for ``/metrics``."""
@@ -158,6 +169,16 @@ class AppPools:
     def connection(self, app: str, database: str) -> Lease:
         """``async with pools.connection(app, db) as conn``: a connection under the app's role."""
         return Lease(self._pools[(app, database)])
+
+    def commit_groups(self, app: str, database: str) -> CommitGroups:
+        """The group commit of the app's pool on the database (its counts)."""
+        return self._groups[(app, database)]
+
+    def write_row(self, app: str, database: str, sql: str,
+                  params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:
+        """One autocommit write statement under the app's role, committed alone or with other requests' inserts
+        of the same statement that wait for the app's connections (``db/group_commit.py``); its answer row."""
+        return self._groups[(app, database)].fetchrow(sql, params)
 
     def read_row(self, app: str, database: str, sql: str,
                  params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:

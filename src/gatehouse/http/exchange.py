@@ -57,6 +57,10 @@ class HttpRequest:
     scheme: str = "http"
     root_path: str = ""
     body_chunks: Callable[[], AsyncIterator[bytes]] = no_body
+    body_whole: Callable[[], Awaitable[bytes]] | None = None
+    """The whole body in one read, when the server offers it (RSGI's ``protocol()``). Used only when
+    ``Content-Length`` declares a size within the limit: the server's framing (hyper) holds the body to it, so
+    nothing unbounded is buffered; a body without a declared size is read in chunks, counted as they come."""
     body_timeout_s: float | None = None
     """The whole body must have arrived this many seconds after :meth:`body` starts reading it (408)."""
     labels: RequestLabels = field(default_factory=RequestLabels)
@@ -78,12 +82,17 @@ class HttpRequest:
         with 408 when it has not arrived within ``body_timeout_s`` (a client sending one byte now and then
         would otherwise hold its connection and this request forever)."""
         declared = self.headers.get("content-length")
-        if declared and _DIGITS.fullmatch(declared) and int(declared) > limit:
-            raise _too_large(limit)
+        whole = None
+        if declared and _DIGITS.fullmatch(declared):
+            if int(declared) > limit:
+                raise _too_large(limit)
+            whole = self.body_whole
         chunks: list[bytes] = []
         size = 0
         try:
             async with asyncio.timeout(self.body_timeout_s):
+                if whole is not None:
+                    return await whole()
                 async for chunk in self.body_chunks():
                     size += len(chunk)
                     if size > limit:

@@ -18,7 +18,7 @@ the connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from gatehouse.errors import (
@@ -65,13 +65,12 @@ class RsgiApp:
             self._send(protocol, error_response(refused), close=True)
             return
         origin = self.proxies.origin(scope.client, scope.scheme, headers)
-
-        async def body_chunks() -> AsyncIterator[bytes]:
-            async for chunk in protocol:
-                yield chunk
-
+        # The body is read by the protocol itself: in chunks (its async iterator), or whole (calling it) when
+        # Content-Length alone frames it (HttpRequest.body); no generator of ours in between.
         request = HttpRequest(scope.method, scope.path, scope.query_string, headers, origin.client, origin.scheme,
-                              body_chunks=body_chunks, body_timeout_s=self.body_timeout_s)
+                              body_chunks=lambda: protocol,
+                              body_whole=protocol if "transfer-encoding" not in headers else None,
+                              body_timeout_s=self.body_timeout_s)
         self._send(protocol, await self.handler(request))
 
     def __rsgi_init__(self, loop: Any) -> None:
