@@ -143,7 +143,7 @@ async def test_inserts_committed_together_through_the_pooler_keep_each_row_and_r
                                            headers={"apikey": key, "x-request-id": f"pooled-group-{n}"})
                 return answer.status_code
             statuses = await asyncio.gather(*(insert(n) for n in range(24)))
-        grouped = runtime.pools.commit_groups("web", "main").grouped
+        grouped = runtime.pools.statement_groups("web", "main").grouped
     finally:
         await runtime.stop()
     assert statuses == [201] * 24

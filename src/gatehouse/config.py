@@ -106,10 +106,11 @@ class ServerConfig(Strict):
                                    description="a pooled database connection idle this long is closed")
     pool_max_lifetime_s: float = Field(default=1800.0, gt=0, le=604_800,
                                        description="a pooled database connection this old is closed once free")
-    group_commit: int = Field(default=32, ge=1, le=1000,
-                              description="inserts waiting for one app's connections that commit together in one "
-                                          "transaction at most (one WAL flush); a refused group runs each alone; "
-                                          "1: each alone")
+    group_statements: int = Field(default=32, ge=1, le=1000,
+                                  description="requests of one statement waiting for one app's busy connections "
+                                              "that the next free one runs together in one round trip at most "
+                                              "(inserts in one transaction, one commit); a group the database "
+                                              "refuses runs each alone; 1: each alone")
     auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000,
                                           description="failed authentications per client address per minute")
     admission_wait_ms: int = Field(default=200, ge=0, le=60_000,

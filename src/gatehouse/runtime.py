@@ -171,7 +171,7 @@ class Runtime:
             self.audit.start()
             server = project.config.server
             options = PoolOptions(acquire_timeout_s=server.pool_timeout_ms / 1000, max_idle_s=server.pool_max_idle_s,
-                                  max_lifetime_s=server.pool_max_lifetime_s, group_commit=server.group_commit)
+                                  max_lifetime_s=server.pool_max_lifetime_s, group_statements=server.group_statements)
             self.pools = AppPools(options)
             await self.pools.open(self.targets, project.apps, project.databases_of_apps())
             self.replicas = ReplicaSet.for_project(project, self.targets, options)

@@ -19,9 +19,9 @@ import asyncpg
 
 from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
-from gatehouse.db.group_commit import GROUP_COMMIT_MAX, CommitGroups
 from gatehouse.db.pooler import check_role
 from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
+from gatehouse.db.statement_groups import GROUP_MAX, StatementGroups
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.project import App
@@ -42,8 +42,9 @@ class PoolOptions:
     acquire_timeout_s: float = 5.0
     max_idle_s: float = MAX_IDLE_S
     max_lifetime_s: float = MAX_LIFETIME_S
-    group_commit: int = GROUP_COMMIT_MAX
-    """Inserts waiting for an app's connections that commit together at most (``db/group_commit.py``); 1: none."""
+    group_statements: int = GROUP_MAX
+    """Requests of one statement waiting for an app's connections that run together at most
+    (``db/statement_groups.py``); 1: none."""
 
     def connect_timeout_s(self, database_s: float | None) -> float:
         """A request that opens a connection waits no longer than one waiting for a free one (but at least
@@ -91,8 +92,8 @@ class AppPools:
 
     def __init__(self, options: PoolOptions) -> None:
         self._pools: dict[tuple[str, str], AppPool] = {}
-        self._groups: dict[tuple[str, str], CommitGroups] = {}
-        """Each pool's group commit of inserts."""
+        self._groups: dict[tuple[str, str], StatementGroups] = {}
+        """Each pool's statement groups."""
         self._quotas: dict[tuple[str, str], object] = {}
         """The quota each pool was opened with: a changed one gets a new pool."""
         self._options = options
@@ -111,7 +112,7 @@ class AppPools:
             await asyncio.gather(*(pool.close() for pool in opened.values()), return_exceptions=True)
             raise failed[0]
         self._pools = opened
-        self._groups = {key: CommitGroups(pool, self._options.group_commit) for key, pool in opened.items()}
+        self._groups = {key: StatementGroups(pool, self._options.group_statements) for key, pool in opened.items()}
         self._quotas = {(app, db): apps[app].config.quota for app, db in opened}
 
     async def update(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
@@ -132,7 +133,7 @@ class AppPools:
         for key, pool in zip(jobs, results, strict=True):
             assert isinstance(pool, AppPool)
             self._pools[key], self._quotas[key] = pool, apps[key[0]].config.quota
-            self._groups[key] = CommitGroups(pool, self._options.group_commit)
+            self._groups[key] = StatementGroups(pool, self._options.group_statements)
         for key in set(self._pools) - wanted:
             del self._pools[key]
             self._groups.pop(key, None)
@@ -170,18 +171,19 @@ class AppPools:
         """``async with pools.connection(app, db) as conn``: a connection under the app's role."""
         return Lease(self._pools[(app, database)])
 
-    def commit_groups(self, app: str, database: str) -> CommitGroups:
-        """The group commit of the app's pool on the database (its counts)."""
+    def statement_groups(self, app: str, database: str) -> StatementGroups:
+        """The statement groups of the app's pool on the database (their counts)."""
         return self._groups[(app, database)]
 
     def write_row(self, app: str, database: str, sql: str,
                   params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:
         """One autocommit write statement under the app's role, committed alone or with other requests' inserts
-        of the same statement that wait for the app's connections (``db/group_commit.py``); its answer row."""
-        return self._groups[(app, database)].fetchrow(sql, params)
+        of the same statement that wait for the app's connections (``db/statement_groups.py``); its answer row."""
+        return self._groups[(app, database)].write(sql, params)
 
     def read_row(self, app: str, database: str, sql: str,
                  params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:
-        """One read statement under the app's role; run once more on a fresh connection if the pooled one
-        was dead (:meth:`AppPool.read_row`). Never for a write."""
-        return self._pools[(app, database)].read_row(sql, params)
+        """One read statement under the app's role, alone or in one round trip with other requests of the same
+        statement that wait for the app's connections (``db/statement_groups.py``); run once more on a fresh
+        connection if the pooled one was dead (:meth:`AppPool.read_row`). Never for a write."""
+        return self._groups[(app, database)].read(sql, params)

@@ -1,9 +1,10 @@
-"""Group commit (``gatehouse.db.group_commit``): inserts waiting for a busy pool commit together, and each request
-still gets the answer it would have had alone: its own row, its own refusal, nothing kept of a lost group.
+"""Statement groups (``gatehouse.db.statement_groups``): requests of one statement waiting for a busy pool run
+together in one round trip (inserts in one transaction), and each request still gets the answer it would have had
+alone: its own row, its own refusal, a read run again after a lost connection, nothing kept of a lost insert group.
 
-The first part drives :class:`CommitGroups` over a real pool on a scratch table (the pool's only connection held
-by the test, so that the inserts wait); the second runs gatehouse's own inserts, with their audit records,
-through an app whose pool has one connection."""
+The first part drives :class:`StatementGroups` over a real pool on a scratch table (the pool's only connection held
+by the test, so that the requests wait); the second runs gatehouse's own reads and inserts, with their audit
+records, through an app whose pool has one connection."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from conftest import ProjectFactory, prepare, with_database
 from gatehouse import operations, writing
+from gatehouse.app import create_app
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
-from gatehouse.db.group_commit import CommitGroups
 from gatehouse.db.pools import AppPool
+from gatehouse.db.statement_groups import StatementGroups
 from gatehouse.errors import ApiError, ConnectionLost
 from gatehouse.runtime import Runtime
 from test_write_plans import request
@@ -28,6 +31,8 @@ from test_writes import CONTRACTS, MIGRATION, TOML
 
 INSERT = ("WITH written AS (INSERT INTO things (sku) VALUES ($1) RETURNING id) "
           "SELECT count(*) AS written, txid_current() AS xid FROM written")
+READ = "SELECT ($1::text)::int AS n"
+SLOW_READ = "SELECT $1::text AS v, pg_sleep(0.3)"
 SLOW_INSERT = ("WITH written AS (INSERT INTO things (sku) VALUES ($1) RETURNING id) "
                "SELECT count(*) AS written, txid_current() AS xid, pg_sleep(0.3) FROM written")
 
@@ -40,13 +45,13 @@ class Scratch:
         self.pools: list[AppPool] = []
         self.tag = f"gh-group-{uuid.uuid4().hex[:10]}"
 
-    def groups(self, size: int = 1, max_group: int = 32) -> tuple[AppPool, CommitGroups]:
+    def groups(self, size: int = 1, max_group: int = 32) -> tuple[AppPool, StatementGroups]:
         async def connect() -> Connection:
             conn: Connection = await asyncpg.connect(self.dsn, server_settings={"application_name": self.tag})
             return conn
         pool = AppPool(connect, size, acquire_timeout_s=5.0)
         self.pools.append(pool)
-        return pool, CommitGroups(pool, max_group)
+        return pool, StatementGroups(pool, max_group)
 
     async def skus(self) -> list[str]:
         return [r["sku"] for r in await self.monitor.fetch("SELECT sku FROM things ORDER BY id")]
@@ -71,9 +76,9 @@ async def scratch(server_uri: str) -> AsyncIterator[Scratch]:
         await admin.close()
 
 
-async def waiting(groups: CommitGroups, skus: list[str]) -> list[asyncio.Task[Any]]:
+async def waiting(groups: StatementGroups, skus: list[str]) -> list[asyncio.Task[Any]]:
     """One task per insert, each waiting for the pool (held by the caller) once this returns."""
-    tasks = [asyncio.create_task(groups.fetchrow(INSERT, (sku,))) for sku in skus]
+    tasks = [asyncio.create_task(groups.write(INSERT, (sku,))) for sku in skus]
     await asyncio.sleep(0.05)
     assert not any(task.done() for task in tasks)
     return tasks
@@ -93,7 +98,7 @@ async def test_inserts_waiting_for_a_busy_pool_commit_together(scratch: Scratch)
 
 async def test_an_insert_that_finds_a_free_connection_runs_at_once_alone(scratch: Scratch) -> None:
     _, groups = scratch.groups(size=2)
-    rows = [await groups.fetchrow(INSERT, (f"a{n}",)) for n in range(3)]
+    rows = [await groups.write(INSERT, (f"a{n}",)) for n in range(3)]
     assert len({row["xid"] for row in rows}) == 3
     assert groups.groups == 0 and await scratch.skus() == ["a0", "a1", "a2"]
 
@@ -135,7 +140,7 @@ async def test_a_group_is_at_most_max_group_requests(scratch: Scratch) -> None:
 async def test_a_connection_lost_under_a_group_fails_each_request_and_keeps_nothing(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=1)
     async with pool.acquire() as held:
-        tasks = [asyncio.create_task(groups.fetchrow(SLOW_INSERT, (f"l{n}",))) for n in range(3)]
+        tasks = [asyncio.create_task(groups.write(SLOW_INSERT, (f"l{n}",))) for n in range(3)]
         await asyncio.sleep(0.05)
         pid = held.get_server_pid()
     await asyncio.sleep(0.3)  # the group is running (three statements of 0.3 s): end its connection
@@ -149,19 +154,90 @@ async def test_a_connection_lost_under_a_group_fails_each_request_and_keeps_noth
     assert pool.in_use == 0
 
 
+async def test_reads_waiting_for_a_busy_pool_run_in_one_round_trip_each_with_its_answer(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=1)
+    async with pool.acquire():
+        tasks = [asyncio.create_task(groups.read(READ, (str(n),))) for n in range(6)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in tasks)
+    rows = await asyncio.gather(*tasks)
+    assert [row["n"] for row in rows] == list(range(6))
+    assert (groups.groups, groups.grouped) == (1, 6)
+
+
+async def test_a_read_with_a_bad_value_refuses_only_itself(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=1)
+    async with pool.acquire():
+        tasks = [asyncio.create_task(groups.read(READ, (value,))) for value in ("1", "two", "3")]
+        await asyncio.sleep(0.05)
+    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(answers[1], asyncpg.InvalidTextRepresentationError)
+    assert [a["n"] for a in (answers[0], answers[2]) if isinstance(a, asyncpg.Record)] == [1, 3]
+    assert groups.alone_again == 3
+
+
+async def test_reads_whose_connection_is_lost_under_their_group_run_again_and_answer(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=1)
+    async with pool.acquire() as held:
+        tasks = [asyncio.create_task(groups.read(SLOW_READ, (f"v{n}",))) for n in range(3)]
+        await asyncio.sleep(0.05)
+        pid = held.get_server_pid()
+    await asyncio.sleep(0.3)
+    assert await scratch.monitor.fetchval("SELECT count(pg_terminate_backend($1))", pid) == 1
+    rows = await asyncio.gather(*tasks)
+    assert [row["v"] for row in rows] == ["v0", "v1", "v2"]
+    assert groups.groups == 0  # the group never finished: each read ran again, alone, on a fresh connection
+
+
+async def test_a_value_asyncpg_cannot_encode_sends_the_others_of_its_group_alone(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=1)
+    async with pool.acquire():
+        tasks = [asyncio.create_task(groups.write(INSERT, (value,))) for value in ("e0", 17, "e2")]
+        await asyncio.sleep(0.05)
+    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(answers[1], asyncpg.DataError)  # as alone: asyncpg refused the value, the group rolled back
+    assert all(isinstance(a, asyncpg.Record) and a["written"] == 1 for a in (answers[0], answers[2]))
+    assert await scratch.skus() == ["e0", "e2"]
+    assert groups.alone_again == 3
+
+
 # -- gatehouse's own inserts, with their audit records --------------------------------------------------------
 
-ONE_CONNECTION = TOML.replace("[apps.clerk]\n", "[apps.clerk]\nquota = { pool_size = 1 }\n")
+ONE_CONNECTION = TOML.replace("[apps.clerk]\n", "[apps.clerk]\nquota = { pool_size = 1 }\n") + \
+    "\n[server]\nmax_active = 64\n"
 
 
 @pytest.fixture
 async def runtime(make_project: ProjectFactory) -> AsyncIterator[Runtime]:
     project = make_project(toml=ONE_CONNECTION, migrations={"V001__items.sql": MIGRATION}, contracts=CONTRACTS)
-    await prepare(project)
+    keys = await prepare(project)
     started = Runtime(project)
     await started.start()
+    started.test_key = keys["clerk"]  # type: ignore[attr-defined]
     yield started
     await started.stop()
+
+
+async def test_concurrent_reads_through_gatehouse_each_answer_their_own_query(runtime: Runtime) -> None:
+    async with operations.owner_connection(runtime.project) as conn:
+        await conn.execute("INSERT INTO items (sku, name, qty) SELECT 'q' || n, 'item ' || n, n "
+                           "FROM generate_series(1, 20) AS n")
+        ids = {r["sku"]: r["id"] for r in await conn.fetch("SELECT id, sku FROM items WHERE sku LIKE 'q%'")}
+    transport = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test",
+                                 headers={"apikey": runtime.test_key}) as client:  # type: ignore[attr-defined]
+        async def get(query: str) -> httpx.Response:
+            return await client.get(f"/items?select=sku,qty&{query}")
+        queries = [f"id=eq.{ids[f'q{n}']}" for n in range(1, 21)]
+        answers = await asyncio.gather(*(get(query) for query in queries))
+        groups = runtime.pools.statement_groups("clerk", "main")
+        assert groups.groups >= 1 and groups.alone_again == 0
+        queries[7] = "id=eq.not-a-number"  # refused by PostgreSQL: only this request
+        again = await asyncio.gather(*(get(query) for query in queries))
+    assert again[7].status_code == 400 and groups.alone_again >= 2
+    for n, (answer, other) in enumerate(zip(answers, again, strict=True), start=1):
+        assert answer.status_code == 200 and answer.json() == [{"sku": f"q{n}", "qty": n}], (n, answer.text)
+        assert n == 8 or other.json() == answer.json()
 
 
 @pytest.fixture
@@ -188,7 +264,7 @@ async def test_concurrent_inserts_commit_in_groups_each_with_its_record_and_a_ba
     assert isinstance(refused, ApiError) and refused.status == 400
     request_ids = first + [a for a in answers if isinstance(a, str)]
     assert len(request_ids) == 12
-    groups = runtime.pools.commit_groups("clerk", "main")
+    groups = runtime.pools.statement_groups("clerk", "main")
     assert groups.alone_again > 0
     async with operations.owner_connection(project) as conn:
         skus = [r["sku"] for r in await conn.fetch("SELECT sku FROM items WHERE sku LIKE 'g%' ORDER BY id")]
@@ -210,7 +286,7 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
 
     await insert(0)
     await asyncio.gather(*(insert(n) for n in range(1, 11)))
-    groups = runtime.pools.commit_groups("clerk", "main")
+    groups = runtime.pools.statement_groups("clerk", "main")
     assert groups.groups >= 1 and groups.grouped >= 2 and groups.alone_again == 0
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM items WHERE sku LIKE 't%'") == 11

@@ -1,0 +1,217 @@
+"""Statement groups: requests of one statement that wait for the same app's busy pool run together, in one round
+trip; inserts also in one transaction (group commit).
+
+Why: once an app's connections are all busy, the requests that wait for one gain nothing by waiting one by one.
+The first connection that comes free takes every waiting request of a statement (up to ``max_group``) and runs
+the statement once per request, each with its own parameters, in one round trip: asyncpg's ``fetchmany``, every
+``Execute`` before one ``Sync``. PostgreSQL then reads one message and writes one answer for the group, and
+inserts share one commit, one WAL flush, where each would have flushed its own (with ``synchronous_commit = off``
+the bench's inserts ran three times as fast). bench/README.md measures it.
+
+What a request sees is what it would see alone:
+
+- Only what already waits is grouped. A request that finds an idle connection runs at once, alone, as before;
+  nothing ever waits for company (no timer, as PostgreSQL's ``commit_delay`` has).
+- Each request has its own parameters and gets its own answer row. A group is of one statement (one query
+  shape), so its requests cost alike: none waits long behind a different, slower one.
+- Reads: every statement of the implicit transaction takes its own snapshot (READ COMMITTED), taken after the
+  request arrived, so it sees every write acknowledged before that, as alone.
+- Inserts: the group commits, or nothing of it does, each insert with its own audit record.
+- When PostgreSQL refuses a group (a bad value, a bad row, a constraint, a deadlock; a value asyncpg cannot
+  encode is raised the same way, the group rolled back before its ``Sync``), nothing of it is kept and each
+  request runs again alone on the same connection, so each gets the answer it would have had alone: a bad
+  request refuses only itself.
+- A connection lost under a group: its reads run again on a fresh connection, as a read alone does
+  (:meth:`AppPool.read_row`); its inserts fail with 503, as one insert alone does (whether they committed is
+  unknown, so they are never sent again). A pool with no connection for the group within its acquire timeout
+  answers each request as it answers one.
+- A request given up by its caller while waiting is left out; once its group runs, it runs to the end.
+
+The group runs in a task of its own, not in any one request's, so that a caller who goes away cannot cancel the
+others' statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+import asyncpg
+
+from gatehouse.db import Connection
+from gatehouse.db.faults import is_dead
+from gatehouse.db.pools import AppPool
+from gatehouse.errors import ApiError
+
+GROUP_MAX = 32
+"""Requests one group takes at most by default (``[server] group_statements``): a bound on the size of one round
+trip, and on how much one refused request makes run again."""
+
+_AGAIN = object()
+"""A read's answer when its group's connection died: the read runs again alone, on a fresh connection."""
+
+_Member = tuple[Sequence[object], "asyncio.Future[object]"]
+
+
+class _Queue:
+    """The requests of one statement waiting for a connection, and whether a task is already getting one."""
+
+    __slots__ = ("draining", "members", "reading", "sql")
+
+    def __init__(self, sql: str, reading: bool) -> None:
+        self.sql = sql
+        self.reading = reading
+        self.members: deque[_Member] = deque()
+        self.draining = False
+
+
+class StatementGroups:
+    """The statement groups of one app's pool on one database (see the module's docstring)."""
+
+    def __init__(self, pool: AppPool, max_group: int = GROUP_MAX) -> None:
+        self._pool = pool
+        self._max_group = max_group
+        self._queues: dict[str, _Queue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.groups = 0
+        """Groups of two or more requests run."""
+        self.grouped = 0
+        """Requests that ran in such a group."""
+        self.alone_again = 0
+        """Requests that ran again alone after their group was refused."""
+
+    async def read(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
+        """A read-only statement's first row (every read statement of gatehouse answers one)."""
+        queue = self._queues.get(sql)
+        if self._max_group <= 1 or (self._pool.idle and (queue is None or not queue.members)):
+            return await self._pool.read_row(sql, params)  # a connection is free: no one to wait for
+        answer = await self._join(queue, sql, params, reading=True)
+        if answer is _AGAIN:
+            return await self._pool.read_row(sql, params)
+        assert answer is None or isinstance(answer, asyncpg.Record)
+        return answer
+
+    async def write(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
+        """An autocommit write statement's one answer row, committed (alone or with the others of its group)."""
+        pool = self._pool
+        queue = self._queues.get(sql)
+        if self._max_group <= 1 or (pool.idle and (queue is None or not queue.members)):
+            async with pool.acquire() as conn:
+                return await conn.fetchrow(sql, *params)
+        answer = await self._join(queue, sql, params, reading=False)
+        if answer is _AGAIN:
+            async with pool.acquire() as conn:
+                return await conn.fetchrow(sql, *params)
+        assert answer is None or isinstance(answer, asyncpg.Record)
+        return answer
+
+    def _join(self, queue: _Queue | None, sql: str, params: Sequence[object],
+              reading: bool) -> asyncio.Future[object]:
+        if queue is None:
+            queue = self._queues[sql] = _Queue(sql, reading)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        queue.members.append((params, future))
+        if not queue.draining:
+            self._drain_soon(queue)
+        return future
+
+    def _drain_soon(self, queue: _Queue) -> None:
+        queue.draining = True
+        task = asyncio.get_running_loop().create_task(self._drain(queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self, queue: _Queue) -> list[_Member]:
+        """The next group (callers still waiting, oldest first); a new task is started for any left over."""
+        members, group = queue.members, list[_Member]()
+        while members and len(group) < self._max_group:
+            member = members.popleft()
+            if not member[1].done():  # (cancelled: its caller went away before the group ran)
+                group.append(member)
+        queue.draining = False
+        if members:
+            self._drain_soon(queue)
+        return group
+
+    async def _drain(self, queue: _Queue) -> None:
+        try:
+            conn = await self._pool.lease()
+        except BaseException as exc:  # no connection within the acquire timeout, or none can be opened
+            _fail(self._take(queue), exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        group = self._take(queue)
+        if not group:
+            self._pool.checkin(conn)
+            return
+        try:
+            await self._run(conn, queue.sql, group)
+        except BaseException as exc:
+            again = isinstance(exc, Exception) and queue.reading and is_dead(exc, conn)  # reads run again alone
+            try:
+                self._pool.release(conn, exc)
+            except ApiError as replaced:  # the connection died under the group: 503 for each of its writes
+                exc = replaced
+            _fail(group, _AGAIN if again else exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._pool.checkin(conn)
+
+    async def _run(self, conn: Connection, sql: str, group: list[_Member]) -> None:
+        if len(group) == 1:
+            params, future = group[0]
+            row = await conn.fetchrow(sql, *params)
+            if not future.done():
+                future.set_result(row)
+            return
+        try:
+            rows = await conn.fetchmany(sql, [params for params, _ in group])
+        except asyncpg.PostgresError as exc:
+            if is_dead(exc, conn) or conn.is_in_transaction():
+                raise
+            await self._each_alone(conn, sql, group)  # the group was rolled back: nothing of it is kept
+            return
+        if len(rows) != len(group):  # every statement given here answers one row
+            raise RuntimeError(f"statement group: {len(rows)} answer rows for {len(group)} statements")
+        self.groups += 1
+        self.grouped += len(group)
+        for (_, future), row in zip(group, rows, strict=True):
+            if not future.done():
+                future.set_result(row)
+
+    async def _each_alone(self, conn: Connection, sql: str, group: list[_Member]) -> None:
+        """Each request of a refused group on its own, in order: its own answer, or its own error. A connection
+        that dies meanwhile is raised to the caller, which answers the requests not yet answered."""
+        for params, future in group:
+            self.alone_again += 1
+            try:
+                row = await conn.fetchrow(sql, *params)
+            except asyncpg.PostgresError as exc:
+                if is_dead(exc, conn):
+                    raise
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            if not future.done():
+                future.set_result(row)
+
+    async def close(self) -> None:
+        """Wait for the groups being run (the pool closes after)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _fail(group: list[_Member], outcome: BaseException | object) -> None:
+    """Answer the group's requests not yet answered: with an error, cancelled, or with ``_AGAIN``."""
+    for _, future in group:
+        if future.done():
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        elif isinstance(outcome, BaseException):
+            future.cancel()
+        else:
+            future.set_result(outcome)
