@@ -94,6 +94,7 @@ async def test_inserts_waiting_for_a_busy_pool_commit_together(scratch: Scratch)
     assert len({row["xid"] for row in rows}) == 1  # one transaction, one commit
     assert await scratch.skus() == [f"s{n}" for n in range(8)]  # in the order they came
     assert (groups.groups, groups.grouped, groups.alone_again) == (1, 8, 0)
+    assert groups.statements_waiting == 0  # nothing kept per statement once its requests have run
 
 
 async def test_an_insert_that_finds_a_free_connection_runs_at_once_alone(scratch: Scratch) -> None:

@@ -81,6 +81,11 @@ class StatementGroups:
         self.alone_again = 0
         """Requests that ran again alone after their group was refused."""
 
+    @property
+    def statements_waiting(self) -> int:
+        """Statements with requests waiting for a connection now."""
+        return len(self._queues)
+
     async def read(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
         """A read-only statement's first row (every read statement of gatehouse answers one)."""
         queue = self._queues.get(sql)
@@ -132,6 +137,8 @@ class StatementGroups:
         queue.draining = False
         if members:
             self._drain_soon(queue)
+        elif self._queues.get(queue.sql) is queue:  # kept only while requests wait: shapes are many, waits few
+            del self._queues[queue.sql]
         return group
 
     async def _drain(self, queue: _Queue) -> None:
