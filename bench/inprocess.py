@@ -9,7 +9,8 @@ Runs ``--requests`` requests of one operation of bench/run (``point``, ``list``,
 by bench/run or bench/pooler.py: migrated, applied, with an app ``bench``). The instruction count of one request
 is the difference between two runs of different lengths divided by the difference in requests (start-up and
 the database's share of the process cancel out; the database runs in its own processes, not counted).
-``--profile`` prints cProfile's 25 most expensive functions by their own time instead.
+``--profile`` also prints cProfile's 25 most expensive functions by their own time. It ends with the wall and CPU
+time per request and how many requests ran in statement groups (``GATEHOUSE_SERVER__GROUP_STATEMENTS=1``: none).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pstats
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from gatehouse import operations
@@ -87,10 +89,16 @@ async def run(database: str, operation: str, requests: int, profile: bool) -> No
         profiler = cProfile.Profile() if profile else None
         if profiler:
             profiler.enable()
+        wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(requests // TASKS) for _ in range(TASKS)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        groups = runtime.pools.statement_groups("bench", "shop")
+        print(f"{operation}: {wall / requests * 1e6:.0f} µs per request (wall), {cpu / requests * 1e6:.0f} µs of this "
+              f"process's CPU; statement groups: {groups.grouped} requests in {groups.groups} groups, "
+              f"{groups.alone_again} run again alone")
         await runtime.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
