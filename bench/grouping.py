@@ -52,8 +52,8 @@ async def measure(dsn: str, sql: str, args: Callable[[], Sequence[object]], grou
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         waiting.append((params, future))
         async with free:
-            group = waiting[:MAX_GROUP]
-            del waiting[:MAX_GROUP]
+            group = [] if future.done() else waiting[:MAX_GROUP]  # (answered meanwhile: leave the rest to theirs)
+            del waiting[:len(group)]
             if group:
                 async with pool.acquire() as conn:
                     rows = await conn.fetchmany(sql, [p for p, _ in group])
