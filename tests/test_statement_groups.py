@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -84,6 +84,19 @@ async def waiting(groups: StatementGroups, skus: list[str]) -> list[asyncio.Task
     return tasks
 
 
+async def lost_under_a_group(scratch: Scratch, pool: AppPool,
+                             start: Callable[[int], Awaitable[Any]]) -> list[asyncio.Task[Any]]:
+    """Three requests (``start(n)``, statements of 0.3 s each) queued behind the pool's one connection, which the
+    test holds and then lets go: their group runs on it, and is killed (``pg_terminate_backend``) while running."""
+    async with pool.acquire() as held:
+        tasks = [asyncio.create_task(start(n)) for n in range(3)]
+        await asyncio.sleep(0.05)
+        pid = held.get_server_pid()
+    await asyncio.sleep(0.3)
+    assert await scratch.monitor.fetchval("SELECT count(pg_terminate_backend($1))", pid) == 1
+    return tasks
+
+
 async def test_inserts_waiting_for_a_busy_pool_commit_together(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=1)
     async with pool.acquire():  # the pool's one connection is busy: the inserts queue
@@ -140,15 +153,7 @@ async def test_a_group_is_at_most_max_group_requests(scratch: Scratch) -> None:
 
 async def test_a_connection_lost_under_a_group_fails_each_request_and_keeps_nothing(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=1)
-    async with pool.acquire() as held:
-        tasks = [asyncio.create_task(groups.write(SLOW_INSERT, (f"l{n}",))) for n in range(3)]
-        await asyncio.sleep(0.05)
-        pid = held.get_server_pid()
-    await asyncio.sleep(0.3)  # the group is running (three statements of 0.3 s): end its connection
-    ended = await scratch.monitor.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1 AND pid = $2",
-        scratch.tag, pid)
-    assert ended == 1
+    tasks = await lost_under_a_group(scratch, pool, lambda n: groups.write(SLOW_INSERT, (f"l{n}",)))
     answers = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(a, ConnectionLost) and a.status == 503 for a in answers), answers
     assert await scratch.skus() == []  # the group's transaction died with it
@@ -179,12 +184,7 @@ async def test_a_read_with_a_bad_value_refuses_only_itself(scratch: Scratch) -> 
 
 async def test_reads_whose_connection_is_lost_under_their_group_run_again_and_answer(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=1)
-    async with pool.acquire() as held:
-        tasks = [asyncio.create_task(groups.read(SLOW_READ, (f"v{n}",))) for n in range(3)]
-        await asyncio.sleep(0.05)
-        pid = held.get_server_pid()
-    await asyncio.sleep(0.3)
-    assert await scratch.monitor.fetchval("SELECT count(pg_terminate_backend($1))", pid) == 1
+    tasks = await lost_under_a_group(scratch, pool, lambda n: groups.read(SLOW_READ, (f"v{n}",)))
     rows = await asyncio.gather(*tasks)
     assert [row["v"] for row in rows] == ["v0", "v1", "v2"]
     assert groups.groups == 0  # the group never finished: each read ran again, alone, on a fresh connection

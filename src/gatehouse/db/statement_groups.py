@@ -105,9 +105,6 @@ class StatementGroups:
             async with pool.acquire() as conn:
                 return await conn.fetchrow(sql, *params)
         answer = await self._join(queue, sql, params, reading=False)
-        if answer is _AGAIN:
-            async with pool.acquire() as conn:
-                return await conn.fetchrow(sql, *params)
         assert answer is None or isinstance(answer, asyncpg.Record)
         return answer
 
