@@ -92,3 +92,15 @@ async def test_a_removed_app_is_followed_and_ready_stays_true(make_project: Proj
         refused = await client.get("/sleepy?n=eq.1", headers={"apikey": keys["patient"]})
         assert refused.status_code == 401 and "patient" not in runtime.project.apps
         assert (await admin.get("/ready")).status_code == 200
+
+
+async def test_a_key_of_an_app_removed_a_moment_ago_is_refused_not_an_error(make_project: ProjectFactory,
+                                                                          serve_project: object) -> None:
+    # between a reload that drops an app and the key ring forgetting its keys, its key still authenticates:
+    # the request must be refused as unknown (401), never fail (500)
+    project = _project(make_project)
+    keys = await prepare(project)
+    client, runtime = await serve_project(project)  # type: ignore[operator]
+    runtime.project.apps.pop("patient")  # the reloaded project, the key ring not yet told
+    refused = await client.get("/sleepy?n=eq.1", headers={"apikey": keys["patient"]})
+    assert refused.status_code == 401, refused.text

@@ -45,7 +45,7 @@ async def identify(request: HttpRequest, runtime: Runtime, contract: str | None 
     apps = runtime.project.apps
     try:
         identity = await authenticate(request.headers, runtime.keys, runtime.tokens,
-                                      lambda name: apps[name].config.require_user)
+                                      lambda name: _require_user(apps, name))
     except Unauthenticated as refused:
         throttled = runtime.auth_failures.failed(request.client, credential_id(request.headers))
         raise (throttled or refused) from None
@@ -62,6 +62,13 @@ async def identify(request: HttpRequest, runtime: Runtime, contract: str | None 
     release = runtime.fair.enter(app)  # a work slot: at once while one is free or the app is under its share
     labels.release_work = release if release is not None else await runtime.fair.wait(app)  # by turns
     return identity, app
+
+
+def _require_user(apps: dict[str, App], name: str) -> bool:
+    """Whether the app needs a user in its token; an app a reload removed a moment ago (its keys still being
+    forgotten) needs none here: it is refused as unknown just after (401), not with a 500."""
+    app = apps.get(name)
+    return app is not None and app.config.require_user
 
 
 def _compile_read(runtime: Runtime, app: App, route: ReadRoute, pairs: list[tuple[str, str]],
