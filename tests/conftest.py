@@ -31,6 +31,7 @@ from replica_cluster import _replica_pair, replica_cluster  # noqa: F401  (a pri
 
 REPO = Path(__file__).resolve().parents[1]
 SHOP = REPO / "examples" / "shop"
+pytest_plugins = ["hang_report"]
 T = TypeVar("T")
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 SHOP_MOBILE_RATE = ', rate = "20/s", burst = 20'

@@ -11,10 +11,10 @@ served (and is tried again at the next change or poll): following never takes a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from gatehouse.background import stop_tasks
 from gatehouse.db.changes import CHANNEL
 from gatehouse.db.listener import Connect, Listener
 from gatehouse.errors import GatehouseError
@@ -55,11 +55,7 @@ class Follower:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
-        for task in (self._poller, self._pending):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(task, 5)
+        await stop_tasks(task for task in (self._poller, self._pending) if task is not None)
         await asyncio.gather(*(listener.stop() for listener in self._listeners), return_exceptions=True)
 
     def catching_up(self, database: str, revision: str | None) -> bool:

@@ -23,6 +23,7 @@ import asyncpg
 
 from gatehouse.auth.jwt import JwtVerifier, TokenIdentity, looks_like_jwt
 from gatehouse.auth.keys import NOTIFY_CHANNEL, hash_secret, looks_like_key, split_key
+from gatehouse.background import stop_tasks
 from gatehouse.db import Connection
 from gatehouse.db.listener import Connect, Listener
 from gatehouse.errors import InvalidClaims, MissingCredentials, Unauthenticated
@@ -96,10 +97,7 @@ class KeyRing:
     async def stop(self) -> None:
         self._stopping = True
         tasks = {task for task in (self._refresher, *self._reloads) if task is not None}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2)
+        await stop_tasks(tasks)
         if self._listener is not None:
             await self._listener.stop()
 

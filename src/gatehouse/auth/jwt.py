@@ -36,6 +36,7 @@ import httpx
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gatehouse.background import stop_tasks
 from gatehouse.errors import InvalidClaims as InvalidClaims  # re-exported: it lives in the error tree
 from gatehouse.errors import ProjectError, Unauthenticated
 from gatehouse.secrets import SecretRef, resolve_secret
@@ -306,11 +307,7 @@ class JwtVerifier:
 
     async def stop(self) -> None:
         tasks = [*self._holder.tasks, *(k.inflight for k in self._keysets.values() if k.inflight is not None)]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
         if self._holder.client is not None:
             await self._holder.client.aclose()
             self._holder.client = None

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from gatehouse.background import stop_tasks
 from gatehouse.cache.store import Entry
 from gatehouse.config import RedisConfig
 from gatehouse.limits.breaker import Breaker
@@ -101,10 +102,7 @@ class SharedTier:
         return reply
 
     async def close(self) -> None:
-        pending = list(self._pending)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await stop_tasks(list(self._pending))
         client, self._client = self._client, None
         if client is not None:
             await client.aclose(close_connection_pool=True)

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 
+from gatehouse.background import stop_tasks
+
 log = logging.getLogger(__name__)
 RELISTEN_S = 1.0
 """How often a lost LISTEN connection is asked for again."""
@@ -44,11 +46,7 @@ class Listener:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            # a driver may turn a cancellation into an error of its own: the flag ends the loop then
-            _, pending = await asyncio.wait({self._task}, timeout=2 * RELISTEN_S)
-            for task in pending:
-                task.cancel()
+            await stop_tasks([self._task])  # (the flag also ends the loop: a cancel may be lost)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5)

@@ -26,7 +26,6 @@ write per database for ``max_staleness``: after that long, any replica fresh eno
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from gatehouse.background import stop_tasks
 from gatehouse.db.app_pools import PoolOptions, app_pool
 from gatehouse.db.pools import AppPool
 from gatehouse.db.targets import DatabaseTarget
@@ -180,11 +180,7 @@ class ReplicaSet:
             self._tasks.append(task)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks.clear()
         for conn in self._checkers.values():
             conn.terminate()

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import asyncpg
 
+from gatehouse.background import stop_tasks
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import GatehouseError
 from gatehouse.events.mirror_broker import BrokerMirrorSync
@@ -115,9 +116,7 @@ class MirrorRunner:
             self._tasks.append(asyncio.create_task(self._run(sync), name=f"gatehouse-mirror-{sync.plan.name}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks.clear()
         for sync in self.syncs:
             await sync.close()

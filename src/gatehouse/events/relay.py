@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from prometheus_client.registry import CollectorRegistry
 
+from gatehouse.background import stop_tasks
 from gatehouse.config_events import SinkConfig
 from gatehouse.errors import ProjectError
 from gatehouse.events import relay_store as store
@@ -295,9 +296,7 @@ class Relays:
         self._tasks += [loop.create_task(c.run(), name=f"gatehouse-outbox-clean-{c.database}") for c in self.cleaners]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks = []
         await asyncio.gather(*(r.sink.close() for r in self.relays), return_exceptions=True)
         if self._registry is not None:

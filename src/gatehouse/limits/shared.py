@@ -56,6 +56,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from gatehouse.background import stop_tasks
 from gatehouse.config import RedisConfig
 from gatehouse.limits.breaker import Breaker
 from gatehouse.limits.gcra import Decision, LocalGcra, Rate
@@ -104,9 +105,6 @@ class SharedStats:
     starved: int = 0
     """Requests that waited ``ROUNDS`` lease calls without a token (taken by the others waiting) and were refused."""
 
-
-STOP_WAIT_S = 2.0
-"""How long :meth:`SharedLimits.stop` waits for its tasks to end (they end within a Redis timeout or a beat)."""
 
 
 class SharedLimits:
@@ -164,16 +162,11 @@ class SharedLimits:
         self._beating = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def stop(self) -> None:
-        """End the heartbeat and the calls in flight, and leave the live count. The wait is bounded and the
-        heartbeat also stops at its flag: on Python 3.11 a cancellation that lands as an ``asyncio.timeout`` in a
-        call expires can come out as that timeout's TimeoutError, which the call takes for a Redis failure, and
-        the loop would go on (seen as a stop that never returned)."""
+        """End the heartbeat and the calls in flight, and leave the live count. The heartbeat also stops at its
+        flag (a cancel can be lost: :mod:`gatehouse.background`)."""
         self._stopping = True
         tasks = [*self._tasks, *([self._beating] if self._beating else [])]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        await stop_tasks(tasks)
         client, self._client = self._client, None
         if client is None:
             return

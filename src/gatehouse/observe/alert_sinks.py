@@ -31,6 +31,7 @@ import httpx
 import orjson
 
 from gatehouse import __version__
+from gatehouse.background import stop_tasks
 from gatehouse.config_alerts import WebhookConfig
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.observe.alert_state import AlertStore, Transition
@@ -212,9 +213,7 @@ class Dispatcher:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.drain(grace_s)
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await stop_tasks(self._workers)
         self._workers = []
         if self._client is not None:
             await self._client.aclose()

@@ -33,6 +33,7 @@ import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gatehouse.background import stop_tasks
 from gatehouse.config_alerts import AlertRule, AlertsConfig
 from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.observe.alert_rules import KINDS, Labels, Observation, Readings, TrafficHistory
@@ -130,8 +131,7 @@ class AlertEvaluator:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task])
             self._task = None
         await self.dispatcher.stop()
         if self._registry is not None:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, NamedTuple
 import asyncpg
 import orjson
 
+from gatehouse.background import stop_tasks
 from gatehouse.db import Connection
 from gatehouse.errors import AuditUnavailable as AuditUnavailable  # re-exported: it lives in the error tree
 from gatehouse.observe.redact import MAX_QUERY_CHARS
@@ -336,9 +337,7 @@ class AuditWriter:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await stop_tasks([self._task])
             self._task = None
         if self._in_doubt is not None:
             log.warning("audit: %d records may be written twice (commit unconfirmed at shutdown)",

@@ -25,6 +25,7 @@ import httpx
 from pydantic import ValidationError
 
 from gatehouse.access import choose_version
+from gatehouse.background import stop_tasks
 from gatehouse.errors import InvalidArguments, SagaNotFound
 from gatehouse.observe.saga_metrics import SagaStats
 from gatehouse.sagas import store
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 LEASE_S = 15.0
 POLL_S = 0.5
 BATCH = 16
-STOP_WAIT_S = 5.0
-"""How long :meth:`SagaEngine.stop` waits for its loop to end (a round in hand ends at its next statement)."""
 
 
 def _no_hook(point: str, saga_id: str, n: int) -> None:
@@ -131,9 +130,7 @@ class SagaEngine:
         try:
             outcomes = await asyncio.gather(*(self._advance(env) for env in envs), return_exceptions=True)
         finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            await stop_tasks([renewal])
         for outcome in outcomes:  # a crash injected by a test (or a cancellation) is not swallowed
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
@@ -209,14 +206,10 @@ class SagaEngine:
 
     async def stop(self) -> None:
         """Stop the loop; runs in hand are left to their leases (taken again by any instance when they expire).
-
-        The loop also ends at its flag and the wait is bounded: on Python 3.11 a cancellation that lands as its
-        wait's ``asyncio.timeout`` expires can come out as that TimeoutError, which the wait suppresses, and the
-        loop would go on."""
+        The loop also ends at its flag (a cancel can be lost: :mod:`gatehouse.background`)."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
+            await stop_tasks([self._task])
             self._task = None
         await self.http.aclose()

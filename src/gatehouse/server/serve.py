@@ -12,7 +12,6 @@ closes the runtime (the audit writer flushes what it holds).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Coroutine
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 from granian.server.embed import Server
 
 from gatehouse.app import create_admin_app, create_app
+from gatehouse.background import stop_tasks
 from gatehouse.errors import ProjectError
 from gatehouse.runtime import Runtime
 from gatehouse.server.listen import cannot_listen, check_listenable
@@ -74,9 +74,7 @@ class Port:
         except TimeoutError:
             log.warning("the %s port still had requests being answered after %.0f s of shutdown; dropping them",
                         self.what, grace)
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+            await stop_tasks([self.task])
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -21,6 +21,7 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 
+from gatehouse.background import stop_tasks
 from gatehouse.config_events import SinkConfig
 from gatehouse.events.outbox import Event
 from gatehouse.events.sinks import Published, Subjects, body, describe
@@ -83,9 +84,7 @@ class RabbitSink:
                     else describe(failed)
                 break
             acked += 1
-        for task in tasks[acked:]:
-            task.cancel()
-        await asyncio.gather(*tasks[acked:], return_exceptions=True)
+        await stop_tasks(tasks[acked:])
         if acked < len(events):
             if error != "unroutable (no queue is bound)":
                 await self.close()
