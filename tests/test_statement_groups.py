@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ProjectFactory, prepare, with_database
 from gatehouse import operations, writing
-from gatehouse.app import create_app
+from gatehouse.app import create_admin_app, create_app
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.pools import AppPool
@@ -291,3 +291,10 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
     assert groups.groups >= 1 and groups.grouped >= 2 and groups.alone_again == 0
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM items WHERE sku LIKE 't%'") == 11
+    transport = httpx.ASGITransport(app=create_admin_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as admin:
+        metrics = (await admin.get("/metrics")).text
+    where = 'app="clerk",database="main",server="primary"'
+    assert f"gatehouse_statement_groups_total{{{where}}} {float(groups.groups)}" in metrics
+    assert f"gatehouse_statement_grouped_total{{{where}}} {float(groups.grouped)}" in metrics
+    assert f"gatehouse_statement_group_retries_total{{{where}}} 0.0" in metrics

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from gatehouse.background import stop_tasks
 from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
 from gatehouse.db.pooler import check_role
@@ -88,16 +89,18 @@ async def open_app_pool(target: DatabaseTarget, app: App, options: PoolOptions) 
 
 
 class AppPools:
-    """The pools of every (app, database) pair, opened at start and closed at shutdown."""
+    """The pools of every (app, database) pair, opened at start and closed at shutdown. Each pool is held by its
+    :class:`StatementGroups`, through which its reads and plain writes go."""
 
     def __init__(self, options: PoolOptions) -> None:
-        self._pools: dict[tuple[str, str], AppPool] = {}
         self._groups: dict[tuple[str, str], StatementGroups] = {}
-        """Each pool's statement groups."""
         self._quotas: dict[tuple[str, str], object] = {}
         """The quota each pool was opened with: a changed one gets a new pool."""
         self._options = options
-        self._retiring: dict[asyncio.Task[None], AppPool] = {}
+        self._retiring: dict[asyncio.Task[None], StatementGroups] = {}
+
+    def _held(self, pool: AppPool) -> StatementGroups:
+        return StatementGroups(pool, self._options.group_statements)
 
     async def open(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
                    databases_of_app: dict[str, set[str]]) -> None:
@@ -111,8 +114,7 @@ class AppPools:
         if failed:
             await asyncio.gather(*(pool.close() for pool in opened.values()), return_exceptions=True)
             raise failed[0]
-        self._pools = opened
-        self._groups = {key: StatementGroups(pool, self._options.group_statements) for key, pool in opened.items()}
+        self._groups = {key: self._held(pool) for key, pool in opened.items()}
         self._quotas = {(app, db): apps[app].config.quota for app, db in opened}
 
     async def update(self, targets: dict[str, DatabaseTarget], apps: dict[str, App],
@@ -121,55 +123,50 @@ class AppPools:
         changed gets a new pool, and pools no longer needed are retired. A retired pool is closed only after
         ``acquire_timeout_s``, so a request already waiting on it is served, not refused."""
         wanted = {(app, db) for app, dbs in databases_of_app.items() for db in dbs}
-        changed = {key for key in wanted & set(self._pools) if self._quotas.get(key) != apps[key[0]].config.quota}
-        to_open = (wanted - set(self._pools)) | changed
+        held = set(self._groups)
+        changed = {key for key in wanted & held if self._quotas.get(key) != apps[key[0]].config.quota}
+        to_open = (wanted - held) | changed
         jobs = {key: open_app_pool(targets[key[1]], apps[key[0]], self._options) for key in sorted(to_open)}
         results = await asyncio.gather(*jobs.values(), return_exceptions=True)
         failed = [error for error in results if isinstance(error, BaseException)]
         if failed:
             await asyncio.gather(*(r.close() for r in results if isinstance(r, AppPool)), return_exceptions=True)
             raise failed[0]
-        retired = [self._pools[key] for key in (set(self._pools) - wanted) | changed]
+        retired = [self._groups[key] for key in (held - wanted) | changed]
         for key, pool in zip(jobs, results, strict=True):
             assert isinstance(pool, AppPool)
-            self._pools[key], self._quotas[key] = pool, apps[key[0]].config.quota
-            self._groups[key] = StatementGroups(pool, self._options.group_statements)
-        for key in set(self._pools) - wanted:
-            del self._pools[key]
-            self._groups.pop(key, None)
+            self._groups[key], self._quotas[key] = self._held(pool), apps[key[0]].config.quota
+        for key in held - wanted:
+            del self._groups[key]
             self._quotas.pop(key, None)
-        for pool in retired:
-            task = asyncio.get_running_loop().create_task(self._retire(pool))
-            self._retiring[task] = pool
+        for groups in retired:
+            task = asyncio.get_running_loop().create_task(self._retire(groups))
+            self._retiring[task] = groups
             task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
-    async def _retire(self, pool: AppPool) -> None:
+    async def _retire(self, groups: StatementGroups) -> None:
         await asyncio.sleep(self._options.acquire_timeout_s + 1)
         with contextlib.suppress(Exception):
-            await pool.close()
+            await _close(groups)
 
     async def close(self) -> None:
-        retiring = list(self._retiring.values())
-        for task in list(self._retiring):
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*(pool.close() for pool in [*self._pools.values(), *retiring]))
-        with contextlib.suppress(Exception):  # groups still running end with their statement
-            await asyncio.gather(*(groups.close() for groups in self._groups.values()))
-        self._pools.clear()
+        everything = [*self._groups.values(), *self._retiring.values()]
+        await stop_tasks(self._retiring)
+        await asyncio.gather(*(_close(groups) for groups in everything), return_exceptions=True)
         self._groups.clear()
 
     def readings(self) -> list[PoolReading]:
-        """Each pool's connections now, for ``/metrics``."""
-        return [PoolReading(app, db, "primary", p.size, p.in_use, p.idle, p.waiting)
-                for (app, db), p in sorted(self._pools.items())]
+        """Each pool's connections and statement groups now, for ``/metrics``."""
+        return [PoolReading(app, db, "primary", g.pool.size, g.pool.in_use, g.pool.idle, g.pool.waiting, g.groups,
+                            g.grouped, g.alone_again)
+                for (app, db), g in sorted(self._groups.items())]
 
     def pool(self, app: str, database: str) -> AppPool:
-        return self._pools[(app, database)]
+        return self._groups[(app, database)].pool
 
     def connection(self, app: str, database: str) -> Lease:
         """``async with pools.connection(app, db) as conn``: a connection under the app's role."""
-        return Lease(self._pools[(app, database)])
+        return Lease(self._groups[(app, database)].pool)
 
     def statement_groups(self, app: str, database: str) -> StatementGroups:
         """The statement groups of the app's pool on the database (their counts)."""
@@ -187,3 +184,11 @@ class AppPools:
         statement that wait for the app's connections (``db/statement_groups.py``); run once more on a fresh
         connection if the pooled one was dead (:meth:`AppPool.read_row`). Never for a write."""
         return self._groups[(app, database)].read(sql, params)
+
+
+async def _close(groups: StatementGroups) -> None:
+    """Close a pool: its connections, then wait for the groups still running (they end with their statement)."""
+    try:
+        await groups.pool.close()
+    finally:
+        await groups.close()

@@ -70,7 +70,7 @@ class StatementGroups:
     """The statement groups of one app's pool on one database (see the module's docstring)."""
 
     def __init__(self, pool: AppPool, max_group: int = GROUP_MAX) -> None:
-        self._pool = pool
+        self.pool = pool
         self._max_group = max_group
         self._queues: dict[str, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,17 +89,17 @@ class StatementGroups:
     async def read(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
         """A read-only statement's first row (every read statement of gatehouse answers one)."""
         queue = self._queues.get(sql)
-        if self._max_group <= 1 or (self._pool.idle and (queue is None or not queue.members)):
-            return await self._pool.read_row(sql, params)  # a connection is free: no one to wait for
+        if self._max_group <= 1 or (self.pool.idle and (queue is None or not queue.members)):
+            return await self.pool.read_row(sql, params)  # a connection is free: no one to wait for
         answer = await self._join(queue, sql, params, reading=True)
         if answer is _AGAIN:
-            return await self._pool.read_row(sql, params)
+            return await self.pool.read_row(sql, params)
         assert answer is None or isinstance(answer, asyncpg.Record)
         return answer
 
     async def write(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
         """An autocommit write statement's one answer row, committed (alone or with the others of its group)."""
-        pool = self._pool
+        pool = self.pool
         queue = self._queues.get(sql)
         if self._max_group <= 1 or (pool.idle and (queue is None or not queue.members)):
             async with pool.acquire() as conn:
@@ -140,7 +140,7 @@ class StatementGroups:
 
     async def _drain(self, queue: _Queue) -> None:
         try:
-            conn = await self._pool.lease()
+            conn = await self.pool.lease()
         except BaseException as exc:  # no connection within the acquire timeout, or none can be opened
             _fail(self._take(queue), exc)
             if not isinstance(exc, Exception):
@@ -148,21 +148,21 @@ class StatementGroups:
             return
         group = self._take(queue)
         if not group:
-            self._pool.checkin(conn)
+            self.pool.checkin(conn)
             return
         try:
             await self._run(conn, queue.sql, group)
         except BaseException as exc:
             again = isinstance(exc, Exception) and queue.reading and is_dead(exc, conn)  # reads run again alone
             try:
-                self._pool.release(conn, exc)
+                self.pool.release(conn, exc)
             except ApiError as replaced:  # the connection died under the group: 503 for each of its writes
                 exc = replaced
             _fail(group, _AGAIN if again else exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            self._pool.checkin(conn)
+            self.pool.checkin(conn)
 
     async def _run(self, conn: Connection, sql: str, group: list[_Member]) -> None:
         if len(group) == 1:

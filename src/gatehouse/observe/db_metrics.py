@@ -4,7 +4,9 @@ Read at scrape time from the pools and the replica monitor (no work on the reque
 
 * ``gatehouse_pool_connections{app,database,server,state}`` (``in_use``, ``idle``), ``gatehouse_pool_size`` and
   ``gatehouse_pool_waiting`` (requests waiting for a connection of the app's quota); ``server`` is ``primary``
-  or a replica's name;
+  or a replica's name; ``gatehouse_statement_groups_total``, ``gatehouse_statement_grouped_total`` and
+  ``gatehouse_statement_group_retries_total`` count the statement groups of each pool (``db/statement_groups.py``:
+  groups run, requests answered in them, requests run again alone after a refused group);
 * ``gatehouse_replica_up{database,replica}`` (1 while it may answer reads), ``gatehouse_replica_lag_seconds``
   (how old its data may be, by the primary's heartbeat: what routing uses; absent while it is not usable),
   ``gatehouse_replica_replay_lag_seconds`` (``now() - pg_last_xact_replay_timestamp()`` on it: overstates the lag
@@ -30,6 +32,9 @@ class PoolReading(NamedTuple):
     in_use: int
     idle: int
     waiting: int
+    groups: int = 0
+    grouped: int = 0
+    alone_again: int = 0
 
 
 class ReplicaReading(NamedTuple):
@@ -56,13 +61,22 @@ class DatabaseCollector(Collector):
                                  labels=where)
         waiting = GaugeMetricFamily("gatehouse_pool_waiting", "Requests waiting for a connection of the app's pool.",
                                     labels=where)
+        groups = CounterMetricFamily("gatehouse_statement_groups", "Groups of two or more requests of one statement, "
+                                     "waiting for the app's pool, run in one round trip.", labels=where)
+        grouped = CounterMetricFamily("gatehouse_statement_grouped", "Requests answered in such a group.",
+                                      labels=where)
+        again = CounterMetricFamily("gatehouse_statement_group_retries", "Requests run again alone after the "
+                                    "database refused their group.", labels=where)
         for pool in self._pools():
             labels = [pool.app, pool.database, pool.server]
             connections.add_metric([*labels, "in_use"], pool.in_use)
             connections.add_metric([*labels, "idle"], pool.idle)
             size.add_metric(labels, pool.size)
             waiting.add_metric(labels, pool.waiting)
-        yield from (connections, size, waiting)
+            groups.add_metric(labels, pool.groups)
+            grouped.add_metric(labels, pool.grouped)
+            again.add_metric(labels, pool.alone_again)
+        yield from (connections, size, waiting, groups, grouped, again)
         names = ["database", "replica"]
         up = GaugeMetricFamily("gatehouse_replica_up", "1 while the replica may answer reads.", labels=names)
         lag = GaugeMetricFamily("gatehouse_replica_lag_seconds", "How old the replica's data may be, by the "
