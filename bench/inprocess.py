@@ -10,7 +10,8 @@ by bench/run or bench/pooler.py: migrated, applied, with an app ``bench``). The 
 is the difference between two runs of different lengths divided by the difference in requests (start-up and
 the database's share of the process cancel out; the database runs in its own processes, not counted).
 ``--profile`` also prints cProfile's 25 most expensive functions by their own time. It ends with the wall and CPU
-time per request and how many requests ran in statement groups (``GATEHOUSE_SERVER__GROUP_STATEMENTS=1``: none).
+time per request, how many requests ran in statement groups (``GATEHOUSE_SERVER__GROUP_STATEMENTS=1``: none), and
+the garbage collector's share.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import random
@@ -41,6 +43,26 @@ OPERATIONS = {
                  b""),
     "insert": ("POST", "/orders", "", 1000, b'{"user_id": {n}, "status": "placed"}'),
 }
+
+
+class GcTime:
+    """Time spent in the garbage collector, from ``gc.callbacks``: how often each generation ran, and the longest
+    collection (a pause every request then in flight waits through)."""
+
+    def __init__(self) -> None:
+        self.runs = [0, 0, 0]
+        self.seconds = 0.0
+        self.longest = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        self.runs[info["generation"]] += 1
+        self.seconds += took
+        self.longest = max(self.longest, took)
 
 
 def project_folder(folder: Path) -> Path:
@@ -89,16 +111,22 @@ async def run(database: str, operation: str, requests: int, profile: bool) -> No
         profiler = cProfile.Profile() if profile else None
         if profiler:
             profiler.enable()
+        collector = GcTime()
+        gc.callbacks.append(collector)
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(requests // TASKS) for _ in range(TASKS)))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        gc.callbacks.remove(collector)
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        assert runtime.pools is not None
         groups = runtime.pools.statement_groups("bench", "shop")
         print(f"{operation}: {wall / requests * 1e6:.0f} µs per request (wall), {cpu / requests * 1e6:.0f} µs of this "
               f"process's CPU; statement groups: {groups.grouped} requests in {groups.groups} groups, "
               f"{groups.alone_again} run again alone")
+        print(f"  garbage collector: {collector.seconds / requests * 1e6:.1f} µs per request, collections by "
+              f"generation {collector.runs}, longest {collector.longest * 1e3:.2f} ms")
         await runtime.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -10,37 +10,21 @@ import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from conftest import ProjectFactory
+import test_sagas
 from gatehouse import cli, operations
 from gatehouse.observe.saga_metrics import SagaCollector
 from gatehouse.project import Project
 from gatehouse.testing import LogicHarness
-from test_sagas import Crash, Payments, assert_compensated, effects, new_order, payment_service, saga_project
+from test_sagas import Crash, Payments, assert_compensated, effects, new_order
 
-
-@pytest.fixture
-async def payments(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Payments]:
-    async with payment_service(monkeypatch) as service:
-        yield service
-
-
-@pytest.fixture
-async def project(make_project: ProjectFactory) -> Project:
-    return await saga_project(make_project)
-
-
-@pytest.fixture
-async def harness(project: Project, payments: Payments) -> AsyncIterator[LogicHarness]:
-    async with LogicHarness(project) as opened:
-        yield opened
-
+payments, project, harness = test_sagas.payments, test_sagas.project, test_sagas.harness  # (its fixtures)
 
 Gatehouse = Callable[..., Any]
 
