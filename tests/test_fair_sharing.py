@@ -124,11 +124,17 @@ async def test_a_slot_handed_to_a_cancelled_request_goes_to_the_next() -> None:
     assert (await second) is not None and fair.active == 1 and fair.queued == 0
 
 
-def test_the_default_bound_is_twice_the_largest_pool(make_project: ProjectFactory) -> None:
-    project = make_project(toml=TOML.replace("max_active = 1\n", "").replace(
-        '[apps.quiet]\n', '[apps.quiet]\nquota = { pool_size = 7 }\n'), migrations={"V001__items.sql": MIGRATION},
-        contracts=CONTRACTS)
-    assert default_max_active(project) == 14 and FairShare.for_project(project).max_active == 14
+def test_the_default_bound_is_the_largest_pool_and_a_statement_group(make_project: ProjectFactory) -> None:
+    def bound(server_line: str) -> int:
+        toml = TOML.replace("max_active = 1\n", server_line).replace(
+            '[apps.quiet]\n', '[apps.quiet]\nquota = { pool_size = 7 }\n')
+        project = make_project(toml=toml, migrations={"V001__items.sql": MIGRATION}, contracts=CONTRACTS)
+        assert FairShare.for_project(project).max_active == default_max_active(project)
+        return default_max_active(project)
+
+    assert bound("") == 7 + 32  # room for a whole group waiting at the busy pool
+    assert bound("group_statements = 1\n") == 14  # without groups, twice the pool: two busy apps get a pool each
+    assert bound("group_statements = 4\n") == 14
 
 
 def test_off_never_queues() -> None:

@@ -120,7 +120,8 @@ class ServerConfig(Strict):
     max_active: int | None = Field(default=None, ge=1, le=100_000,
                                    description="requests being answered at once, all apps together; the next ones "
                                                "queue per app and are served by turns (an app under its share goes "
-                                               "at once); default: twice the largest app pool_size")
+                                               "at once); default: the largest app pool_size plus "
+                                               "group_statements, at least twice that pool_size")
     max_queued: int = Field(default=1000, ge=1, le=1_000_000,
                             description="requests of one app queued for a turn (429 beyond)")
     max_connections: int = Field(default=4096, ge=1, le=1_000_000, description="open connections per port")
