@@ -253,8 +253,8 @@ def default_max_active(project: Project) -> int:
     Requests waiting at an app's busy pool cost nothing until they run (a future each, not steps in the loop's
     ready queue), and the next free connection runs those of one statement together: the more may wait there,
     the fewer round trips and commits per request. Twice the pool, the bound before statement groups, left
-    groups of about three; one more group's worth took the bench's point lookup from 0.8 to 0.9 of the direct
-    pool and cut PostgreSQL's CPU per read by a fifth (``bench/README.md``, sixteenth session). With groups off
+    groups of three or four on the bench's point lookup; room for a whole group made them eight, the lookups 9-18 %
+    faster, and PostgreSQL's CPU per read a fifth smaller (``bench/README.md``, seventeenth session). With groups off
     (``group_statements = 1``) it is twice the pool: an app alone keeps its pool busy, and two apps at full load
     each get a share as large as a pool. (A fixed number would cap an app with a large pool below it; the sum
     of the pools would never bind.)"""
