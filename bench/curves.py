@@ -366,7 +366,8 @@ def main() -> None:
     parser.add_argument("--app-pool-size", type=int, default=2, help="each app's pool in the apps sweep")
     parser.add_argument("--max-active", type=int, default=1024,
                         help="gatehouse's [server] max_active (default 1024: only the pools bound the requests at "
-                             "work, as for direct; 0 keeps gatehouse's default, twice the largest pool_size)")
+                             "work, as for direct; 0 keeps gatehouse's default, the largest pool_size plus "
+                             "group_statements)")
     parser.add_argument("--pg", choices=["auto", "system", "private"], default="auto")
     parser.add_argument("--db", default="gatehouse_curves")
     parser.add_argument("--out", type=Path, default=RESULTS / "curves.json")
