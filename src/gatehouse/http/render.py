@@ -71,15 +71,29 @@ def content_location(path: str, query_string: str) -> str:
     return _content_location(path, query_string)
 
 
-@functools.lru_cache(maxsize=256)  # hot URLs come again and again (9 µs each otherwise)
+@functools.lru_cache(maxsize=256)  # hot URLs come again and again
 def _content_location(path: str, query_string: str) -> str:
-    grouped: dict[str, list[str]] = {}
-    for name, _, value in sorted((part.partition("=") for part in query_string.split("&") if part),
-                                 key=lambda pair: _decoded(pair[0])):
-        grouped.setdefault(_decoded(name), []).append(_escaped(_decoded(value)))
-    if not grouped:
+    parameters = sorted(map(_canonical, filter(None, query_string.split("&"))), key=_by_name)
+    if not parameters:
         return path
-    return path + "?" + "&".join(f"{_escaped(name)}={','.join(values)}" for name, values in grouped.items())
+    grouped: dict[str, list[str]] = {}
+    for _, name, value in parameters:
+        grouped.setdefault(name, []).append(value)
+    return path + "?" + "&".join([f"{name}={','.join(values)}" for name, values in grouped.items()])
+
+
+@functools.lru_cache(maxsize=512)
+def _canonical(parameter: str) -> tuple[str, str, str]:
+    """One ``name=value`` of a query string: its name decoded (to sort by), and its name and value escaped. Kept
+    per parameter: a URL whose ``select`` is the same every time and whose ``id`` varies misses the whole-URL
+    cache above, but not this one for its ``select``, the parameter that costs most to decode and escape."""
+    name, _, value = parameter.partition("=")
+    decoded = _decoded(name)
+    return decoded, _escaped(decoded), _escaped(_decoded(value))
+
+
+def _by_name(parameter: tuple[str, str, str]) -> str:
+    return parameter[0]
 
 
 def content_range(first: int, count: int, total: int | None) -> str:
