@@ -293,6 +293,19 @@ class Instance:
     process: asyncio.subprocess.Process
     base: str
     admin: str
+    log: bytearray = dataclasses.field(default_factory=bytearray)
+    """The last ``LOG_TAIL_BYTES`` of its stderr, read as they come: a pipe nobody reads fills up (64 KiB), and the
+    server then blocks on its next log line, unable even to stop (a test's teardown waited 30 s per instance)."""
+    reader: asyncio.Task[None] | None = None
+
+
+LOG_TAIL_BYTES = 64_000
+
+
+async def _keep_tail(stream: asyncio.StreamReader, log: bytearray) -> None:
+    while chunk := await stream.read(65_536):
+        log += chunk
+        del log[:-LOG_TAIL_BYTES]
 
 
 async def serve_instance(root: Path, *, env: dict[str, str] | None = None, timeout_s: float = 60) -> Instance:
@@ -305,10 +318,13 @@ async def serve_instance(root: Path, *, env: dict[str, str] | None = None, timeo
         str(admin), env=env if env is not None else dict(os.environ), stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     instance = Instance(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
+    assert process.stderr is not None
+    instance.reader = asyncio.create_task(_keep_tail(process.stderr, instance.log))
     async with httpx.AsyncClient() as client, asyncio.timeout(timeout_s):
         while True:
             if process.returncode is not None:
-                raise AssertionError(await process.stderr.read() if process.stderr else b"gatehouse serve exited")
+                await instance.reader
+                raise AssertionError(bytes(instance.log) or b"gatehouse serve exited")
             try:
                 if (await client.get(f"{instance.admin}/ready", timeout=1)).status_code == 200:
                     return instance
@@ -327,5 +343,7 @@ async def stop_instance(instance: Instance, *, kill: bool = False) -> int:
         except TimeoutError:
             instance.process.kill()
             await instance.process.wait()
+    if instance.reader is not None:
+        await instance.reader  # the pipe's end, now that the process has exited
     return instance.process.returncode or 0
 
