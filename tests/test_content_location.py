@@ -30,6 +30,6 @@ def test_plain_queries_are_put_in_order_without_escaping() -> None:
 def test_the_general_path_decodes_sorts_groups_and_escapes_each_parameter() -> None:
     assert general("/p", "b=2&%61=x%2Cy&a=3") == "/p?a=x%2Cy,3&b=2"  # one name however spelled, values in order sent
     assert general("/p", "select=id,name&id=eq.7") == "/p?id=eq.7&select=id%2Cname"
-    assert general("/p", "select=id,name&id=eq.8") == "/p?id=eq.8&select=id%2Cname"  # (its select kept decoded)
+    assert general("/p", "select=id,name&id=eq.8") == "/p?id=eq.8&select=id%2Cname"  # a new id, the select as kept
     assert general("/p", "q=a+b&&r=é") == "/p?q=a%20b&r=%C3%A9"
     assert general("/p", "&&") == "/p"
