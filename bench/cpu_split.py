@@ -1,6 +1,6 @@
 """Where each request's CPU goes under the bench's load: gatehouse's threads, PostgreSQL, the load generator.
 
-    .venv/bin/python bench/cpu_split.py [--op point] [--seconds 8] [--set GATEHOUSE_SERVER__MAX_ACTIVE=36 ...]
+    .venv/bin/python bench/cpu_split.py [--op point] [--seconds 8] [--connections 16] [--set NAME=VALUE ...]
 
 Serves the bench's project (``bench/inprocess.py``'s copy of the shop, on the database ``gatehouse_bench`` that
 bench/run made) with ``gatehouse serve``, drives one operation with wrk as bench/run does (1 thread, 16
@@ -34,7 +34,7 @@ from gatehouse import operations
 from gatehouse.project import load_project
 
 TICK = os.sysconf("SC_CLK_TCK")
-WRK = ["wrk", "-t1", "-c16", "-s", str(REPO / "bench" / "wrk.lua")]
+WRK_SCRIPT = str(REPO / "bench" / "wrk.lua")
 BODY = 'body={"user_id": %d, "status": "placed"}'
 OPERATIONS = {  # the path template, the range of its number, wrk.lua's further arguments (as bench/run)
     "point": ("/products?id=eq.%d", 1, 5000, ["Accept-Profile: v1"]),
@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for the server (repeatable)")
     parser.add_argument("--no-direct", action="store_true", help="measure gatehouse only")
+    parser.add_argument("--connections", type=int, default=16,
+                        help="wrk's connections = direct.py's tasks (16, as bench/run): more tells a system bound by "
+                             "its latency (it goes faster) from one bound by a thread or the cores (it does not)")
     args = parser.parse_args()
     url = f"postgresql://postgres@127.0.0.1:5432/{args.database}"
     os.environ["GATEHOUSE_DATABASES__SHOP__URL"] = url
@@ -131,7 +134,8 @@ def main() -> None:
         server, port, admin = serve(project, {**os.environ, **dict(pair.split("=", 1) for pair in args.set)})
         try:
             path, low, high, more = OPERATIONS[args.op]
-            load = [*WRK, f"http://127.0.0.1:{port}", "--", path, str(low), str(high), f"apikey:{key}", *more]
+            load = ["wrk", "-t1", f"-c{args.connections}", "-s", WRK_SCRIPT, f"http://127.0.0.1:{port}", "--",
+                    path, str(low), str(high), f"apikey:{key}", *more]
             subprocess.run([*load[:2], "-d2s", *load[2:]], capture_output=True, check=True)
             groups, grouped = groups_run(admin)
             result, spent = measured([*load[:2], f"-d{args.seconds}s", *load[2:]], server.pid)
@@ -142,7 +146,8 @@ def main() -> None:
         report(f"gatehouse {args.op}", result, spent,
                f"; {grouped / result['requests']:.0%} of the requests in groups of {grouped / max(groups, 1):.1f}")
     if not args.no_direct:
-        direct = [sys.executable, str(REPO / "bench" / "direct.py"), "--dsn", url, "--query", args.op]
+        direct = [sys.executable, str(REPO / "bench" / "direct.py"), "--dsn", url, "--query", args.op,
+                  "--concurrency", str(args.connections)]
         subprocess.run([*direct, "--duration", "2", "--warmup", "0"], capture_output=True, check=True)
         report(f"direct {args.op}", *measured([*direct, "--duration", str(args.seconds), "--warmup", "0"], None))
 

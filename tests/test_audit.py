@@ -135,6 +135,28 @@ def hostile(request_id: str, *, at: datetime | None = None, subject: str | None 
                        status=200, rows=rows, duration_ms=duration_ms)
 
 
+async def test_batches_are_small_while_the_writer_keeps_up_and_large_once_behind(audited: Audited) -> None:
+    """``flush_rows`` waiting records go out at once, without waiting for the flush interval (a small batch holds
+    PostgreSQL briefly); records that queued while the writer was busy go out together, up to ``batch_size``, so
+    that a burst costs few transactions. Each transaction is counted by the ``xmin`` of its rows."""
+    writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl", batch_size=100, flush_rows=4,
+                         flush_interval_s=30)
+    writer.start()
+    try:
+        for n in range(4):
+            writer.submit(record(n))
+        await until(lambda: writer.pending().total == 0, timeout=5)  # far sooner than the 30 s interval
+        assert await counts(audited) == (4, 4, 4, 0)
+        for n in range(4, 404):  # a burst: no await, so the writer is behind by all of it
+            writer.submit(record(n))
+        await until(lambda: writer.pending().total == 0, timeout=10)
+    finally:
+        await writer.stop()
+    assert await counts(audited) == (404, 404, 404, 0)
+    transactions = await audited.scalar("SELECT count(DISTINCT xmin::text) FROM gatehouse.audit")
+    assert isinstance(transactions, int) and transactions <= 1 + 4  # the first four, then the burst by 100s
+
+
 @pytest.mark.parametrize(("bad", "expected"), [
     # (subject, length of query, rows, duration_ms) as stored
     (hostile("req-nul", subject="a\x00b", query="id=eq.\x00"), ("ab", 6, 1, 1.0)),

@@ -215,8 +215,8 @@ _INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SE
                  + " FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
 """A batch of rows as one JSON array of arrays (:func:`_batch_json`); texts are cut to their limits here. Measured
 per row: orjson's encoding costs the event loop's thread (which also serves the requests) about 1.6 µs, asyncpg's
-binary COPY about 3.5 µs; PostgreSQL's side is about the same either way (10-20 µs by the machine, about half
-of it the table's four indexes)."""
+binary COPY about 3.5 µs; PostgreSQL's side is 8 µs against 6 for COPY on the bench machine (10-20 on slower
+ones), nearly half of it the indexes on (app, at) and (target, at)."""
 _REFUSED_VALUE = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 """What PostgreSQL answers a batch holding a number out of range or a NaN duration (NULL in JSON)."""
 
@@ -296,13 +296,29 @@ async def _one(batch: list[AuditRecord]) -> AsyncIterator[list[AuditRecord]]:
     yield batch
 
 
+FLUSH_ROWS = 64
+"""Records that start a batch at once, without waiting for the flush interval (:class:`AuditWriter`)."""
+
+
 class AuditWriter:
+    """Writes the queued records in batches, off the request path (see the module's docstring).
+
+    A batch goes out once ``flush_rows`` records wait, or ``flush_interval_s`` after the first one, and takes up
+    to ``batch_size`` of the records then queued. Small batches while the writer keeps up: PostgreSQL spends
+    about 8 µs on each row (half of it the table's indexes), so a batch of 500 held one of the bench machine's two
+    cores for 4 ms, and the reads queued behind it set the p99 (4.5 ms against 2.9 with batches of 64, the same
+    throughput; bench/README.md). Large ones once it falls behind: a batch of 500 costs one round trip and one
+    commit, so the writer still keeps up with a burst.
+    """
+
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], spool_path: Path, *,
-                 max_queue: int = 10_000, batch_size: int = 500, flush_interval_s: float = 0.2,
-                 max_spool_bytes: int = 64 * 1024 * 1024, max_backoff_s: float = 5.0) -> None:
+                 max_queue: int = 10_000, batch_size: int = 500, flush_rows: int = FLUSH_ROWS,
+                 flush_interval_s: float = 0.2, max_spool_bytes: int = 64 * 1024 * 1024,
+                 max_backoff_s: float = 5.0) -> None:
         self._connect = connect
         self._spool_path = Path(spool_path)
         self._max_queue, self._batch_size = max_queue, batch_size
+        self._flush_rows = min(flush_rows, batch_size)
         self._flush_interval_s, self._max_backoff_s = flush_interval_s, max_backoff_s
         self._max_spool_bytes = max_spool_bytes
         self._queue: deque[AuditRecord] = deque()
@@ -363,7 +379,7 @@ class AuditWriter:
         """Take a record without waiting. Raises :class:`AuditUnavailable` only when queue and spool are full."""
         if self._task is not None and len(self._queue) < self._max_queue:
             self._queue.append(record)  # checked with its batch (_batch_json), not here
-            if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
+            if len(self._queue) == 1 or len(self._queue) >= self._flush_rows:
                 self._wake.set()
             return
         if not self._append_spool([record], unbounded=False):
@@ -442,7 +458,7 @@ class AuditWriter:
                     return
                 await self._sleep(None)
                 continue
-            elif not (self._stopping or self._in_doubt or self._spool_lines or len(self._queue) >= self._batch_size):
+            elif not (self._stopping or self._in_doubt or self._spool_lines or len(self._queue) >= self._flush_rows):
                 await self._sleep(self._flush_interval_s)
             try:
                 await self._step()
