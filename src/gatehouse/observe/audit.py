@@ -296,7 +296,7 @@ async def _one(batch: list[AuditRecord]) -> AsyncIterator[list[AuditRecord]]:
     yield batch
 
 
-FLUSH_ROWS = 64
+FLUSH_ROWS = 128
 """Records that start a batch at once, without waiting for the flush interval (:class:`AuditWriter`)."""
 
 
@@ -305,10 +305,10 @@ class AuditWriter:
 
     A batch goes out once ``flush_rows`` records wait, or ``flush_interval_s`` after the first one, and takes up
     to ``batch_size`` of the records then queued. Small batches while the writer keeps up: PostgreSQL spends
-    about 8 µs on each row (half of it the table's indexes), so a batch of 500 held one of the bench machine's two
-    cores for 4 ms, and the reads queued behind it set the p99 (4.5 ms against 2.9 with batches of 64, the same
-    throughput; bench/README.md). Large ones once it falls behind: a batch of 500 costs one round trip and one
-    commit, so the writer still keeps up with a burst.
+    about 8 µs on each row (nearly half of it the table's indexes), so a batch of 500 held one of the bench
+    machine's two cores for 4 ms, and the reads queued behind it set the p99 (point lookups 4.8-5.4 ms against
+    3.2-3.5 with batches of 128, the same throughput; 64 cost 5 % of it; bench/README.md). Large ones once it falls
+    behind: a batch of 500 costs one round trip and one commit, so the writer still keeps up with a burst.
     """
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], spool_path: Path, *,
