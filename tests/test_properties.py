@@ -236,7 +236,7 @@ SQL_WORDS = {
     # the names of a write's tail (query/writes.py WriteOutcome)
     "representation", "written", "first_key", "existing", "outside", "hidden",
     # and its transaction's id, the read-your-writes token (db/consistency.py)
-    "CASE", "WHEN", "THEN", "END", "pg_current_xact_id_if_assigned", "xid",
+    "pg_current_xact_id_if_assigned", "xid", "array_agg",
 }
 OUR_ALIAS = re.compile(r"^_gh_[a-z0-9_]*$")
 SQL_TOKEN = re.compile(  # a quoted name, a string, a placeholder, a word, digits, spaces, one operator character

@@ -115,6 +115,21 @@ async def test_a_body_that_does_not_fit_the_shape_is_planned_in_full(runtime: Ru
     assert empty.statement is None
 
 
+@pytest.mark.parametrize(("prefer", "builds_key"), [(None, False), ("return=representation", False),
+                                                    ("return=headers-only", True)])
+async def test_only_an_insert_answered_with_its_location_asks_for_the_first_key(runtime: Runtime, prefer: str | None,
+                                                                                builds_key: bool) -> None:
+    project, app = runtime.project, runtime.project.apps["clerk"]
+    made = request([{"sku": "l1", "name": "a"}, {"sku": "l2", "name": "b"}], prefer=prefer)
+    plan = await writing.plan_write(made, runtime, identity(project), app, "items", None)
+    assert plan.statement is not None and ("json_build_array" in plan.statement.sql) is builds_key
+    outcome = await writing.execute_write(runtime, app, plan, made.labels)
+    assert outcome is not None and outcome.written == 2 and outcome.xid is not None
+    async with operations.owner_connection(project) as conn:
+        first = await conn.fetchval("SELECT id FROM items WHERE sku = 'l1'")
+    assert outcome.first_key == (f"[{first}]" if builds_key else None)
+
+
 async def test_a_plan_with_another_statement_keeps_every_other_field(runtime: Runtime) -> None:
     project, app = runtime.project, runtime.project.apps["clerk"]
     plan = await writing.plan_write(request({"sku": "w1", "name": "w"}, prefer="return=representation"), runtime,

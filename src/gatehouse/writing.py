@@ -168,7 +168,8 @@ async def _write_body(request: HttpRequest, project: Project) -> Payload:
 
 def _compile_write(method: str, writer: WriteCompiler, query: ReadQuery, payload: Payload, prefs: Preferences,
                    key: tuple[str, ...]) -> CompiledQuery | None:
-    """The write's one statement; None when the body holds nothing to write."""
+    """The write's one statement; None when the body holds nothing to write. Only a POST answered with its
+    ``Location`` (``return=headers-only``: :func:`write_response`) has the statement return the first row's key."""
     representation = prefs.get("return") == "representation"
     if method == "POST":
         if not payload.rows:
@@ -176,14 +177,15 @@ def _compile_write(method: str, writer: WriteCompiler, query: ReadQuery, payload
         conflict = query.on_conflict or key
         options = InsertOptions(representation, prefs.get("resolution") if conflict else None,
                                 prefs.get("missing") == "default", conflict)
-        return writer.insert(query, payload, options, key)  # 400
+        located = key if prefs.get("return") == "headers-only" else ()
+        return writer.insert(query, payload, options, located)  # 400
     if method == "PUT":
         row = _put_row(query, payload, key, writer.allow)  # 405 / 400
         options = InsertOptions(representation, "merge-duplicates", False, key)
-        return writer.insert(query, Payload([row], single=True), options, key)
+        return writer.insert(query, Payload([row], single=True), options)
     if method == "PATCH":
-        return writer.patch(query, payload, representation, key, missing_default=prefs.get("missing") == "default")
-    return writer.delete(query, representation, key)
+        return writer.patch(query, payload, representation, missing_default=prefs.get("missing") == "default")
+    return writer.delete(query, representation)
 
 
 def _applied(method: str, query: ReadQuery, key: tuple[str, ...], prefs: Preferences,
