@@ -23,7 +23,7 @@ from gatehouse.app import create_admin_app, create_app
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.pools import AppPool
-from gatehouse.db.statement_groups import StatementGroups
+from gatehouse.db.statement_groups import Merge, StatementGroups
 from gatehouse.errors import ApiError, ConnectionLost
 from gatehouse.runtime import Runtime
 from test_write_plans import request
@@ -202,6 +202,47 @@ async def test_a_value_asyncpg_cannot_encode_sends_the_others_of_its_group_alone
     assert groups.alone_again == 3
 
 
+MERGED = ("WITH w AS (INSERT INTO things (sku) SELECT sku FROM json_populate_recordset(NULL::things, $1::json) "
+          "RETURNING 1) SELECT CASE WHEN count(*) = $2::bigint THEN count(*) "
+          "ELSE ('wrote ' || count(*))::bigint END AS written, txid_current() AS xid FROM w")
+"""A :class:`Merge` statement for the scratch table, shaped as gatehouse's (``WriteCompiler.merged_insert``)."""
+
+
+def merged_insert(groups: StatementGroups, skus: list[str]) -> asyncio.Task[Any]:
+    """One request inserting ``skus``: alone with INSERT (one row per request there), or merged with others."""
+    parts = ("[" + ",".join(f'{{"sku":"{sku}"}}' for sku in skus) + "]",)
+    return asyncio.create_task(groups.write(INSERT, (skus[0],), Merge(MERGED, parts, len(skus))))
+
+
+async def test_inserts_with_a_merge_run_as_one_statement_each_answered_with_its_own_rows(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=3)
+    async with pool.acquire():
+        first = merged_insert(groups, ["m0"])  # runs alone at once on a free connection; the others wait for it,
+        tasks = [merged_insert(groups, skus) for skus in (["m1", "m2"], ["m3"], ["m4", "m5", "m6"])]  # not for
+        await asyncio.sleep(0.05)  # the connection that stays free, and then run together
+    answers = await asyncio.gather(first, *tasks)
+    assert [a["written"] for a in answers] == [1, 2, 1, 3]  # each its own, where the merged statement wrote 6
+    assert len({a["xid"] for a in answers[1:]}) == 1 and answers[0]["xid"] != answers[1]["xid"]
+    assert await scratch.skus() == [f"m{n}" for n in range(7)]  # in the order they came
+    assert (groups.groups, groups.grouped, groups.merged, groups.alone_again) == (1, 3, 1, 0)
+    assert groups.statements_waiting == 0
+
+
+async def test_a_merged_group_that_writes_fewer_rows_than_sent_runs_each_request_alone(scratch: Scratch) -> None:
+    await scratch.monitor.execute("""
+        CREATE FUNCTION skip_some() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RETURN CASE WHEN NEW.sku LIKE 'skip%' THEN NULL ELSE NEW END; END $$;
+        CREATE TRIGGER skip_some BEFORE INSERT ON things FOR EACH ROW EXECUTE FUNCTION skip_some()""")
+    pool, groups = scratch.groups(size=1)
+    async with pool.acquire():
+        tasks = [merged_insert(groups, [sku]) for sku in ("k0", "skip1", "k2")]
+        await asyncio.sleep(0.05)
+    answers = await asyncio.gather(*tasks)
+    assert [a["written"] for a in answers] == [1, 0, 1]  # as each would have been answered alone
+    assert await scratch.skus() == ["k0", "k2"]
+    assert (groups.merged, groups.alone_again) == (0, 2)  # k0 ran alone first; the others were merged, refused
+
+
 # -- gatehouse's own inserts, with their audit records --------------------------------------------------------
 
 ONE_CONNECTION = TOML.replace("[apps.clerk]\n", "[apps.clerk]\nquota = { pool_size = 1 }\n") + \
@@ -288,9 +329,13 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
     await insert(0)
     await asyncio.gather(*(insert(n) for n in range(1, 11)))
     groups = runtime.pools.statement_groups("clerk", "main")
-    assert groups.groups >= 1 and groups.grouped >= 2 and groups.alone_again == 0
+    assert groups.groups >= 1 and groups.grouped >= 2 and groups.merged >= 1 and groups.alone_again == 0
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM items WHERE sku LIKE 't%'") == 11
+        audited = await conn.fetch("SELECT status, rows, duration_ms, query FROM gatehouse.audit "
+                                   "WHERE target = 'items' AND method = 'POST'")
+    assert len(audited) == 11 and all((r["status"], r["rows"]) == (201, 1) for r in audited)
+    assert all(r["duration_ms"] > 0 for r in audited)
     transport = httpx.ASGITransport(app=create_admin_app(runtime))
     async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as admin:
         metrics = (await admin.get("/metrics")).text
@@ -298,3 +343,4 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
     assert f"gatehouse_statement_groups_total{{{where}}} {float(groups.groups)}" in metrics
     assert f"gatehouse_statement_grouped_total{{{where}}} {float(groups.grouped)}" in metrics
     assert f"gatehouse_statement_group_retries_total{{{where}}} 0.0" in metrics
+    assert f"gatehouse_statement_groups_merged_total{{{where}}} {float(groups.merged)}" in metrics

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gatehouse.contracts.model import ContractVersion
+from gatehouse.db.statement_groups import Merge
 from gatehouse.http.negotiate import Format, Preferences
 from gatehouse.query.sql import CompiledQuery
 from gatehouse.query.tree import Condition
@@ -51,6 +52,8 @@ class WritePlan:
     """The app's row filters, claims bound (a database error about a claim's value is the token's: 403)."""
     allow: tuple[str, ...]
     """The app's methods on the contract: the ``Allow`` of a 405."""
+    merge: Merge | None = None
+    """How the insert may run in one statement with others of its shape waiting for the app's connections."""
 
     @property
     def representation(self) -> bool:
@@ -63,12 +66,12 @@ class WritePlan:
     def status(self, outcome: WriteOutcome) -> int:
         return self.known_status or _upsert_status(outcome.existing, outcome.written)
 
-    def with_statement(self, statement: CompiledQuery) -> WritePlan:
+    def with_statement(self, statement: CompiledQuery, merge: Merge | None = None) -> WritePlan:
         """This plan with another statement (its template's, with one request's values), built field by field:
         ``dataclasses.replace`` looks the fields up on every call, a measurable share of a planned insert."""
         return WritePlan(self.method, self.version, self.contract, self.key, self.fmt, self.prefs, self.applied,
                          statement, self.output_names, self.max_affected, self.known_status,
-                         self.audited_in_statement, self.needs_transaction, self.filters, self.allow)
+                         self.audited_in_statement, self.needs_transaction, self.filters, self.allow, merge)
 
 
 
@@ -83,6 +86,9 @@ class WriteTemplate:
     """The position, among the statement's parameters, of the rows as one JSON array."""
     audit_slot: int
     """The position of the first of the audit record's parameters (``AUDIT_CTE_PARAMS`` of them, in a row)."""
+    merged_sql: str | None = None
+    """The statement that writes a group of such inserts at once (:class:`Merge`), when the answer needs nothing
+    of the written rows but their count (no representation, no ``Location``)."""
 
 
 WriteKey = tuple[str, str, int | None, str | None, str | None, str | None, str | None, str]

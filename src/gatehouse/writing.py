@@ -22,6 +22,7 @@ from gatehouse.access import (
 from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db import rollback_quietly
+from gatehouse.db.statement_groups import Merge
 from gatehouse.errors import (
     MaxAffectedExceeded,
     PutFilterNotKey,
@@ -35,7 +36,14 @@ from gatehouse.http.body import parse_payload
 from gatehouse.http.exchange import HttpRequest, HttpResponse
 from gatehouse.http.labels import RequestLabels
 from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, response_format
-from gatehouse.observe.audit import AUDIT_CTE_PARAMS, audit_cte, audit_cte_values, audit_in_transaction
+from gatehouse.observe.audit import (
+    AUDIT_CTE_PARAMS,
+    audit_batch_cte,
+    audit_batch_part,
+    audit_cte,
+    audit_cte_values,
+    audit_in_transaction,
+)
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
@@ -82,10 +90,13 @@ def _from_template(template: WriteTemplate, labels: RequestLabels, payload: Payl
     labels.contract, labels.api_version = plan.contract.name, plan.version
     assert plan.statement is not None and plan.known_status is not None
     params = list(plan.statement.params)
-    params[template.rows_slot] = orjson.dumps([{c: row.get(c) for c in columns} for row in rows]).decode()
+    params[template.rows_slot] = rows_json = orjson.dumps([{c: row.get(c) for c in columns} for row in rows]).decode()
     record = labels.audit_record(plan.known_status, keep_values=project.config.server.audit_query_values)
     params[template.audit_slot:template.audit_slot + AUDIT_CTE_PARAMS] = audit_cte_values(record)
-    return plan.with_statement(CompiledQuery(plan.statement.sql, params))
+    merge = None
+    if template.merged_sql is not None:
+        merge = Merge(template.merged_sql, (rows_json, audit_batch_part(record, len(rows))), len(rows))
+    return plan.with_statement(CompiledQuery(plan.statement.sql, params), merge)
 
 
 async def _plan_in_full(request: HttpRequest, runtime: Runtime, identity: Identity, app: App, contract_name: str,
@@ -128,10 +139,15 @@ async def _plan_in_full(request: HttpRequest, runtime: Runtime, identity: Identi
                      allow=allow)
     plain = (method == "POST" and statement is not None and audit_slot is not None and query.columns is None
              and not filters and not prefs.get("resolution") and prefs.get("missing") != "default")
-    return plan, _template(plan, payload, audit_slot) if plain and audit_slot is not None else None
+    if not plain or audit_slot is None:
+        return plan, None
+    # Only the count of the written rows in the answer: a group of these may run as one statement.
+    counted_only = not plan.needs_transaction and prefs.get("return") in (None, "minimal") and payload.keys
+    merged = writer.merged_insert(payload.keys, audit_batch_cte("$2")) if counted_only else None
+    return plan, _template(plan, payload, audit_slot, merged)
 
 
-def _template(plan: WritePlan, payload: Payload, audit_slot: int) -> WriteTemplate | None:
+def _template(plan: WritePlan, payload: Payload, audit_slot: int, merged_sql: str | None) -> WriteTemplate | None:
     """The plan kept for later inserts of its shape, if its rows' parameter is found exactly once."""
     assert plan.statement is not None
     columns = payload.keys
@@ -139,7 +155,7 @@ def _template(plan: WritePlan, payload: Payload, audit_slot: int) -> WriteTempla
     slots = [i for i, param in enumerate(plan.statement.params) if param == rows]
     if len(slots) != 1 or audit_slot + AUDIT_CTE_PARAMS > len(plan.statement.params):
         return None
-    return WriteTemplate(plan, columns, slots[0], audit_slot)
+    return WriteTemplate(plan, columns, slots[0], audit_slot, merged_sql)
 
 
 def _write_contract(project: Project, app: App, version: int, name: str, method: str) -> ContractVersion:
@@ -243,7 +259,7 @@ async def execute_write(runtime: Runtime, app: App, plan: WritePlan, labels: Req
     if plan.method == "POST" and not plan.needs_transaction:  # one statement: may commit with inserts waiting too
         try:
             row = await runtime.pools.write_row(app.name, plan.contract.database, plan.statement.sql,
-                                                plan.statement.params)
+                                                plan.statement.params, plan.merge)
         except asyncpg.PostgresError as exc:
             raise database_refusal(exc, runtime.project, plan.contract.columns, plan.filters, plan.allow) from None
         outcome = WriteOutcome.from_row(row)

@@ -22,7 +22,7 @@ from gatehouse.db import Connection
 from gatehouse.db.faults import watch_peer
 from gatehouse.db.pooler import check_role
 from gatehouse.db.pools import MAX_IDLE_S, MAX_LIFETIME_S, AppPool, Lease
-from gatehouse.db.statement_groups import GROUP_MAX, StatementGroups
+from gatehouse.db.statement_groups import GROUP_MAX, Merge, StatementGroups, WriteAnswer
 from gatehouse.db.targets import DatabaseTarget
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.project import App
@@ -158,7 +158,7 @@ class AppPools:
     def readings(self) -> list[PoolReading]:
         """Each pool's connections and statement groups now, for ``/metrics``."""
         return [PoolReading(app, db, "primary", g.pool.size, g.pool.in_use, g.pool.idle, g.pool.waiting, g.groups,
-                            g.grouped, g.alone_again)
+                            g.grouped, g.alone_again, g.merged)
                 for (app, db), g in sorted(self._groups.items())]
 
     def pool(self, app: str, database: str) -> AppPool:
@@ -172,11 +172,12 @@ class AppPools:
         """The statement groups of the app's pool on the database (their counts)."""
         return self._groups[(app, database)]
 
-    def write_row(self, app: str, database: str, sql: str,
-                  params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:
+    def write_row(self, app: str, database: str, sql: str, params: Sequence[object],
+                  merge: Merge | None = None) -> Awaitable[WriteAnswer | None]:
         """One autocommit write statement under the app's role, committed alone or with other requests' inserts
-        of the same statement that wait for the app's connections (``db/statement_groups.py``); its answer row."""
-        return self._groups[(app, database)].write(sql, params)
+        of the same statement that wait for the app's connections (``db/statement_groups.py``), in one statement
+        with them when each has a ``merge``; its answer row."""
+        return self._groups[(app, database)].write(sql, params, merge)
 
     def read_row(self, app: str, database: str, sql: str,
                  params: Sequence[object]) -> Awaitable[asyncpg.Record | None]:

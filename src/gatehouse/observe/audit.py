@@ -210,9 +210,9 @@ def _batch_value(index: int, name: str, sql_type: str) -> str:
     return f"({value})::{sql_type}"
 
 
-_INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SELECT "
-                 + ", ".join(_batch_value(i, name, t) for i, (name, t) in enumerate(zip(COLUMNS, _TYPES, strict=True)))
-                 + " FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
+_BATCH_VALUES = [_batch_value(i, name, t) for i, (name, t) in enumerate(zip(COLUMNS, _TYPES, strict=True))]
+_INSERT_BATCH = (f"WITH _gh_batch AS (INSERT INTO gatehouse.audit ({_QUOTED}) SELECT {', '.join(_BATCH_VALUES)} "
+                 "FROM jsonb_array_elements($1::jsonb) AS r) SELECT pg_current_xact_id()::text")
 """A batch of rows as one JSON array of arrays (:func:`_batch_json`); texts are cut to their limits here. Measured
 per row: orjson's encoding costs the event loop's thread (which also serves the requests) about 1.6 µs, asyncpg's
 binary COPY about 3.5 µs; PostgreSQL's side is 8 µs against 6 for COPY on the bench machine (10-20 on slower
@@ -252,6 +252,23 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
     return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(head)}, "
             f"(SELECT least(count(*), {_INT32})::integer FROM {written}), {bind(values[10])}::real + {run_ms}, "
             f"{bind(values[11])}::boolean, {bind(values[12])}::boolean, {bind(values[13])}::text))")
+
+
+def audit_batch_cte(param: str) -> str:
+    """A CTE that inserts the records of a JSON array (``param``, a placeholder: :func:`audit_batch_part`'s joined)
+    as part of a write's statement: the audit of a group of inserts run as one statement
+    (:class:`gatehouse.db.statement_groups.Merge`). Each record's duration gains the statement's run time."""
+    values = list(_BATCH_VALUES)
+    run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
+    values[COLUMNS.index("duration_ms")] += f" + {run_ms}"
+    return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) SELECT {', '.join(values)} "
+            f"FROM jsonb_array_elements({param}::jsonb) AS r)")
+
+
+def audit_batch_part(record: AuditRecord, rows: int) -> str:
+    """The record, made storable, with ``rows`` written: a JSON array of it alone, for :func:`audit_batch_cte`."""
+    row = _row(record._replace(rows=rows))
+    return orjson.dumps((row,), default=tuple, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 AUDIT_CTE_PARAMS = 14

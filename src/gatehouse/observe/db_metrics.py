@@ -35,6 +35,7 @@ class PoolReading(NamedTuple):
     groups: int = 0
     grouped: int = 0
     alone_again: int = 0
+    merged: int = 0
 
 
 class ReplicaReading(NamedTuple):
@@ -67,6 +68,8 @@ class DatabaseCollector(Collector):
                                       labels=where)
         again = CounterMetricFamily("gatehouse_statement_group_retries", "Requests run again alone after the "
                                     "database refused their group.", labels=where)
+        merged = CounterMetricFamily("gatehouse_statement_groups_merged", "Groups of inserts run as one statement "
+                                     "(every request's rows in one INSERT).", labels=where)
         for pool in self._pools():
             labels = [pool.app, pool.database, pool.server]
             connections.add_metric([*labels, "in_use"], pool.in_use)
@@ -76,7 +79,8 @@ class DatabaseCollector(Collector):
             groups.add_metric(labels, pool.groups)
             grouped.add_metric(labels, pool.grouped)
             again.add_metric(labels, pool.alone_again)
-        yield from (connections, size, waiting, groups, grouped, again)
+            merged.add_metric(labels, pool.merged)
+        yield from (connections, size, waiting, groups, grouped, again, merged)
         names = ["database", "replica"]
         up = GaugeMetricFamily("gatehouse_replica_up", "1 while the replica may answer reads.", labels=names)
         lag = GaugeMetricFamily("gatehouse_replica_lag_seconds", "How old the replica's data may be, by the "

@@ -6,8 +6,9 @@ the app's INSERT/UPDATE/DELETE privilege itself. The rows travel as one JSON par
 
 Every statement ends with the same tail, which the pipeline and logic functions both read as one
 :class:`WriteOutcome`: the representation (JSON or NULL), the rows written, the key of the first row (JSON when
-the answer's ``Location`` needs it, else NULL), the rows that already existed (upserts), and the two counts that refuse a write under a row filter
-(``outside``, ``hidden``). All of it runs on one snapshot, so "already existed" is counted before the write.
+the answer's ``Location`` needs it, else NULL), the rows that already existed (upserts), and the two counts that
+refuse a write under a row filter (``outside``, ``hidden``). All of it runs on one snapshot, so "already existed"
+is counted before the write.
 
 A grant's row filter holds for every write, as PostgreSQL's row-level security would hold it:
 
@@ -26,8 +27,9 @@ in a logic function) and :meth:`WriteOutcome.check_row_filter` rolls a refused w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -82,7 +84,7 @@ class WriteOutcome:
     :mod:`gatehouse.db.consistency`."""
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record | None) -> WriteOutcome:
+    def from_row(cls, row: asyncpg.Record | Mapping[str, Any] | None) -> WriteOutcome:
         assert row is not None  # the tail is one row of aggregates
         xid = row["xid"]
         return cls(row["representation"], row["written"], row["first_key"], row["existing"], row["outside"],
@@ -200,6 +202,20 @@ class WriteCompiler:
             hidden = f"{self.reader.bind(len(payload.rows))}::bigint - count(*)"
         tail = self._tail(query, options.representation, location_key, existing, hidden)
         return CompiledQuery(f"WITH {', '.join(ctes)}, {WRITTEN} AS ({union}){tail}", self.reader.params)
+
+    def merged_insert(self, columns: tuple[str, ...], also: str) -> str:
+        """A plain insert of ``columns`` for a whole statement group at once (``db/statement_groups.py``'s
+        ``Merge``): ``$1`` every request's rows as one JSON array, ``$2`` what ``also`` (a CTE: the group's audit
+        records) reads, ``$3`` how many rows were sent. It answers the columns of :class:`WriteOutcome`, and fails
+        when it wrote another number of rows than were sent (a trigger that skipped some): the cast of a text that
+        is no number is its refusal, so the group runs again, each request alone, and each learns its own count."""
+        names = ", ".join(quote_ident(c) for c in columns)
+        written = ("CASE WHEN count(*) = $3::bigint THEN count(*) ELSE "
+                   "('gatehouse: a merged insert wrote ' || count(*) || ' rows of ' || $3::bigint)::bigint END")
+        return (f"WITH _gh_w0 AS (INSERT INTO {self.view} AS {TARGET} ({names}) SELECT {names} "
+                f"FROM json_populate_recordset(NULL::{self.view}, $1::json) RETURNING 1), {also} "
+                f"SELECT NULL AS representation, {written} AS written, NULL AS first_key, NULL AS existing, "
+                f"0 AS outside, 0 AS hidden, pg_current_xact_id_if_assigned()::text AS xid FROM _gh_w0")
 
     def _existing(self, conflict: tuple[str, ...], row_params: list[str]) -> str:
         """How many rows sent to an upsert match a row already there (on its snapshot, so before the write)."""
