@@ -11,7 +11,9 @@ the bench's inserts ran three times as fast). bench/README.md measures it.
 What a request sees is what it would see alone:
 
 - Only what already waits is grouped. A request that finds an idle connection runs at once, alone, as before;
-  nothing ever waits for company (no timer, as PostgreSQL's ``commit_delay`` has).
+  nothing ever waits for company (no timer, as PostgreSQL's ``commit_delay`` has). Plain inserts are the one
+  exception, and only under load: while one of their statement runs, the next wait for it rather than for a
+  free connection, and then go together (:meth:`StatementGroups._first`).
 - Each request has its own parameters and gets its own answer row. A group is of one statement (one query
   shape), so its requests cost alike: none waits long behind a different, slower one.
 - Reads: every statement of the implicit transaction takes its own snapshot (READ COMMITTED), taken after the
@@ -57,7 +59,6 @@ trip, and on how much one refused request makes run again."""
 
 _AGAIN = object()
 """A read's answer when its group's connection died: the read runs again alone, on a fresh connection."""
-
 
 
 class Merge(NamedTuple):
