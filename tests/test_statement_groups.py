@@ -23,7 +23,7 @@ from gatehouse.app import create_admin_app, create_app
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.pools import AppPool
-from gatehouse.db.statement_groups import Merge, StatementGroups
+from gatehouse.db.statement_groups import FUNNEL_HOLD_S, Merge, StatementGroups
 from gatehouse.errors import ApiError, ConnectionLost
 from gatehouse.runtime import Runtime
 from test_write_plans import request
@@ -241,6 +241,20 @@ async def test_a_merged_group_that_writes_fewer_rows_than_sent_runs_each_request
     assert [a["written"] for a in answers] == [1, 0, 1]  # as each would have been answered alone
     assert await scratch.skus() == ["k0", "k2"]
     assert (groups.merged, groups.alone_again) == (0, 2)  # k0 ran alone first; the others were merged, refused
+
+
+async def test_a_slow_insert_holds_the_next_ones_of_its_shape_back_only_briefly(scratch: Scratch) -> None:
+    await scratch.monitor.execute("""
+        CREATE FUNCTION slow_one() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN IF NEW.sku = 'slow' THEN PERFORM pg_sleep(0.6); END IF; RETURN NEW; END $$;
+        CREATE TRIGGER slow_one BEFORE INSERT ON things FOR EACH ROW EXECUTE FUNCTION slow_one()""")
+    _, groups = scratch.groups(size=2)
+    slow = merged_insert(groups, ["slow"])
+    await asyncio.sleep(0.02)
+    others = [merged_insert(groups, [f"q{n}"]) for n in range(3)]  # they wait for it, but not for 0.6 s
+    answers = await asyncio.wait_for(asyncio.gather(*others), FUNNEL_HOLD_S + 0.3)
+    assert not slow.done() and [a["written"] for a in answers] == [1, 1, 1] and groups.merged == 1
+    assert (await slow)["written"] == 1 and sorted(await scratch.skus()) == ["q0", "q1", "q2", "slow"]
 
 
 # -- gatehouse's own inserts, with their audit records --------------------------------------------------------

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -56,6 +56,10 @@ from gatehouse.errors import ApiError
 GROUP_MAX = 32
 """Requests one group takes at most by default (``[server] group_statements``): a bound on the size of one round
 trip, and on how much one refused request makes run again."""
+
+FUNNEL_HOLD_S = 0.05
+"""How long a running plain insert holds back the next ones of its shape at most (:meth:`StatementGroups._first`):
+a slow one (a lock wait, a slow trigger) lets them go on other connections after this."""
 
 _AGAIN = object()
 """A read's answer when its group's connection died: the read runs again alone, on a fresh connection."""
@@ -82,7 +86,7 @@ WriteAnswer = asyncpg.Record | dict[str, Any]
 class _Queue:
     """The requests of one statement waiting for a connection, and whether a task is already getting one."""
 
-    __slots__ = ("draining", "funnel", "members", "reading", "sql")
+    __slots__ = ("draining", "funnel", "holder", "members", "reading", "sql")
 
     def __init__(self, sql: str, reading: bool, funnel: bool = False) -> None:
         self.sql = sql
@@ -91,7 +95,9 @@ class _Queue:
         self.draining = False
         self.funnel = funnel
         """One statement of the queue at a time (inserts with a :class:`Merge`): ``draining`` stays set while it
-        runs, and what came meanwhile goes next, together (:meth:`StatementGroups._next`)."""
+        runs, and what came meanwhile goes next, together (:meth:`StatementGroups._hold`)."""
+        self.holder: object | None = None
+        """The statement holding the funnel now, if any."""
 
 
 class StatementGroups:
@@ -148,15 +154,30 @@ class StatementGroups:
         free connection left 40 % of the bench's inserts alone (each its own statement and commit, three times the
         database's work of one in a merged group) for no gain in latency: they wait no longer than one statement."""
         queue = self._queues[sql] = _Queue(sql, reading=False, funnel=True)
-        queue.draining = True
+        release = self._hold(queue)
         try:
             async with self.pool.acquire() as conn:
                 return await conn.fetchrow(sql, *params)
         finally:
-            self._next(queue)
+            release()
+
+    def _hold(self, queue: _Queue) -> Callable[[], None]:
+        """Hold a funnel for one statement; what this returns lets go of it, once the statement is done. After
+        :data:`FUNNEL_HOLD_S` it lets go by itself, the statement still running: a slow one holds no one back."""
+        queue.draining = True
+        token = queue.holder = object()
+
+        def release() -> None:
+            timer.cancel()
+            if queue.holder is token:
+                queue.holder = None
+                self._next(queue)
+
+        timer = asyncio.get_running_loop().call_later(FUNNEL_HOLD_S, release)
+        return release
 
     def _next(self, queue: _Queue) -> None:
-        """A funnel's statement is done: the requests that came meanwhile go next, or the queue is forgotten."""
+        """A funnel let go: the requests that came meanwhile go next, together, or the queue is forgotten."""
         queue.draining = False
         if queue.members:
             self._drain_soon(queue)
@@ -186,7 +207,7 @@ class StatementGroups:
             member = members.popleft()
             if not member[1].done():  # (cancelled: its caller went away before the group ran)
                 group.append(member)
-        if queue.funnel:  # the rest goes after this group (_next)
+        if queue.funnel:  # the rest goes after this group (_hold)
             return group
         queue.draining = False
         if members:
@@ -196,11 +217,12 @@ class StatementGroups:
         return group
 
     async def _drain(self, queue: _Queue) -> None:
+        release = self._hold(queue) if queue.funnel else None
         try:
             await self._drain_group(queue)
         finally:
-            if queue.funnel:
-                self._next(queue)
+            if release is not None:
+                release()
 
     async def _drain_group(self, queue: _Queue) -> None:
         try:
