@@ -12,6 +12,10 @@ Only the plainest inserts are kept: ``POST`` with a body of one set of columns, 
 statement, no upsert, no ``missing=default`` (rows grouped by the columns they set), no ``?columns``, and an app
 without row filters (whose values would come from each caller's claims). Everything else is planned in full.
 The cache is emptied when the project or the catalog reloads, like the read plans.
+
+A kept insert whose answer needs only the count of its rows (no representation, no ``Location``) also keeps the
+statement that writes a whole statement group of its shape at once (``merged_sql``; each request's part of it is
+its plan's ``merge``: ``db/statement_groups.py``).
 """
 
 from __future__ import annotations

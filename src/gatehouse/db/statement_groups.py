@@ -22,7 +22,7 @@ What a request sees is what it would see alone:
 - Plain inserts (each with a :class:`Merge`) go further: the group is *one* statement, every request's rows in
   one ``INSERT`` and every audit record in another, where each statement of a group cost PostgreSQL its own
   executor start, two ``INSERT`` nodes and their indexes opened: 60-65 µs of its CPU per insert instead of
-  170-185 (bench/README.md). Each request is answered with its own rows' count. The statement checks that it
+  157-206 (bench/README.md). Each request is answered with its own rows' count. The statement checks that it
   wrote exactly the rows sent and fails otherwise (a trigger that skipped one would leave the counts unknown),
   and a failed group runs again alone, below.
 - When PostgreSQL refuses a group (a bad value, a bad row, a constraint, a deadlock; a value asyncpg cannot
