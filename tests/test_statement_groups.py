@@ -338,7 +338,7 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
         made = request({"sku": f"t{n}", "name": "t"})
         plan = await writing.plan_write(made, runtime, Identity(app="clerk", key_id="k1"), app, "items", None)
         outcome = await writing.execute_write(runtime, app, plan, made.labels)
-        assert outcome.written == 1 and made.labels.audited
+        assert outcome.written == 1 and outcome.xid is not None and made.labels.audited  # (xid: read-your-writes)
 
     await insert(0)
     await asyncio.gather(*(insert(n) for n in range(1, 11)))
