@@ -152,7 +152,8 @@ class StatementGroups:
         """An insert with a :class:`Merge` when none of its statement is running: it runs at once, alone, and the
         ones that come meanwhile wait for it, then run together as one statement. Letting each run alone on any
         free connection left 40 % of the bench's inserts alone (each its own statement and commit, three times the
-        database's work of one in a merged group) for no gain in latency: they wait no longer than one statement."""
+        database's work of one in a merged group) for no gain in latency: they wait for one statement, and
+        :data:`FUNNEL_HOLD_S` at most."""
         queue = self._queues[sql] = _Queue(sql, reading=False, funnel=True)
         release = self._hold(queue)
         try:
