@@ -31,6 +31,7 @@ from pathlib import Path
 from gatehouse import operations
 from gatehouse.app import DataApp
 from gatehouse.demo import copy_shop
+from gatehouse.http.deadlines import BodyDeadlines
 from gatehouse.http.exchange import HttpRequest
 from gatehouse.project import load_project
 from gatehouse.runtime import Runtime
@@ -86,6 +87,7 @@ async def run(database: str, operation: str, requests: int, profile: bool) -> No
         runtime = Runtime(project)
         await runtime.start()
         app = DataApp(runtime, manage_runtime=False)
+        deadlines = BodyDeadlines(project.config.server.body_timeout_s)  # as `gatehouse serve` reads bodies
         method, path, query, high, body = OPERATIONS[operation]
         profile_header = "accept-profile" if method == "GET" else "content-profile"
         randomness = random.Random(7)
@@ -99,7 +101,7 @@ async def run(database: str, operation: str, requests: int, profile: bool) -> No
                 yield payload
 
             request = HttpRequest(method, path, query.replace("{n}", str(n + 9 if operation == "list" else n)),
-                                  dict(headers), client="127.0.0.1", body_chunks=chunks)
+                                  dict(headers), client="127.0.0.1", body_chunks=chunks, body_deadlines=deadlines)
             response = await app.handle(request)
             assert response.status < 300, response.status
 

@@ -59,7 +59,8 @@ def identity(project: Project) -> Identity:
     ("return=representation", "select=id,sku", [[{"sku": "r1", "name": "a"}, {"sku": "r2", "name": "b"}],
                                                  [{"sku": "r3", "name": "c"}]]),
     ("return=headers-only", "", [{"name": "x", "sku": "h1", "qty": 2}, {"name": "y", "sku": "h2", "qty": 5}]),
-], ids=["minimal", "representation", "headers-only"])
+    (None, "", [{"sku": "o1", "name": "a"}, [{"sku": "o2", "name": "b"}, {"name": "c", "sku": "o3"}]]),
+], ids=["minimal", "representation", "headers-only", "keys-in-another-order"])
 async def test_a_later_insert_of_a_shape_runs_the_statement_planning_it_in_full_gives(
         runtime: Runtime, prefer: str | None, query: str, bodies: list[object]) -> None:
     project, app = runtime.project, runtime.project.apps["clerk"]

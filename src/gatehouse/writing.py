@@ -39,10 +39,9 @@ from gatehouse.http.negotiate import CONTENT_TYPES, Preferences, parse_prefer, r
 from gatehouse.observe.audit import (
     AUDIT_CTE_PARAMS,
     audit_batch_cte,
-    audit_batch_part,
     audit_cte,
-    audit_cte_values,
     audit_in_transaction,
+    planned_insert_audit,
 )
 from gatehouse.project import App, Project
 from gatehouse.query.grammar import parse_query
@@ -84,18 +83,25 @@ def _from_template(template: WriteTemplate, labels: RequestLabels, payload: Payl
     (other columns, no rows): then the request is planned in full, which also gives its errors."""
     columns = template.columns
     rows = payload.rows
-    if not rows or payload.keys != columns or any(tuple(row) != columns and set(row) != set(columns) for row in rows):
+    if not rows or payload.keys != columns:
         return None
+    in_order = True
+    for row in rows:
+        if tuple(row) != columns:
+            if set(row) != set(columns):
+                return None
+            in_order = False
     plan = template.plan
     labels.contract, labels.api_version = plan.contract.name, plan.version
     assert plan.statement is not None and plan.known_status is not None
     params = list(plan.statement.params)
-    params[template.rows_slot] = rows_json = orjson.dumps([{c: row.get(c) for c in columns} for row in rows]).decode()
+    sent = rows if in_order else [{c: row[c] for c in columns} for row in rows]
+    params[template.rows_slot] = rows_json = orjson.dumps(sent).decode()
     record = labels.audit_record(plan.known_status, keep_values=project.config.server.audit_query_values)
-    params[template.audit_slot:template.audit_slot + AUDIT_CTE_PARAMS] = audit_cte_values(record)
-    merge = None
-    if template.merged_sql is not None:
-        merge = Merge(template.merged_sql, (rows_json, audit_batch_part(record, len(rows))), len(rows))
+    merged = template.merged_sql
+    values, part = planned_insert_audit(record, len(rows) if merged is not None else None)
+    params[template.audit_slot:template.audit_slot + AUDIT_CTE_PARAMS] = values
+    merge = Merge(merged, (rows_json, part), len(rows)) if merged is not None and part is not None else None
     return plan.with_statement(CompiledQuery(plan.statement.sql, params), merge)
 
 

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from gatehouse.errors import BodyTimeout, InvalidUrlEncoding, PayloadTooLarge
+from gatehouse.errors import InvalidUrlEncoding, PayloadTooLarge
+from gatehouse.http.deadlines import BodyDeadlines
 from gatehouse.http.labels import RequestLabels
 
 JSON = "application/json; charset=utf-8"
@@ -61,8 +62,9 @@ class HttpRequest:
     """The whole body in one read, when the server offers it (RSGI's ``protocol()``). Used only when
     ``Content-Length`` declares a size within the limit: the server's framing (hyper) holds the body to it, so
     nothing unbounded is buffered; a body without a declared size is read in chunks, counted as they come."""
-    body_timeout_s: float | None = None
-    """The whole body must have arrived this many seconds after :meth:`body` starts reading it (408)."""
+    body_deadlines: BodyDeadlines | None = None
+    """The port's deadlines: the whole body must have arrived ``[server] body_timeout_s`` after :meth:`body`
+    starts reading it (408). None: no deadline (a body from a test, or from another ASGI server's own limits)."""
     labels: RequestLabels = field(default_factory=RequestLabels)
 
     @property
@@ -79,29 +81,38 @@ class HttpRequest:
 
     async def body(self, limit: int) -> bytes:
         """The whole body, refused with 413 as soon as it passes ``limit`` bytes (declared or received), and
-        with 408 when it has not arrived within ``body_timeout_s`` (a client sending one byte now and then
-        would otherwise hold its connection and this request forever)."""
+        with 408 when it has not arrived within the port's deadline (``body_deadlines``): a client sending one
+        byte now and then would otherwise hold its connection and this request forever."""
         declared = self.headers.get("content-length")
         whole = None
         if declared and _DIGITS.fullmatch(declared):
             if int(declared) > limit:
                 raise _too_large(limit)
             whole = self.body_whole
+        deadlines = self.body_deadlines
+        if deadlines is None:
+            return await self._read(whole, limit)
+        reader = deadlines.enter()
+        try:
+            return await self._read(whole, limit)
+        except asyncio.CancelledError:
+            refused = deadlines.refusal(reader)
+            if refused is None:
+                raise
+            raise refused from None
+        finally:
+            deadlines.leave(reader)
+
+    async def _read(self, whole: Callable[[], Awaitable[bytes]] | None, limit: int) -> bytes:
+        if whole is not None:
+            return await whole()
         chunks: list[bytes] = []
         size = 0
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                if whole is not None:
-                    return await whole()
-                async for chunk in self.body_chunks():
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_large(limit)
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise BodyTimeout("The request body did not arrive in time",
-                              details=f"The whole body must arrive within {self.body_timeout_s:g} s",
-                              headers={"Connection": "close"}) from None
+        async for chunk in self.body_chunks():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
         return b"".join(chunks)
 
 

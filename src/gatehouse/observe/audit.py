@@ -255,7 +255,8 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
 
 
 def audit_batch_cte(param: str) -> str:
-    """A CTE that inserts the records of a JSON array (``param``, a placeholder: :func:`audit_batch_part`'s joined)
+    """A CTE that inserts the records of a JSON array (``param``, a placeholder: the shares of
+    :func:`planned_insert_audit`, joined)
     as part of a write's statement: the audit of a group of inserts run as one statement
     (:class:`gatehouse.db.statement_groups.Merge`). Each record's duration gains the statement's run time."""
     values = list(_BATCH_VALUES)
@@ -265,10 +266,15 @@ def audit_batch_cte(param: str) -> str:
             f"FROM jsonb_array_elements({param}::jsonb) AS r)")
 
 
-def audit_batch_part(record: AuditRecord, rows: int) -> str:
-    """The record, made storable, with ``rows`` written: a JSON array of it alone, for :func:`audit_batch_cte`."""
-    row = _row(record._replace(rows=rows))
-    return orjson.dumps((row,), default=tuple, option=orjson.OPT_NAIVE_UTC).decode()
+def planned_insert_audit(record: AuditRecord, rows: int | None) -> tuple[list[object], str | None]:
+    """The record of an insert planned from its template, made storable once: :func:`audit_cte_values` for its
+    own statement, and with ``rows`` (None: it will not be merged) its share of a merged group's
+    :func:`audit_batch_cte`, a JSON array of it alone with ``rows`` written (a count of rows sent, in bounds)."""
+    row = _row(record)
+    values: list[object] = [*row[:10], *row[11:]]
+    if rows is None:
+        return values, None
+    return values, orjson.dumps((row._replace(rows=rows),), default=tuple, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 AUDIT_CTE_PARAMS = 14

@@ -26,6 +26,7 @@ from gatehouse.errors import (
     UnsupportedTransferCoding,
     UrlTooLong,
 )
+from gatehouse.http.deadlines import BodyDeadlines
 from gatehouse.http.exchange import Handler, HttpRequest, HttpResponse, add_header
 from gatehouse.http.responses import error_response
 from gatehouse.server.proxies import TrustedProxies
@@ -50,7 +51,7 @@ class RsgiApp:
                  proxies: TrustedProxies | None = None, on_refusal: Callable[[int], None] | None = None) -> None:
         self.handler = handler
         self.max_url_bytes = max_url_bytes
-        self.body_timeout_s = body_timeout_s
+        self.body_deadlines = BodyDeadlines(body_timeout_s) if body_timeout_s is not None else None
         self.proxies = proxies or TrustedProxies()
         self.on_refusal = on_refusal
 
@@ -70,7 +71,7 @@ class RsgiApp:
         request = HttpRequest(scope.method, scope.path, scope.query_string, headers, origin.client, origin.scheme,
                               body_chunks=lambda: protocol,
                               body_whole=protocol if "transfer-encoding" not in headers else None,
-                              body_timeout_s=self.body_timeout_s)
+                              body_deadlines=self.body_deadlines)
         self._send(protocol, await self.handler(request))
 
     def __rsgi_init__(self, loop: Any) -> None:
