@@ -255,10 +255,9 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
 
 
 def audit_batch_cte(param: str) -> str:
-    """A CTE that inserts the records of a JSON array (``param``, a placeholder: the shares of
-    :func:`planned_insert_audit`, joined)
-    as part of a write's statement: the audit of a group of inserts run as one statement
-    (:class:`gatehouse.db.statement_groups.Merge`). Each record's duration gains the statement's run time."""
+    """A CTE that inserts the records of a JSON array (``param``, a placeholder: the members' shares from
+    :func:`planned_insert_audit`, joined) as part of a write's statement: the audit of a group of inserts run as one
+    statement (:class:`gatehouse.db.statement_groups.Merge`). Each record's duration gains the statement's run time."""
     values = list(_BATCH_VALUES)
     run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
     values[COLUMNS.index("duration_ms")] += f" + {run_ms}"
