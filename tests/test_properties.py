@@ -410,9 +410,9 @@ def test_compiled_writes_hold_values_only_as_parameters(rows: list[dict[str, obj
             payload = Payload(rows, single=False)
             compiled = writer.insert(ReadQuery(columns=payload.keys), payload, options, ("id",))
         elif method == "PATCH":
-            compiled = writer.update(query, rows[0], representation, ("id",))
+            compiled = writer.update(query, rows[0], representation)
         else:
-            compiled = writer.delete(query, representation, ("id",))
+            compiled = writer.delete(query, representation)
     except ApiError as error:
         expect_api_error(error)
         return

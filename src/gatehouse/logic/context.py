@@ -114,8 +114,7 @@ class Context:
         payload = Payload([rows] if isinstance(rows, dict) else list(rows), single=isinstance(rows, dict))
         writer = self._writer(contract, "insert")
         query = parse_query(f"select={select}" if select else "")
-        key = self._schema.keys.get(contract, ())
-        compiled = writer.insert(query, payload, InsertOptions(representation=True), key)
+        compiled = writer.insert(query, payload, InsertOptions(representation=True))  # (no Location: no key)
         return await self._write(contract, writer, compiled)
 
     async def update(self, contract: str, values: Row, query: str = "", **equals: Any) -> list[Row]:
@@ -123,13 +122,11 @@ class Context:
         if not parsed.top.where:
             raise LogicMisuse("update needs a filter")
         writer = self._writer(contract, "update")
-        key = self._schema.keys.get(contract, ())
-        return await self._write(contract, writer, writer.update(parsed, values, True, key))
+        return await self._write(contract, writer, writer.update(parsed, values, True))
 
     async def delete(self, contract: str, query: str = "", **equals: Any) -> list[Row]:
         parsed = self._query(query, equals)
         if not parsed.top.where:
             raise LogicMisuse("delete needs a filter")
         writer = self._writer(contract, "delete")
-        key = self._schema.keys.get(contract, ())
-        return await self._write(contract, writer, writer.delete(parsed, True, key))
+        return await self._write(contract, writer, writer.delete(parsed, True))

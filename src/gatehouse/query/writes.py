@@ -245,7 +245,7 @@ class WriteCompiler:
             groups.setdefault(present, []).append({c: row[c] for c in present})
         return list(groups.items())
 
-    def patch(self, query: ReadQuery, payload: Payload, representation: bool, location_key: tuple[str, ...] = (), *,
+    def patch(self, query: ReadQuery, payload: Payload, representation: bool, *,
               missing_default: bool = False) -> CompiledQuery | None:
         """A PATCH's statement, or None when it sets nothing. Its body is one object, or an array of one (as
         PostgREST takes it); an empty array, or objects that are all empty, set nothing (``{}`` too, without
@@ -258,10 +258,10 @@ class WriteCompiler:
         row = rows[0]
         if not row and query.columns is None:
             return None
-        return self.update(query, row, representation, location_key, missing_default=missing_default)
+        return self.update(query, row, representation, missing_default=missing_default)
 
-    def update(self, query: ReadQuery, row: dict[str, object], representation: bool,
-               location_key: tuple[str, ...] = (), *, missing_default: bool = False) -> CompiledQuery:
+    def update(self, query: ReadQuery, row: dict[str, object], representation: bool, *,
+               missing_default: bool = False) -> CompiledQuery:
         """UPDATE of the rows the filters select. It sets the body's keys; with ``?columns``, those columns
         instead, as PostgREST does: a key outside them is ignored, and one they name that the body lacks is set
         to NULL, or with ``missing_default`` to its DEFAULT as PostgreSQL applies it through the view (the
@@ -277,15 +277,15 @@ class WriteCompiler:
         where = self.reader.where_sql(self.scope, query)
         sql = (f"WITH {WRITTEN} AS (UPDATE {self.view} AS {alias} SET {sets} "
                f"FROM json_populate_record(NULL::{self.view}, {values}::json) AS _gh_b{where} RETURNING {alias}.*)")
-        return CompiledQuery(sql + self._tail(query, representation, location_key), self.reader.params)
+        return CompiledQuery(sql + self._tail(query, representation, ()), self.reader.params)
 
-    def delete(self, query: ReadQuery, representation: bool, location_key: tuple[str, ...] = ()) -> CompiledQuery:
+    def delete(self, query: ReadQuery, representation: bool) -> CompiledQuery:
         if not self.shape.deletable:
             raise self._refuse("delete")
         alias = self.scope.alias
         where = self.reader.where_sql(self.scope, query)
         sql = f"WITH {WRITTEN} AS (DELETE FROM {self.view} AS {alias}{where} RETURNING {alias}.*)"
-        return CompiledQuery(sql + self._tail(query, representation, location_key), self.reader.params)
+        return CompiledQuery(sql + self._tail(query, representation, ()), self.reader.params)
 
 
 def _view_methods(shape: ViewShape) -> tuple[str, ...]:
