@@ -28,12 +28,12 @@ import urllib.request
 from pathlib import Path
 
 from inprocess import project_folder
+from pgcpu import postgres_seconds, thread_seconds
 from serving import REPO, serve
 
 from gatehouse import operations
 from gatehouse.project import load_project
 
-TICK = os.sysconf("SC_CLK_TCK")
 WRK_SCRIPT = str(REPO / "bench" / "wrk.lua")
 BODY = 'body={"user_id": %d, "status": "placed"}'
 OPERATIONS = {  # the path template, the range of its number, wrk.lua's further arguments (as bench/run)
@@ -43,33 +43,6 @@ OPERATIONS = {  # the path template, the range of its number, wrk.lua's further 
                  ["Accept-Profile: v1"]),
     "insert": ("/orders", 1, 1000, ["Content-Profile: v1", "method=POST", BODY, "Content-Type: application/json"]),
 }
-
-
-def _ticks(stat: str, *, reaped: bool = False) -> int:
-    fields = stat.rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15 if reaped else 13])
-
-
-def postgres_seconds() -> float:
-    """CPU of every PostgreSQL process so far, with the children the postmaster reaped (closed connections)."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        if stat[stat.index("(") + 1:].startswith("postgres"):
-            total += _ticks(stat, reaped=True)
-    return total / TICK
-
-
-def thread_seconds(pid: int) -> dict[str, float]:
-    """CPU of each thread of ``pid`` so far, keyed by name and thread id."""
-    threads = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        threads[f"{stat[stat.index('(') + 1:stat.rindex(')')]}/{tid}"] = _ticks(stat) / TICK
-    return threads
 
 
 def children_seconds() -> float:

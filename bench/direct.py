@@ -5,7 +5,9 @@ database itself pays for the same operations that gatehouse (and Platformatic) s
 lookup, a list of 50, an order with its items (one round trip, the JSON shape built in SQL) and the insert
 of one order.
 N asyncio tasks each run one query after another for a fixed time; the result is printed as one
-JSON line (the same shape that bench/wrk.lua prints for the HTTP runs).
+JSON line (the same shape that bench/wrk.lua prints for the HTTP runs), with the CPU each query cost
+while measured: this process's (``process_cpu_us``: client and load generator together) and every
+PostgreSQL process's (``postgres_cpu_us``, bench/pgcpu.py).
 
     python bench/direct.py --dsn postgresql://postgres@127.0.0.1:5432/gatehouse_bench --query point
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import asyncpg
+from pgcpu import postgres_seconds
 
 # How each query is run on the pool: fetchrow (one row, which must exist), fetch (all rows) or execute.
 Kind = Literal["fetchrow", "fetch", "execute"]
@@ -125,7 +128,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             pools.append(await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size))
         if args.warmup > 0:
             await run_phase(pools, query, args.concurrency, args.warmup, args.seed)
+        postgres, process = postgres_seconds(), time.process_time()
         tally, elapsed = await run_phase(pools, query, args.concurrency, args.duration, args.seed + 1000)
+        postgres, process = postgres_seconds() - postgres, time.process_time() - process
     finally:
         await asyncio.gather(*(pool.close() for pool in pools))
     latencies = sorted(tally.latencies_ns)
@@ -137,6 +142,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "rps": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile_ms(latencies, 50), 3),
         "p99_ms": round(percentile_ms(latencies, 99), 3),
+        # CPU per query while measured: this process (the load and the client together), and PostgreSQL's
+        **({"process_cpu_us": round(process / len(latencies) * 1e6, 1),
+            "postgres_cpu_us": round(postgres / len(latencies) * 1e6, 1)} if latencies else {}),
         "concurrency": args.concurrency,
         "pool_size": args.pool_size,
         **({"pools": args.pools} if args.pools != 1 else {}),

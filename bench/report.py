@@ -236,19 +236,34 @@ def ratio_cell(values: dict[str, Any]) -> str:
     return f"{each} (median {values['median']:.2f}, {values['min']:.2f}-{values['max']:.2f})"
 
 
-def cpu_table(rounds: list[Round], systems: list[str]) -> list[str]:
-    """The server's CPU time per request (all its threads, from /proc while wrk ran), per round: steadier than
-    req/s on a VM whose other guests take CPU, since it does not count the time the server waited."""
+CPU_KEYS = {  # the result's key of each CPU table, and its title
+    "server": "Server CPU per request, µs (the server's process, all its threads; direct: its one process, which is "
+              "also its load generator; median of the rounds, then each round):",
+    "postgres_cpu_us": "PostgreSQL's CPU per request, µs (every postgres process while the load ran; median of the "
+                       "rounds, then each round):",
+}
+
+
+def cpu_value(measurement: Measurement | None, key: str) -> float | None:
+    """A measurement's CPU per request by ``key``; ``"server"`` is a server's process, or direct's own."""
+    found = measurement or {}
+    value = found.get("server_cpu_us", found.get("process_cpu_us")) if key == "server" else found.get(key)
+    return float(value) if value else None
+
+
+def cpu_table(rounds: list[Round], systems: list[str], key: str) -> list[str]:
+    """CPU time per request by round (``key``: see :data:`CPU_KEYS`): steadier than req/s on a VM whose other
+    guests take CPU, since it does not count the time a system waited."""
     measured = [
         system
         for system in systems
-        if any((r.results[q][system] or {}).get("server_cpu_us") for r in rounds for q in QUERIES)
+        if any(cpu_value(r.results[q][system], key) for r in rounds for q in QUERIES)
     ]
     if not measured:
         return []
     lines = [
         "",
-        "Server CPU per request, µs (median of the rounds; each round):",
+        CPU_KEYS[key],
         "",
         "| query | " + " | ".join(measured) + " |",
         "| --- |" + " ---: |" * len(measured),
@@ -256,7 +271,7 @@ def cpu_table(rounds: list[Round], systems: list[str]) -> list[str]:
     for query, label in QUERIES.items():
         cells = []
         for system in measured:
-            each = [(r.results[query][system] or {}).get("server_cpu_us") for r in rounds]
+            each = [cpu_value(r.results[query][system], key) for r in rounds]
             known = sorted(v for v in each if v)
             median = f"{statistics.median_low(known):.0f}" if known else "n/a"
             cells.append(f"{median} ({' / '.join('n/a' if not v else f'{v:.0f}' for v in each)})")
@@ -347,7 +362,8 @@ def markdown(
         ]
         for query, label in QUERIES.items():
             lines.append(f"| {label} | " + " | ".join(ratio_cell(by_round[query][n]) for n in shown) + " |")
-    lines += cpu_table(rounds or [], listed)
+    for key in CPU_KEYS:
+        lines += cpu_table(rounds or [], listed, key)
     notes = [
         f"{system}, {QUERIES[query]}: not run — {why}"
         for query, by_system in not_run.items()
