@@ -236,7 +236,7 @@ def ratio_cell(values: dict[str, Any]) -> str:
     return f"{each} (median {values['median']:.2f}, {values['min']:.2f}-{values['max']:.2f})"
 
 
-CPU_KEYS = {  # the result's key of each CPU table, and its title
+CPU_KEYS = {  # each CPU table: a result's key ("server": a server's process, or direct's own), and its title
     "server": "Server CPU per request, µs (the server's process, all its threads; direct: its one process, which is "
               "also its load generator; median of the rounds, then each round):",
     "postgres_cpu_us": "PostgreSQL's CPU per request, µs (every postgres process while the load ran; median of the "
