@@ -246,7 +246,7 @@ def audit_cte(record: AuditRecord, bind: Callable[[object], str], written: str) 
     statement was sent) plus the statement's own run time on the server's clock. A write that needs no
     checks after its statement then commits with its record in one round trip, instead of four (BEGIN,
     statement, audit insert, COMMIT); if the statement fails, neither is kept."""
-    values = audit_cte_values(record)
+    values = _cte_values(_row(record))
     head = [f"{bind(value)}::{sql_type}" for value, sql_type in zip(values, _CTE_TYPES, strict=False)]
     run_ms = "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::real"
     return (f"_gh_audit AS (INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(head)}, "
@@ -266,11 +266,11 @@ def audit_batch_cte(param: str) -> str:
 
 
 def planned_insert_audit(record: AuditRecord, rows: int | None) -> tuple[list[object], str | None]:
-    """The record of an insert planned from its template, made storable once: :func:`audit_cte_values` for its
-    own statement, and with ``rows`` (None: it will not be merged) its share of a merged group's
+    """The record of an insert planned from its template, made storable once: the parameters :func:`audit_cte`
+    binds, for its own statement, and with ``rows`` (None: it will not be merged) its share of a merged group's
     :func:`audit_batch_cte`, a JSON array of it alone with ``rows`` written (a count of rows sent, in bounds)."""
     row = _row(record)
-    values: list[object] = [*row[:10], *row[11:]]
+    values = _cte_values(row)
     if rows is None:
         return values, None
     return values, orjson.dumps((row._replace(rows=rows),), default=tuple, option=orjson.OPT_NAIVE_UTC).decode()
@@ -280,11 +280,14 @@ AUDIT_CTE_PARAMS = 14
 """How many parameters :func:`audit_cte` binds, one after the other."""
 
 
-def audit_cte_values(record: AuditRecord) -> list[object]:
-    """The parameters :func:`audit_cte` binds for ``record``, in its order: every column but ``rows``, which the
-    statement counts. A write statement compiled once takes each later request's record in their place."""
-    row = _row(record)
-    return [*row[:10], *row[11:]]
+_ROWS = COLUMNS.index("rows")
+
+
+def _cte_values(row: AuditRecord) -> list[object]:
+    """The parameters :func:`audit_cte` binds for a storable record (:func:`_row`), in its order: every column but
+    ``rows``, which the statement counts. A write statement compiled once takes each later request's record in
+    their place (:func:`planned_insert_audit`)."""
+    return [*row[:_ROWS], *row[_ROWS + 1:]]
 
 
 # --- the writer --------------------------------------------------------------------------------------

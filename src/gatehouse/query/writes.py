@@ -144,7 +144,7 @@ class WriteCompiler:
 
     # -- statements -------------------------------------------------------------------------------------
 
-    def _tail(self, query: ReadQuery, representation: bool, location_key: tuple[str, ...], existing: str = "NULL",
+    def _tail(self, query: ReadQuery, representation: bool, location_key: tuple[str, ...] = (), existing: str = "NULL",
               hidden: str = "0") -> str:
         """``, <also CTEs> SELECT <the columns of WriteOutcome>``: one aggregate over the written rows.
 
@@ -277,7 +277,7 @@ class WriteCompiler:
         where = self.reader.where_sql(self.scope, query)
         sql = (f"WITH {WRITTEN} AS (UPDATE {self.view} AS {alias} SET {sets} "
                f"FROM json_populate_record(NULL::{self.view}, {values}::json) AS _gh_b{where} RETURNING {alias}.*)")
-        return CompiledQuery(sql + self._tail(query, representation, ()), self.reader.params)
+        return CompiledQuery(sql + self._tail(query, representation), self.reader.params)
 
     def delete(self, query: ReadQuery, representation: bool) -> CompiledQuery:
         if not self.shape.deletable:
@@ -285,7 +285,7 @@ class WriteCompiler:
         alias = self.scope.alias
         where = self.reader.where_sql(self.scope, query)
         sql = f"WITH {WRITTEN} AS (DELETE FROM {self.view} AS {alias}{where} RETURNING {alias}.*)"
-        return CompiledQuery(sql + self._tail(query, representation, ()), self.reader.params)
+        return CompiledQuery(sql + self._tail(query, representation), self.reader.params)
 
 
 def _view_methods(shape: ViewShape) -> tuple[str, ...]:
