@@ -4,7 +4,7 @@ bench/run measures in rounds: each round measures every system with every query,
 and leaves its files in its own folder DIR/round1, DIR/round2, ... In each folder: a file per
 measurement named SYSTEM-QUERY.json (one JSON object as printed by bench/direct.py or bench/wrk.lua);
 for a system it could not measure (in that round), SYSTEM.skipped holding the reason; and for a query
-one system does not run (Platformatic's REST has no equivalent of the embedded read), SYSTEM-QUERY.skipped
+one system does not run (Platformatic's and Directus's REST have no equivalent of the embedded read), SYSTEM-QUERY.skipped
 holding why. A folder with those files and no round folders (what bench/run wrote before it had
 rounds) is read as a single round.
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("gatehouse", "baseline", "direct", "platformatic", "postgraphile")
+SYSTEMS = ("gatehouse", "baseline", "direct", "platformatic", "postgraphile", "directus")
 """``baseline``: another build of gatehouse (``GATEHOUSE_BASELINE``), measured exactly like gatehouse, for A/B runs."""
-PEERS = ("platformatic", "postgraphile")
+PEERS = ("platformatic", "postgraphile", "directus")
 """The off-the-shelf layers over PostgreSQL that gatehouse is compared with (direct is the floor, not a peer)."""
 QUERIES = {
     "point": "point lookup",
@@ -46,6 +46,7 @@ RATIOS = {
     "gatehouse_over_direct": ("gatehouse", "direct"),
     "gatehouse_over_platformatic": ("gatehouse", "platformatic"),
     "gatehouse_over_postgraphile": ("gatehouse", "postgraphile"),
+    "gatehouse_over_directus": ("gatehouse", "directus"),
     "gatehouse_over_baseline": ("gatehouse", "baseline"),
 }
 FASTEST_PEER = "gatehouse_over_fastest_peer"
