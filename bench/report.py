@@ -4,8 +4,8 @@ bench/run measures in rounds: each round measures every system with every query,
 and leaves its files in its own folder DIR/round1, DIR/round2, ... In each folder: a file per
 measurement named SYSTEM-QUERY.json (one JSON object as printed by bench/direct.py or bench/wrk.lua);
 for a system it could not measure (in that round), SYSTEM.skipped holding the reason; and for a query
-one system does not run (Platformatic's and Directus's REST have no equivalent of the embedded read), SYSTEM-QUERY.skipped
-holding why. A folder with those files and no round folders (what bench/run wrote before it had
+one system does not run (Platformatic's and Directus's REST have no equivalent of the embedded read),
+SYSTEM-QUERY.skipped holding why. A folder with those files and no round folders (what bench/run wrote before it had
 rounds) is read as a single round.
 
 For each system and query the reported measurement is the round with the median req/s (with an even

