@@ -96,7 +96,7 @@ def test_embedded_server_in_a_closed_folder_runs_and_leaves_the_folder_closed(tm
             assert link.resolve() == server.data_dir.resolve() and (link / "PG_VERSION").exists()
             assert stat.S_IMODE(closed.stat().st_mode) == 0o700  # gatehouse opened nothing of the user's
             assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
-            assert run_sync(_select_one(server.uri)) == 1
+            assert run_sync(_fetch_int(server.uri)) == 1
             # a deleted temporary project's cluster is collected; any other project's data is never deleted
             assert not orphan.exists() and kept.exists()
             # a copied project must not share its original's database
@@ -111,10 +111,10 @@ def test_embedded_server_in_a_closed_folder_runs_and_leaves_the_folder_closed(tm
         shutil.rmtree(kept, ignore_errors=True)
 
 
-async def _select_one(uri: str) -> int:
+async def _fetch_int(uri: str, sql: str = "SELECT 1") -> int:
     conn = await asyncpg.connect(uri)
     try:
-        return int(await conn.fetchval("SELECT 1"))
+        return int(await conn.fetchval(sql))
     finally:
         await conn.close()
 
@@ -179,18 +179,10 @@ def test_a_cluster_made_by_postgresql_16_keeps_running_on_16_and_a_new_one_gets_
     for state, major in ((old_state, 16), (new_state, 18)):
         server = embedded.start_embedded(state)
         try:
-            assert run_sync(_server_major(server.uri)) == major
+            assert run_sync(_fetch_int(server.uri, "SELECT current_setting('server_version_num')::int / 10000")) == major
             assert (state / "pgdata" / "PG_VERSION").read_text().strip() == str(major)
         finally:
             server.stop()
-
-
-async def _server_major(uri: str) -> int:
-    conn = await asyncpg.connect(uri)
-    try:
-        return int(await conn.fetchval("SELECT current_setting('server_version_num')::int / 10000"))
-    finally:
-        await conn.close()
 
 
 def test_a_cluster_of_a_postgresql_the_wheel_lacks_is_refused_with_the_way_out(open_folder: Path) -> None:
