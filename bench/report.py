@@ -5,8 +5,8 @@ and leaves its files in its own folder DIR/round1, DIR/round2, ... In each folde
 measurement named SYSTEM-QUERY.json (one JSON object as printed by bench/direct.py or bench/wrk.lua);
 for a system it could not measure (in that round), SYSTEM.skipped holding the reason; and for a query
 one system does not run (Platformatic's and Directus's REST have no equivalent of the embedded read),
-SYSTEM-QUERY.skipped holding why. A folder with those files and no round folders (what bench/run wrote before it had
-rounds) is read as a single round.
+SYSTEM-QUERY.skipped holding why. A folder with those files and no round folders (what bench/run wrote before it
+had rounds) is read as a single round.
 
 For each system and query the reported measurement is the round with the median req/s (with an even
 number of rounds, the lower of the two middle ones), its p50/p99 with it; runs with more than 1% errors
