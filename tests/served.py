@@ -80,7 +80,7 @@ class Served:
         async def fetch() -> list[str]:
             conn = await asyncpg.connect(self.database_url)
             try:
-                rows = await conn.fetch("SELECT client FROM gatehouse.audit WHERE request_id = $1", request_id)
+                rows = await conn.fetch("SELECT client FROM gatehouse.audit_log WHERE request_id = $1", request_id)
                 return [row["client"] for row in rows]
             finally:
                 await conn.close()

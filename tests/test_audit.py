@@ -18,16 +18,12 @@ import pytest
 
 from conftest import ProjectFactory
 from gatehouse import operations
+from gatehouse.admin import traffic
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
 from gatehouse.errors import ServiceUnavailable
-from gatehouse.observe.audit import (
-    AUDIT_DDL,
-    AuditRecord,
-    AuditUnavailable,
-    AuditWriter,
-    audit_in_transaction,
-)
+from gatehouse.observe.audit import AUDIT_DDL, AuditRecord, AuditUnavailable, audit_in_transaction
 from gatehouse.observe.audit_query import as_json, as_table_rows, search, version_table_rows, version_usage
+from gatehouse.observe.audit_writer import AuditWriter
 from gatehouse.observe.redact import MAX_QUERY_CHARS, redact_query
 from gatehouse.project import Project
 
@@ -91,7 +87,7 @@ def record(n: int, *, app: str = "web", target: str = "things", version: int | N
 async def counts(audited: Audited) -> tuple[int, int, int, int]:
     conn = await audited.owner()
     try:
-        row = await conn.fetchrow("SELECT count(*), count(DISTINCT request_id) FROM gatehouse.audit")
+        row = await conn.fetchrow("SELECT count(*), count(DISTINCT request_id) FROM gatehouse.audit_log")
         usage = await conn.fetchrow("SELECT coalesce(sum(calls), 0), coalesce(sum(errors), 0) FROM gatehouse.usage")
         assert row is not None and usage is not None
         return row[0], row[1], usage[0], usage[1]
@@ -117,7 +113,7 @@ async def test_records_are_stored_exactly_or_made_storable(audited: Audited) -> 
         async with conn.transaction():
             for r in (normal, hostile):
                 await audit_in_transaction(conn, r)
-        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
+        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit_log")}
     finally:
         await conn.close()
     kept = stored["req-1"]
@@ -153,8 +149,9 @@ async def test_batches_are_small_while_the_writer_keeps_up_and_large_once_behind
     finally:
         await writer.stop()
     assert await counts(audited) == (404, 404, 404, 0)
-    transactions = await audited.scalar("SELECT count(DISTINCT xmin::text) FROM gatehouse.audit")
+    transactions = await audited.scalar("SELECT count(DISTINCT xmin::text) FROM gatehouse.audit_batch")
     assert isinstance(transactions, int) and transactions <= 1 + 4  # the first four, then the burst by 100s
+    assert await audited.scalar("SELECT count(*) FROM gatehouse.audit") == 0  # rows are for writes only
 
 
 @pytest.mark.parametrize(("bad", "expected"), [
@@ -167,9 +164,9 @@ async def test_batches_are_small_while_the_writer_keeps_up_and_large_once_behind
 ], ids=lambda value: value.request_id if isinstance(value, AuditRecord) else "")
 async def test_a_batch_with_a_hostile_record_stores_every_record(audited: Audited, bad: AuditRecord,
                                                                  expected: tuple[object, ...]) -> None:
-    """The writer checks a batch as a whole: long texts are cut by the insert itself, naive times are UTC, and
-    a NUL, a number out of range or a NaN makes it send the batch again with each record made storable. No
-    record is lost or doubled, and the normal ones around it are stored exactly."""
+    """The writer checks a batch as a whole: long texts, numbers out of range and a NaN are bounded when the batch
+    is read, naive times are UTC, and a NUL or an integer beyond 64 bits makes it store each record of the batch
+    made storable. No record is lost or doubled, and the normal ones around it read back exactly."""
     async def connect() -> asyncpg.Connection:  # a session time zone far from UTC: naive times must not follow it
         return await asyncpg.connect(audited.target.owner_dsn, server_settings={"timezone": "Pacific/Auckland"})
 
@@ -182,7 +179,7 @@ async def test_a_batch_with_a_hostile_record_stores_every_record(audited: Audite
     assert writer.pending().total == 0
     conn = await audited.owner()
     try:
-        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit")}
+        stored = {row["request_id"]: row for row in await conn.fetch("SELECT * FROM gatehouse.audit_log")}
     finally:
         await conn.close()
     assert sorted(stored) == sorted([bad.request_id, "req-0", "req-1", "req-2"])
@@ -254,7 +251,7 @@ async def test_an_audit_table_from_before_the_client_column_is_upgraded_and_old_
     writer.submit(record(8)._replace(client="198.51.100.4"))
     await writer.stop()
     assert await audited.scalar("SELECT string_agg(request_id || '=' || client, ',' ORDER BY request_id) "
-                                "FROM gatehouse.audit") == "req-7=,req-8=198.51.100.4"
+                                "FROM gatehouse.audit_log") == "req-7=,req-8=198.51.100.4"
 
 
 async def test_store_down_spools_within_bounds_and_replays_exactly_once(audited: Audited) -> None:
@@ -399,7 +396,7 @@ async def test_a_write_commits_with_its_record_or_not_at_all(audited: Audited) -
                 await audit_in_transaction(conn, record(2, method="POST", status=201))
                 raise RuntimeError("the write failed after its audit insert")
         assert await conn.fetchval("SELECT array_agg(name) FROM things") == ["kept"]
-        assert await conn.fetchval("SELECT array_agg(request_id) FROM gatehouse.audit") == ["req-1"]
+        assert await conn.fetchval("SELECT array_agg(request_id) FROM gatehouse.audit_log") == ["req-1"]
         assert await conn.fetchval("SELECT sum(calls) FROM gatehouse.usage") == 1
     finally:
         await conn.close()
@@ -493,7 +490,7 @@ async def test_killed_write_connections_never_leave_a_write_without_its_record(a
     owner = await audited.owner()
     try:
         things = {r[0] for r in await owner.fetch("SELECT name FROM things")}
-        audits = {r[0] for r in await owner.fetch("SELECT request_id FROM gatehouse.audit WHERE method = 'POST'")}
+        audits = {r[0] for r in await owner.fetch("SELECT request_id FROM gatehouse.audit_log WHERE method = 'POST'")}
     finally:
         await owner.close()
     assert committed > 0 and failed > 0
@@ -501,10 +498,11 @@ async def test_killed_write_connections_never_leave_a_write_without_its_record(a
     assert committed <= len(things) <= 300  # (a commit whose answer the kill cut off may still have committed)
 
 
-async def test_the_authenticator_needs_only_insert_on_the_audit_table(audited: Audited) -> None:
+async def test_the_authenticator_needs_only_insert_on_the_audit_tables(audited: Audited) -> None:
     auth = audited.project.authenticator_role
     conn = await audited.owner()
-    await conn.execute(f'GRANT INSERT ON gatehouse.audit TO "{auth}"')
+    await conn.execute(f'GRANT INSERT ON gatehouse.audit, gatehouse.audit_batch, gatehouse.audit_minute TO "{auth}"; '
+                       f'GRANT SELECT (id) ON gatehouse.audit_batch TO "{auth}"')
     await conn.close()
 
     async def connect() -> asyncpg.Connection:
@@ -519,10 +517,10 @@ async def test_the_authenticator_needs_only_insert_on_the_audit_table(audited: A
     assert await counts(audited) == (200, 200, 200, 50)
     reader = await connect()
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await reader.fetch("SELECT * FROM gatehouse.audit")
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await reader.fetch("SELECT * FROM gatehouse.usage")
+        for readable in ("gatehouse.audit", "gatehouse.audit_batch", "gatehouse.audit_minute", "gatehouse.audit_log",
+                         "gatehouse.usage"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.fetch(f"SELECT * FROM {readable}")
     finally:
         await reader.close()
 
@@ -609,3 +607,74 @@ async def test_search_and_version_usage(audited: Audited) -> None:
         assert [row[:3] for row in table] == [("v1", "web", "2"), ("v2", "mobile", "2"), ("v3", "(no calls)", "0")]
     finally:
         await conn.close()
+
+
+def _trail_records(now: datetime) -> list[AuditRecord]:
+    """Three hours of records over apps, targets, versions and statuses, hostile durations among them: the first
+    half in random order (every batch spans hours: counted from its records), the second in time order (narrow
+    batches: counted from their summaries)."""
+    chance = random.Random(21)
+    records = []
+    for n in range(600):
+        at = now - timedelta(seconds=chance.uniform(1, 3 * 3600))
+        duration = chance.choice([chance.uniform(0.1, 50.0), float("nan"), 1e300]) if n % 50 == 0 else \
+            chance.uniform(0.1, 50.0)
+        records.append(record(n, app=chance.choice(["web", "mobile", ""]), at=at, status=chance.choice([200, 404, 503]),
+                              target=chance.choice(["things", "rpc:ping", "console:keys"]),
+                              version=chance.choice([1, 2, None]))._replace(duration_ms=duration))
+    return records[:300] + sorted(records[300:], key=lambda r: r.at)
+
+
+async def test_summaries_count_exactly_what_the_records_say_in_any_window(audited: Audited) -> None:
+    """``gatehouse.audit_minutes`` (the summaries of the batches inside a window, the records of those that cross
+    its edges, the rows of writes) agrees with the records themselves (``gatehouse.audit_window``) for windows that
+    cut batches anywhere: calls, errors, first and last call, and every duration (so the chart's p95 is exact)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    writer = AuditWriter(audited.connect(), audited.tmp / "spool.jsonl", batch_size=25, flush_interval_s=0.01)
+    writer.start()
+    for r in _trail_records(now):
+        writer.submit(r)
+    await writer.stop()
+    conn = await audited.owner()
+    try:
+        async with conn.transaction():  # and a few writes' rows
+            for n in range(5):
+                await audit_in_transaction(conn, record(1000 + n, method="POST", status=201,
+                                                        at=now - timedelta(minutes=7 * n)))
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit_batch") >= 600 / 25
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit_log") == 605
+        from_summaries = """
+            SELECT app, target, api_version, sum(requests), sum(errors), sum(server_errors), min(first_at),
+                   max(last_at), (SELECT array_agg(d ORDER BY d) FROM gatehouse.audit_minutes($1, $2) AS mm,
+                                  unnest(mm.durations) AS d
+                                  WHERE (mm.app, mm.target, mm.api_version) IS NOT DISTINCT FROM (m.app, m.target,
+                                                                                                   m.api_version))
+            FROM gatehouse.audit_minutes($1, $2) AS m GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+        from_records = """
+            SELECT app, target, api_version, count(*), count(*) FILTER (WHERE status >= 400),
+                   count(*) FILTER (WHERE status >= 500), min(at), max(at), array_agg(duration_ms ORDER BY duration_ms)
+            FROM gatehouse.audit_window($1, $2) GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+        edges = [now - timedelta(seconds=s) for s in (3 * 3600 + 10, 9000, 5400 - 0.5, 3600, 1234.567, 60, 0)]
+        for since, until in [(edges[0], edges[-1]), (edges[1], edges[4]), (edges[2], edges[3]), (edges[5], now),
+                             (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))]:
+            summed = [tuple(r) for r in await conn.fetch(from_summaries, since, until)]
+            counted = [tuple(r) for r in await conn.fetch(from_records, since, until)]
+            assert summed == counted and summed, (since, until)
+        durations = await conn.fetchval("SELECT array_agg(duration_ms) FROM gatehouse.audit_log")
+        assert 0.0 in durations and all(d < 1e38 for d in durations)  # NaN and 1e300 read as 0, as in a row
+        newest = "SELECT request_id FROM gatehouse.audit_log WHERE {} ORDER BY at DESC, id DESC NULLS LAST LIMIT {}"
+        for filters, condition in [({"app": "mobile"}, "app = 'mobile'"), ({"status": "5xx"}, "status >= 500"),
+                                   ({"app": "web", "target": "rpc:ping", "since": now - timedelta(minutes=100)},
+                                    f"app = 'web' AND target = 'rpc:ping' AND at >= '{now - timedelta(minutes=100)}'"),
+                                   ({"method": None}, "true")]:
+            for limit in (1, 7, 500):
+                found = [r["request_id"] for r in await search(
+                    conn, limit=limit, **{k: v for k, v in filters.items() if k != "method"})]  # type: ignore[arg-type]
+                assert found == [r[0] for r in await conn.fetch(newest.format(condition, limit))], (filters, limit)
+    finally:
+        await conn.close()
+    per_minute = await traffic.per_minute(audited.project)
+    shown = sum(n for app in per_minute["apps"].values() for n in app["requests"])
+    assert shown == await audited.scalar(
+        "SELECT count(*) FROM gatehouse.audit_window(date_trunc('minute', now()) - interval '59 minutes', 'infinity') "
+        "WHERE app <> '' AND target NOT LIKE 'console:%'")

@@ -43,7 +43,7 @@ async def test_one_record_per_request(shop: Project, serve_project: object) -> N
     responses = await asyncio.gather(*(client.request(m, u, headers=h, json={"order_id": 1} if m == "POST" else None)
                                        for m, u, h, _ in calls))
     await runtime.audit.stop()  # flush
-    rows = await _audit(shop, "SELECT status, app, target, api_version, query, subject FROM gatehouse.audit")
+    rows = await _audit(shop, "SELECT status, app, target, api_version, query, subject FROM gatehouse.audit_log")
     assert len(rows) == len(calls)
     assert sorted(r["status"] for r in rows) == sorted(r.status_code for r in responses)
     assert sorted(r.status_code for r in responses) == sorted(status for *_, status in calls)
@@ -72,7 +72,7 @@ async def test_no_write_without_its_record(make_project: ProjectFactory, serve_p
     await runtime.audit.stop()
     committed = sum(1 for r in responses if r.status_code == 201)
     things = await _audit(project, "SELECT count(*) AS n FROM things")
-    records = await _audit(project, "SELECT count(*) AS n FROM gatehouse.audit WHERE method = 'POST' AND status = 201")
+    records = await _audit(project, "SELECT count(*) AS n FROM gatehouse.audit_log WHERE method = 'POST' AND status = 201")
     assert things[0]["n"] == committed == records[0]["n"] > 0
 
 
@@ -110,7 +110,7 @@ async def test_an_app_built_before_its_runtime_starts_still_audits(shop: Project
             assert (await client.get("/products?limit=1", headers={"apikey": keys["web"]})).status_code == 200
     finally:
         await runtime.stop()
-    rows = await _audit(shop, "SELECT app, status FROM gatehouse.audit")
+    rows = await _audit(shop, "SELECT app, status FROM gatehouse.audit_log")
     assert rows == [{"app": "web", "status": 200}]
 
 
@@ -139,8 +139,31 @@ async def test_each_kind_of_write_is_recorded_once_with_its_status_and_rows(make
         response = await client.request(method, url, json=body, headers={**key, **headers})
         assert response.status_code == status, (method, url, response.text)
     await runtime.audit.stop()
-    rows = await _audit(project, "SELECT method, status, \"rows\", duration_ms FROM gatehouse.audit ORDER BY at")
+    rows = await _audit(project, "SELECT method, status, \"rows\", duration_ms FROM gatehouse.audit_log ORDER BY at")
     assert [(r["method"], r["status"], r["rows"]) for r in rows] == [(m, s, n) for m, _, _, _, s, n in steps]
     assert all(r["duration_ms"] > 0 for r in rows)
     things = await _audit(project, "SELECT label FROM things ORDER BY id")
     assert [t["label"] for t in things] == ["one", "c", "d"]
+
+
+async def test_a_server_refuses_to_start_on_a_database_applied_before_the_batches(shop: Project) -> None:
+    """A database that an older gatehouse applied has no table for the audit's batches (or no grant on it): the
+    server says to run `apply` instead of serving requests whose audit it could not store."""
+    import pytest
+
+    from gatehouse.errors import DatabaseUnavailable
+    from gatehouse.runtime import Runtime
+
+    await prepare(shop)
+    async with operations.owner_connection(shop) as conn:
+        await conn.execute(f'REVOKE INSERT ON gatehouse.audit_minute FROM "{shop.authenticator_role}"')
+    runtime = Runtime(shop)
+    try:
+        with pytest.raises(DatabaseUnavailable, match=r"gatehouse\.audit_minute.*run `gatehouse apply` first"):
+            await runtime.start()
+    finally:
+        await runtime.stop()
+    await prepare(shop)  # apply grants it again
+    runtime = Runtime(shop)
+    await runtime.start()
+    await runtime.stop()

@@ -154,7 +154,7 @@ async def test_a_second_read_is_a_hit_with_the_same_answer_and_tag(cached: Cache
     assert 'gatehouse_cache_reads_total{app="admin",contract="items.v1",result="hit"} 2.0' in scraped
 
     async def audited() -> list[asyncpg.Record]:
-        return await cached.owner.fetch("SELECT cached, rows, query FROM gatehouse.audit WHERE app = 'admin' "
+        return await cached.owner.fetch("SELECT cached, rows, query FROM gatehouse.audit_log WHERE app = 'admin' "
                                         "AND target = 'items' ORDER BY at")
 
     deadline = time.monotonic() + 5

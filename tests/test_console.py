@@ -72,7 +72,7 @@ async def _keys(project: Project, app: str) -> list[dict[str, Any]]:
 async def _console_audit(project: Project, target: str = "console:keys") -> list[dict[str, Any]]:
     async with operations.owner_connection(project) as conn:
         return [dict(r) for r in await conn.fetch(
-            "SELECT app, subject, method, target, query, status, client FROM gatehouse.audit "
+            "SELECT app, subject, method, target, query, status, client FROM gatehouse.audit_log "
             "WHERE target = $1 ORDER BY id", target)]
 
 
@@ -579,4 +579,4 @@ async def test_a_key_whose_audit_record_cannot_be_written_is_not_created(
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM gatehouse.keys") == before
         assert await conn.fetchval("SELECT revoked_at FROM gatehouse.keys WHERE id = $1", web_key) is None
-        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE target = 'console:keys'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit_log WHERE target = 'console:keys'") == 0

@@ -470,7 +470,7 @@ async def test_a_stopped_database_is_503_and_not_ready_until_it_is_back(
     async def audited() -> bool:
         conn = await asyncpg.connect(cluster.url(database_of(project)))
         try:
-            rows = await conn.fetch("SELECT request_id, status FROM gatehouse.audit WHERE request_id = ANY($1)", ids)
+            rows = await conn.fetch("SELECT request_id, status FROM gatehouse.audit_log WHERE request_id = ANY($1)", ids)
         finally:
             await conn.close()
         return sorted((r["request_id"], r["status"]) for r in rows) == sorted((i, 503) for i in ids)

@@ -444,7 +444,7 @@ async def test_feed_requests_are_measured_and_audited(evented: Evented) -> None:
     conn = await asyncpg.connect(outbox.dsn)
     try:
         for _ in range(100):  # the audit of reads is written in batches, off the request's path
-            rows = await conn.fetch("SELECT app, status, \"rows\" FROM gatehouse.audit WHERE target = 'events:orders' "
+            rows = await conn.fetch("SELECT app, status, \"rows\" FROM gatehouse.audit_log WHERE target = 'events:orders' "
                                     "ORDER BY status")
             if len(rows) == 2:
                 break

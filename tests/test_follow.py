@@ -128,7 +128,7 @@ async def test_a_migration_that_breaks_a_contract_is_refused_whole(make_project:
     assert (await client.get("/items?id=eq.1", headers={"apikey": keys["web"]})).status_code == 200
     async def audited() -> bool:  # reads are audited in batches, a moment after the answer
         async with operations.owner_connection(project) as conn:
-            return bool(await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE app = 'web'"))
+            return bool(await conn.fetchval("SELECT count(*) FROM gatehouse.audit_log WHERE app = 'web'"))
 
     await _until(audited)
     with pytest.raises(ContractsWouldBreak) as refused:  # now web is pinned to v1; mobile never called it

@@ -122,7 +122,7 @@ async def test_every_statement_runs_as_the_apps_role_and_writes_commit_with_thei
     try:
         assert await conn.fetchval("SELECT note FROM items WHERE id = $1", new_id) == "through the pooler"
         assert await conn.fetchval("SELECT count(*) FROM items WHERE note = 'no'") == 0
-        audited = await conn.fetchrow("SELECT app, status FROM gatehouse.audit WHERE request_id = 'pooled-write-1'")
+        audited = await conn.fetchrow("SELECT app, status FROM gatehouse.audit_log WHERE request_id = 'pooled-write-1'")
         assert audited is not None and (audited["app"], audited["status"]) == ("web", 201)
     finally:
         await conn.close()
@@ -151,7 +151,7 @@ async def test_inserts_committed_together_through_the_pooler_keep_each_row_and_r
     conn = await owner(project)
     try:
         assert await conn.fetchval("SELECT count(*) FROM items WHERE note LIKE 'grouped %'") == 24
-        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit WHERE request_id LIKE 'pooled-group-%' "
+        assert await conn.fetchval("SELECT count(*) FROM gatehouse.audit_log WHERE request_id LIKE 'pooled-group-%' "
                                    "AND status = 201") == 24
     finally:
         await conn.close()

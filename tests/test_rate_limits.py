@@ -128,7 +128,7 @@ async def test_an_app_over_its_rate_gets_429_with_the_ratelimit_fields(make_proj
 
     async def audited() -> list[int]:
         async with operations.owner_connection(project) as conn:
-            rows = await conn.fetch("SELECT status FROM gatehouse.audit WHERE app = 'mobile' ORDER BY at")
+            rows = await conn.fetch("SELECT status FROM gatehouse.audit_log WHERE app = 'mobile' ORDER BY at")
         return [r["status"] for r in rows]
 
     for _ in range(50):

@@ -253,7 +253,7 @@ async def test_ready_metrics_and_audit_show_the_replica(served: Served) -> None:
     assert "gatehouse_replica_fallbacks_total" in metrics
     assert served.runtime.audit is not None
     await served.runtime.audit.stop()  # (flushes what it holds)
-    flags = await _sql(served.primary_url, "SELECT array_agg(DISTINCT replica) FROM gatehouse.audit "
+    flags = await _sql(served.primary_url, "SELECT array_agg(DISTINCT replica) FROM gatehouse.audit_log "
                                            "WHERE app = 'clerk' AND target = 'items' AND method = 'GET'")
     assert flags == [True]
 

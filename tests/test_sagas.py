@@ -328,13 +328,13 @@ async def test_happy_path(harness: LogicHarness, project: Project, payments: Pay
     assert_completed(seen, order)
     assert seen.charge_requests == 1
     async with operations.owner_connection(project, "catalog") as conn:  # every step is in the audit
-        audited = await conn.fetch("SELECT method, target, app FROM gatehouse.audit WHERE request_id = $1",
+        audited = await conn.fetch("SELECT method, target, app FROM gatehouse.audit_log WHERE request_id = $1",
                                    f"saga:{run.id}")
     assert [(r["method"], r["target"], r["app"]) for r in audited] == [("SAGA", "saga:place_order.reserve_stock",
                                                                         "shop")]
     async with operations.owner_connection(project, "orders") as conn:
         targets = sorted(r["target"] for r in await conn.fetch(
-            "SELECT target FROM gatehouse.audit WHERE request_id = $1", f"saga:{run.id}"))
+            "SELECT target FROM gatehouse.audit_log WHERE request_id = $1", f"saga:{run.id}"))
     assert targets == ["saga:place_order.charge_card", "saga:place_order.create_order"]
 
 
@@ -446,7 +446,7 @@ async def test_two_runners_never_run_the_same_step(harness: LogicHarness, projec
         assert seen.charge_requests == 1  # sent by one runner only, once
         assert payments.received[f"{run.id}:2:undo"] == seen.refunds
     async with operations.owner_connection(project, "catalog") as conn:  # one audit row per local step run
-        counts = await conn.fetch("SELECT request_id, target, count(*) FROM gatehouse.audit "
+        counts = await conn.fetch("SELECT request_id, target, count(*) FROM gatehouse.audit_log "
                                   "WHERE request_id LIKE 'saga:%' GROUP BY 1, 2 HAVING count(*) > 1")
     assert counts == []
 

@@ -86,7 +86,7 @@ async def audited(project: Project, *expected: Audited) -> list[Audited]:
     async with asyncio.timeout(10), operations.owner_connection(project, "orders") as conn:
         while True:
             rows = [(r["app"], r["method"], r["target"], r["status"]) for r in await conn.fetch(
-                "SELECT app, method, target, status FROM gatehouse.audit "
+                "SELECT app, method, target, status FROM gatehouse.audit_log "
                 "WHERE target LIKE 'saga:%' AND request_id NOT LIKE 'saga:%' ORDER BY at")]
             if all(row in rows for row in expected):
                 return rows

@@ -71,7 +71,7 @@ async def test_a_users_saga_acts_with_their_claims_and_answers_only_to_them(
                                     (4, "acme", "done")]
     async with operations.owner_connection(project) as conn:
         stored = await conn.fetchrow("SELECT subject, claims->>'tenant' AS tenant FROM gatehouse.sagas")
-        audited = await conn.fetch("SELECT subject FROM gatehouse.audit WHERE method = 'SAGA'")
+        audited = await conn.fetch("SELECT subject FROM gatehouse.audit_log WHERE method = 'SAGA'")
     assert (stored["subject"], stored["tenant"]) == ("ann", "acme")
     assert [r["subject"] for r in audited] == ["ann", "ann"]  # each step, in the audit as the user's
 

@@ -283,7 +283,7 @@ def test_sigterm_finishes_the_request_being_answered_then_exits(project: Served)
     assert outcome == {"status": 200, "body": {"slept": 1.5}}
     assert project.process.wait(10) == 0  # by itself: the one signal was enough
     assert time.monotonic() - began < 5
-    assert project.sql("SELECT count(*) FROM gatehouse.audit WHERE request_id = 'graceful-stop-1'") == 1
+    assert project.sql("SELECT count(*) FROM gatehouse.audit_log WHERE request_id = 'graceful-stop-1'") == 1
 
 
 def test_sigterm_drains_first_ready_turns_503_while_requests_are_still_served(project: Served) -> None:

@@ -324,7 +324,7 @@ async def test_concurrent_inserts_commit_in_groups_each_with_its_record_and_a_ba
     assert groups.alone_again > 0
     async with operations.owner_connection(project) as conn:
         skus = [r["sku"] for r in await conn.fetch("SELECT sku FROM items WHERE sku LIKE 'g%' ORDER BY id")]
-        audited = await conn.fetch("SELECT request_id, status, rows FROM gatehouse.audit "
+        audited = await conn.fetch("SELECT request_id, status, rows FROM gatehouse.audit_log "
                                    "WHERE request_id = ANY($1::text[])", request_ids)
     assert sorted(skus) == sorted(f"g{n}" for n in range(12) if n != 5)  # nothing of the refused one
     assert sorted((r["request_id"], r["status"], r["rows"]) for r in audited) == \
@@ -346,7 +346,7 @@ async def test_inserts_commit_together_when_nothing_is_refused(runtime: Runtime)
     assert groups.groups >= 1 and groups.grouped >= 2 and groups.merged >= 1 and groups.alone_again == 0
     async with operations.owner_connection(project) as conn:
         assert await conn.fetchval("SELECT count(*) FROM items WHERE sku LIKE 't%'") == 11
-        audited = await conn.fetch("SELECT status, rows, duration_ms, query FROM gatehouse.audit "
+        audited = await conn.fetch("SELECT status, rows, duration_ms, query FROM gatehouse.audit_log "
                                    "WHERE target = 'items' AND method = 'POST'")
     assert len(audited) == 11 and all((r["status"], r["rows"]) == (201, 1) for r in audited)
     assert all(r["duration_ms"] > 0 for r in audited)

@@ -12,8 +12,9 @@ import pytest
 from conftest import ProjectFactory, prepare
 from gatehouse import operations
 from gatehouse.db.targets import resolve_targets
-from gatehouse.observe.audit import AuditRecord, AuditWriter
+from gatehouse.observe.audit import AuditRecord
 from gatehouse.observe.audit_query import version_table_rows, version_usage
+from gatehouse.observe.audit_writer import AuditWriter
 from gatehouse.observe.usage import AppUse, affected_apps, describe, rate_text, when_text
 from gatehouse.project import Project
 
@@ -63,7 +64,7 @@ async def test_served_requests_tell_pinned_apps_from_apps_that_moved_on(shop: Pr
     await runtime.audit.stop()
 
     async with operations.owner_connection(shop) as conn:
-        stored = await conn.fetch("SELECT app, api_version, count(*) AS n FROM gatehouse.audit "
+        stored = await conn.fetch("SELECT app, api_version, count(*) AS n FROM gatehouse.audit_log "
                                   "WHERE target = 'products' GROUP BY 1, 2 ORDER BY 1, 2")
         assert [tuple(r) for r in stored] == [("analytics", 2, 1), ("mobile", 1, 2), ("mobile", 2, 1), ("web", 1, 3)]
         v1 = await affected_apps(conn, "products", (1,))

@@ -95,7 +95,7 @@ async def test_inserts_of_one_shape_write_their_own_rows_and_records(runtime: Ru
     assert runtime.writes.hits == 29
     async with operations.owner_connection(project) as conn:
         rows = await conn.fetch("SELECT sku, name, qty FROM items WHERE sku LIKE 'k%' ORDER BY qty")
-        audited = await conn.fetch("SELECT request_id, status, rows, target FROM gatehouse.audit "
+        audited = await conn.fetch("SELECT request_id, status, rows, target FROM gatehouse.audit_log "
                                    "WHERE request_id = ANY($1::text[]) ORDER BY id", request_ids)
     assert [dict(r) for r in rows] == sent
     assert [(r["request_id"], r["status"], r["rows"], r["target"]) for r in audited] == \

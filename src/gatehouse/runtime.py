@@ -38,7 +38,7 @@ from gatehouse.follow import Follower, Revisions
 from gatehouse.limits.admission import InFlight, RateLimiter
 from gatehouse.limits.fair import FairShare
 from gatehouse.observe.alerts import AlertEvaluator
-from gatehouse.observe.audit import AuditWriter
+from gatehouse.observe.audit_writer import AuditWriter
 from gatehouse.observe.db_metrics import PoolReading
 from gatehouse.observe.metrics import Metrics
 from gatehouse.observe.saga_metrics import SagaCollector
@@ -51,6 +51,9 @@ from gatehouse.schema_cache import ApiSchema, build_schemas
 from gatehouse.write_plans import WriteTemplate
 
 log = logging.getLogger(__name__)
+_AUDIT_WRITABLE = ("SELECT CASE WHEN to_regclass('gatehouse.audit_minute') IS NOT NULL "
+                   "THEN has_table_privilege('gatehouse.audit_minute', 'INSERT') ELSE false END")
+"""Whether this server's role may store batches of audit records (a database applied by an older version may not)."""
 READY_TIMEOUT_S = 2.0
 Lineages = dict[str, dict[tuple[str, str], ViewLineage]]
 """database → (schema, view) → the base tables it reads."""
@@ -155,6 +158,9 @@ class Runtime:
             missing = _missing_views(project, catalog)
             if missing:
                 raise DatabaseUnavailable(f"the database does not serve {missing}: run `gatehouse apply` first")
+            if not await self._internal[project.home_database].fetchval(_AUDIT_WRITABLE):
+                raise DatabaseUnavailable("the database has no audit store this version of gatehouse writes to "
+                                          "(gatehouse.audit_minute): run `gatehouse apply` first")
             self._install(project, catalog, constraints, lineages)
             home = self.targets[project.home_database]
             self.keys = KeyRing(set(project.apps))

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from gatehouse import operations
 from gatehouse.observe.audit_query import MAX_LIMIT, RECORD_COLUMNS
@@ -102,16 +103,17 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_CSV_FORMULA) else text
 
 
-_ONE = (f"SELECT {', '.join(chr(34) + c + chr(34) for c in RECORD_COLUMNS)} FROM gatehouse.audit "
-        "WHERE request_id = $1 ORDER BY at, id LIMIT 20")
+_ONE = (f"SELECT {', '.join(chr(34) + c + chr(34) for c in RECORD_COLUMNS)} "
+        "FROM gatehouse.audit_window('-infinity', 'infinity', $2) WHERE request_id = $1 ORDER BY at, id LIMIT 20")
+"""``$2``, the id as JSON, skips every stored batch that does not hold it without unpacking it."""
 
 
 async def records_of_request(project: Project, request_id: str) -> list[dict[str, Any]]:
     """The records of one request id (one, but for a request that was retried), from every database."""
     async def find(_: str, conn: asyncpg.Connection) -> list[dict[str, Any]]:
         try:
-            return [dict(row) for row in await conn.fetch(_ONE, request_id)]
-        except asyncpg.UndefinedTableError:  # a database nothing was applied to yet
+            return [dict(row) for row in await conn.fetch(_ONE, request_id, orjson.dumps(request_id).decode())]
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError):  # nothing applied to it yet
             return []
 
     found = await operations.each_database(project, find)

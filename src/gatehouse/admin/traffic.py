@@ -1,6 +1,7 @@
 """The overview's charts: requests, server errors and p95 latency per app and minute over the last hour, from
-the audit trail (``gatehouse.audit``, indexed on ``at``), so the lines start before this server did and agree
-across instances. The console's own records (``console:*``) are left out.
+the audit trail's summaries per minute (``gatehouse.audit_minutes``: nothing unpacked but the batches that cross
+the window's start), so the lines start before this server did and agree across instances. The console's own
+records (``console:*``) are left out.
 
 Each database holds the records of the requests it served; counts from several databases are added up, and the
 p95 of a minute is the highest of theirs (percentiles do not add up; one database, the usual case, is exact).
@@ -19,12 +20,15 @@ from gatehouse.project import Project
 MINUTES = 60
 WINDOW = timedelta(minutes=MINUTES)
 _PER_MINUTE = """
-SELECT extract(epoch FROM date_trunc('minute', at))::bigint AS t, app, count(*) AS requests,
-       count(*) FILTER (WHERE status >= 500) AS errors,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95
-FROM gatehouse.audit
-WHERE at >= now() - $1::interval AND app <> '' AND target NOT LIKE 'console:%'
-GROUP BY 1, 2
+WITH m AS (
+    SELECT * FROM gatehouse.audit_minutes(now() - $1::interval, 'infinity')
+    WHERE app <> '' AND target NOT LIKE 'console:%'
+)
+SELECT extract(epoch FROM counted.minute)::bigint AS t, counted.app, counted.requests, counted.errors, timed.p95
+FROM (SELECT minute, app, sum(requests)::bigint AS requests, sum(server_errors)::bigint AS errors
+      FROM m GROUP BY 1, 2) AS counted
+LEFT JOIN (SELECT minute, app, percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+           FROM m, unnest(m.durations) AS d GROUP BY 1, 2) AS timed USING (minute, app)
 """
 
 
@@ -36,7 +40,7 @@ async def per_minute(project: Project) -> dict[str, Any]:
         now = int(await conn.fetchval("SELECT extract(epoch FROM date_trunc('minute', now()))::bigint"))
         try:
             return now, list(await conn.fetch(_PER_MINUTE, WINDOW))
-        except asyncpg.UndefinedTableError:
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError):
             return now, []
 
     found = list((await operations.each_database(project, read)).values())

@@ -142,7 +142,9 @@ async def _sync_roles(conn: asyncpg.Connection, project: Project, target: Databa
                        "so it is dropped when that database is applied")
     await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {auth}")
     await conn.execute(f"GRANT SELECT ON gatehouse.keys, gatehouse.state, gatehouse.views TO {auth}")
-    await conn.execute(f"GRANT INSERT ON gatehouse.audit TO {auth}")  # the batched audit of reads
+    # the audit writer's batches, their summaries (which name their batch: the batch's id, from RETURNING)
+    await conn.execute(f"GRANT INSERT ON gatehouse.audit, gatehouse.audit_batch, gatehouse.audit_minute TO {auth}")
+    await conn.execute(f"GRANT SELECT (id) ON gatehouse.audit_batch TO {auth}")
     await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON gatehouse.heartbeat TO {auth}")  # replica lag
     for role in sorted(wanted_roles):  # a write's record is inserted in the write's own transaction
         await conn.execute(f"GRANT USAGE ON SCHEMA gatehouse TO {quote_ident(role)}")

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from gatehouse.errors import ApiError, InternalError
 from gatehouse.http.exchange import Handler, HttpRequest, HttpResponse
 from gatehouse.http.responses import error_response
-from gatehouse.observe.audit import AuditUnavailable, AuditWriter
+from gatehouse.observe.audit import AuditUnavailable
+from gatehouse.observe.audit_writer import AuditWriter
 from gatehouse.observe.metrics import Metrics
 
 log = logging.getLogger("gatehouse.request")

@@ -6,14 +6,12 @@ recent call to the contract used another version has moved on (to that version);
 the decision to retire a version is plain. ``migrate plan``, the migration runner and ``gatehouse versions``
 all read this module, so they name the same apps.
 
-Why from the audit rows and not from ``gatehouse.usage``: the roll-up is cumulative since the beginning, so it
-can tell neither the calls of a window nor a rate. The audit table has an index on ``(target, at)`` and one on
-``at``: a window is one index range scan, grouped down to a row per app, target and version before it leaves
-the database. Measured on this project's 2-core machine, 1M audit rows in the window take about 0.05 s for one
-contract and 0.15 s for every contract, growing linearly. A per-day roll-up would make that constant, but it
-would cost every audited request a second upsert in the audit trigger (the hot path), and records replayed from
-the spool after an outage land in past days, which a roll-up filled by a reader would miss; both commands run
-now and then, so the scan is the better trade until the audit trail outgrows it.
+Why from the per-minute summaries and not from ``gatehouse.usage``: the view counts since the beginning, so it can
+tell neither the calls of a window nor a rate. ``gatehouse.audit_minutes`` adds up the summaries that the audit
+writer stores with each batch (a line per minute, app, target and version: :mod:`.audit_writer`) and counts the
+rest (the rows of writes, and the records of a batch that crosses the window's start) one by one, so a window is
+exact and costs about a line per minute and app rather than a record per request; it is grouped down to a line
+per app, target and version before it leaves the database.
 """
 
 from __future__ import annotations
@@ -83,7 +81,7 @@ async def window(conn: Connection, *, since: datetime | None = None, days: float
     left out. Returns an empty window where the audit table does not exist yet."""
     until: datetime = await conn.fetchval("SELECT now()")
     start = since if since is not None else until - timedelta(days=days)
-    if not await conn.fetchval("SELECT to_regclass('gatehouse.audit') IS NOT NULL"):
+    if not await conn.fetchval("SELECT to_regclass('gatehouse.audit_batch') IS NOT NULL"):
         return Window(start, until, [])
     params: list[object] = [start]
     condition = "target <> ''"
@@ -92,10 +90,10 @@ async def window(conn: Connection, *, since: datetime | None = None, days: float
         condition = "target = $2"
     rows = await conn.fetch(
         f"""
-        SELECT app, target, api_version, count(*) AS calls, count(*) FILTER (WHERE status >= 400) AS errors,
-               max(at) AS last_call, min(at) AS first_call
-        FROM gatehouse.audit
-        WHERE at >= $1 AND {condition} AND app <> '' AND api_version > 0
+        SELECT app, target, api_version, sum(requests)::bigint AS calls, sum(errors)::bigint AS errors,
+               max(last_at) AS last_call, min(first_at) AS first_call
+        FROM gatehouse.audit_minutes($1, 'infinity')
+        WHERE {condition} AND app <> '' AND api_version > 0
         GROUP BY app, target, api_version
         """,
         *params,
