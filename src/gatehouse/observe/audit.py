@@ -4,17 +4,19 @@ Two stores, one trail. A write commits with its record or not at all: the record
 inserted in the write's own statement (:func:`audit_cte`) when its status is known beforehand, else in the write's
 transaction (:func:`audit_in_transaction`). Every other record (reads, refusals, /rpc without a write) is queued
 and written off the request path by :class:`gatehouse.observe.audit_writer.AuditWriter`, a batch at a time, as one
-row of ``gatehouse.audit_batch``: the batch's records as one JSON array, with the span of their times.
+row of ``gatehouse.audit_batch`` (the batch's records as one JSON array, with the span of their times) and, in the
+same statement, its summaries in ``gatehouse.audit_minute`` (counts and durations per minute, app, target and API
+version).
 
-Why a batch is stored whole: each audit row cost PostgreSQL about 9 µs to insert (parsing, four indexes), which on
-two cores was a quarter of a point lookup's database time, and the reads served about 15 % fewer requests a second
-than with the batch stored as it came (bench/README.md, twenty-third session). A packed record costs it well under
-one and takes less room than a row and its index entries. Records are read back through
+Why a batch is stored whole: each audit row cost PostgreSQL about 10 µs to insert (parsing, four indexes), which on
+two cores was a quarter of a point lookup's database time, and the reads served 13-17 % fewer requests a second
+than with the batch stored as it came (bench/README.md, twenty-third session). A packed record, its share of the
+summaries included, costs PostgreSQL about 3 µs and takes a fifth of a row's room. Records are read back through
 ``gatehouse.audit_window(since, until[, containing])`` (rows and unpacked batches in a window, each value bounded
-as :func:`storable_record` bounds a row) or the view ``gatehouse.audit_log`` (all of it); nothing reads
-``gatehouse.audit`` alone any more.
+as :func:`storable_record` bounds a row) or the view ``gatehouse.audit_log`` (all of it); counts per minute through
+``gatehouse.audit_minutes(since, until)``, exact for any window. Nothing reads ``gatehouse.audit`` alone any more.
 
-``gatehouse.usage`` (calls, errors and last call per app, target and API version) is a view over the trail, so it
+``gatehouse.usage`` (calls, errors and last call per app, target and API version) is a view over the counts, so it
 is exact and costs the writes nothing. It was a table kept by a statement-level trigger on ``gatehouse.audit``;
 nothing of gatehouse read it (``gatehouse versions``, the console and ``migrate plan`` read windows of the trail:
 :mod:`.usage`), and the trigger cost every insert through gatehouse 12-30 % of its throughput in PostgreSQL.
@@ -41,7 +43,7 @@ _INSERT = f"INSERT INTO gatehouse.audit ({_QUOTED}) VALUES ({', '.join(f'${i}' f
 INT32_MAX = 2**31 - 1
 REAL_MAX = 1e38
 """Below the largest ``real`` (about 3.4e38)."""
-_TEXT_LIMITS = {"request_id": 200, "app": 200, "key_id": 200, "subject": 500, "method": 16, "target": 300,
+TEXT_LIMITS = {"request_id": 200, "app": 200, "key_id": 200, "subject": 500, "method": 16, "target": 300,
                 "query": MAX_QUERY_CHARS, "client": 100}
 
 
@@ -69,7 +71,7 @@ class AuditRecord(NamedTuple):
     """The caller's address (behind trusted proxies, the one they forwarded: ``[server] trusted_proxies``)."""
 
 
-_TEXT_FIELDS = tuple((COLUMNS.index(name), limit) for name, limit in _TEXT_LIMITS.items())
+_TEXT_FIELDS = tuple((COLUMNS.index(name), limit) for name, limit in TEXT_LIMITS.items())
 
 
 def _storable(record: AuditRecord) -> bool:
@@ -96,7 +98,7 @@ def storable_record(record: AuditRecord) -> AuditRecord:
         return record
 
     def text(name: str, value: str | None) -> str | None:
-        return None if value is None else str(value).replace("\x00", "")[:_TEXT_LIMITS[name]]
+        return None if value is None else str(value).replace("\x00", "")[:TEXT_LIMITS[name]]
 
     def integer(value: int | None) -> int | None:
         return None if value is None else max(-INT32_MAX, min(INT32_MAX, int(value)))
@@ -142,8 +144,8 @@ _CTE_TYPES = _TYPES[:10]
 
 def _batch_value(index: int, name: str, sql_type: str) -> str:
     value = f"r->>{index}"
-    if name in _TEXT_LIMITS:
-        value = f"left({value}, {_TEXT_LIMITS[name]})"
+    if name in TEXT_LIMITS:
+        value = f"left({value}, {TEXT_LIMITS[name]})"
     return f"({value})::{sql_type}"
 
 
@@ -158,8 +160,8 @@ def _unpacked_value(index: int, name: str, sql_type: str) -> str:
     cut to their limits, integers clamped to ``integer``, a duration that is not a finite ``real`` 0. A batch is
     stored as the request path made its records, so these bounds are applied here, when it is read."""
     value = f"r->>{index}"
-    if name in _TEXT_LIMITS:
-        value = f"left({value}, {_TEXT_LIMITS[name]})"
+    if name in TEXT_LIMITS:
+        value = f"left({value}, {TEXT_LIMITS[name]})"
     elif sql_type == "integer":
         bounded = f"least(greatest(({value})::numeric, -{INT32_MAX}), {INT32_MAX})"  # greatest() skips a NULL: CASE
         value = f"(CASE WHEN {value} IS NOT NULL THEN {bounded} END)::integer"
