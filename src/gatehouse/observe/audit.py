@@ -155,6 +155,12 @@ _DEFAULTS = {"request_id": "''", "app": "''", "key_id": "''", "method": "''", "t
 """What a packed record's missing or null value reads as, for the columns that are ``NOT NULL`` in a row."""
 
 
+def bounded_integer(number: str) -> str:
+    """SQL for the ``numeric`` expression ``number`` as an ``integer``, clamped to its range as
+    :func:`storable_record` clamps it; NULL stays NULL (``greatest`` would skip it, hence the ``CASE``)."""
+    return f"(CASE WHEN {number} IS NOT NULL THEN least(greatest({number}, -{INT32_MAX}), {INT32_MAX}) END)::integer"
+
+
 def _unpacked_value(index: int, name: str, sql_type: str) -> str:
     """One column of a packed record ``r`` (a JSON array) as :func:`storable_record` would have stored it: texts
     cut to their limits, integers clamped to ``integer``, a duration that is not a finite ``real`` 0. A batch is
@@ -163,8 +169,7 @@ def _unpacked_value(index: int, name: str, sql_type: str) -> str:
     if name in TEXT_LIMITS:
         value = f"left({value}, {TEXT_LIMITS[name]})"
     elif sql_type == "integer":
-        bounded = f"least(greatest(({value})::numeric, -{INT32_MAX}), {INT32_MAX})"  # greatest() skips a NULL: CASE
-        value = f"(CASE WHEN {value} IS NOT NULL THEN {bounded} END)::integer"
+        value = bounded_integer(f"({value})::numeric")
     elif sql_type == "real":
         value = f"CASE WHEN abs(({value})::float8) < {REAL_MAX:.0e} THEN ({value})::float8::real END"
     else:

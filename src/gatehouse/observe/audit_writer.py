@@ -30,7 +30,14 @@ import orjson
 
 from gatehouse.background import stop_tasks
 from gatehouse.errors import AuditUnavailable
-from gatehouse.observe.audit import COLUMNS, INT32_MAX, REAL_MAX, TEXT_LIMITS, AuditRecord, storable_record
+from gatehouse.observe.audit import (
+    COLUMNS,
+    REAL_MAX,
+    TEXT_LIMITS,
+    AuditRecord,
+    bounded_integer,
+    storable_record,
+)
 
 log = logging.getLogger("gatehouse.observe.audit")
 
@@ -44,8 +51,7 @@ WITH batch AS (
     INSERT INTO gatehouse.audit_minute (batch_id, minute, app, target, api_version, requests, errors, server_errors,
                                         first_at, last_at, durations)
     SELECT batch.id, m.minute, left(m.app, {TEXT_LIMITS["app"]}), left(m.target, {TEXT_LIMITS["target"]}),
-           (CASE WHEN m.api_version IS NOT NULL
-                 THEN least(greatest(m.api_version, -{INT32_MAX}), {INT32_MAX}) END)::integer,
+           {bounded_integer("m.api_version")},
            m.requests, m.errors, m.server_errors, m.first_at, m.last_at, m.durations
     FROM batch, jsonb_to_recordset($4::jsonb) AS m(minute timestamptz, app text, target text, api_version numeric,
         requests integer, errors integer, server_errors integer, first_at timestamptz, last_at timestamptz,
@@ -113,17 +119,17 @@ def _encode(batch: list[AuditRecord]) -> tuple[datetime, datetime, str, str]:
     NUL (which PostgreSQL's JSON cannot read back) or an integer beyond 64 bits. Naive times are UTC."""
     try:
         data = orjson.dumps(batch, default=tuple, option=orjson.OPT_NAIVE_UTC)  # default: AuditRecord is a tuple
-        storable = b"\\u0000" not in data  # a NUL, which PostgreSQL's text cannot hold
-        first, last, summaries = _minutes(batch)
-        minutes = orjson.dumps(summaries)
+        if b"\\u0000" not in data:  # a NUL, which PostgreSQL's text cannot hold
+            return _with_minutes(batch, data)
     except (orjson.JSONEncodeError, TypeError):  # an integer beyond 64 bits, a status that is not a number
-        storable = False
-    if not storable:
-        batch = [storable_record(record) for record in batch]
-        data = orjson.dumps(batch, default=tuple)
-        first, last, summaries = _minutes(batch)
-        minutes = orjson.dumps(summaries)
-    return first, last, data.decode(), minutes.decode()
+        pass
+    storable = [storable_record(record) for record in batch]
+    return _with_minutes(storable, orjson.dumps(storable, default=tuple))
+
+
+def _with_minutes(batch: list[AuditRecord], data: bytes) -> tuple[datetime, datetime, str, str]:
+    first, last, summaries = _minutes(batch)
+    return first, last, data.decode(), orjson.dumps(summaries).decode()
 
 
 def _to_line(record: AuditRecord) -> bytes:
