@@ -238,6 +238,7 @@ SQL_WORDS = {
     # and its transaction's id, the read-your-writes token (db/consistency.py)
     "pg_current_xact_id_if_assigned", "xid", "array_agg",
 }
+LIMIT_LITERAL = re.compile(r"\bLIMIT ([0-9]+)")
 OUR_ALIAS = re.compile(r"^_gh_[a-z0-9_]*$")
 SQL_TOKEN = re.compile(  # a quoted name, a string, a placeholder, a word, digits, spaces, one operator character
     r'"(?:[^"]|"")*"|\'[^\']*\'|\$[0-9]+|[A-Za-z_][A-Za-z0-9_]*|[0-9]+|\s+|[-+*/<>=~!@&|^#%(),.:\[\]]')
@@ -373,10 +374,14 @@ def test_compiled_reads_hold_values_only_as_parameters(case: tuple[str, ReadQuer
             assert flt.value in compiled.params
         if flt.language is not None:
             assert flt.language in compiled.params
+    # Limits are written as integers (PostgreSQL plans a known limit better), never above the app's max rows;
+    # offsets are parameters, left out when 0.
+    limits = {MAX_ROWS if level.limit is None else min(level.limit, MAX_ROWS) for level in query.levels.values()}
+    assert {int(n) for n in LIMIT_LITERAL.findall(compiled.sql)} <= limits | {1}  # (to-one embeds: LIMIT 1)
+    without_limits = LIMIT_LITERAL.sub("LIMIT", compiled.sql)
     for level in query.levels.values():
-        assert str(level.offset) not in compiled.sql or level.offset == 0
-        assert str(level.limit) not in compiled.sql
-    assert str(MAX_ROWS) not in compiled.sql
+        assert str(level.offset) not in without_limits or level.offset == 0
+        assert str(level.limit) not in without_limits
 
 
 def json_or_none(text: str) -> object:

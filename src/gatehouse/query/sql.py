@@ -454,8 +454,15 @@ class ReadCompiler:
         return text + (f" NULLS {term.nulls.upper()}" if term.nulls else "")
 
     def _limit(self, level: Level) -> str:
-        limit = self.max_rows if level.limit is None else min(level.limit, self.max_rows)
-        return f" LIMIT {self.bind(limit)} OFFSET {self.bind(level.offset)}"
+        """The limit as a literal (an int, at most ``max_rows``); the offset bound, and left out when 0.
+
+        A bound limit makes PostgreSQL's generic plan guess the rows it keeps, and an ``OFFSET $n`` guesses a
+        tenth of the rows skipped: the generic plan of a list then looks dearer than a custom one, so every
+        execution was planned again (a list of 50 filtered on ``price >= $1``: 185-209 µs a statement against
+        135-143 with ``LIMIT 50``, pgbench, prepared). The SQL text varies with the limit only, which the plan
+        cache's key (``query/plans.py``) already holds: a request's ``limit`` or Range is part of its shape."""
+        limit = int(self.max_rows if level.limit is None else min(level.limit, self.max_rows))
+        return f" LIMIT {limit}" + (f" OFFSET {self.bind(level.offset)}" if level.offset else "")
 
     @property
     def levels_used(self) -> frozenset[tuple[str, ...]]:
