@@ -173,6 +173,10 @@ async def test_a_crash_at_any_boundary_ends_placed_exactly_once_or_fully_undone(
     customer = next(_customers) if refused else 1 + product % 9  # (9 customers with money: 1..9)
     if refused:
         await open_account(project, customer)
+    else:  # enough for this order whatever the earlier examples charged (a balance of 500 covers one or two)
+        async with operations.owner_connection(project, "payments") as conn:
+            await conn.execute("UPDATE accounts SET balance = greatest(balance, 1000) WHERE customer_id = $1",
+                               customer)
     before = await state(project, customer, product)
     crashed: list[str] = []
 
