@@ -171,6 +171,28 @@ async def test_reads_waiting_for_a_busy_pool_run_in_one_round_trip_each_with_its
     assert (groups.groups, groups.grouped) == (1, 6)
 
 
+async def test_cheap_reads_of_one_loop_turn_go_together_while_connections_are_free(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=4)
+    for n in range(3):  # the first alone (its pace is not known yet), the others each a group of one
+        assert (await groups.read(READ, (str(n),)))["n"] == n
+    rows = await asyncio.gather(*(groups.read(READ, (str(n),)) for n in range(1, 9)))
+    assert [row["n"] for row in rows] == list(range(1, 9))
+    assert groups.grouped == 8 and 1 <= groups.groups <= 2  # (the budget over its pace: groups of 4 at least)
+    assert pool.idle + pool.in_use <= groups.groups  # at most a connection per group, of the four it may open
+
+
+async def test_slow_reads_run_side_by_side_on_free_connections_and_alone_under_load(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=3)
+    await groups.read(SLOW_READ, ("first",))  # 0.3 s: far more than GROUP_BUDGET_S
+    started = asyncio.get_running_loop().time()
+    rows = await asyncio.gather(*(groups.read(SLOW_READ, (f"f{n}",)) for n in range(3)))
+    assert [row["v"] for row in rows] == ["f0", "f1", "f2"] and groups.groups == 0
+    assert asyncio.get_running_loop().time() - started < 0.55  # side by side, not one after the other (0.9 s)
+    async with pool.acquire():  # now they wait for the two other connections: each still goes alone
+        rows = await asyncio.gather(*(groups.read(SLOW_READ, (f"b{n}",)) for n in range(4)))
+    assert [row["v"] for row in rows] == ["b0", "b1", "b2", "b3"] and groups.groups == 0
+
+
 async def test_a_read_with_a_bad_value_refuses_only_itself(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=1)
     async with pool.acquire():
@@ -216,15 +238,14 @@ def merged_insert(groups: StatementGroups, skus: list[str]) -> asyncio.Task[Any]
 
 async def test_inserts_with_a_merge_run_as_one_statement_each_answered_with_its_own_rows(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=3)
-    async with pool.acquire():
-        first = merged_insert(groups, ["m0"])  # runs alone at once on a free connection; the others wait for it,
-        tasks = [merged_insert(groups, skus) for skus in (["m1", "m2"], ["m3"], ["m4", "m5", "m6"])]  # not for
-        await asyncio.sleep(0.05)  # the connection that stays free, and then run together
-    answers = await asyncio.gather(first, *tasks)
-    assert [a["written"] for a in answers] == [1, 2, 1, 3]  # each its own, where the merged statement wrote 6
-    assert len({a["xid"] for a in answers[1:]}) == 1 and answers[0]["xid"] != answers[1]["xid"]
+    async with pool.acquire():  # two connections stay free: the first waits one loop turn for the others
+        tasks = [merged_insert(groups, skus) for skus in (["m0"], ["m1", "m2"], ["m3"], ["m4", "m5", "m6"])]
+        await asyncio.sleep(0.05)
+    answers = await asyncio.gather(*tasks)
+    assert [a["written"] for a in answers] == [1, 2, 1, 3]  # each its own, where the merged statement wrote 7
+    assert len({a["xid"] for a in answers}) == 1  # one statement, one commit
     assert await scratch.skus() == [f"m{n}" for n in range(7)]  # in the order they came
-    assert (groups.groups, groups.grouped, groups.merged, groups.alone_again) == (1, 3, 1, 0)
+    assert (groups.groups, groups.grouped, groups.merged, groups.alone_again) == (1, 4, 1, 0)
     assert groups.statements_waiting == 0
 
 
@@ -240,7 +261,7 @@ async def test_a_merged_group_that_writes_fewer_rows_than_sent_runs_each_request
     answers = await asyncio.gather(*tasks)
     assert [a["written"] for a in answers] == [1, 0, 1]  # as each would have been answered alone
     assert await scratch.skus() == ["k0", "k2"]
-    assert (groups.merged, groups.alone_again) == (0, 2)  # k0 ran alone first; the others were merged, refused
+    assert (groups.merged, groups.alone_again) == (0, 3)  # merged, refused, then each alone
 
 
 async def test_a_slow_insert_holds_the_next_ones_of_its_shape_back_only_briefly(scratch: Scratch) -> None:

@@ -10,10 +10,19 @@ the bench's inserts ran three times as fast). bench/README.md measures it.
 
 What a request sees is what it would see alone:
 
-- Only what already waits is grouped. A request that finds an idle connection runs at once, alone, as before;
-  nothing ever waits for company (no timer, as PostgreSQL's ``commit_delay`` has). Plain inserts are the one
-  exception, and only under load: while one of their statement runs, the next wait for it rather than for a
-  free connection, and then go together (:meth:`StatementGroups._first`).
+- Nothing waits for company longer than one turn of the event loop (no timer, as PostgreSQL's ``commit_delay``
+  has). A read of a *cheap* statement (its pace, the time a request of it took in its last run, lets at least
+  two fit in :data:`GROUP_BUDGET_S`) joins the requests of its statement that came in the same turn even while a
+  connection is free: the bench's point lookups, 94 % of them in groups where 56 % were, cost PostgreSQL 24 µs
+  each instead of 36 and the server 78 instead of 96 (bench/README.md, twenty-fourth session). Any other read or
+  write that finds an idle connection runs at once, alone; under load, what waits for a connection goes
+  together.
+- A group of reads takes what fits in :data:`GROUP_BUDGET_S` at its statement's pace (and at most
+  ``max_group``): the rest goes on the next connection free, so that slow reads still run side by side. A group
+  of writes takes up to ``max_group``: they share one commit, the dearer part of a small insert.
+- Plain inserts go further: one statement of them runs at a time (a funnel), the first after one turn of the
+  loop, and what comes meanwhile waits for it rather than for a free connection, then goes together
+  (:meth:`StatementGroups._hold`).
 - Each request has its own parameters and gets its own answer row. A group is of one statement (one query
   shape), so its requests cost alike: none waits long behind a different, slower one.
 - Reads: every statement of the implicit transaction takes its own snapshot (READ COMMITTED), taken after the
@@ -42,7 +51,8 @@ others' statements.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -57,8 +67,15 @@ GROUP_MAX = 32
 """Requests one group takes at most by default (``[server] group_statements``): a bound on the size of one round
 trip, and on how much one refused request makes run again."""
 
+GROUP_BUDGET_S = 0.002
+"""PostgreSQL time one group is meant to take, by its statement's pace: what bounds a group's size, and decides
+which reads wait a loop turn for company (see the module's docstring)."""
+
+PACES_KEPT = 1024
+"""Statements whose pace is remembered (least recently run out first)."""
+
 FUNNEL_HOLD_S = 0.05
-"""How long a running plain insert holds back the next ones of its shape at most (:meth:`StatementGroups._first`):
+"""How long a running plain insert holds back the next ones of its shape at most (:meth:`StatementGroups._hold`):
 a slow one (a lock wait, a slow trigger) lets them go on other connections after this."""
 
 _AGAIN = object()
@@ -107,6 +124,8 @@ class StatementGroups:
         self.pool = pool
         self._max_group = max_group
         self._queues: dict[str, _Queue] = {}
+        self._paces: OrderedDict[str, float] = OrderedDict()
+        """Seconds a request of each statement took in its last run (its round trip shared by its group)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.groups = 0
         """Groups of two or more requests run."""
@@ -125,8 +144,13 @@ class StatementGroups:
     async def read(self, sql: str, params: Sequence[object]) -> asyncpg.Record | None:
         """A read-only statement's first row (every read statement of gatehouse answers one)."""
         queue = self._queues.get(sql)
-        if self._max_group <= 1 or (self.pool.idle and (queue is None or not queue.members)):
-            return await self.pool.read_row(sql, params)  # a connection is free: no one to wait for
+        if self._max_group <= 1:
+            return await self.pool.read_row(sql, params)
+        if self.pool.idle and (queue is None or not queue.members) and not self._cheap(sql):
+            started = time.perf_counter()  # a connection is free, and company is not worth a turn: alone
+            row = await self.pool.read_row(sql, params)
+            self._paced(sql, time.perf_counter() - started, 1)
+            return row
         answer = await self._join(queue, sql, params, reading=True)
         if answer is _AGAIN:
             return await self.pool.read_row(sql, params)
@@ -139,32 +163,34 @@ class StatementGroups:
         ``merge``: how it may run in one statement with the others of its group, which all have one too."""
         pool = self.pool
         queue = self._queues.get(sql)
-        if merge is not None and queue is None and self._max_group > 1:
-            return await self._first(sql, params)
-        if self._max_group <= 1 or (pool.idle and (queue is None or not queue.members)):
+        if merge is not None and queue is None and self._max_group > 1:  # the first through the funnel
+            queue = self._queues[sql] = _Queue(sql, reading=False, funnel=True)
+        elif self._max_group <= 1 or (pool.idle and (queue is None or not queue.members)):
             async with pool.acquire() as conn:
                 return await conn.fetchrow(sql, *params)
         answer = await self._join(queue, sql, params, reading=False, merge=merge)
         assert answer is None or isinstance(answer, asyncpg.Record | dict)
         return answer
 
-    async def _first(self, sql: str, params: Sequence[object]) -> WriteAnswer | None:
-        """An insert with a :class:`Merge` when none of its statement is running: it runs at once, alone, and the
-        ones that come meanwhile wait for it, then run together as one statement. Letting each run alone on any
-        free connection left 40 % of the bench's inserts alone (each its own statement and commit, three times the
-        database's work of one in a merged group) for no gain in latency: they wait for one statement, and
-        :data:`FUNNEL_HOLD_S` at most."""
-        queue = self._queues[sql] = _Queue(sql, reading=False, funnel=True)
-        release = self._hold(queue)
-        try:
-            async with self.pool.acquire() as conn:
-                return await conn.fetchrow(sql, *params)
-        finally:
-            release()
+    def _cheap(self, sql: str) -> bool:
+        """Whether at least two requests of the statement fit in :data:`GROUP_BUDGET_S`, by its last pace."""
+        pace = self._paces.get(sql)
+        return pace is not None and pace * 2 <= GROUP_BUDGET_S
+
+    def _paced(self, sql: str, seconds: float, requests: int) -> None:
+        paces = self._paces
+        paces[sql] = seconds / requests
+        paces.move_to_end(sql)
+        if len(paces) > PACES_KEPT:
+            paces.popitem(last=False)
 
     def _hold(self, queue: _Queue) -> Callable[[], None]:
         """Hold a funnel for one statement; what this returns lets go of it, once the statement is done. After
-        :data:`FUNNEL_HOLD_S` it lets go by itself, the statement still running: a slow one holds no one back."""
+        :data:`FUNNEL_HOLD_S` it lets go by itself, the statement still running: a slow one holds no one back.
+
+        Why a funnel: letting plain inserts run alone on any free connection left 40 % of the bench's inserts
+        alone (each its own statement and commit, three times the database's work of one in a merged group) for
+        no gain in latency: they wait for one statement, and :data:`FUNNEL_HOLD_S` at most."""
         queue.draining = True
         token = queue.holder = object()
 
@@ -203,8 +229,11 @@ class StatementGroups:
 
     def _take(self, queue: _Queue) -> list[_Member]:
         """The next group (callers still waiting, oldest first); a new task is started for any left over."""
-        members, group = queue.members, list[_Member]()
-        while members and len(group) < self._max_group:
+        members, group, most = queue.members, list[_Member](), self._max_group
+        pace = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
+        if pace:  # (None: not run yet)
+            most = max(1, min(most, int(GROUP_BUDGET_S / pace)))
+        while members and len(group) < most:
             member = members.popleft()
             if not member[1].done():  # (cancelled: its caller went away before the group ran)
                 group.append(member)
@@ -237,6 +266,7 @@ class StatementGroups:
         if not group:
             self.pool.checkin(conn)
             return
+        started = time.perf_counter()
         try:
             await self._run(conn, queue.sql, group)
         except BaseException as exc:
@@ -250,6 +280,8 @@ class StatementGroups:
                 raise
         else:
             self.pool.checkin(conn)
+            if queue.reading:
+                self._paced(queue.sql, time.perf_counter() - started, len(group))
 
     async def _run(self, conn: Connection, sql: str, group: list[_Member]) -> None:
         if len(group) == 1:
