@@ -3,18 +3,17 @@ every later request of its shape exactly as a fresh compile would, for every app
 
 from __future__ import annotations
 
-import asyncpg
 import httpx
 import orjson
 import pytest
 
 from conftest import prepare
+from gatehouse import operations
 from gatehouse.project import Project
 from gatehouse.query.grammar import parse_pairs, query_pairs
 from gatehouse.query.plans import PlanCache, ReadPlan, shape_of
 from gatehouse.query.sql import CompiledQuery, ReadCompiler
 from gatehouse.runtime import Runtime
-from gatehouse.secrets import resolve_secret
 
 
 def test_simple_comparisons_lose_their_values_and_nothing_else_does() -> None:
@@ -154,15 +153,11 @@ async def test_a_page_keeps_postgresqls_generic_plan(
         runtime.project.apps["web"], "products"))
     sql = compiler.read("products", parse_pairs(query_pairs("select=id,name,price&price=gte.10&order=id&limit=50"))).sql
     assert " LIMIT 50)" in sql and "OFFSET" not in sql
-    (database,) = runtime.project.config.databases.values()
-    conn = await asyncpg.connect(resolve_secret(database.url, what="url"))
-    try:
+    async with operations.owner_connection(runtime.project) as conn:
         statement = await conn.prepare(sql)
         for price in range(10, 30):
             page = orjson.loads((await statement.fetchrow(str(price)))[0])
             assert len(page) == 50 and all(float(row["price"]) >= price for row in page)
         plans = await conn.fetchrow("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
                                     "WHERE statement = $1", sql)
-    finally:
-        await conn.close()
     assert plans is not None and plans["custom_plans"] <= 5 and plans["generic_plans"] >= 15, dict(plans or {})
