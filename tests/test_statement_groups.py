@@ -9,7 +9,6 @@ records, through an app whose pool has one connection."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -24,7 +23,7 @@ from gatehouse.app import create_admin_app, create_app
 from gatehouse.auth.identity import Identity
 from gatehouse.db import Connection
 from gatehouse.db.pools import AppPool
-from gatehouse.db.statement_groups import FUNNEL_HOLD_S, FUNNEL_READ_GROUP, Merge, StatementGroups, _Queue
+from gatehouse.db.statement_groups import FUNNEL_HOLD_S, Merge, StatementGroups
 from gatehouse.errors import ApiError, ConnectionLost
 from gatehouse.runtime import Runtime
 from test_write_plans import request
@@ -34,8 +33,6 @@ INSERT = ("WITH written AS (INSERT INTO things (sku) VALUES ($1) RETURNING id) "
           "SELECT count(*) AS written, txid_current() AS xid FROM written")
 READ = "SELECT ($1::text)::int AS n"
 SLOW_READ = "SELECT $1::text AS v, pg_sleep(0.3)"
-DEAR_READ = ("SELECT $1::text AS v, (SELECT count(*) FROM generate_series(1, 2000)) AS n, "
-             "pg_advisory_xact_lock_shared(4242)::text AS waited")  # (for as long as a test holds that lock)
 SLOW_INSERT = ("WITH written AS (INSERT INTO things (sku) VALUES ($1) RETURNING id) "
                "SELECT count(*) AS written, txid_current() AS xid, pg_sleep(0.3) FROM written")
 
@@ -182,65 +179,6 @@ async def test_cheap_reads_of_one_loop_turn_go_together_while_connections_are_fr
     assert [row["n"] for row in rows] == list(range(1, 9))
     assert groups.grouped == 8 and 1 <= groups.groups <= 2  # (the budget over its pace: groups of 4 at least)
     assert pool.idle + pool.in_use <= groups.groups  # at most a connection per group, of the four it may open
-
-
-async def dear_read_funneled(pool: AppPool, groups: StatementGroups) -> list[int]:
-    """Run DEAR_READ until its last run was a group of at least FUNNEL_READ_GROUP, so that it is funneled from
-    then on, with two connections open; what this returns is, from then on, the connections its groups had in use
-    at once as each group started."""
-    for n in range(3):  # alone, on one connection: its pace is not known yet, then that of a warm connection
-        await groups.read(DEAR_READ, (f"w{n}",))
-    rows = await asyncio.gather(*(groups.read(DEAR_READ, (f"p{n}",)) for n in range(FUNNEL_READ_GROUP)))
-    assert [row["v"] for row in rows] == [f"p{n}" for n in range(FUNNEL_READ_GROUP)]
-    assert groups._funneled(DEAR_READ), groups._paces
-    async with pool.acquire(), pool.acquire():
-        pass
-    in_use: list[int] = []
-    run = groups._run
-
-    async def counted(conn: Connection, sql: str, group: list[Any]) -> None:
-        in_use.append(pool.in_use)
-        await run(conn, sql, group)
-    groups._run = counted  # type: ignore[method-assign]
-    return in_use
-
-
-@contextlib.asynccontextmanager
-async def held_back(scratch: Scratch) -> AsyncIterator[None]:
-    """DEAR_READ waits (for the lock it shares) while this holds it."""
-    await scratch.monitor.execute("SELECT pg_advisory_lock(4242)")
-    try:
-        yield
-    finally:
-        await scratch.monitor.execute("SELECT pg_advisory_unlock(4242)")
-
-
-async def test_cheap_reads_dear_to_postgresql_go_one_group_at_a_time(scratch: Scratch) -> None:
-    pool, groups = scratch.groups(size=4)
-    in_use = await dear_read_funneled(pool, groups)
-    async with held_back(scratch):  # the first group runs until the lock is let go, well within FUNNEL_HOLD_S
-        first = [asyncio.create_task(groups.read(DEAR_READ, (f"a{n}",))) for n in range(8)]
-        await asyncio.sleep(0.005)
-        later = [asyncio.create_task(groups.read(DEAR_READ, (f"b{n}",))) for n in range(3)]
-        await asyncio.sleep(0.005)
-    rows = await asyncio.gather(*first, *later)
-    assert [row["v"] for row in rows] == [f"a{n}" for n in range(8)] + [f"b{n}" for n in range(3)]
-    assert len(in_use) >= 2 and set(in_use) == {1}  # each group waited for the last, not beside it on a free
-    # connection (groups of what fits in GROUP_BUDGET_S at the statement's pace: the first eight may be two)
-
-
-async def test_a_funnel_that_falls_behind_lets_a_group_go_beside_it(scratch: Scratch) -> None:
-    pool, groups = scratch.groups(size=4)
-    in_use = await dear_read_funneled(pool, groups)
-    most = groups._most(_Queue(DEAR_READ, reading=True))
-    async with held_back(scratch):
-        running = [asyncio.create_task(groups.read(DEAR_READ, (f"a{n}",))) for n in range(most)]
-        await asyncio.sleep(0.005)
-        waiting = [asyncio.create_task(groups.read(DEAR_READ, (f"b{n}",))) for n in range(most)]  # a whole group
-        await asyncio.sleep(0.005)
-    rows = await asyncio.gather(*running, *waiting)
-    assert [row["v"] for row in rows] == [f"a{n}" for n in range(most)] + [f"b{n}" for n in range(most)]
-    assert in_use == [1, 2]  # the waiting group went beside the running one
 
 
 async def test_slow_reads_run_side_by_side_on_free_connections_and_alone_under_load(scratch: Scratch) -> None:

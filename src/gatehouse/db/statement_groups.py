@@ -23,12 +23,6 @@ What a request sees is what it would see alone:
 - Plain inserts go further: one statement of them runs at a time (a funnel), the first after one turn of the
   loop, and what comes meanwhile waits for it rather than for a free connection, then goes together
   (:meth:`StatementGroups._hold`).
-- So do cheap reads that still cost PostgreSQL about as much as the server (a pace of at least
-  :data:`FUNNEL_READ_PACE_S` in a group of :data:`FUNNEL_READ_GROUP` or more: the bench's list of 50). One
-  group of them runs at a time while the next fills, so that PostgreSQL runs one group while the loop answers
-  the last one. Started side by side, the groups of a wave of requests ran and came back at once, and the
-  database and the loop took turns instead of working together. A funnel that falls behind (a whole group
-  waiting) lets another group go beside it.
 - Each request has its own parameters and gets its own answer row. A group is of one statement (one query
   shape), so its requests cost alike: none waits long behind a different, slower one.
 - Reads: every statement of the implicit transaction takes its own snapshot (READ COMMITTED), taken after the
@@ -59,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -76,15 +70,6 @@ trip, and on how much one refused request makes run again."""
 GROUP_BUDGET_S = 0.002
 """PostgreSQL time one group is meant to take, by its statement's pace: what bounds a group's size, and decides
 which reads wait a loop turn for company (see the module's docstring)."""
-
-FUNNEL_READ_PACE_S = 50e-6
-"""A cheap read whose pace is at least this goes through a funnel, as plain inserts do (see the module's
-docstring): about what the loop spends on a request itself, so that PostgreSQL's share of a group is worth
-overlapping with the loop's. The bench's list of 50 (70-120 µs) is funneled; its point lookup and embedded read
-(20-40 µs) are not, and measured slower funneled (bench/README.md, twenty-fifth session)."""
-
-FUNNEL_READ_GROUP = 4
-"""The group a read's pace must come from for it to be funneled (:meth:`StatementGroups._funneled`)."""
 
 PACES_KEPT = 1024
 """Statements whose pace is remembered (least recently run out first)."""
@@ -139,9 +124,8 @@ class StatementGroups:
         self.pool = pool
         self._max_group = max_group
         self._queues: dict[str, _Queue] = {}
-        self._paces: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        """Seconds a request of each statement took in its last run (its round trip shared by its group), and the
-        requests of that run."""
+        self._paces: OrderedDict[str, float] = OrderedDict()
+        """Seconds a request of each statement took in its last run (its round trip shared by its group)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.groups = 0
         """Groups of two or more requests run."""
@@ -190,28 +174,12 @@ class StatementGroups:
 
     def _cheap(self, sql: str) -> bool:
         """Whether at least two requests of the statement fit in :data:`GROUP_BUDGET_S`, by its last pace."""
-        paced = self._paces.get(sql)
-        return paced is not None and paced[0] * 2 <= GROUP_BUDGET_S
-
-    def _funneled(self, sql: str) -> bool:
-        """Whether a cheap read goes through a funnel: its last run was a group of at least
-        :data:`FUNNEL_READ_GROUP` at a pace of at least :data:`FUNNEL_READ_PACE_S`. (The pace of a small group is
-        mostly its round trip, which says nothing of PostgreSQL's share, and a funnel under light load would only
-        make a request wait for another.)"""
-        paced = self._paces.get(sql)
-        return (paced is not None and paced[1] >= FUNNEL_READ_GROUP and paced[0] >= FUNNEL_READ_PACE_S
-                and paced[0] * 2 <= GROUP_BUDGET_S)
-
-    def _most(self, queue: _Queue) -> int:
-        """How many requests the next group of the queue takes at most."""
-        paced = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
-        if paced is not None and paced[0] > 0:  # (None: not run yet)
-            return max(1, min(self._max_group, int(GROUP_BUDGET_S / paced[0])))
-        return self._max_group
+        pace = self._paces.get(sql)
+        return pace is not None and pace * 2 <= GROUP_BUDGET_S
 
     def _paced(self, sql: str, seconds: float, requests: int) -> None:
         paces = self._paces
-        paces[sql] = (seconds / requests, requests)
+        paces[sql] = seconds / requests
         paces.move_to_end(sql)
         if len(paces) > PACES_KEPT:
             paces.popitem(last=False)
@@ -246,28 +214,25 @@ class StatementGroups:
     def _join(self, queue: _Queue | None, sql: str, params: Sequence[object],
               reading: bool, merge: Merge | None = None) -> asyncio.Future[object]:
         if queue is None:
-            queue = self._queues[sql] = _Queue(sql, reading, funnel=reading and self._funneled(sql))
+            queue = self._queues[sql] = _Queue(sql, reading)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        members = queue.members
-        members.append((params, future, merge))
+        queue.members.append((params, future, merge))
         if not queue.draining:
             self._drain_soon(queue)
-        elif reading and queue.funnel and len(members) % self._most(queue) == 0:  # a whole group waits: beside
-            self._start(self._drain_group(queue))
         return future
 
     def _drain_soon(self, queue: _Queue) -> None:
         queue.draining = True
-        self._start(self._drain(queue))
-
-    def _start(self, drain: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(drain)
+        task = asyncio.get_running_loop().create_task(self._drain(queue))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _take(self, queue: _Queue) -> list[_Member]:
         """The next group (callers still waiting, oldest first); a new task is started for any left over."""
-        members, group, most = queue.members, list[_Member](), self._most(queue)
+        members, group, most = queue.members, list[_Member](), self._max_group
+        pace = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
+        if pace:  # (None: not run yet)
+            most = max(1, min(most, int(GROUP_BUDGET_S / pace)))
         while members and len(group) < most:
             member = members.popleft()
             if not member[1].done():  # (cancelled: its caller went away before the group ran)
