@@ -171,14 +171,43 @@ async def test_reads_waiting_for_a_busy_pool_run_in_one_round_trip_each_with_its
     assert (groups.groups, groups.grouped) == (1, 6)
 
 
+async def had_company(pool: AppPool, groups: StatementGroups) -> None:
+    """READ run alone (on a connection then warm), then six of it while the pool's one open connection is busy,
+    in one group, so that READ is cheap (its pace) and has had company lately."""
+    for n in range(2):
+        assert (await groups.read(READ, (str(n),)))["n"] == n
+    before = groups.grouped
+    async with pool.acquire():
+        waiting = [asyncio.create_task(groups.read(READ, (str(n),))) for n in range(6)]
+        await asyncio.sleep(0.05)
+    assert [row["n"] for row in await asyncio.gather(*waiting)] == list(range(6))
+    assert groups.grouped - before == 6
+
+
 async def test_cheap_reads_of_one_loop_turn_go_together_while_connections_are_free(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=4)
-    for n in range(3):  # the first alone (its pace is not known yet), the others each a group of one
-        assert (await groups.read(READ, (str(n),)))["n"] == n
+    await had_company(pool, groups)
+    grouped, before = groups.grouped, groups.groups
     rows = await asyncio.gather(*(groups.read(READ, (str(n),)) for n in range(1, 9)))
     assert [row["n"] for row in rows] == list(range(1, 9))
-    assert groups.grouped == 8 and 1 <= groups.groups <= 2  # (the budget over its pace: groups of 4 at least)
-    assert pool.idle + pool.in_use <= groups.groups  # at most a connection per group, of the four it may open
+    assert groups.grouped - grouped == 8 and 1 <= groups.groups - before <= 2  # (the budget over its pace: groups
+    # of 4 at least)
+    assert pool.idle + pool.in_use <= 2  # the connection free was enough (a second one at most): none of the others
+
+
+async def test_a_cheap_read_that_has_had_no_company_lately_does_not_wait_a_turn_for_it(scratch: Scratch) -> None:
+    pool, groups = scratch.groups(size=4)
+    for n in range(6):  # one at a time: cheap, but alone every time (one app among many, each with its own pool)
+        assert (await groups.read(READ, (str(n),)))["n"] == n
+    read = asyncio.create_task(groups.read(READ, ("7",)))
+    await asyncio.sleep(0)
+    assert not groups._tasks and groups.statements_waiting == 0  # on the free connection at once, no queue
+    assert (await read)["n"] == 7
+    await had_company(pool, groups)  # then it waits a turn again
+    read = asyncio.create_task(groups.read(READ, ("8",)))
+    await asyncio.sleep(0)
+    assert groups._tasks and groups.statements_waiting == 1
+    assert (await read)["n"] == 8
 
 
 async def test_slow_reads_run_side_by_side_on_free_connections_and_alone_under_load(scratch: Scratch) -> None:

@@ -12,11 +12,14 @@ What a request sees is what it would see alone:
 
 - Nothing waits for company longer than one turn of the event loop (no timer, as PostgreSQL's ``commit_delay``
   has). A read of a *cheap* statement (its pace, the time a request of it took in its last run, lets at least
-  two fit in :data:`GROUP_BUDGET_S`) joins the requests of its statement that came in the same turn even while a
-  connection is free: the bench's point lookups, 94 % of them in groups where 56 % were, cost PostgreSQL 24 µs
-  each instead of 36 and the server 78 instead of 96 (bench/README.md, twenty-fourth session). Any other read or
-  write that finds an idle connection runs at once, alone; under load, what waits for a connection goes
-  together.
+  two fit in :data:`GROUP_BUDGET_S`) that has had company lately (its recent runs took
+  :data:`COMPANY_MIN` requests or more on average) joins the requests of its statement that came in the same
+  turn even while a connection is free: the bench's point lookups, 94 % of them in groups where 56 % were, cost
+  PostgreSQL 24 µs each instead of 36 and the server 78 instead of 96 (bench/README.md, twenty-fourth session).
+  A statement that runs alone (one app among a hundred, each with its own pool and groups) does not wait a turn
+  for company that does not come: that cost 21 µs of CPU a request and 13 % of the throughput at 100 apps
+  (twenty-fifth session). Any other read or write that finds an idle connection runs at once, alone; under
+  load, what waits for a connection goes together, and so a statement gets company again.
 - A group of reads takes what fits in :data:`GROUP_BUDGET_S` at its statement's pace (and at most
   ``max_group``): the rest goes on the next connection free, so that slow reads still run side by side. A group
   of writes takes up to ``max_group``: they share one commit, the dearer part of a small insert.
@@ -71,6 +74,13 @@ GROUP_BUDGET_S = 0.002
 """PostgreSQL time one group is meant to take, by its statement's pace: what bounds a group's size, and decides
 which reads wait a loop turn for company (see the module's docstring)."""
 
+COMPANY_MIN = 1.5
+"""The requests a cheap read's statement must have run with lately, on average, for a read of it to wait a turn
+for company while a connection is free."""
+
+COMPANY_WEIGHT = 0.25
+"""The weight of a statement's last run in its average company (an exponential moving average)."""
+
 PACES_KEPT = 1024
 """Statements whose pace is remembered (least recently run out first)."""
 
@@ -124,8 +134,9 @@ class StatementGroups:
         self.pool = pool
         self._max_group = max_group
         self._queues: dict[str, _Queue] = {}
-        self._paces: OrderedDict[str, float] = OrderedDict()
-        """Seconds a request of each statement took in its last run (its round trip shared by its group)."""
+        self._paces: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """Seconds a request of each statement took in its last run (its round trip shared by its group), and the
+        requests its runs took lately, on average (``COMPANY_WEIGHT``)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.groups = 0
         """Groups of two or more requests run."""
@@ -173,13 +184,16 @@ class StatementGroups:
         return answer
 
     def _cheap(self, sql: str) -> bool:
-        """Whether at least two requests of the statement fit in :data:`GROUP_BUDGET_S`, by its last pace."""
-        pace = self._paces.get(sql)
-        return pace is not None and pace * 2 <= GROUP_BUDGET_S
+        """Whether at least two requests of the statement fit in :data:`GROUP_BUDGET_S`, by its last pace, and its
+        runs had company lately (:data:`COMPANY_MIN`)."""
+        paced = self._paces.get(sql)
+        return paced is not None and paced[0] * 2 <= GROUP_BUDGET_S and paced[1] >= COMPANY_MIN
 
     def _paced(self, sql: str, seconds: float, requests: int) -> None:
         paces = self._paces
-        paces[sql] = seconds / requests
+        last = paces.get(sql)
+        company = requests if last is None else last[1] + (requests - last[1]) * COMPANY_WEIGHT
+        paces[sql] = (seconds / requests, company)
         paces.move_to_end(sql)
         if len(paces) > PACES_KEPT:
             paces.popitem(last=False)
@@ -230,9 +244,9 @@ class StatementGroups:
     def _take(self, queue: _Queue) -> list[_Member]:
         """The next group (callers still waiting, oldest first); a new task is started for any left over."""
         members, group, most = queue.members, list[_Member](), self._max_group
-        pace = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
-        if pace:  # (None: not run yet)
-            most = max(1, min(most, int(GROUP_BUDGET_S / pace)))
+        paced = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
+        if paced is not None and paced[0] > 0:  # (None: not run yet)
+            most = max(1, min(most, int(GROUP_BUDGET_S / paced[0])))
         while members and len(group) < most:
             member = members.popleft()
             if not member[1].done():  # (cancelled: its caller went away before the group ran)
