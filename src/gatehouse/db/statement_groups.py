@@ -105,6 +105,15 @@ class Merge(NamedTuple):
     """The rows this request sends, which is its answer's ``written``."""
 
 
+class _Pace(NamedTuple):
+    """What the runs of one statement said about it."""
+
+    seconds: float
+    """The time a request of it took in its last run (its round trip shared by its group)."""
+    company: float
+    """The requests its runs took lately, on average (:data:`COMPANY_WEIGHT`)."""
+
+
 _Member = tuple[Sequence[object], "asyncio.Future[object]", Merge | None]
 WriteAnswer = asyncpg.Record | dict[str, Any]
 """A write's answer row: its own statement's, or a merged group's with its own ``written`` (:class:`Merge`)."""
@@ -134,9 +143,7 @@ class StatementGroups:
         self.pool = pool
         self._max_group = max_group
         self._queues: dict[str, _Queue] = {}
-        self._paces: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        """Seconds a request of each statement took in its last run (its round trip shared by its group), and the
-        requests its runs took lately, on average (``COMPANY_WEIGHT``)."""
+        self._paces: OrderedDict[str, _Pace] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.groups = 0
         """Groups of two or more requests run."""
@@ -186,14 +193,14 @@ class StatementGroups:
     def _cheap(self, sql: str) -> bool:
         """Whether at least two requests of the statement fit in :data:`GROUP_BUDGET_S`, by its last pace, and its
         runs had company lately (:data:`COMPANY_MIN`)."""
-        paced = self._paces.get(sql)
-        return paced is not None and paced[0] * 2 <= GROUP_BUDGET_S and paced[1] >= COMPANY_MIN
+        pace = self._paces.get(sql)
+        return pace is not None and pace.seconds * 2 <= GROUP_BUDGET_S and pace.company >= COMPANY_MIN
 
     def _paced(self, sql: str, seconds: float, requests: int) -> None:
         paces = self._paces
         last = paces.get(sql)
-        company = requests if last is None else last[1] + (requests - last[1]) * COMPANY_WEIGHT
-        paces[sql] = (seconds / requests, company)
+        company = requests if last is None else last.company + (requests - last.company) * COMPANY_WEIGHT
+        paces[sql] = _Pace(seconds / requests, company)
         paces.move_to_end(sql)
         if len(paces) > PACES_KEPT:
             paces.popitem(last=False)
@@ -244,9 +251,9 @@ class StatementGroups:
     def _take(self, queue: _Queue) -> list[_Member]:
         """The next group (callers still waiting, oldest first); a new task is started for any left over."""
         members, group, most = queue.members, list[_Member](), self._max_group
-        paced = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
-        if paced is not None and paced[0] > 0:  # (None: not run yet)
-            most = max(1, min(most, int(GROUP_BUDGET_S / paced[0])))
+        pace = self._paces.get(queue.sql) if queue.reading else None  # (writes share a commit: the more the better)
+        if pace is not None and pace.seconds > 0:  # (None: not run yet)
+            most = max(1, min(most, int(GROUP_BUDGET_S / pace.seconds)))
         while members and len(group) < most:
             member = members.popleft()
             if not member[1].done():  # (cancelled: its caller went away before the group ran)
