@@ -21,7 +21,7 @@ from conftest import ProjectFactory, prepare, with_database
 from gatehouse import operations, writing
 from gatehouse.app import create_admin_app, create_app
 from gatehouse.auth.identity import Identity
-from gatehouse.db import Connection
+from gatehouse.db import Connection, statement_groups
 from gatehouse.db.pools import AppPool
 from gatehouse.db.statement_groups import FUNNEL_HOLD_S, Merge, StatementGroups
 from gatehouse.errors import ApiError, ConnectionLost
@@ -171,6 +171,14 @@ async def test_reads_waiting_for_a_busy_pool_run_in_one_round_trip_each_with_its
     assert (groups.groups, groups.grouped) == (1, 6)
 
 
+@pytest.fixture
+def roomy_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group budget of 50 ms: READ's pace fits it on a machine under load, where a pace measured on the wall
+    clock can pass the 2 ms of :data:`GROUP_BUDGET_S` (a group split, or a read no longer cheap). What the tests
+    that take it check is how cheap reads go, not whether READ is cheap on the machine of the day."""
+    monkeypatch.setattr(statement_groups, "GROUP_BUDGET_S", 0.05)
+
+
 async def had_company(pool: AppPool, groups: StatementGroups) -> None:
     """READ run alone (on a connection then warm), then six of it while the pool's one open connection is busy,
     in one group, so that READ is cheap (its pace) and has had company lately."""
@@ -184,17 +192,19 @@ async def had_company(pool: AppPool, groups: StatementGroups) -> None:
     assert groups.grouped - before == 6
 
 
+@pytest.mark.usefixtures("roomy_budget")
 async def test_cheap_reads_of_one_loop_turn_go_together_while_connections_are_free(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=4)
     await had_company(pool, groups)
+    assert (pool.idle, pool.in_use) == (2, 0)  # the one had_company held, and the one its group ran on
     grouped, before = groups.grouped, groups.groups
     rows = await asyncio.gather(*(groups.read(READ, (str(n),)) for n in range(1, 9)))
     assert [row["n"] for row in rows] == list(range(1, 9))
-    assert groups.grouped - grouped == 8 and 1 <= groups.groups - before <= 2  # (the budget over its pace: groups
-    # of 4 at least)
-    assert pool.idle + pool.in_use <= 2  # the connection free was enough (a second one at most): none of the others
+    assert groups.grouped - grouped == 8 and groups.groups - before == 1
+    assert (pool.idle, pool.in_use) == (2, 0)  # the connections free were enough: none opened for the eight
 
 
+@pytest.mark.usefixtures("roomy_budget")
 async def test_a_cheap_read_that_has_had_no_company_lately_does_not_wait_a_turn_for_it(scratch: Scratch) -> None:
     pool, groups = scratch.groups(size=4)
     for n in range(6):  # one at a time: cheap, but alone every time (one app among many, each with its own pool)
