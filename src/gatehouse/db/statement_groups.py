@@ -145,6 +145,7 @@ class StatementGroups:
         self._queues: dict[str, _Queue] = {}
         self._paces: OrderedDict[str, _Pace] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.groups = 0
         """Groups of two or more requests run."""
         self.grouped = 0
@@ -221,8 +222,16 @@ class StatementGroups:
                 queue.holder = None
                 self._next(queue)
 
-        timer = asyncio.get_running_loop().call_later(FUNNEL_HOLD_S, release)
+        timer = self._running_loop().call_later(FUNNEL_HOLD_S, release)
         return release
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop, kept from the first call: CPython 3.11's ``asyncio.get_running_loop()`` makes a
+        ``getpid()`` system call each time (a fork check), one or two a request here."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _next(self, queue: _Queue) -> None:
         """A funnel let go: the requests that came meanwhile go next, together, or the queue is forgotten."""
@@ -236,7 +245,7 @@ class StatementGroups:
               reading: bool, merge: Merge | None = None) -> asyncio.Future[object]:
         if queue is None:
             queue = self._queues[sql] = _Queue(sql, reading)
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[object] = self._running_loop().create_future()
         queue.members.append((params, future, merge))
         if not queue.draining:
             self._drain_soon(queue)
@@ -244,7 +253,7 @@ class StatementGroups:
 
     def _drain_soon(self, queue: _Queue) -> None:
         queue.draining = True
-        task = asyncio.get_running_loop().create_task(self._drain(queue))
+        task = self._running_loop().create_task(self._drain(queue))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
