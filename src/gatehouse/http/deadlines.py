@@ -29,13 +29,16 @@ def sweep_interval(timeout_s: float) -> float:
 class BodyDeadlines:
     """The tasks reading a body now, each with the loop time its body must have arrived by."""
 
-    __slots__ = ("_expired", "_readers", "_timer", "timeout_s")
+    __slots__ = ("_expired", "_loop", "_readers", "_timer", "timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._readers: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the last reader: ``asyncio.current_task()`` without it asks for the running loop, which on
+        CPython 3.11 is a ``getpid()`` system call each time."""
 
     def __len__(self) -> int:
         return len(self._readers)
@@ -43,9 +46,12 @@ class BodyDeadlines:
     def enter(self) -> tuple[asyncio.Task[Any], int]:
         """The calling task starts reading its body: its deadline is set. What this returns goes to
         :meth:`refusal` and :meth:`leave`."""
-        task = asyncio.current_task()
+        loop = self._loop
+        task = None if loop is None else asyncio.current_task(loop)
+        if loop is None or task is None:  # the first reader (or one on another loop: a test's)
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
         assert task is not None  # (a request is always served in a task)
-        loop = task.get_loop()
         self._readers[task] = loop.time() + self.timeout_s
         if self._timer is None:
             self._timer = loop.call_later(sweep_interval(self.timeout_s), self._sweep, loop)
