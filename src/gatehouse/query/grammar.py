@@ -434,7 +434,10 @@ def parse_order(raw: str) -> tuple[OrderTerm, ...]:
             raise cursor.error('"," or end of input')
 
 
-NEGATIVE_LIMIT = re.compile(r"\s*-[0-9]{1,18}\s*")
+NEGATIVE_LIMIT = re.compile(r"\s*-[0-9]{1,18}\s*", re.ASCII)
+COUNT = re.compile(r"\s*[0-9]{1,18}\s*", re.ASCII)
+"""A limit or an offset, with ASCII white space around it at most: ``str.strip`` and a Unicode ``\\s`` also take
+the separators U+001C-U+001F, which ``int`` refuses (a 500 where a 400 belongs)."""
 
 
 def negative_limit() -> RangeNotSatisfiable:
@@ -446,7 +449,7 @@ def negative_limit() -> RangeNotSatisfiable:
 def _count(name: str, raw: str) -> int:
     """A limit or an offset: a whole number, at least 0 (PostgREST ignores a negative offset, which no one can
     mean; a negative top-level limit is its 416, :func:`negative_limit`)."""
-    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+    if COUNT.fullmatch(raw) is None:
         raise QueryParseError(f'"failed to parse {name}" ({raw})',
                               details=f"{name} must be a whole number, 0 or more")
     return int(raw)
