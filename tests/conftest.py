@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import httpx
@@ -187,14 +187,24 @@ async def serve_project() -> AsyncIterator[Callable[[Project], object]]:
         await runtime.stop()
 
 
+class ServedFolder(NamedTuple):
+    """What :func:`served_folder` serves: a client of its data port, app → key, the database's URL, a connection
+    to the database as its owner, and the runtime (for its admin app)."""
+
+    client: httpx.AsyncClient
+    keys: dict[str, str]
+    url: str
+    database: asyncpg.Connection
+    runtime: Runtime
+
+
 @asynccontextmanager
 async def served_folder(server_uri: str, root: Path, files: dict[str, str], name_in_toml: str,
-                        env: dict[str, str]) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str], str,
-                                                                       asyncpg.Connection]]:
+                        env: dict[str, str]) -> AsyncIterator[ServedFolder]:
     """A one-database project written from ``files`` (path → text) into ``root``, with a database of its own,
-    migrated, applied and served in-process, for a module's tests to share: (client, app → key, database URL,
-    the database as its owner). ``name_in_toml`` is the project name the toml text carries (made unique here);
-    ``env``: variables its ``env:`` secrets need. Dropped afterwards."""
+    migrated, applied and served in-process, for a module's tests to share. ``name_in_toml`` is the project
+    name the toml text carries (made unique here); ``env``: variables its ``env:`` secrets need. Dropped
+    afterwards."""
     name = f"t{uuid.uuid4().hex[:10]}"
     files = {**files, "gatehouse.toml": files["gatehouse.toml"].replace(f'name = "{name_in_toml}"',
                                                                          f'name = "{name}"')}
@@ -219,7 +229,7 @@ async def served_folder(server_uri: str, root: Path, files: dict[str, str], name
             database = await asyncpg.connect(url)
             try:
                 async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as client:
-                    yield client, keys, url, database
+                    yield ServedFolder(client, keys, url, database, runtime)
             finally:
                 await database.close()
                 await runtime.stop()

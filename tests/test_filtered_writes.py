@@ -155,7 +155,7 @@ async def world(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> As
              "contracts/orders.v1.sql": CONTRACT, "logic/orders.py": LOGIC}
     root = tmp_path_factory.mktemp("filtered_writes") / "project"
     async with served_folder(server_uri, root, files, "filtered", {"FILTERED_WRITES_JWT_SECRET": SECRET}) as served:
-        client, keys, url, database = served
+        client, keys, url, database, _ = served
         yield World(client, keys, url, database)
 
 

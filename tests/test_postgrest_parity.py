@@ -200,7 +200,7 @@ async def world(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> As
              **{f"contracts/{file}": sql for file, sql in CONTRACTS.items()}}
     root = tmp_path_factory.mktemp("parity") / "project"
     async with served_folder(server_uri, root, files, "parity", {"PARITY_JWT_SECRET": SECRET}) as served:
-        client, keys, _, database = served
+        client, keys, _, database, _ = served
         yield World(client, keys, database)
 
 

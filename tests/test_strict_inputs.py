@@ -7,25 +7,28 @@ before the query). Every refused write leaves the table as it was, checked with 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 
-from conftest import ProjectFactory, prepare
-from gatehouse import operations
+from conftest import served_folder
 from gatehouse.app import create_admin_app
 from gatehouse.db.catalog import ViewShape
 from gatehouse.errors import ApiError, ClaimDoesNotFit, JsonPathOnNonJsonColumn
-from gatehouse.project import Project
 from gatehouse.query.grammar import parse_query
 from gatehouse.query.row_filters import bind_claims, parse_row_filter
 from gatehouse.query.sql import ReadCompiler
 from gatehouse.query.values import certainly_refused
 from gatehouse.runtime import Runtime
 from gatehouse.schema_cache import ApiSchema
+
+IN_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+"""The cases that use the module's server run in its event loop (the sync ones need none)."""
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256!!"
 FILTERED_APPS = {  # app → its row filter on notes, each comparing the token's "uid" with a column of another type
@@ -63,17 +66,21 @@ grants = [
 ]
 {FILTERED_GRANTS}
 """
-MIGRATION = """
+SCHEMA = """
 CREATE TYPE feeling AS ENUM ('happy', 'sad');
 CREATE TABLE notes (id serial PRIMARY KEY, user_id int NOT NULL, body text NOT NULL, data jsonb NOT NULL DEFAULT '{}',
                     ref uuid, flag boolean NOT NULL DEFAULT false, created date NOT NULL DEFAULT '2024-01-01',
                     feeling feeling NOT NULL DEFAULT 'happy');
 CREATE TABLE comments (id serial PRIMARY KEY, note_id int NOT NULL REFERENCES notes (id), text text NOT NULL);
+"""
+SEED = """
 INSERT INTO notes (user_id, body, data, ref, flag, created, feeling) VALUES
     (1, 'first', '{"a": {"b": 1}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true, '2024-01-01', 'sad'),
     (2, 'second', '{"a": {"b": 2}}', NULL, false, '2025-06-01', 'happy');
 INSERT INTO comments (note_id, text) VALUES (1, 'nice'), (1, 'again'), (2, 'meh');
 """
+MIGRATION = SCHEMA + SEED
+
 CONTRACTS = {
     "notes.v1.sql": "SELECT id, user_id, body, data, ref, flag, created, feeling FROM notes",
     "comments.v1.sql": "SELECT id, note_id, text FROM comments",
@@ -104,26 +111,35 @@ POSTGRESQL_TEXT = ("invalid input", "syntax", "operator does not exist", "for ty
 
 
 class World:
-    def __init__(self, client: httpx.AsyncClient, project: Project, runtime: Runtime, key: str) -> None:
-        self.client, self.project, self.runtime, self.key = client, project, runtime, key
+    def __init__(self, client: httpx.AsyncClient, database: asyncpg.Connection, runtime: Runtime, key: str) -> None:
+        self.client, self.database, self.runtime, self.key = client, database, runtime, key
 
     @property
     def admin(self) -> dict[str, str]:
         return {"apikey": self.key}
 
     async def table(self, sql: str = "SELECT id, user_id, body FROM notes ORDER BY id") -> list[tuple[Any, ...]]:
-        async with operations.owner_connection(self.project) as conn:
-            return [tuple(row) for row in await conn.fetch(sql)]
+        return [tuple(row) for row in await self.database.fetch(sql)]
 
 
-@pytest.fixture
-async def world(make_project: ProjectFactory, serve_project: Any, monkeypatch: pytest.MonkeyPatch) -> World:
-    monkeypatch.setenv("STRICT_JWT_SECRET", SECRET)
-    project = make_project(toml=TOML, migrations={"V001__s.sql": MIGRATION}, contracts=CONTRACTS,
-                           files={"logic/probe.py": LOGIC})
-    keys = await prepare(project)
-    client, runtime = await serve_project(project)
-    return World(client, project, runtime, keys["admin"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    """One project and server for the module's cases (a project of its own costs each case half a second)."""
+    files = {"gatehouse.toml": TOML, "migrations/V001__s.sql": MIGRATION, "logic/probe.py": LOGIC,
+             **{f"contracts/{name}": sql for name, sql in CONTRACTS.items()}}
+    root = tmp_path_factory.mktemp("strict_inputs") / "project"
+    async with served_folder(server_uri, root, files, "strict", {"STRICT_JWT_SECRET": SECRET}) as folder:
+        yield World(folder.client, folder.database, folder.runtime, folder.keys["admin"])
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(served: World) -> World:
+    """The module's server with its rows back to the seed, whatever the cases before it wrote (DELETE, not
+    TRUNCATE: the data-version triggers see it)."""
+    await served.database.execute("DELETE FROM comments; DELETE FROM notes; "
+                                  "ALTER SEQUENCE notes_id_seq RESTART; ALTER SEQUENCE comments_id_seq RESTART; "
+                                  + SEED)
+    return served
 
 
 def user(app: str, uid: object) -> dict[str, str]:
@@ -146,6 +162,7 @@ def no_postgresql_text(response: httpx.Response) -> None:
     "select=body->a", "select=id,body->>a", "select=x:body->a->>b", "body->>a=eq.1", "order=body->a",
     "or=(body->>a.eq.1,id.eq.1)", "select=id,comments(text->a)",
 ])
+@IN_MODULE_LOOP
 async def test_a_json_path_on_a_column_that_is_not_json_is_400(world: World, query: str) -> None:
     response = await world.client.get(f"/notes?{query}", headers=world.admin)
     assert response.status_code == 400 and response.json()["code"] == "GH400", response.text
@@ -154,6 +171,7 @@ async def test_a_json_path_on_a_column_that_is_not_json_is_400(world: World, que
     assert "operator" not in response.text and "unknown" not in response.text
 
 
+@IN_MODULE_LOOP
 async def test_a_json_path_on_jsonb_still_works(world: World) -> None:
     response = await world.client.get("/notes?select=id,b:data->a->>b&data->a->>b=eq.2", headers=world.admin)
     assert response.status_code == 200 and response.json() == [{"id": 2, "b": "2"}]
@@ -174,6 +192,7 @@ def test_a_json_path_on_text_is_refused_by_the_compiler() -> None:
     ("by_list", 1, ["abc"]),
     ("by_feeling", "sad", ["abc", "angry"]),
 ])
+@IN_MODULE_LOOP
 async def test_a_claim_that_does_not_fit_the_filter_column_is_403(world: World, app: str, fits: object,
                                                                    misfits: list[object]) -> None:
     good = await world.client.get("/notes?select=id", headers=user(app, fits))
@@ -232,6 +251,7 @@ TYPED_VALUES = {
 }
 
 
+@IN_MODULE_LOOP
 async def test_certainly_refused_is_never_wrong(server_uri: str) -> None:
     """Whatever ``certainly_refused`` refuses, PostgreSQL refuses too (the other way round is allowed: doubt)."""
     conn = await asyncpg.connect(server_uri)
@@ -256,6 +276,7 @@ async def test_certainly_refused_is_never_wrong(server_uri: str) -> None:
     ('text/csv; charset="windows-1252"', b"user_id,body\n5,x"),
     ("application/x-www-form-urlencoded; charset=latin-1", b"user_id=5&body=x"),
 ])
+@IN_MODULE_LOOP
 async def test_a_body_in_another_charset_is_415(world: World, content_type: str, body: bytes) -> None:
     before = await world.table()
     response = await world.client.post("/notes", content=body, headers={**world.admin, "Content-Type": content_type})
@@ -263,6 +284,7 @@ async def test_a_body_in_another_charset_is_415(world: World, content_type: str,
     assert await world.table() == before
 
 
+@IN_MODULE_LOOP
 async def test_utf8_bodies_are_taken_and_bad_bytes_refused(world: World) -> None:
     for index, content_type in enumerate(["application/json; charset=utf-8", 'application/json; charset="UTF-8"',
                                           "application/json;charset=utf8"]):
@@ -283,12 +305,14 @@ async def test_utf8_bodies_are_taken_and_bad_bytes_refused(world: World) -> None
     "/notes?body=eq.caf%E9", "/notes?select=%FF", "/notes?or=(body.eq.%C3)", "/not%FFes", "/v1/notes%C3?select=id",
     "/rpc/probe?query=%FF",
 ])
+@IN_MODULE_LOOP
 async def test_a_url_that_is_not_utf8_is_400(world: World, url: str) -> None:
     response = await world.client.get(url, headers=world.admin)
     assert response.status_code == 400 and response.json()["code"] == "GH400", response.text
     assert "UTF-8" in response.json()["message"]
 
 
+@IN_MODULE_LOOP
 async def test_a_logic_read_refuses_a_query_that_is_not_utf8(world: World) -> None:
     response = await world.client.post("/rpc/probe", json={"query": "body=eq.caf%E9"}, headers=world.admin)
     assert response.status_code == 400 and response.json()["code"] == "GH400", response.text
@@ -302,12 +326,14 @@ async def test_a_logic_read_refuses_a_query_that_is_not_utf8(world: World) -> No
     ("", {"Range": "items=-5-3"}), ("", {"Range": "-5-3"}), ("", {"Range": "items=-5"}), ("", {"Range": "items=a-b"}),
     ("", {"Range": "items=0-99999999999999999999"}),
 ])
+@IN_MODULE_LOOP
 async def test_negative_limits_offsets_and_ranges_are_400(world: World, query: str, headers: dict[str, str]) -> None:
     response = await world.client.get(f"/notes?{query}", headers={**world.admin, **headers})
     assert response.status_code == 400, response.text
     assert response.json()["code"] == ("GH400" if headers else "PGRST100")
 
 
+@IN_MODULE_LOOP
 async def test_well_formed_ranges_still_work(world: World) -> None:
     ranged = await world.client.get("/notes?select=id&order=id", headers={**world.admin, "Range": "items=1-1"})
     assert ranged.json() == [{"id": 2}] and ranged.headers["content-range"] == "1-1/*"
@@ -321,17 +347,20 @@ async def test_well_formed_ranges_still_work(world: World) -> None:
     "id,id", "a:id,a:body", "*,id", "id,data->a,a:body", "body,body:id", "data->a->b,data->>b",
     "id,comments(id,id)", "id,comments(*,text)", "comments:id,comments(text)", "id,x:comments(id),x:body",
 ])
+@IN_MODULE_LOOP
 async def test_two_outputs_of_one_name_are_400(world: World, select: str) -> None:
     response = await world.client.get(f"/notes?select={select}", headers=world.admin)
     assert response.status_code == 400 and response.json()["code"] == "GH400", response.text
     assert "twice" in response.json()["message"]
 
 
+@IN_MODULE_LOOP
 async def test_distinct_names_at_different_levels_are_fine(world: World) -> None:
     response = await world.client.get("/notes?select=id,comments(id,text)&id=eq.2", headers=world.admin)
     assert response.status_code == 200 and response.json() == [{"id": 2, "comments": [{"id": 3, "text": "meh"}]}]
 
 
+@IN_MODULE_LOOP
 async def test_a_write_whose_representation_repeats_a_name_changes_nothing(world: World) -> None:
     before = await world.table()
     response = await world.client.post("/notes?select=id,id", json={"user_id": 5, "body": "x"},
@@ -341,6 +370,7 @@ async def test_a_write_whose_representation_repeats_a_name_changes_nothing(world
 
 
 @pytest.mark.parametrize("on_conflict", ["id)junk", "id;drop", 'id"x"', "id,", ",id", "id id2,"])
+@IN_MODULE_LOOP
 async def test_junk_after_the_on_conflict_columns_is_400(world: World, on_conflict: str) -> None:
     before = await world.table()
     response = await world.client.post(f"/notes?on_conflict={on_conflict}", json={"id": 1, "user_id": 1, "body": "x"},
@@ -352,6 +382,7 @@ async def test_junk_after_the_on_conflict_columns_is_400(world: World, on_confli
     assert merged.status_code == 200, merged.text
 
 
+@IN_MODULE_LOOP
 async def test_every_405_says_what_is_allowed(world: World) -> None:
     key = world.admin
     row = {"user_id": 1, "n": 1}
