@@ -134,8 +134,7 @@ async def served(server_uri: str, tmp_path_factory: pytest.TempPathFactory) -> A
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def world(served: World) -> World:
-    """The module's server with its rows back to the seed, whatever the cases before it wrote (DELETE, not
-    TRUNCATE: the data-version triggers see it)."""
+    """The module's server with its rows back to the seed, whatever the cases before it wrote."""
     await served.database.execute("DELETE FROM comments; DELETE FROM notes; "
                                   "ALTER SEQUENCE notes_id_seq RESTART; ALTER SEQUENCE comments_id_seq RESTART; "
                                   + SEED)
