@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from gatehouse.auth.jwt import AuthConfig, InvalidClaims, IssuerConfig, JwtVerifier, TokenIdentity, looks_like_jwt
+from gatehouse.auth.jwt import InvalidClaims, JwtVerifier, TokenIdentity, looks_like_jwt
+from gatehouse.auth.settings import AuthConfig, IssuerConfig
 from gatehouse.errors import Unauthenticated
 
 ISS = "https://idp.example.test/"

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gatehouse.admin.settings import ConsoleConfig
-from gatehouse.auth.jwt import AuthConfig
+from gatehouse.auth.settings import AuthConfig
 from gatehouse.config_alerts import AlertsConfig
 from gatehouse.config_errors import ENV_PREFIX, KeyPath, describe_errors, env_variable, key_text
 from gatehouse.config_events import EventsSettings, MirrorConfig, SinkConfig

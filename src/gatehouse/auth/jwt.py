@@ -30,101 +30,22 @@ from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gatehouse.auth.settings import KEY_TYPES, AuthConfig, IssuerConfig
 from gatehouse.background import stop_tasks
 from gatehouse.errors import InvalidClaims as InvalidClaims  # re-exported: it lives in the error tree
 from gatehouse.errors import ProjectError, Unauthenticated
-from gatehouse.secrets import SecretRef, resolve_secret
+from gatehouse.secrets import resolve_secret
 
 log = logging.getLogger(__name__)
 
-_NAME = r"^[a-z][a-z0-9_]{0,39}$"  # as gatehouse.config.NAME_PATTERN (not imported: config embeds this module)
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 MAX_TOKEN_CHARS = 16_384
 MAX_JWKS_BYTES = 1_048_576
-_HMAC = frozenset({"HS256", "HS384", "HS512"})
-_KTY = {"RS256": "RSA", "RS384": "RSA", "RS512": "RSA", "PS256": "RSA", "PS384": "RSA", "PS512": "RSA",
-        "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-class IssuerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    issuer: str = Field(min_length=1, description="the exact 'iss' of the tokens")
-    jwks_url: str | None = Field(default=None, description="where the issuer publishes its public keys")
-    secret: SecretRef = Field(default=None, description="'env:VAR' naming the HS* shared secret")
-    algorithms: tuple[str, ...] = Field(min_length=1, description="the only algorithms accepted, e.g. ['RS256']")
-    audience: str | tuple[str, ...] | None = Field(default=None, description="accepted 'aud'; none = not checked")
-    app_claim: str = Field(default="azp", min_length=1, description="the claim naming the application")
-    apps: dict[str, str] = Field(default={}, description="claim value → app name; empty: the value is the name")
-    clock_skew_s: int = Field(default=30, ge=0, le=300)
-    jwks_cache_s: int = Field(default=300, ge=1, le=86_400)
-    jwks_timeout_s: float = Field(default=3.0, gt=0, le=60)
-    jwks_min_refresh_s: float = Field(default=30.0, ge=0, le=3600)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for alg in value:
-            if alg.lower() == "none":
-                raise ValueError("'none' (unsigned tokens) is never accepted")
-            if alg not in _HMAC and alg not in _KTY:
-                raise ValueError(f"unsupported algorithm {alg!r}; use one of {sorted(_HMAC | _KTY.keys())}")
-        if value and any(a in _HMAC for a in value) and not all(a in _HMAC for a in value):
-            raise ValueError("an issuer uses either HS* (shared secret) or asymmetric algorithms, never both")
-        return tuple(dict.fromkeys(value))
-
-    @field_validator("jwks_url")
-    @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in _LOCAL_HOSTS):
-            return value
-        raise ValueError("jwks_url must be an https:// URL (plain http only to localhost)")
-
-    @field_validator("apps")
-    @classmethod
-    def _app_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for app in value.values():
-            if not re.fullmatch(_NAME, app):
-                raise ValueError(f"{app!r} is not an app name")
-        return value
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> IssuerConfig:
-        symmetric = self.algorithms[0] in _HMAC
-        if symmetric and (self.secret is None or self.jwks_url is not None):
-            raise ValueError("HS* algorithms need 'secret' (and no 'jwks_url')")
-        if not symmetric and (self.jwks_url is None or self.secret is not None):
-            raise ValueError("asymmetric algorithms need 'jwks_url' (and no 'secret')")
-        return self
-
-
-class AuthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    issuers: dict[str, IssuerConfig] = {}
-
-    @field_validator("issuers")
-    @classmethod
-    def _distinct(cls, value: dict[str, IssuerConfig]) -> dict[str, IssuerConfig]:
-        seen: dict[str, str] = {}
-        for name, issuer in value.items():
-            if not re.fullmatch(_NAME, name):
-                raise ValueError(f"{name!r} is not a valid issuer name (lowercase letters, digits, _)")
-            if issuer.issuer in seen:
-                raise ValueError(f"issuers {seen[issuer.issuer]!r} and {name!r} have the same 'issuer'")
-            seen[issuer.issuer] = name
-        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +71,7 @@ class _Jwk:
 
     def fits(self, alg: str) -> bool:
         data = self.data
-        return data.get("kty") == _KTY.get(alg) and data.get("alg", alg) == alg and data.get("crv") == _CURVE.get(
+        return data.get("kty") == KEY_TYPES.get(alg) and data.get("alg", alg) == alg and data.get("crv") == _CURVE.get(
             alg, data.get("crv"))
 
     def for_alg(self, alg: str) -> jwt.PyJWK:
@@ -239,7 +160,7 @@ def _parse_jwks(body: bytes) -> list[_Jwk]:
         if not isinstance(data, dict) or data.get("use", "sig") != "sig":
             continue
         candidate = _Jwk(data)
-        algs = [alg for alg in _KTY if candidate.fits(alg)]
+        algs = [alg for alg in KEY_TYPES if candidate.fits(alg)]
         try:
             if algs:
                 candidate.for_alg(algs[0])  # build once now, so a malformed key is dropped here
