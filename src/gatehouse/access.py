@@ -9,11 +9,11 @@ import re
 from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from gatehouse import suggestions
-from gatehouse.auth.identity import Identity
 from gatehouse.contracts.model import ContractVersion
 from gatehouse.db.catalog import ViewShape
 from gatehouse.db.sqlstate import api_error_from_postgres
@@ -21,6 +21,9 @@ from gatehouse.errors import ActionNotGranted, ApiError, UnknownProfile, Version
 from gatehouse.project import App, Project
 from gatehouse.query.row_filters import bind_claims, claim_refused_by_database
 from gatehouse.query.tree import Condition
+
+if TYPE_CHECKING:  # (only its type: the verifier behind it is the request path's, not a command's)
+    from gatehouse.auth.identity import Identity
 
 PROFILE = re.compile(r"^v([1-9][0-9]{0,3})$")
 

@@ -218,9 +218,9 @@ def run_demo(directory: Path, *, port: int, admin_port: int, serve: bool, consol
         return
     console.print(f"serving on {base} (admin {admin}); press Ctrl-C to stop.\n")
 
+    from gatehouse.event_loop import run_in_loop
     from gatehouse.observe.logs import configure_logging
     from gatehouse.runtime import Runtime
-    from gatehouse.server import run_in_loop
     from gatehouse.server import serve as serve_forever
 
     configure_logging("info")

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 
 from gatehouse.errors import DatabaseUnavailable, GatehouseError, ProjectError
+from gatehouse.event_loop import run_in_loop
 from gatehouse.project import Project, load_project
-from gatehouse.server import run_in_loop
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from gatehouse.cli.common import fail, out, project_here, run
 from gatehouse.errors import SagaNotFound
 from gatehouse.sagas.admin import STATES, RunSummary, StepDetail, list_runs, operator_engine, step_details
-from gatehouse.sagas.engine import SagaEngine
 from gatehouse.sagas.store import SagaRun
+
+if TYPE_CHECKING:
+    from gatehouse.sagas.engine import SagaEngine
 
 T = TypeVar("T")
 sagas_app = typer.Typer(help="Saga runs: list, show, retry (a failed one), cancel (a running one).",

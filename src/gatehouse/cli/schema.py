@@ -12,10 +12,10 @@ from rich.table import Table
 
 from gatehouse import operations
 from gatehouse.cli.common import State, fail, out, project_here, run, run_sync
+from gatehouse.event_loop import run_in_loop
 from gatehouse.migrate.batch import BatchProgress
 from gatehouse.migrate.files import Migration
 from gatehouse.migrate.plan import RECENT_DAYS, Impact, Plan
-from gatehouse.server import run_in_loop
 
 migrate_app = typer.Typer(help="Versioned SQL migrations: migrations/V<NNN>__<desc>.sql and R__<desc>.sql (first "
                                "line `-- gatehouse: no-transaction`, or `-- gatehouse: batch 1000` for a backfill).")

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -25,9 +25,10 @@ import orjson
 from gatehouse.db.targets import resolve_targets
 from gatehouse.errors import ProjectError
 from gatehouse.project import Project
-from gatehouse.runtime import Runtime
-from gatehouse.sagas.engine import SagaEngine
 from gatehouse.sagas.store import ACTIVE, FENCED, FINAL
+
+if TYPE_CHECKING:
+    from gatehouse.sagas.engine import SagaEngine
 
 STATES = ACTIVE + FINAL
 
@@ -91,6 +92,10 @@ async def operator_engine(project: Project) -> AsyncIterator[SagaEngine]:
                 if await conn.fetchval("SELECT to_regclass('gatehouse.saga_steps') IS NULL"):
                     raise ProjectError(f"the database {database} has no saga tables yet",
                                        hint="run `gatehouse apply`")
+        # Imported here: every `gatehouse` command loads this module, and only the `sagas` ones need an engine.
+        from gatehouse.runtime import Runtime
+        from gatehouse.sagas.engine import SagaEngine
+
         engine = SagaEngine(Runtime(project, targets=targets, run_sagas=False, _internal=pools))
         try:
             yield engine

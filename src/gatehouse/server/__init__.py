@@ -3,6 +3,6 @@ leaves to us (``rsgi``), who the client is behind proxies (``proxies``), ``[serv
 (``settings``). Nothing below ``gatehouse.app`` imports from here."""
 
 from gatehouse.server.listen import bind_probe, check_listenable
-from gatehouse.server.serve import run_in_loop, serve
+from gatehouse.server.serve import serve
 
-__all__ = ["bind_probe", "check_listenable", "run_in_loop", "serve"]
+__all__ = ["bind_probe", "check_listenable", "serve"]

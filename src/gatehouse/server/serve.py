@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from granian.server.embed import Server
 
@@ -28,19 +27,8 @@ from gatehouse.server.proxies import TrustedProxies
 from gatehouse.server.rsgi import RsgiApp
 from gatehouse.server.settings import granian_options
 
-T = TypeVar("T")
 log = logging.getLogger("gatehouse.serve")
 _STARTED_WITHIN_S = 10.0
-
-
-def run_in_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed, else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 class Port:
