@@ -418,20 +418,22 @@ async def test_the_feed_is_granted_like_a_contract(evented: Evented) -> None:
     assert "/orders" not in document["paths"]
 
 
-@pytest.mark.parametrize("query", [
+BAD_FEED_QUERIES = [
     "after=banana", "after=1-", "after=-1-2", "after=12345678901234567890123-1", "limit=0", "limit=-1",
     "limit=abc", "limit=1001", "wait=31", "wait=-1", "wait=soon", "limit=1&limit=2", "select=id", "after=1-1&x=y",
-])
-async def test_bad_feed_input_is_refused_and_changes_nothing(evented: Evented, query: str) -> None:
+]
+
+
+async def test_bad_feed_input_is_refused_and_changes_nothing(evented: Evented) -> None:
     keys, client, outbox = evented.keys, evented.client, evented.outbox
     conn = await asyncpg.connect(outbox.dsn)
     try:
-        await conn.execute("INSERT INTO orders (customer_id) VALUES (1)")
-        before = await conn.fetch("SELECT seq, type FROM gatehouse.outbox ORDER BY seq")
-        answer = await client.get(f"/events/orders?{query}", headers={"apikey": keys["writer"]})
-        assert answer.status_code == 400, answer.text
-        assert answer.json()["code"] == "GH400"
-        assert await conn.fetch("SELECT seq, type FROM gatehouse.outbox ORDER BY seq") == before
+        for query in BAD_FEED_QUERIES:  # (one project for all: each case writes, then checks nothing else moved)
+            await conn.execute("INSERT INTO orders (customer_id) VALUES (1)")
+            before = await conn.fetch("SELECT seq, type FROM gatehouse.outbox ORDER BY seq")
+            answer = await client.get(f"/events/orders?{query}", headers={"apikey": keys["writer"]})
+            assert (answer.status_code, answer.json()["code"]) == (400, "GH400"), (query, answer.text)
+            assert await conn.fetch("SELECT seq, type FROM gatehouse.outbox ORDER BY seq") == before, query
     finally:
         await conn.close()
 
