@@ -1,8 +1,8 @@
-"""The event loop every ``gatehouse`` command runs its work on: uvloop when it is installed, else asyncio's own.
+"""The event loop every ``gatehouse`` command runs its work on: uvloop's when it is installed, else asyncio's own.
 
-uvloop is an optional speed-up (its loop is measured in ``bench/README.md``: the plain asyncio loop serves about a
-quarter fewer requests), so nothing here requires it. Kept apart from the server so that a command which only
-talks to the database does not load the HTTP stack to get its loop.
+uvloop is a dependency everywhere but on Windows, where it does not build; there the plain asyncio loop runs, which
+served about a quarter fewer requests in ``bench/README.md``. Kept apart from the server so that a command which
+only talks to the database does not load the HTTP stack to get its loop.
 """
 
 from __future__ import annotations
