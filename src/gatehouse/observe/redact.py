@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, unquote_plus
 
-from gatehouse.query.grammar import logic_value_end
+from gatehouse.query.conditions import logic_value_end
 from gatehouse.query.tree import IS_VALUES, OPERATORS
 
 MAX_QUERY_CHARS = 2000

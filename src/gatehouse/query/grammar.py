@@ -3,7 +3,8 @@
 Decoding follows PostgREST: percent-decoding with ``+`` as a space. Reserved keys are ``select``,
 ``columns``, ``on_conflict``, and any key whose last dotted part is ``order``, ``limit``, ``offset``,
 ``and`` or ``or`` (the dotted prefix names an embedded resource). Every other key is a filter whose value
-reads ``[not.]<operator>[(any|all|<language>)].<value>``. Repeated filters are ANDed.
+reads ``[not.]<operator>[(any|all|<language>)].<value>`` (:mod:`gatehouse.query.conditions`, which also reads
+the logic trees). Repeated filters are ANDed.
 
 Errors are 400 ``PGRST100`` with PostgREST's wording where a client might match on it. Every list and
 depth is bounded, so no request can make the parser work without limit.
@@ -30,18 +31,13 @@ from gatehouse.errors import (
     QueryParseError,
     RangeNotSatisfiable,
 )
+from gatehouse.query.conditions import MAX_CONDITIONS, parse_logic, parse_operation
+from gatehouse.query.cursor import FIELD_NAME, MAX_DEPTH, Cursor
 from gatehouse.query.tree import (
-    IS_VALUES,
-    OPERATORS,
-    QUANTIFIABLE,
-    Arrow,
     ColumnItem,
-    Condition,
     EmbedItem,
     Field,
-    Filter,
     Level,
-    Logic,
     OrderTerm,
     ReadQuery,
     SelectItem,
@@ -50,11 +46,7 @@ from gatehouse.query.tree import (
 
 RESERVED = frozenset({"select", "columns", "on_conflict"})
 LEVEL_KEYS = frozenset({"order", "limit", "offset"})
-MAX_LIST_ITEMS = 1000
-MAX_CONDITIONS = 200
-MAX_DEPTH = 8
 MAX_SELECT_ITEMS = 300
-MAX_NAME_BYTES = 63  # what PostgreSQL keeps of an identifier
 TYPE_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9 ]*?)(\([0-9]{1,4}(,[0-9]{1,4})?\))?(\[\])*$")
 # Casts are limited to plain data types: reg* types (regclass, regrole, ...) would turn numbers and strings into
 # catalog lookups and tell the caller about tables, schemas and roles it must not see.
@@ -67,114 +59,12 @@ CAST_TYPES = frozenset({
     "uuid", "json", "jsonb", "bytea", "inet", "cidr", "macaddr", "tsvector", "int4range", "int8range", "numrange",
     "daterange", "tsrange", "tstzrange",
 })
-_NAME_STOP = set(',.:*()"!{}')
-FIELD_NAME = "field name (* or [a..z0..9_$])"
-"""What PostgREST's parser says it expected where a column name must start."""
-LOGIC_ITEM = f"{FIELD_NAME}, negation operator (not) or logic operator (and, or)"
-"""... and where a condition of a logic tree must start."""
-
-
-class _Cursor:
-    """A position in one parameter's text, with the helpers the small grammars below share."""
-
-    def __init__(self, text: str, what: str, shift: int = 0) -> None:
-        self.text, self.pos, self.what = text, 0, what
-        self.shift = shift
-        """Columns before ``text`` in what PostgREST parses: a logic tree's ``or``, ``not.and``... (PostgREST
-        parses ``or=(a.eq.1)`` as ``or(a.eq.1)``, so its columns count from the operator)."""
-
-    def error(self, expected: str, quote: str = "'") -> QueryParseError:
-        """PostgREST's 400 for a syntax error here. ``quote``: how its parser quotes the character found, ``'``
-        after a keyword or ``"`` where a single character was expected (a name's first, a parenthesis)."""
-        found = f"{quote}{self.text[self.pos]}{quote}" if self.pos < len(self.text) else "end of input"
-        return QueryParseError(
-            f'"failed to parse {self.what} ({self.text})" (line 1, column {self.shift + self.pos + 1})',
-            details=f"unexpected {found} expecting {expected}",
-        )
-
-    def at_name(self) -> bool:
-        """Could a name start here?"""
-        return not self.done and (self.text[self.pos] == '"' or self.text[self.pos] not in _NAME_STOP)
-
-    def peek(self, token: str) -> bool:
-        return self.text.startswith(token, self.pos)
-
-    def take(self, token: str) -> bool:
-        if self.peek(token):
-            self.pos += len(token)
-            return True
-        return False
-
-    def expect(self, token: str) -> None:
-        if not self.take(token):
-            raise self.error(repr(token))
-
-    def skip_spaces(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] == " ":
-            self.pos += 1
-
-    @property
-    def done(self) -> bool:
-        return self.pos >= len(self.text)
-
-    def name(self) -> str:
-        """An identifier: double-quoted (backslash escapes), or a run without reserved characters."""
-        if self.take('"'):
-            out: list[str] = []
-            while not self.done and self.text[self.pos] != '"':
-                if self.text[self.pos] == "\\" and self.pos + 1 < len(self.text):
-                    self.pos += 1
-                out.append(self.text[self.pos])
-                self.pos += 1
-            self.expect('"')
-            return self._checked("".join(out))
-        start = self.pos
-        while not self.done:
-            char = self.text[self.pos]
-            if char in _NAME_STOP or (char == "-" and self.text.startswith("->", self.pos)):
-                break
-            self.pos += 1
-        name = self.text[start:self.pos].strip()
-        if not name:
-            self.pos = start
-            raise self.error("a column or relation name")
-        return self._checked(name)
-
-    def _checked(self, name: str) -> str:
-        """Names become quoted SQL identifiers (aliases) or bound JSON keys: no control characters, and no
-        longer than PostgreSQL keeps an identifier."""
-        if any(ord(char) < 32 for char in name) or len(name.encode()) > MAX_NAME_BYTES:
-            raise QueryParseError(f'"failed to parse {self.what}"',
-                                  details=f"a name may not hold control characters or exceed {MAX_NAME_BYTES} bytes")
-        return name
-
-    def field(self) -> Field:
-        column = self.name()
-        path: list[tuple[Arrow, str]] = []
-        while self.peek("->"):
-            arrow: Arrow = "->>" if self.take("->>") else "->"
-            if arrow == "->":
-                self.expect("->")
-            if self.take("-"):
-                path.append((arrow, "-" + self._digits()))
-            else:
-                path.append((arrow, self.name()))
-            if len(path) > MAX_DEPTH:
-                raise QueryParseError("JSON path too deep", details=f"at most {MAX_DEPTH} steps")
-        return Field(column, tuple(path))
-
-    def _digits(self) -> str:
-        match = re.match(r"[0-9]+", self.text[self.pos:])
-        if match is None:
-            raise self.error("digits")
-        self.pos += match.end()
-        return match.group(0)
 
 
 # --- select ------------------------------------------------------------------------------------
 
 
-def _select_items(cursor: _Cursor, depth: int) -> tuple[SelectItem, ...]:
+def _select_items(cursor: Cursor, depth: int) -> tuple[SelectItem, ...]:
     if depth > MAX_DEPTH:
         raise QueryParseError("select nests too deep", details=f"at most {MAX_DEPTH} levels of embedding")
     items: list[SelectItem] = []
@@ -191,7 +81,7 @@ def _select_items(cursor: _Cursor, depth: int) -> tuple[SelectItem, ...]:
     return tuple(items)
 
 
-def _select_item(cursor: _Cursor, depth: int) -> SelectItem:
+def _select_item(cursor: Cursor, depth: int) -> SelectItem:
     if cursor.take("*"):
         return StarItem()
     if cursor.peek("..."):
@@ -238,7 +128,7 @@ def _select_item(cursor: _Cursor, depth: int) -> SelectItem:
 
 
 def parse_select(raw: str) -> tuple[SelectItem, ...]:
-    cursor = _Cursor(raw, "select")
+    cursor = Cursor(raw, "select")
     items = _select_items(cursor, 0)
     cursor.skip_spaces()
     if not cursor.done:
@@ -246,161 +136,11 @@ def parse_select(raw: str) -> tuple[SelectItem, ...]:
     return items or (StarItem(),)
 
 
-# --- filters and logic trees ---------------------------------------------------------------------
-
-
-def _list_values(raw: str, what: str) -> tuple[str, ...]:
-    """``(a,"b,c",d)`` → values; quotes group and are removed, backslash escapes inside quotes."""
-    if not (raw.startswith("(") and raw.endswith(")")):
-        raise QueryParseError(f'"failed to parse {what} ({raw})"', details="expecting a list: (a,b,c)")
-    body = raw[1:-1]
-    if body == "":
-        return ()
-    values: list[str] = []
-    current: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(body):
-        char = body[i]
-        if quoted and char == "\\" and i + 1 < len(body):
-            current.append(body[i + 1])
-            i += 2
-            continue
-        if char == '"':
-            quoted = not quoted
-        elif char == "," and not quoted:
-            values.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-        i += 1
-    if quoted:
-        raise QueryParseError(f'"failed to parse {what} ({raw})"', details='a " is not closed')
-    values.append("".join(current))
-    if len(values) > MAX_LIST_ITEMS:
-        raise QueryParseError("too many values in a list", details=f"at most {MAX_LIST_ITEMS}")
-    return tuple(values)
-
-
-def _operation(field: Field, raw: str, what: str) -> Filter:
-    """``[not.]op[(modifier)].value`` applied to ``field``."""
-    negated = raw.startswith("not.")
-    text = raw[4:] if negated else raw
-    match = re.match(r"^([a-z]+)(?:\(([A-Za-z_][A-Za-z0-9_]*)\))?\.", text)
-    if match is None or match.group(1) not in OPERATORS:
-        raise QueryParseError(
-            f'"failed to parse {what} ({raw})" (line 1, column 1)',
-            details=f'unexpected "{raw[:1]}" expecting "not" or operator (eq, gt, ...)',
-        )
-    operator, modifier = match.group(1), match.group(2)
-    value = text[match.end():]
-    quantifier: Literal["any", "all"] | None = None
-    language: str | None = None
-    if modifier is not None:
-        if operator.endswith("fts"):
-            language = modifier
-        elif modifier in ("any", "all") and operator in QUANTIFIABLE:
-            quantifier = cast(Literal["any", "all"], modifier)
-        else:
-            raise QueryParseError(f'"failed to parse {what} ({raw})"',
-                                  details=f"({modifier}) cannot modify {operator}")
-    if operator == "in":
-        return Filter(field, "in", _list_values(value, what), negated)
-    if operator == "is":
-        if value.lower() not in IS_VALUES:
-            raise QueryParseError(f'"failed to parse {what} ({raw})"',
-                                  details="is takes one of: null, not_null, true, false, unknown")
-        return Filter(field, "is", value.lower(), negated)
-    if operator in ("like", "ilike"):
-        value = value.replace("*", "%")
-    return Filter(field, operator, value, negated, quantifier, language)
-
-
-def logic_value_end(text: str, start: int) -> int:
-    """End of a value inside and(...)/or(...): the next top-level ',' or ')', quotes and braces taken whole."""
-    depth_paren = depth_brace = 0
-    quoted = False
-    i = start
-    while i < len(text):
-        char = text[i]
-        if quoted:
-            if char == "\\":
-                i += 1
-            elif char == '"':
-                quoted = False
-        elif char == '"':
-            quoted = True
-        elif char == "{":
-            depth_brace += 1
-        elif char == "}":
-            depth_brace -= 1
-        elif char == "(":
-            depth_paren += 1
-        elif char == ")":
-            if depth_paren == 0 and depth_brace == 0:
-                return i
-            depth_paren -= 1
-        elif char == "," and depth_paren == 0 and depth_brace == 0:
-            return i
-        i += 1
-    return i
-
-
-def _unquote_value(value: str) -> str:
-    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        return re.sub(r"\\(.)", r"\1", value[1:-1])
-    return value
-
-
-def _logic_children(cursor: _Cursor, depth: int, budget: list[int]) -> tuple[Condition, ...]:
-    if depth > MAX_DEPTH:
-        raise QueryParseError("logic tree too deep", details=f"at most {MAX_DEPTH} levels")
-    cursor.expect("(")
-    children: list[Condition] = []
-    while True:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise QueryParseError("too many conditions", details=f"at most {MAX_CONDITIONS} per request")
-        cursor.skip_spaces()
-        negated = cursor.peek("not.and(") or cursor.peek("not.or(")
-        if negated:
-            cursor.expect("not.")
-        group = next((g for g in ("and", "or") if cursor.peek(g + "(")), None)
-        if group is not None:
-            cursor.expect(group)
-            children.append(Logic(cast(Literal["and", "or"], group), _logic_children(cursor, depth + 1, budget),
-                                  negated))
-        else:
-            if not cursor.at_name():
-                raise cursor.error(LOGIC_ITEM, quote='"')
-            field = cursor.field()
-            cursor.expect(".")
-            end = logic_value_end(cursor.text, cursor.pos)
-            operation = cursor.text[cursor.pos:end]
-            cursor.pos = end
-            parsed = _operation(field, operation, "logic tree")
-            if isinstance(parsed.value, str) and parsed.operator != "is":
-                parsed = Filter(parsed.field, parsed.operator, _unquote_value(parsed.value), parsed.negated,
-                                parsed.quantifier, parsed.language)
-            children.append(parsed)
-        if cursor.take(")"):
-            return tuple(children)
-        cursor.expect(",")
-
-
-def parse_logic(operator: Literal["and", "or"], raw: str, negated: bool, budget: list[int]) -> Logic:
-    cursor = _Cursor(raw, "logic tree", len(operator) + (4 if negated else 0))
-    children = _logic_children(cursor, 0, budget)
-    if not cursor.done:
-        raise cursor.error("end of input")
-    return Logic(operator, children, negated)
-
-
 # --- order, limit, offset --------------------------------------------------------------------------
 
 
 def parse_order(raw: str) -> tuple[OrderTerm, ...]:
-    cursor = _Cursor(raw, "order")
+    cursor = Cursor(raw, "order")
     terms: list[OrderTerm] = []
     while True:
         cursor.skip_spaces()
@@ -457,7 +197,7 @@ def _count(name: str, raw: str) -> int:
 
 def _key(key: str) -> tuple[tuple[str, ...], Field]:
     """``a.b.col->x`` → (("a", "b"), Field("col", ...)): the embed path, then the field it names."""
-    cursor = _Cursor(key, "parameter")
+    cursor = Cursor(key, "parameter")
     path: list[str] = []
     while True:
         field = cursor.field()
@@ -488,7 +228,7 @@ reads it; anything else must be double-quoted."""
 def _names(value: str, what: str) -> tuple[str, ...]:
     """``a,b,"c d"``: the column list of ``columns`` or ``on_conflict``, and nothing after it (at least one name:
     a blank list is PostgREST's 400)."""
-    cursor = _Cursor(value, f"{what} parameter")
+    cursor = Cursor(value, f"{what} parameter")
     names: list[str] = []
     while True:
         cursor.skip_spaces()
@@ -499,7 +239,7 @@ def _names(value: str, what: str) -> tuple[str, ...]:
             if match is None or not match.group(0).strip():
                 raise cursor.error(FIELD_NAME, quote='"')
             cursor.pos = match.end()
-            names.append(cursor._checked(match.group(0).strip()))
+            names.append(cursor.checked(match.group(0).strip()))
         cursor.skip_spaces()
         if cursor.done:
             return tuple(dict.fromkeys(names))  # a set of columns, as PostgREST reads it: each once
@@ -562,7 +302,7 @@ def parse_pairs(pairs: Iterable[tuple[str, str]]) -> ReadQuery:
                 budget[0] -= 1
                 if budget[0] < 0:
                     raise QueryParseError("too many filters", details=f"at most {MAX_CONDITIONS} per request")
-                level.where.append(_operation(field, value, "filter"))
+                level.where.append(parse_operation(field, value, "filter"))
     if negative:
         raise negative_limit()
     return query
