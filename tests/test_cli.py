@@ -119,6 +119,21 @@ def test_serve_on_a_port_in_use_says_so(demo_dir: Path) -> None:
     assert same.returncode == 1 and "the data and admin ports are both" in same.stderr
 
 
+def test_a_port_in_use_is_said_before_the_embedded_database_starts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    gatehouse("init", str(tmp_path / "fresh"), env=env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gatehouse("serve", "--port", str(free_port()), "--admin-port", str(port), cwd=tmp_path / "fresh",
+                           env=env, check=False)
+    # the project was never migrated nor applied: had its database been started, its login would have failed first
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port} for the admin port" in result.stderr
+    assert "--admin-port" in result.stderr and "database" not in result.stderr
+    assert not (tmp_path / "fresh" / ".gatehouse").exists()
+
+
 def test_demo_runs_on_embedded_postgres_and_serves(demo_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
     assert (demo_dir / ".gatehouse" / "pgdata" / "PG_VERSION").exists()

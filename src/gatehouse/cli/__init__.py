@@ -65,15 +65,18 @@ def serve(
     """Serve the contracts over HTTP (data port) and health and metrics (admin port)."""
     from gatehouse.observe.logs import configure_logging
     from gatehouse.runtime import Runtime
+    from gatehouse.server import check_ports
     from gatehouse.server import serve as serve_forever
 
     project = project_here()
     server = project.config.server
+    data_host, data_port = host or server.host, server.port if port is None else port
+    admin = server.admin_port if admin_port is None else admin_port
+    run_sync(lambda: check_ports(data_host, data_port, server.admin_host, admin))  # before any database starts
     run(check_logins(project))  # a wrong URL or password is said once, plainly, before anything listens
     configure_logging(log_level)
-    run(serve_forever(Runtime(project), host=host or server.host, port=server.port if port is None else port,
-                      admin_host=server.admin_host,
-                      admin_port=server.admin_port if admin_port is None else admin_port))
+    run(serve_forever(Runtime(project), host=data_host, port=data_port, admin_host=server.admin_host,
+                      admin_port=admin))
 
 
 def demo(

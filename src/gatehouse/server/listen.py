@@ -1,5 +1,5 @@
-"""Can ``gatehouse serve`` listen where it was asked to? Checked before the runtime starts an embedded database
-for nothing, with an error that says what to do."""
+"""Can ``gatehouse serve`` listen where it was asked to? Checked first, before the project's databases are
+logged in to (which starts an embedded one), so that a port in use is said at once, with what to do."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def check_listenable(host: str, port: int, what: str, option: str) -> int:
         return bind_probe(host, port)
     except OSError as exc:
         raise cannot_listen(exc, host, port, what, option) from None
+
+
+def check_ports(host: str, port: int, admin_host: str, admin_port: int) -> tuple[int, int]:
+    """The data and admin ports to listen on (a free one for port 0), or a :class:`ProjectError` saying why
+    they cannot be: the same number for both, or one that cannot be bound."""
+    if port == admin_port:
+        raise ProjectError(f"the data and admin ports are both {port}",
+                           hint="Give the admin port another number with --admin-port.")
+    return (check_listenable(host, port, "data", "--port"),
+            check_listenable(admin_host, admin_port, "admin", "--admin-port"))

@@ -20,9 +20,8 @@ from granian.server.embed import Server
 
 from gatehouse.app import create_admin_app, create_app
 from gatehouse.background import stop_tasks
-from gatehouse.errors import ProjectError
 from gatehouse.runtime import Runtime
-from gatehouse.server.listen import cannot_listen, check_listenable
+from gatehouse.server.listen import cannot_listen, check_ports
 from gatehouse.server.proxies import TrustedProxies
 from gatehouse.server.rsgi import RsgiApp
 from gatehouse.server.settings import granian_options
@@ -70,11 +69,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 async def serve(runtime: Runtime, *, host: str, port: int, admin_host: str, admin_port: int) -> None:
     """Run the data and admin ports in this event loop until SIGINT or SIGTERM."""
-    if port == admin_port:
-        raise ProjectError(f"the data and admin ports are both {port}",
-                           hint="Give the admin port another number with --admin-port.")
-    port = check_listenable(host, port, "data", "--port")  # port 0: a free one, picked now
-    admin_port = check_listenable(admin_host, admin_port, "admin", "--admin-port")
+    port, admin_port = check_ports(host, port, admin_host, admin_port)  # port 0: a free one, picked now
     settings = runtime.project.config.server
     options = granian_options(settings, runtime.project.root)  # a TLS file that cannot be read fails before start
     loop = asyncio.get_running_loop()
