@@ -26,7 +26,6 @@ from gatehouse.contracts.versions import schema_name
 from gatehouse.db.app_pools import AppPools, PoolOptions
 from gatehouse.db.catalog import Constraint, ViewShape, load_catalog, load_constraints
 from gatehouse.db.changes import current_revision
-from gatehouse.db.faults import is_dead
 from gatehouse.db.headroom import INTERNAL_POOL_SIZE, SAGA_POOL_EXTRA, read_headroom
 from gatehouse.db.replicas import ReplicaSet
 from gatehouse.db.targets import DatabaseTarget, resolve_targets
@@ -45,6 +44,7 @@ from gatehouse.observe.saga_metrics import SagaCollector
 from gatehouse.project import Project, load_project
 from gatehouse.query.compose import ComposedPlan
 from gatehouse.query.plans import PlanCache, ReadPlan
+from gatehouse.readiness import readiness_report
 from gatehouse.routes import ReadRoute
 from gatehouse.sagas.engine import SagaEngine
 from gatehouse.schema_cache import ApiSchema, build_schemas
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 _AUDIT_WRITABLE = ("SELECT CASE WHEN to_regclass('gatehouse.audit_minute') IS NOT NULL "
                    "THEN has_table_privilege('gatehouse.audit_minute', 'INSERT') ELSE false END")
 """Whether this server's role may store batches of audit records (a database applied by an older version may not)."""
-READY_TIMEOUT_S = 2.0
 Lineages = dict[str, dict[tuple[str, str], ViewLineage]]
 """database → (schema, view) → the base tables it reads."""
 
@@ -365,57 +364,9 @@ class Runtime:
         self._internal.clear()
 
     async def readiness(self) -> dict[str, str]:
-        """Per database: 'ok', or what is wrong. Ready when every value is 'ok'.
-
-        A database is 'ok' when it answers and serves every view this server serves, as this server's project
-        has it (``gatehouse.views`` records each view's contract checksum). That stays true through ``apply``
-        and ``migrate`` (a migration re-creates views in its own transaction; readers of the catalog see the
-        old views until it commits) and through a server's reload (a view dropped by ``apply`` while this server
-        has yet to load that revision counts as served, for :data:`~gatehouse.follow.CATCH_UP_S`), so a load
-        balancer never pulls every instance at once; it turns false when a view this server needs is gone.
-        Each database is asked (all at once, each within ``READY_TIMEOUT_S``) on the internal pool, so the
-        answer is the database's state now."""
-        names = list(self._internal)
-        answers = await asyncio.gather(*(self._served(self._internal[name]) for name in names),
-                                       return_exceptions=True)
-        project = self.project  # after the awaits: a reload installs the project, then marks its revision seen
-        report: dict[str, str] = {}
-        for name, served in zip(names, answers, strict=True):
-            if isinstance(served, BaseException):
-                if not isinstance(served, Exception):
-                    raise served
-                report[name] = f"unreachable ({type(served).__name__})"
-                continue
-            views, revision = served
-            wanted = {(schema_name(n), c.name, c.checksum) for n, c in project.versions.views() if c.database == name}
-            missing = sorted(f"{schema}.{view}" for schema, view, _ in wanted - views)
-            following = self.follower is not None and self.follower.catching_up(name, revision)
-            report[name] = "ok" if not missing or following else (
-                f"does not serve {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''} as this "
-                "server's project has it: run `gatehouse apply`")
-        return report
-
-    @staticmethod
-    async def _served(pool: asyncpg.Pool) -> tuple[set[tuple[str, str, str]], str | None]:
-        """(schema, view, contract checksum) of every contract view that exists, and the database's revision;
-        asked twice if the pool's connection turns out dead (the database restarted since it was last used)."""
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            for attempt in (1, 2):
-                async with pool.acquire() as conn:
-                    try:
-                        rows = await conn.fetch(SERVED_VIEWS)
-                        views = {(r["schema_name"], r["view_name"], r["checksum"]) for r in rows}
-                        return views, await current_revision(conn)
-                    except Exception as exc:
-                        if attempt == 2 or not is_dead(exc, conn):
-                            raise
-        raise AssertionError("not reached: the second attempt returns or raises")
-
-
-SERVED_VIEWS = """
-SELECT v.schema_name, v.view_name, v.checksum FROM gatehouse.views v
-JOIN pg_views p ON p.schemaname = v.schema_name AND p.viewname = v.view_name
-"""
+        """Per database: 'ok', or what is wrong (:func:`gatehouse.readiness.readiness_report`). Ready when every
+        value is 'ok'."""
+        return await readiness_report(self._internal, lambda: self.project, self.follower)
 
 
 def _missing_views(project: Project, catalog: Mapping[tuple[str, str], ViewShape]) -> str:
