@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ProjectFactory, prepare
 from gatehouse import operations
-from gatehouse.check import Finding, exit_code, render_findings, run_check
+from gatehouse.check import run_check
+from gatehouse.check_findings import Finding, exit_code, render_findings
 from gatehouse.contracts import compat
 from gatehouse.contracts.lockfile import (
     Lock,

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import ProjectFactory, prepare
 from gatehouse import operations
-from gatehouse.check import Finding, exit_code, run_check
+from gatehouse.check import run_check
+from gatehouse.check_findings import Finding, exit_code
 from gatehouse.contracts import compat
 from gatehouse.contracts.ambiguity import find_ambiguities
 from gatehouse.contracts.lineage import column_sources

@@ -16,7 +16,8 @@ import httpx
 
 from conftest import REPO, ProjectFactory, prepare
 from gatehouse import operations
-from gatehouse.check import exit_code, run_check
+from gatehouse.check import run_check
+from gatehouse.check_findings import exit_code
 from gatehouse.contracts.lockfile import read_lock, update_lock, write_lock
 from gatehouse.contracts.signature import project_signatures
 from gatehouse.migrate.plan import Plan

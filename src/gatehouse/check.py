@@ -37,20 +37,15 @@ GHC061  error    ``contracts.lock`` cannot be read
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import asyncpg
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 from sqlglot.errors import SqlglotError
 
+from gatehouse.check_config import config_findings
 from gatehouse.check_findings import Finding as Finding  # re-exported: what run_check returns
+from gatehouse.check_findings import error, ordered
 from gatehouse.check_lineage import lineage_findings
 from gatehouse.config import ProjectConfig, load_config
 from gatehouse.contracts.compat import compare
@@ -65,14 +60,10 @@ from gatehouse.contracts.model import ContractVersion, check_not_null, load_cont
 from gatehouse.contracts.reads import columns_read, projection_stars, tables_read
 from gatehouse.contracts.shape import CompileError, Signature
 from gatehouse.contracts.signature import live_labels, live_signatures
-from gatehouse.contracts.versions import carry_forward
 from gatehouse.db.targets import resolve_targets
-from gatehouse.errors import ApiError, DatabaseUnavailable, ProjectError
+from gatehouse.errors import DatabaseUnavailable, ProjectError
 from gatehouse.migrate.runner import status as migration_status
 from gatehouse.project import CONFIG_FILE, Project, load_project
-from gatehouse.query.row_filters import columns_of, parse_row_filter
-
-Format = Literal["table", "json"]
 
 TABLES = r"""
 SELECT n.nspname AS schema, c.relname AS table,
@@ -84,15 +75,6 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname <> 'information_schem
   AND n.nspname !~ '^pg_' AND n.nspname !~ '^api_v[0-9]+$'
 GROUP BY n.nspname, c.relname
 """
-
-
-def exit_code(findings: Iterable[Finding]) -> int:
-    """1 when any finding is an error (warnings alone pass), else 0."""
-    return 1 if any(f.severity == "error" for f in findings) else 0
-
-
-def _error(code: str, message: str, **where: str | None) -> Finding:
-    return Finding("error", code, message, **where)
 
 
 def _rel(root: Path, path: Path | str) -> str:
@@ -121,14 +103,14 @@ def _scan_contracts(root: Path, config: ProjectConfig, findings: list[Finding]) 
         except SqlglotError:  # load_contract_file explains it below
             stars = []
         if stars:
-            findings.append(_error("GHC003", f"SELECT * in a contract ({', '.join(stars)})", file=file,
-                                   hint="list the columns explicitly, so a new table column never leaks into "
+            findings.append(error("GHC003", f"SELECT * in a contract ({', '.join(stars)})", file=file,
+                                  hint="list the columns explicitly, so a new table column never leaks into "
                                         "the API"))
             continue
         try:
             contract = load_contract_file(path, database)
         except ProjectError as exc:
-            findings.append(_error("GHC002", str(exc.args[0]), file=file, hint=exc.hint))
+            findings.append(error("GHC002", str(exc.args[0]), file=file, hint=exc.hint))
             continue
         findings += _not_null_findings(contract, file)
         contracts.append(contract)
@@ -139,56 +121,8 @@ def _not_null_findings(contract: ContractVersion, file: str) -> list[Finding]:
     try:
         check_not_null(contract.sql, contract.columns, where=file)
     except ProjectError as exc:
-        return [_error("GHC054", str(exc.args[0]), contract=contract.label, file=file, hint=exc.hint)]
+        return [error("GHC054", str(exc.args[0]), contract=contract.label, file=file, hint=exc.hint)]
     return []
-
-
-def _config_findings(config: ProjectConfig, contracts: list[ContractVersion]) -> list[Finding]:
-    """Grants, row filters, relations and contract settings that name contracts or columns that do not exist."""
-    findings: list[Finding] = []
-    versions = carry_forward(contracts, config.retired_versions)
-    live: dict[str, list[ContractVersion]] = {}
-    for served in versions.served.values():
-        for contract in served.values():
-            if contract not in live.setdefault(contract.name, []):
-                live[contract.name].append(contract)
-    known = ", ".join(sorted(live)) or "none"
-    for app_name, app in config.apps.items():
-        for grant in app.grants:
-            place = f"[apps.{app_name}] grant on {grant.contract!r}"
-            if grant.contract not in live:
-                findings.append(_error("GHC050", f"{place}: {grant.contract!r} is not a contract", file=CONFIG_FILE,
-                                       hint=f"known contracts: {known}"))
-                continue
-            if grant.filter is None:
-                continue
-            try:
-                conditions = parse_row_filter(grant.filter)
-            except (ValueError, ApiError) as exc:
-                message = exc.message if isinstance(exc, ApiError) else str(exc)
-                findings.append(_error("GHC051", f"{place}: the filter cannot be read: {message}", file=CONFIG_FILE,
-                                       hint='write it like a query string: "tenant_id=eq.{claims.tenant_id}"'))
-                continue
-            for contract in live[grant.contract]:
-                unknown = sorted(columns_of(conditions) - set(contract.columns))
-                if unknown:
-                    findings.append(_error("GHC051", f"{place}: the filter names {', '.join(unknown)}, not a column "
-                                           f"of {contract.label}", contract=contract.label, file=CONFIG_FILE,
-                                           hint=f"its columns: {', '.join(contract.columns)}"))
-    for index, relation in enumerate(config.relations, start=1):
-        for end in (relation.source, relation.target):
-            name, column = end.split(".", 1)
-            if name not in live:
-                findings.append(_error("GHC052", f"[[relations]] #{index} names {name!r}, which is not a contract",
-                                       file=CONFIG_FILE, hint=f"known contracts: {known}"))
-            elif missing := [c.label for c in live[name] if column not in c.columns]:
-                findings.append(_error("GHC052", f"[[relations]] #{index} names {end}, but {', '.join(missing)} "
-                                       f"has no column {column!r}", file=CONFIG_FILE))
-    for name in config.contracts:
-        if not any(c.name == name for c in contracts):
-            findings.append(_error("GHC053", f"[contracts.{name}] configures {name!r}, which is not a contract",
-                                   file=CONFIG_FILE, hint=f"known contracts: {known}"))
-    return findings
 
 
 def load_for_check(root: Path, findings: list[Finding]) -> Project | None:
@@ -197,16 +131,16 @@ def load_for_check(root: Path, findings: list[Finding]) -> Project | None:
     try:
         config = load_config(root / CONFIG_FILE)
     except ProjectError as exc:
-        findings.append(_error("GHC001", str(exc.args[0]), file=_rel(root, exc.where or CONFIG_FILE), hint=exc.hint))
+        findings.append(error("GHC001", str(exc.args[0]), file=_rel(root, exc.where or CONFIG_FILE), hint=exc.hint))
         return None
     contracts = _scan_contracts(root, config, findings)
-    findings += _config_findings(config, contracts)
+    findings += config_findings(config, contracts)
     try:
         return load_project(root)
     except ProjectError as exc:
         if not any(f.severity == "error" for f in findings):  # else it is one of those, said again
-            findings.append(_error("GHC001", str(exc.args[0]), file=_rel(root, exc.where) if exc.where else None,
-                                   hint=exc.hint))
+            findings.append(error("GHC001", str(exc.args[0]), file=_rel(root, exc.where) if exc.where else None,
+                                  hint=exc.hint))
         return None
 
 
@@ -228,21 +162,21 @@ async def _migration_findings(conn: asyncpg.Connection, project: Project, databa
     try:
         rows = await migration_status(conn, project.migrations_dir(database))
     except ProjectError as exc:
-        return [_error("GHC043", str(exc.args[0]), file=_rel(project.root, exc.where) if exc.where else None,
-                       hint=exc.hint)]
+        return [error("GHC043", str(exc.args[0]), file=_rel(project.root, exc.where) if exc.where else None,
+                      hint=exc.hint)]
     findings = []
     waiting = [row for row in rows if row.state == "pending" or (row.kind == "repeatable" and row.state == "changed")]
     pending = [row.script or row.label for row in waiting]
     if pending:
-        findings.append(_error(
+        findings.append(error(
             "GHC041", f"database {database}: {len(pending)} migration(s) not applied ({', '.join(pending)}), so "
                       "contracts were compiled against the schema before them",
             hint="run `gatehouse migrate` first (in CI, against a scratch database)"))
     for row in rows:
         if row.state in ("changed", "missing", "failed") and row not in waiting:
-            findings.append(_error("GHC043", f"database {database}: migration {row.label} is {row.state}: {row.note}",
-                                   file=f"{_rel(project.root, project.migrations_dir(database))}/{row.script}"
-                                   if row.script else None, hint="see `gatehouse migrate status`"))
+            findings.append(error("GHC043", f"database {database}: migration {row.label} is {row.state}: {row.note}",
+                                  file=f"{_rel(project.root, project.migrations_dir(database))}/{row.script}"
+                                  if row.script else None, hint="see `gatehouse migrate status`"))
     return findings
 
 
@@ -250,14 +184,14 @@ async def _inspect(project: Project, findings: list[Finding], lock: Lock | None)
     try:
         targets = await resolve_targets(project)
     except (ProjectError, DatabaseUnavailable) as exc:
-        findings.append(_error("GHC042", f"cannot reach the databases: {exc}"))
+        findings.append(error("GHC042", f"cannot reach the databases: {exc}"))
         return {}
     databases: dict[str, _Database] = {}
     for name, target in targets.items():
         try:
             conn = await target.connect_owner()
         except DatabaseUnavailable as exc:
-            findings.append(_error("GHC042", str(exc), hint="start it, or set its URL (see gatehouse.toml)"))
+            findings.append(error("GHC042", str(exc), hint="start it, or set its URL (see gatehouse.toml)"))
             continue
         try:
             found = await _migration_findings(conn, project, name)
@@ -268,7 +202,7 @@ async def _inspect(project: Project, findings: list[Finding], lock: Lock | None)
             databases[name] = _Database(name, await conn.fetchval("SELECT current_database()"), tables, signatures,
                                         pending=any(f.code == "GHC041" for f in found))
         except asyncpg.PostgresError as exc:
-            findings.append(_error("GHC042", f"database {name}: the check could not read it: {exc}"))
+            findings.append(error("GHC042", f"database {name}: the check could not read it: {exc}"))
         finally:
             await conn.close()
     return databases
@@ -288,7 +222,7 @@ def _cross_database(project: Project, contract: ContractVersion,
             if key in here.tables or not owners:
                 continue
             other = owners[0]
-        findings.append(_error(
+        findings.append(error(
             "GHC030", f"{contract.label} reads {ref}, a table of database {other}, from database {here.name}",
             contract=contract.label, file=_rel(project.root, contract.path),
             hint=f"a contract reads only its own database's tables; move it to contracts/{other}/, or expose "
@@ -296,7 +230,7 @@ def _cross_database(project: Project, contract: ContractVersion,
     return findings
 
 
-def _compile_finding(project: Project, contract: ContractVersion, error: CompileError, db: _Database) -> Finding:
+def _compile_finding(project: Project, contract: ContractVersion, failure: CompileError, db: _Database) -> Finding:
     schema: dict[str, dict[str, list[str]]] = {}
     for (schema_name, table), columns in db.tables.items():
         schema.setdefault(schema_name, {})[table] = columns
@@ -312,11 +246,11 @@ def _compile_finding(project: Project, contract: ContractVersion, error: Compile
     elif missing_columns:
         hints.append(f"it reads {', '.join(missing_columns)}, which no longer exist(s): dropped or renamed by a "
                      "migration? Keep the old column (expand, then contract) or retire this version")
-    if error.hint:
-        hints.append(f"PostgreSQL: {error.hint}")
-    message = f"{contract.label} does not compile in database {db.name}: {error.message}"
-    return _error("GHC040", message, contract=contract.label, file=_rel(project.root, contract.path),
-                  hint="; ".join(hints) or None)
+    if failure.hint:
+        hints.append(f"PostgreSQL: {failure.hint}")
+    message = f"{contract.label} does not compile in database {db.name}: {failure.message}"
+    return error("GHC040", message, contract=contract.label, file=_rel(project.root, contract.path),
+                 hint="; ".join(hints) or None)
 
 
 # --- the lock -------------------------------------------------------------------------------------------
@@ -341,23 +275,23 @@ def _lock_findings(project: Project, lock: Lock, databases: dict[str, _Database]
         label, contract = entry.label, contracts.get(entry.label)
         if contract is None:
             if _still_served(project, lock, entry.signature.contract, entry.signature.version):
-                findings.append(_error("GHC013", f"{label} is released but its file {entry.file} is gone",
-                                       contract=label, file=entry.file,
-                                       hint="restore it; to end a version, retire its API versions first "
+                findings.append(error("GHC013", f"{label} is released but its file {entry.file} is gone",
+                                      contract=label, file=entry.file,
+                                      hint="restore it; to end a version, retire its API versions first "
                                             "([versions.vN] status = \"retired\")"))
             continue
         if label not in live:
             continue  # retired: no view, nothing to keep compatible
         file = _rel(project.root, contract.path)
         if entry.checksum.algorithm not in CHECKSUM_ALGORITHMS:
-            findings.append(_error("GHC014", f"{LOCK_FILE} checks {label} with {entry.checksum.algorithm!r}, "
-                                   "which this gatehouse does not know", contract=label, file=LOCK_FILE,
-                                   hint="upgrade gatehouse"))
+            findings.append(error("GHC014", f"{LOCK_FILE} checks {label} with {entry.checksum.algorithm!r}, "
+                                  "which this gatehouse does not know", contract=label, file=LOCK_FILE,
+                                  hint="upgrade gatehouse"))
         file_changed = (entry.checksum.algorithm in CHECKSUM_ALGORITHMS
                         and file_checksum(contract.path, entry.checksum.algorithm) != entry.checksum)
         if file_changed:
-            findings.append(_error("GHC010", f"{label} was released, but its file changed since", contract=label,
-                                   file=file, hint=f"a released version never changes: restore it (git checkout "
+            findings.append(error("GHC010", f"{label} was released, but its file changed since", contract=label,
+                                  file=file, hint=f"a released version never changes: restore it (git checkout "
                                                    f"-- {file}) and make the change a new version, "
                                                    f"{contract.name}.v{next_version}.sql"))
         signature = databases[contract.database].signatures.get(label) if contract.database in databases else None
@@ -365,8 +299,8 @@ def _lock_findings(project: Project, lock: Lock, databases: dict[str, _Database]
             continue  # not checked (database unreachable) or GHC040 already says why
         for change in compare(entry.signature, signature):
             if change.breaking:
-                findings.append(_error("GHC011", f"{label}: breaking change: {change.detail}", contract=label,
-                                       file=file, hint="released contract versions must stay compatible: undo the "
+                findings.append(error("GHC011", f"{label}: breaking change: {change.detail}", contract=label,
+                                      file=file, hint="released contract versions must stay compatible: undo the "
                                                        "change (in the contract or the migration) or add a new "
                                                        "contract version"))
             else:
@@ -377,7 +311,7 @@ def _lock_findings(project: Project, lock: Lock, databases: dict[str, _Database]
     released = lock.released_api_version
     for label, contract in sorted(contracts.items()):
         if label in live and lock.get(label) is None and contract.version <= released:
-            findings.append(_error(
+            findings.append(error(
                 "GHC020", f"{label} is new, but API v{released} is already released: it would change released "
                           f"API versions v{contract.version}..v{released}", contract=label,
                 file=_rel(project.root, contract.path),
@@ -394,16 +328,16 @@ async def run_check(project: Project | Path) -> list[Finding]:
     if isinstance(project, Path):
         loaded = load_for_check(project, findings)
         if loaded is None:
-            return _ordered(findings)
+            return ordered(findings)
         project = loaded
     else:
         for contract in project.contracts:
             findings += _not_null_findings(contract, _rel(project.root, contract.path))
-        findings += _config_findings(project.config, list(project.contracts))
+        findings += config_findings(project.config, list(project.contracts))
     try:
         lock = read_lock(project.root)
     except ProjectError as exc:
-        findings.append(_error("GHC061", str(exc.args[0]), file=LOCK_FILE, hint=exc.hint))
+        findings.append(error("GHC061", str(exc.args[0]), file=LOCK_FILE, hint=exc.hint))
         lock = None
     else:
         if lock is None:
@@ -421,33 +355,4 @@ async def run_check(project: Project | Path) -> list[Finding]:
             findings.append(_compile_finding(project, contract, signature, db))
     if lock is not None:
         findings += _lock_findings(project, lock, databases)
-    return _ordered(findings)
-
-
-def _ordered(findings: list[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: (f.severity != "error", f.code, f.contract or "", f.message))
-
-
-def render_findings(findings: list[Finding], fmt: Format = "table", *, color: bool = False, width: int = 120) -> str:
-    """JSON (an array of findings) for machines; a table with a summary line for people."""
-    if fmt == "json":
-        return json.dumps([asdict(f) for f in findings], indent=2)
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width, force_terminal=color, color_system="standard" if color else None,
-                      soft_wrap=False)
-    if findings:
-        table = Table("level", "code", "contract", "finding", show_lines=True)
-        for finding in findings:
-            text = Text(finding.message)
-            if finding.file:
-                text.append(f"\n{finding.file}", style="cyan")
-            if finding.hint:
-                text.append(f"\nhint: {finding.hint}", style="dim")
-            style = "bold red" if finding.severity == "error" else "yellow"
-            table.add_row(Text(finding.severity, style=style), finding.code, finding.contract or "", text)
-        console.print(table)
-    errors = sum(f.severity == "error" for f in findings)
-    warnings = len(findings) - errors
-    summary = "check passed: no findings" if not findings else f"{errors} error(s), {warnings} warning(s)"
-    console.print(Text(summary, style="bold red" if errors else "bold green"))
-    return buffer.getvalue()
+    return ordered(findings)

@@ -187,7 +187,8 @@ def lock(force: Annotated[bool, typer.Option("--force", help="Re-lock released v
 
 def check(output: Annotated[str, typer.Option("--format", help="table or json.")] = "table") -> None:
     """The CI gate: contracts.lock vs the contract files vs the migrated database. Exits 1 on any error finding."""
-    from gatehouse.check import exit_code, render_findings, run_check
+    from gatehouse.check import run_check
+    from gatehouse.check_findings import exit_code, render_findings
 
     findings = run(run_check(State.project_path))
     print(render_findings(findings, "json" if output == "json" else "table", color=out.is_terminal), end="")
