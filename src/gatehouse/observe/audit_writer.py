@@ -1,10 +1,11 @@
 """The writer of the audit records that are not part of a write: queued, then stored a batch at a time.
 
 :meth:`AuditWriter.submit` puts a record on a bounded in-memory queue, off the request path; one background task
-stores the queue in batches, each one row of ``gatehouse.audit_batch`` (the records as one JSON array, see
-:mod:`gatehouse.observe.audit`). When the audit store is down, records go to a bounded local *spool* (JSON lines)
-and are replayed, oldest first and in a single transaction, once it is back; when the spool is full too,
-``submit`` raises :class:`~gatehouse.errors.AuditUnavailable` and the caller refuses the request.
+stores the queue in batches, each one row of ``gatehouse.audit_batch`` (the records as one JSON array, with their
+summaries per minute: :mod:`gatehouse.observe.audit_batches`). When the audit store is down, records go to a
+bounded local *spool* (JSON lines) and are replayed, oldest first and in a single transaction, once it is back;
+when the spool is full too, ``submit`` raises :class:`~gatehouse.errors.AuditUnavailable` and the caller refuses
+the request.
 
 A batch whose COMMIT was cut off (the connection died while committing) is *in doubt*: its transaction id is kept,
 and after reconnecting ``pg_xact_status`` says whether to send it again. Records are therefore written exactly
@@ -21,117 +22,22 @@ import os
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import asyncpg
 import orjson
 
 from gatehouse.background import stop_tasks
 from gatehouse.errors import AuditUnavailable
-from gatehouse.observe.audit import (
-    COLUMNS,
-    REAL_MAX,
-    TEXT_LIMITS,
-    AuditRecord,
-    bounded_integer,
-    storable_record,
-)
+from gatehouse.observe.audit import COLUMNS, AuditRecord, storable_record
+from gatehouse.observe.audit_batches import INSERT_BATCH, encode_batch
 
 log = logging.getLogger("gatehouse.observe.audit")
 
-_MINUTE = timedelta(minutes=1)
 CONNECT_TIMEOUT_S = 10.0
 BATCH_TIMEOUT_S = 30.0
-_INSERT_BATCH = f"""
-WITH batch AS (
-    INSERT INTO gatehouse.audit_batch (first_at, last_at, records) VALUES ($1, $2, $3) RETURNING id
-), minutes AS (
-    INSERT INTO gatehouse.audit_minute (batch_id, minute, app, target, api_version, requests, errors, server_errors,
-                                        first_at, last_at, durations)
-    SELECT batch.id, m.minute, left(m.app, {TEXT_LIMITS["app"]}), left(m.target, {TEXT_LIMITS["target"]}),
-           {bounded_integer("m.api_version")},
-           m.requests, m.errors, m.server_errors, m.first_at, m.last_at, m.durations
-    FROM batch, jsonb_to_recordset($4::jsonb) AS m(minute timestamptz, app text, target text, api_version numeric,
-        requests integer, errors integer, server_errors integer, first_at timestamptz, last_at timestamptz,
-        durations real[])
-)
-SELECT pg_current_xact_id()::text
-"""
-"""One batch, stored whole (:func:`_encode`), with its per-minute summaries: what the console's traffic chart,
-``gatehouse versions`` and ``migrate plan`` count without unpacking a record. Measured per record on the bench
-machine: PostgreSQL 2.5-3.0 µs (the row of ``gatehouse.audit`` that each record was, parsed out of the same JSON
-and indexed four times, cost it 9-10, and asyncpg's binary COPY 7 plus 4 of the event loop's thread), the event
-loop's thread 0.8 µs to encode and count it; 39 bytes on disk, summaries included, against 197 for a row
-(bench/README.md, twenty-third session)."""
-
-
-def _minutes(batch: list[AuditRecord]) -> tuple[datetime, datetime, list[dict[str, Any]]]:
-    """The batch's earliest and latest time and its summaries: requests, errors (status 400 and up), server errors
-    (500 and up), first and last time and every duration per minute, app, target and API version. Naive times are
-    UTC; a duration that is not a finite ``real`` counts as 0, as in a row.
-
-    This runs on the event loop's thread for every record, so it does little per record: a record like the one
-    before it (the same app, target, version and minute: most of them) only adds to its group."""
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    group: list[Any] = []
-    app: str | None = None
-    target: str | None = None
-    version: int | None = None
-    start = end = datetime.min.replace(tzinfo=UTC)  # no minute yet: the first record starts a group
-    for record in batch:
-        at = record.at if record.at.tzinfo is not None else record.at.replace(tzinfo=UTC)
-        if record.app != app or record.target != target or record.api_version != version or not start <= at < end:
-            app, target, version = record.app, record.target, record.api_version
-            start = at.replace(second=0, microsecond=0)
-            end = start + _MINUTE
-            key = (start, app, target, version)
-            found = groups.get(key)
-            if found is None:
-                groups[key] = group = [0, 0, 0, at, at, []]
-            else:
-                group = found
-        group[0] += 1
-        if record.status >= 400:
-            group[1] += 1
-            if record.status >= 500:
-                group[2] += 1
-        if at < group[3]:
-            group[3] = at
-        elif at > group[4]:
-            group[4] = at
-        duration = record.duration_ms
-        group[5].append(duration if -REAL_MAX < duration < REAL_MAX else 0.0)  # NaN too
-    summaries = [{"minute": minute, "app": app, "target": target, "api_version": version, "requests": group[0],
-                  "errors": group[1], "server_errors": group[2], "first_at": group[3], "last_at": group[4],
-                  "durations": group[5]} for (minute, app, target, version), group in groups.items()]
-    return min(g[3] for g in groups.values()), max(g[4] for g in groups.values()), summaries
-
-
-def _encode(batch: list[AuditRecord]) -> tuple[datetime, datetime, str, str]:
-    """The parameters of :data:`_INSERT_BATCH`: the batch's span, its records as one JSON array of arrays, as the
-    request path made them, and its summaries (:func:`_minutes`).
-
-    Checking each record (:func:`~gatehouse.observe.audit.storable_record`) cost the event loop's thread more than
-    the rest of its audit, so the batch is checked as a whole: texts are cut to their limits and numbers bounded
-    when it is read (``gatehouse.audit_unpack``), and only what cannot be stored at all rebuilds every record: a
-    NUL (which PostgreSQL's JSON cannot read back) or an integer beyond 64 bits. Naive times are UTC."""
-    try:
-        data = orjson.dumps(batch, default=tuple, option=orjson.OPT_NAIVE_UTC)  # default: AuditRecord is a tuple
-        if b"\\u0000" not in data:  # a NUL, which PostgreSQL's text cannot hold
-            return _with_minutes(batch, data)
-    except (orjson.JSONEncodeError, TypeError):  # an integer beyond 64 bits, a status that is not a number
-        pass
-    storable = [storable_record(record) for record in batch]
-    return _with_minutes(storable, orjson.dumps(storable, default=tuple))
-
-
-def _with_minutes(batch: list[AuditRecord], data: bytes) -> tuple[datetime, datetime, str, str]:
-    first, last, summaries = _minutes(batch)
-    return first, last, data.decode(), orjson.dumps(summaries).decode()
-
-
 def _to_line(record: AuditRecord) -> bytes:
     """One spool line: the record made storable first, so that a replay never stalls on it."""
     return orjson.dumps(dict(zip(COLUMNS, storable_record(record), strict=True))) + b"\n"
@@ -252,7 +158,7 @@ class AuditWriter:
     def submit(self, record: AuditRecord) -> None:
         """Take a record without waiting. Raises :class:`AuditUnavailable` only when queue and spool are full."""
         if self._task is not None and len(self._queue) < self._max_queue:
-            self._queue.append(record)  # checked with its batch (_encode), not here
+            self._queue.append(record)  # checked with its batch (encode_batch), not here
             if len(self._queue) == 1 or len(self._queue) >= self._flush_rows:
                 self._wake.set()
             return
@@ -394,7 +300,7 @@ class AuditWriter:
         await transaction.start()
         try:
             async for batch in batches:
-                doubt.xid = await conn.fetchval(_INSERT_BATCH, *_encode(batch), timeout=BATCH_TIMEOUT_S)
+                doubt.xid = await conn.fetchval(INSERT_BATCH, *encode_batch(batch), timeout=BATCH_TIMEOUT_S)
             if not doubt.xid:  # nothing to insert (damaged spool lines only)
                 doubt.xid = await conn.fetchval("SELECT pg_current_xact_id()::text")
         except BaseException:
