@@ -63,16 +63,18 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the contracts over HTTP (data port) and health and metrics (admin port)."""
-    from gatehouse.observe.logs import configure_logging
-    from gatehouse.runtime import Runtime
-    from gatehouse.server import check_ports
-    from gatehouse.server import serve as serve_forever
+    from gatehouse.server.listen import check_ports
 
     project = project_here()
     server = project.config.server
     data_host, data_port = host or server.host, server.port if port is None else port
     admin = server.admin_port if admin_port is None else admin_port
     run_sync(lambda: check_ports(data_host, data_port, server.admin_host, admin))  # before any database starts
+
+    from gatehouse.observe.logs import configure_logging  # (the server's libraries: only once the ports are free)
+    from gatehouse.runtime import Runtime
+    from gatehouse.server import serve as serve_forever
+
     run(check_logins(project))  # a wrong URL or password is said once, plainly, before anything listens
     configure_logging(log_level)
     run(serve_forever(Runtime(project), host=data_host, port=data_port, admin_host=server.admin_host,
