@@ -44,8 +44,7 @@ import asyncpg
 from sqlglot.errors import SqlglotError
 
 from gatehouse.check_config import config_findings
-from gatehouse.check_findings import Finding as Finding  # re-exported: what run_check returns
-from gatehouse.check_findings import error, ordered
+from gatehouse.check_findings import Finding, error, ordered
 from gatehouse.check_lineage import lineage_findings
 from gatehouse.config import ProjectConfig, load_config
 from gatehouse.contracts.compat import compare

@@ -2,7 +2,7 @@
 leaves to us (``rsgi``), who the client is behind proxies (``proxies``), ``[server]`` as granian's settings
 (``settings``). Nothing below ``gatehouse.app`` imports from here."""
 
-from gatehouse.server.listen import bind_probe, check_ports
+from gatehouse.server.listen import bind_probe
 from gatehouse.server.serve import serve
 
-__all__ = ["bind_probe", "check_ports", "serve"]
+__all__ = ["bind_probe", "serve"]
